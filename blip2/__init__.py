@@ -1,0 +1,21 @@
+"""BLIP-2 in plain PyTorch, drop-in with the reference `transformers` classes and checkpoints."""
+
+from .config import Blip2Config, Blip2QFormerConfig, Blip2VisionConfig, ConfigError, OPTConfig, T5Config
+from .loading import CheckpointError
+from .modeling import (
+    Blip2ForConditionalGeneration,
+    Blip2ForImageTextRetrieval,
+    Blip2Model,
+    Blip2PreTrainedModel,
+    Blip2TextModelWithProjection,
+    Blip2VisionModelWithProjection,
+)
+from .qformer import Blip2QFormerModel
+from .vision import Blip2VisionModel
+
+__all__ = [
+    "Blip2Config", "Blip2VisionConfig", "Blip2QFormerConfig", "OPTConfig", "T5Config", "ConfigError",
+    "CheckpointError", "Blip2PreTrainedModel", "Blip2VisionModel", "Blip2QFormerModel", "Blip2Model",
+    "Blip2ForConditionalGeneration", "Blip2ForImageTextRetrieval", "Blip2TextModelWithProjection",
+    "Blip2VisionModelWithProjection",
+]

@@ -1,0 +1,362 @@
+"""The BLIP-2 models: the reference's public classes with its argument and output names.
+
+Data flow: pixels -> vision (B, 1+N, D_v) -> Q-Former queries (B, Q, D_q) -> language_projection
+(B, Q, D_t) -> language-model input embeddings at the image-token positions (or in front of the text for
+checkpoints without `image_token_index`). Retrieval: ITM head on the joint [queries; text] pass, or ITC
+cosine between projected query outputs and the projected text [CLS].
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import Blip2Config
+from .loading import PretrainedMixin
+from .ops import BaseModelOutputWithPooling, ModelOutput
+from .opt import OPTForCausalLM
+from .qformer import Blip2QFormerModel, Blip2TextEmbeddings
+from .t5 import T5ForConditionalGeneration
+from .vision import Blip2VisionModel
+
+
+@dataclass
+class Blip2ForConditionalGenerationModelOutput(ModelOutput):
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor = None
+    vision_outputs: object = None
+    qformer_outputs: object = None
+    language_model_outputs: object = None
+
+
+@dataclass
+class BaseModelOutputWithVisionQformerOutputs(ModelOutput):
+    last_hidden_state: torch.Tensor = None
+    pooler_output: torch.Tensor = None  # the projected query outputs (B, Q, D_t)
+    hidden_states: tuple | None = None
+    attentions: tuple | None = None
+    vision_outputs: object = None
+    qformer_outputs: object = None
+
+
+@dataclass
+class Blip2ImageTextMatchingModelOutput(ModelOutput):
+    loss: torch.Tensor | None = None
+    logits_per_image: torch.Tensor = None
+    logits_per_text: torch.Tensor = None
+    text_embeds: torch.Tensor = None
+    image_embeds: torch.Tensor = None
+    text_model_output: object = None
+    vision_model_output: object = None
+
+
+@dataclass
+class Blip2TextModelOutput(ModelOutput):
+    text_embeds: torch.Tensor = None
+    last_hidden_state: torch.Tensor = None
+    hidden_states: tuple | None = None
+    attentions: tuple | None = None
+
+
+@dataclass
+class Blip2VisionModelOutput(ModelOutput):
+    image_embeds: torch.Tensor = None
+    last_hidden_state: torch.Tensor = None
+    hidden_states: tuple | None = None
+    attentions: tuple | None = None
+
+
+def language_model_for(text_config):
+    return (OPTForCausalLM if text_config.model_type == "opt" else T5ForConditionalGeneration)(text_config)
+
+
+class Blip2PreTrainedModel(PretrainedMixin, nn.Module):
+    config_class = Blip2Config
+    _keep_in_fp32_modules = ("query_tokens", "qformer")  # under fp16 only, as the reference
+
+    def tie_weights(self):
+        if hasattr(self, "language_model") and hasattr(self.language_model, "tie_weights"):
+            self.language_model.tie_weights()
+
+    def query_features(self, image_embeds, output_attentions=False, output_hidden_states=False):
+        """Q-Former pass of the learned queries over image patches (B, 1+N, D_v) -> its output."""
+        queries = self.query_tokens.expand(image_embeds.shape[0], -1, -1)
+        return self.qformer(queries, encoder_hidden_states=image_embeds, output_attentions=output_attentions,
+                            output_hidden_states=output_hidden_states)
+
+
+class _Blip2WithLanguageModel(Blip2PreTrainedModel):
+    """Shared by Blip2Model and Blip2ForConditionalGeneration (same weights and keys)."""
+
+    def __init__(self, config: Blip2Config):
+        super().__init__()
+        self.config = config
+        self.vision_model = Blip2VisionModel(config.vision_config)
+        self.query_tokens = nn.Parameter(torch.zeros(1, config.num_query_tokens, config.qformer_config.hidden_size))
+        self.qformer = Blip2QFormerModel(config.qformer_config)
+        self.language_projection = nn.Linear(config.qformer_config.hidden_size, config.text_config.hidden_size)
+        self.language_model = language_model_for(config.text_config)
+
+    def get_input_embeddings(self):
+        return self.language_model.get_input_embeddings()
+
+    def get_output_embeddings(self):
+        return self.language_model.lm_head
+
+    def image_features(self, pixel_values, interpolate_pos_encoding=False, output_attentions=False,
+                       output_hidden_states=False):
+        """pixels -> BaseModelOutputWithVisionQformerOutputs whose pooler_output holds the language-model-ready
+        query embeddings (B, Q, D_t)."""
+        vision = self.vision_model(pixel_values, interpolate_pos_encoding, output_attentions, output_hidden_states)
+        image_embeds = vision.last_hidden_state  # (B, 1+N, D_v)
+        qformer = self.query_features(image_embeds, output_attentions, output_hidden_states)
+        q = qformer.last_hidden_state.to(image_embeds.dtype)  # the fp32 Q-Former back to the vision dtype
+        return BaseModelOutputWithVisionQformerOutputs(
+            last_hidden_state=image_embeds, pooler_output=self.language_projection(q),
+            hidden_states=vision.hidden_states, attentions=vision.attentions,
+            vision_outputs=vision, qformer_outputs=qformer)
+
+    def merge_image_tokens(self, query_embeds, input_ids, attention_mask, inputs_embeds=None):
+        """Put the projected queries (B, Q, D) into the text embeddings: at the image-token positions, or in
+        front of the text when the ids hold none (older checkpoints). Returns (embeds, attention_mask)."""
+        if inputs_embeds is None:
+            if input_ids is None:
+                raise ValueError("input_ids (or inputs_embeds) are required")
+            inputs_embeds = self.get_input_embeddings()(input_ids)  # (B, T, D)
+        if attention_mask is None:
+            attention_mask = torch.ones(inputs_embeds.shape[:2], dtype=torch.long, device=inputs_embeds.device)
+        query_embeds = query_embeds.to(inputs_embeds.device, inputs_embeds.dtype)
+        b, q = query_embeds.shape[:2]
+        if query_embeds.shape[0] == 1 and inputs_embeds.shape[0] > 1:  # one image, several prompts
+            query_embeds = query_embeds.expand(inputs_embeds.shape[0], -1, -1)
+        elif query_embeds.shape[0] != inputs_embeds.shape[0]:
+            raise ValueError(f"{b} images but {inputs_embeds.shape[0]} text rows: batch sizes must match")
+        token = self.config.image_token_index
+        counts = (input_ids == token).sum(1) if token is not None and input_ids is not None else None
+        if counts is None or not counts.any():  # legacy layout: [queries; text]
+            if query_embeds.shape[-1] != inputs_embeds.shape[-1]:
+                raise ValueError(f"query embeddings of width {query_embeds.shape[-1]} cannot precede text "
+                                 f"embeddings of width {inputs_embeds.shape[-1]}")
+            ones = torch.ones(attention_mask.shape[0], q, dtype=attention_mask.dtype, device=attention_mask.device)
+            return torch.cat([query_embeds, inputs_embeds], 1), torch.cat([ones, attention_mask], 1)
+        if not bool((counts == q).all()):
+            raise ValueError(f"input_ids rows hold {counts.tolist()} image tokens (id {token}); each row needs "
+                             f"exactly num_query_tokens={q} (use Blip2Processor with images and text)")
+        mask = (input_ids == token)[..., None].to(inputs_embeds.device)
+        return inputs_embeds.masked_scatter(mask, query_embeds), attention_mask
+
+    def language_forward(self, inputs_embeds, attention_mask, decoder_input_ids, decoder_attention_mask, labels,
+                         **kwargs):
+        """Run the language model; returns (loss, logits, outputs)."""
+        if self.config.use_decoder_only_language_model:
+            out = self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)
+            logits, loss = out.logits, None
+            if labels is not None:
+                from .opt import causal_lm_loss
+                logits = logits[:, -labels.shape[1]:]
+                loss = causal_lm_loss(logits, labels)
+            return loss, logits, out
+        out = self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                                  decoder_input_ids=decoder_input_ids, decoder_attention_mask=decoder_attention_mask,
+                                  labels=labels, **kwargs)
+        return out.loss, out.logits, out
+
+    def forward(self, pixel_values=None, input_ids=None, attention_mask=None, decoder_input_ids=None,
+                decoder_attention_mask=None, labels=None, interpolate_pos_encoding=False, inputs_embeds=None,
+                output_attentions=False, output_hidden_states=False, return_dict=True, **_):
+        feats = self.image_features(pixel_values, interpolate_pos_encoding, output_attentions, output_hidden_states)
+        embeds, mask = self.merge_image_tokens(feats.pooler_output, input_ids, attention_mask, inputs_embeds)
+        loss, logits, out = self.language_forward(embeds, mask, decoder_input_ids, decoder_attention_mask, labels,
+                                                  output_attentions=output_attentions,
+                                                  output_hidden_states=output_hidden_states)
+        res = Blip2ForConditionalGenerationModelOutput(loss=loss, logits=logits, vision_outputs=feats.vision_outputs,
+                                                       qformer_outputs=feats.qformer_outputs,
+                                                       language_model_outputs=out)
+        return res if return_dict else res.to_tuple()
+
+
+class Blip2Model(_Blip2WithLanguageModel):
+    def get_text_features(self, input_ids, attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None,
+                          labels=None, output_attentions=False, output_hidden_states=False, **_):
+        """Text-only hidden states: OPT decoder output, or the T5 encoder output."""
+        if self.config.use_decoder_only_language_model:
+            out = self.language_model.model(input_ids, attention_mask, output_attentions=output_attentions,
+                                            output_hidden_states=output_hidden_states)
+        else:
+            out = self.language_model.encoder(input_ids, attention_mask, output_attentions=output_attentions,
+                                              output_hidden_states=output_hidden_states)
+        return BaseModelOutputWithPooling(last_hidden_state=out.last_hidden_state, hidden_states=out.hidden_states,
+                                          attentions=out.attentions)
+
+    def get_image_features(self, pixel_values, interpolate_pos_encoding=False, output_attentions=False,
+                           output_hidden_states=False, **_):
+        return self.vision_model(pixel_values, interpolate_pos_encoding, output_attentions, output_hidden_states)
+
+    def get_qformer_features(self, pixel_values, interpolate_pos_encoding=False, **_):
+        image_embeds = self.vision_model(pixel_values, interpolate_pos_encoding).last_hidden_state
+        return self.query_features(image_embeds).last_hidden_state  # (B, Q, D_q)
+
+
+class Blip2ForConditionalGeneration(_Blip2WithLanguageModel):
+    def get_image_features(self, pixel_values, interpolate_pos_encoding=False, output_attentions=False,
+                           output_hidden_states=False, **_):
+        return self.image_features(pixel_values, interpolate_pos_encoding, output_attentions, output_hidden_states)
+
+    def prompt_ids(self, batch_size, device):
+        """The default prompt: Q image tokens then BOS ([BOS] alone for checkpoints without image tokens)."""
+        tc = self.config.text_config
+        bos = tc.bos_token_id if tc.bos_token_id is not None else tc.decoder_start_token_id
+        ids = [bos] if self.config.image_token_index is None else \
+            [self.config.image_token_index] * self.config.num_query_tokens + [bos]
+        return torch.tensor([ids], dtype=torch.long, device=device).repeat(batch_size, 1)
+
+    @torch.no_grad()
+    def generate(self, pixel_values=None, input_ids=None, attention_mask=None, inputs_embeds=None,
+                 interpolate_pos_encoding=False, image_embeds=None, streamer=None, **generate_kwargs):
+        """Generate text about images. Returns token ids as the reference does: for OPT the whole sequence
+        (prompt included), for T5 the decoder sequence starting with decoder_start_token_id.
+        `image_embeds` (B, Q, D_t), from get_image_features(...).pooler_output, skips the image encoders."""
+        from .generation import generate
+
+        if image_embeds is None:
+            image_embeds = self.image_features(pixel_values, interpolate_pos_encoding).pooler_output
+        if input_ids is None and inputs_embeds is None:
+            input_ids = self.prompt_ids(image_embeds.shape[0], image_embeds.device)
+            attention_mask = None
+        embeds, mask = self.merge_image_tokens(image_embeds, input_ids, attention_mask, inputs_embeds)
+        if input_ids is not None and embeds.shape[1] != input_ids.shape[1]:  # legacy layout: queries in front
+            input_ids = None if self.config.is_encoder_decoder else input_ids
+        return generate(self.language_model, embeds, mask, input_ids, streamer=streamer, **generate_kwargs)
+
+
+class _Blip2Retrieval(Blip2PreTrainedModel):
+    def strip_image_tokens(self, input_ids, attention_mask):
+        """Drop the Q image tokens that the processor puts in front of the text (when images come too)."""
+        q, token = self.config.num_query_tokens, self.config.image_token_index
+        if token is not None and input_ids.shape[1] >= q and bool((input_ids[:, :q] == token).all()):
+            input_ids = input_ids[:, q:]
+            attention_mask = None if attention_mask is None else attention_mask[:, q:]
+        return input_ids, attention_mask
+
+    def text_features(self, input_ids, attention_mask=None, position_ids=None, output_attentions=False,
+                      output_hidden_states=False):
+        """Q-Former text path (no queries, no image): (B, T, D_q)."""
+        embeds = self.embeddings(input_ids, position_ids)
+        return self.qformer(embeds, query_length=0, attention_mask=attention_mask,
+                            output_attentions=output_attentions, output_hidden_states=output_hidden_states)
+
+
+class Blip2ForImageTextRetrieval(_Blip2Retrieval):
+    def __init__(self, config: Blip2Config):
+        super().__init__()
+        self.config = config
+        d = config.qformer_config.hidden_size
+        self.vision_model = Blip2VisionModel(config.vision_config)
+        self.query_tokens = nn.Parameter(torch.zeros(1, config.num_query_tokens, d))
+        self.embeddings = Blip2TextEmbeddings(config.qformer_config)
+        self.qformer = Blip2QFormerModel(config.qformer_config)
+        self.vision_projection = nn.Linear(d, config.image_text_hidden_size)
+        self.text_projection = nn.Linear(d, config.image_text_hidden_size)
+        self.itm_head = nn.Linear(d, 2)
+
+    def get_input_embeddings(self):
+        return self.embeddings.word_embeddings
+
+    def itm_logits(self, image_embeds, input_ids, attention_mask=None, output_attentions=False):
+        """ITM on paired rows, or one image (batch 1) against every text row. input_ids hold text only.
+        image_embeds (B|1, 1+N, D_v) -> logits (B, 2) and the Q-Former output over [queries; text]."""
+        b = input_ids.shape[0]
+        if image_embeds.shape[0] not in (1, b):
+            raise ValueError(f"image-text matching pairs rows: {image_embeds.shape[0]} images but {b} texts")
+        q = self.config.num_query_tokens
+        queries = self.query_tokens.expand(b, -1, -1)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        ones = torch.ones(b, q, dtype=attention_mask.dtype, device=attention_mask.device)
+        x = self.embeddings(input_ids, query_embeds=queries)  # (B, Q + T, D)
+        out = self.qformer(x, query_length=q, attention_mask=torch.cat([ones, attention_mask], 1),
+                           encoder_hidden_states=image_embeds, output_attentions=output_attentions)
+        h = out.last_hidden_state.to(self.itm_head.weight.dtype)
+        return self.itm_head(h[:, :q]).mean(1), out  # (B, 2)
+
+    def itc_image_embeds(self, image_embeds):
+        """(B, 1+N, D_v) -> normalised projected queries (B, Q, E)."""
+        q = self.query_features(image_embeds).last_hidden_state.to(self.vision_projection.weight.dtype)
+        return F.normalize(self.vision_projection(q), dim=-1)
+
+    def itc_text_embeds(self, input_ids, attention_mask=None):
+        """text -> normalised projected [CLS] (B, E), and the Q-Former text output."""
+        out = self.text_features(input_ids, attention_mask)
+        h = out.last_hidden_state.to(self.text_projection.weight.dtype)
+        return F.normalize(self.text_projection(h[:, 0]), dim=-1), out
+
+    def forward(self, pixel_values=None, input_ids=None, attention_mask=None, use_image_text_matching_head=False,
+                output_attentions=False, output_hidden_states=False, return_dict=True, **_):
+        if input_ids is None:
+            raise ValueError("input_ids are required")
+        vision = self.vision_model(pixel_values, output_attentions=output_attentions,
+                                   output_hidden_states=output_hidden_states)
+        image_embeds = vision.last_hidden_state
+        if use_image_text_matching_head:
+            input_ids, attention_mask = self.strip_image_tokens(input_ids, attention_mask)
+            if image_embeds.shape[0] != input_ids.shape[0]:
+                raise ValueError(f"image-text matching pairs rows: {image_embeds.shape[0]} images but "
+                                 f"{input_ids.shape[0]} texts")
+            logits, text_out = self.itm_logits(image_embeds, input_ids, attention_mask, output_attentions)
+            text_embeds, img = text_out.last_hidden_state, image_embeds
+        else:
+            input_ids, attention_mask = self.strip_image_tokens(input_ids, attention_mask)
+            img = self.itc_image_embeds(image_embeds)  # (B_i, Q, E)
+            text_embeds, text_out = self.itc_text_embeds(input_ids, attention_mask)  # (B_t, E)
+            logits = torch.einsum("iqe,te->iqt", img, text_embeds).amax(1)  # (B_i, B_t): best query per pair
+        res = Blip2ImageTextMatchingModelOutput(logits_per_image=logits, logits_per_text=logits.t(),
+                                                text_embeds=text_embeds, image_embeds=img,
+                                                text_model_output=text_out, vision_model_output=vision)
+        return res if return_dict else res.to_tuple()
+
+
+class Blip2TextModelWithProjection(_Blip2Retrieval):
+    def __init__(self, config: Blip2Config):
+        super().__init__()
+        self.config = config
+        d = config.qformer_config.hidden_size
+        self.query_tokens = nn.Parameter(torch.zeros(1, config.num_query_tokens, d))  # unused, as the reference
+        self.embeddings = Blip2TextEmbeddings(config.qformer_config)
+        self.qformer = Blip2QFormerModel(config.qformer_config)
+        self.text_projection = nn.Linear(d, config.image_text_hidden_size)
+
+    def get_input_embeddings(self):
+        return self.embeddings.word_embeddings
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, output_attentions=False,
+                output_hidden_states=False, return_dict=True, **_):
+        if input_ids is None:
+            raise ValueError("input_ids are required")
+        out = self.text_features(input_ids, attention_mask, position_ids, output_attentions, output_hidden_states)
+        h = out.last_hidden_state.to(self.text_projection.weight.dtype)
+        res = Blip2TextModelOutput(text_embeds=F.normalize(self.text_projection(h), dim=-1),  # (B, T, E)
+                                   last_hidden_state=out.last_hidden_state, hidden_states=out.hidden_states,
+                                   attentions=out.attentions)
+        return res if return_dict else res.to_tuple()
+
+
+class Blip2VisionModelWithProjection(Blip2PreTrainedModel):
+    def __init__(self, config: Blip2Config):
+        super().__init__()
+        self.config = config
+        d = config.qformer_config.hidden_size
+        self.vision_model = Blip2VisionModel(config.vision_config)
+        self.query_tokens = nn.Parameter(torch.zeros(1, config.num_query_tokens, d))
+        self.qformer = Blip2QFormerModel(config.qformer_config)
+        self.vision_projection = nn.Linear(d, config.image_text_hidden_size)
+
+    def forward(self, pixel_values=None, output_attentions=False, output_hidden_states=False, return_dict=True,
+                **_):
+        vision = self.vision_model(pixel_values, output_attentions=output_attentions,
+                                   output_hidden_states=output_hidden_states)
+        q = self.query_features(vision.last_hidden_state).last_hidden_state.to(self.vision_projection.weight.dtype)
+        res = Blip2VisionModelOutput(image_embeds=F.normalize(self.vision_projection(q), dim=-1),  # (B, Q, E)
+                                     last_hidden_state=vision.last_hidden_state, hidden_states=vision.hidden_states,
+                                     attentions=vision.attentions)
+        return res if return_dict else res.to_tuple()

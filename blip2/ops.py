@@ -1,0 +1,139 @@
+"""Small pieces shared by every module: output containers, activations, attention, masks."""
+
+import math
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn.functional as F
+
+
+class ModelOutput:
+    """A dataclass whose fields read as attributes, as keys (`out["logits"]`) and by position among the
+    fields that are set (`out[0]`), like the reference's outputs."""
+
+    def keys(self):
+        return [f.name for f in fields(self) if getattr(self, f.name) is not None]
+
+    def values(self):
+        return [getattr(self, k) for k in self.keys()]
+
+    def items(self):
+        return [(k, getattr(self, k)) for k in self.keys()]
+
+    def to_tuple(self):
+        return tuple(self.values())
+
+    def __getitem__(self, k):
+        return getattr(self, k) if isinstance(k, str) else self.to_tuple()[k]
+
+    def __contains__(self, k):
+        return k in self.keys()
+
+    def __iter__(self):
+        return iter(self.keys())
+
+
+@dataclass
+class BaseModelOutput(ModelOutput):
+    last_hidden_state: torch.Tensor = None
+    hidden_states: tuple | None = None
+    attentions: tuple | None = None
+
+
+@dataclass
+class BaseModelOutputWithPooling(ModelOutput):
+    last_hidden_state: torch.Tensor = None
+    pooler_output: torch.Tensor = None
+    hidden_states: tuple | None = None
+    attentions: tuple | None = None
+
+
+@dataclass
+class BaseModelOutputWithPoolingAndCrossAttentions(ModelOutput):
+    last_hidden_state: torch.Tensor = None
+    pooler_output: torch.Tensor = None
+    hidden_states: tuple | None = None
+    attentions: tuple | None = None
+    cross_attentions: tuple | None = None
+
+
+@dataclass
+class BaseModelOutputWithPast(ModelOutput):
+    last_hidden_state: torch.Tensor = None
+    past_key_values: object = None
+    hidden_states: tuple | None = None
+    attentions: tuple | None = None
+
+
+@dataclass
+class CausalLMOutputWithPast(ModelOutput):
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor = None
+    past_key_values: object = None
+    hidden_states: tuple | None = None
+    attentions: tuple | None = None
+
+
+@dataclass
+class Seq2SeqLMOutput(ModelOutput):
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor = None
+    past_key_values: object = None
+    decoder_hidden_states: tuple | None = None
+    decoder_attentions: tuple | None = None
+    cross_attentions: tuple | None = None
+    encoder_last_hidden_state: torch.Tensor = None
+    encoder_hidden_states: tuple | None = None
+    encoder_attentions: tuple | None = None
+
+
+def gelu_tanh(x):
+    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
+
+
+ACT2FN = {
+    "gelu": F.gelu,
+    "gelu_new": gelu_tanh,
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+    "silu": F.silu,
+    "swish": F.silu,
+    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
+}
+
+
+def activation(name: str):
+    if name not in ACT2FN:
+        raise ValueError(f"activation {name!r} is not supported (supported: {', '.join(ACT2FN)})")
+    return ACT2FN[name]
+
+
+def attention(q, k, v, mask=None, scale=None, need_weights=False):
+    """q (B, H, Tq, hd), k/v (B, H, Tk, hd), additive float mask broadcastable to (B, H, Tq, Tk).
+    Returns (B, Tq, H*hd) and the attention weights when asked (eager path, as the reference's)."""
+    if need_weights:
+        w = (q @ k.transpose(-1, -2)) * (scale if scale is not None else q.shape[-1] ** -0.5)
+        if mask is not None:
+            w = w + mask
+        w = w.softmax(-1)
+        out = w @ v
+    else:
+        out, w = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale), None
+    return out.transpose(1, 2).flatten(2), w
+
+
+def padding_mask(attention_mask, dtype):
+    """(B, T) of 1 = keep / 0 = pad -> additive (B, 1, 1, T), or None when nothing is masked."""
+    if attention_mask is None or bool(attention_mask.all()):
+        return None
+    return (1.0 - attention_mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
+
+
+def causal_mask(attention_mask, q_len, dtype):
+    """(B, Tk) key mask -> additive (B, 1, Tq, Tk) causal + padding mask for the last Tq positions;
+    None when the plain causal rule on full rows suffices is not expressible here, so always a tensor."""
+    b, k_len = attention_mask.shape
+    i = torch.arange(k_len - q_len, k_len, device=attention_mask.device)[:, None]
+    j = torch.arange(k_len, device=attention_mask.device)[None, :]
+    keep = (j <= i)[None] & attention_mask[:, None, :].bool()  # (B, Tq, Tk)
+    return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill_(~keep, torch.finfo(dtype).min)[:, None]

@@ -1,0 +1,166 @@
+"""OPT decoder-only language model (blip2-opt-2.7b / 6.7b): OPTForCausalLM."""
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .cache import KVCache
+from .config import OPTConfig
+from .ops import BaseModelOutputWithPast, CausalLMOutputWithPast, activation, attention, causal_mask
+
+
+class OPTAttention(nn.Module):
+    def __init__(self, config: OPTConfig):
+        super().__init__()
+        d, bias = config.hidden_size, config.enable_bias
+        self.num_heads = config.num_attention_heads
+        self.scaling = (d // self.num_heads) ** -0.5
+        self.q_proj = nn.Linear(d, d, bias=bias)
+        self.k_proj = nn.Linear(d, d, bias=bias)
+        self.v_proj = nn.Linear(d, d, bias=bias)
+        self.out_proj = nn.Linear(d, d, bias=bias)
+
+    def forward(self, x, mask, cache: KVCache | None, layer: int, need_weights=False):
+        h = self.num_heads
+        q = (self.q_proj(x) * self.scaling).unflatten(-1, (h, -1)).transpose(1, 2)  # (B, H, T, hd), pre-scaled
+        k = self.k_proj(x).unflatten(-1, (h, -1)).transpose(1, 2)
+        v = self.v_proj(x).unflatten(-1, (h, -1)).transpose(1, 2)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)  # (B, H, past + T, hd)
+        out, w = attention(q, k, v, mask, scale=1.0, need_weights=need_weights)
+        return self.out_proj(out), w
+
+
+class OPTDecoderLayer(nn.Module):
+    def __init__(self, config: OPTConfig):
+        super().__init__()
+        d, affine = config.hidden_size, config.layer_norm_elementwise_affine
+        self.pre_ln = config.do_layer_norm_before
+        self.self_attn = OPTAttention(config)
+        self.self_attn_layer_norm = nn.LayerNorm(d, elementwise_affine=affine)
+        self.act = activation(config.activation_function)
+        self.fc1 = nn.Linear(d, config.ffn_dim, bias=config.enable_bias)
+        self.fc2 = nn.Linear(config.ffn_dim, d, bias=config.enable_bias)
+        self.final_layer_norm = nn.LayerNorm(d, elementwise_affine=affine)
+
+    def forward(self, x, mask, cache, layer, need_weights=False):
+        a, w = self.self_attn(self.self_attn_layer_norm(x) if self.pre_ln else x, mask, cache, layer, need_weights)
+        x = x + a
+        if not self.pre_ln:
+            x = self.self_attn_layer_norm(x)
+        f = self.fc2(self.act(self.fc1(self.final_layer_norm(x) if self.pre_ln else x)))
+        x = x + f
+        if not self.pre_ln:
+            x = self.final_layer_norm(x)
+        return x, w
+
+
+class OPTDecoder(nn.Module):
+    def __init__(self, config: OPTConfig):
+        super().__init__()
+        d, p = config.hidden_size, config.word_embed_proj_dim
+        self.embed_tokens = nn.Embedding(config.vocab_size, p, padding_idx=config.pad_token_id)
+        self.embed_positions = nn.Embedding(config.max_position_embeddings + 2, d)  # rows 0, 1: OPT's offset
+        self.project_in = nn.Linear(p, d, bias=False) if p != d else None
+        self.project_out = nn.Linear(d, p, bias=False) if p != d else None
+        keep_final = config.do_layer_norm_before and not config._remove_final_layer_norm
+        self.final_layer_norm = (nn.LayerNorm(d, elementwise_affine=config.layer_norm_elementwise_affine)
+                                 if keep_final else None)
+        self.layers = nn.ModuleList(OPTDecoderLayer(config) for _ in range(config.num_hidden_layers))
+
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, past_key_values=None,
+                use_cache=False, position_ids=None, output_attentions=False, output_hidden_states=False,
+                return_dict=True, **_):
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        b, t = inputs_embeds.shape[:2]
+        cache = past_key_values if past_key_values is not None else (KVCache(len(self.layers)) if use_cache else None)
+        past = cache.length if cache is not None else 0
+        if attention_mask is None:
+            attention_mask = torch.ones(b, past + t, dtype=torch.long, device=inputs_embeds.device)
+        if attention_mask.shape != (b, past + t):
+            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(b, past + t)} "
+                             f"(past {past} + new {t} tokens)")
+        if position_ids is None:  # padding does not move the positions of real tokens
+            position_ids = (attention_mask.long().cumsum(1) * attention_mask.long() - 1)[:, past:]
+        if int(position_ids.max()) + 2 >= self.embed_positions.num_embeddings:
+            raise ValueError(f"sequence of {past + t} tokens exceeds the language model's "
+                             f"{self.embed_positions.num_embeddings - 2} positions")
+        if self.project_in is not None:
+            inputs_embeds = self.project_in(inputs_embeds)
+        x = inputs_embeds + self.embed_positions(position_ids + 2).to(inputs_embeds.dtype)  # (B, T, D)
+
+        padded = not bool(attention_mask.all())
+        mask = causal_mask(attention_mask, t, x.dtype) if (t > 1 or padded) else None
+        hidden, attns = [], []
+        for i, layer in enumerate(self.layers):
+            if output_hidden_states:
+                hidden.append(x)
+            x, w = layer(x, mask, cache, i, output_attentions)
+            attns.append(w)
+        if cache is not None:
+            cache.advance(t)
+        if self.final_layer_norm is not None:
+            x = self.final_layer_norm(x)
+        if self.project_out is not None:
+            x = self.project_out(x)
+        if output_hidden_states:
+            hidden.append(x)
+        out = BaseModelOutputWithPast(
+            last_hidden_state=x, past_key_values=cache,
+            hidden_states=tuple(hidden) if output_hidden_states else None,
+            attentions=tuple(attns) if output_attentions else None)
+        return out if return_dict else out.to_tuple()
+
+
+class OPTModel(nn.Module):
+    def __init__(self, config: OPTConfig):
+        super().__init__()
+        self.decoder = OPTDecoder(config)
+
+    def forward(self, *args, **kwargs):
+        return self.decoder(*args, **kwargs)
+
+
+class OPTForCausalLM(nn.Module):
+    def __init__(self, config: OPTConfig):
+        super().__init__()
+        self.config = config
+        self.model = OPTModel(config)
+        self.lm_head = nn.Linear(config.word_embed_proj_dim, config.vocab_size, bias=False)
+        self.tie_weights()
+
+    def tie_weights(self):
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.decoder.embed_tokens.weight
+
+    def get_input_embeddings(self):
+        return self.model.decoder.embed_tokens
+
+    @property
+    def base_model(self):
+        return self.model
+
+    @property
+    def num_layers(self):
+        return len(self.model.decoder.layers)
+
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, past_key_values=None,
+                use_cache=False, labels=None, position_ids=None, output_attentions=False,
+                output_hidden_states=False, return_dict=True, logits_to_keep=0, **_):
+        out = self.model.decoder(input_ids, attention_mask, inputs_embeds, past_key_values, use_cache,
+                                 position_ids, output_attentions, output_hidden_states)
+        h = out.last_hidden_state
+        logits = self.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h)  # (B, T, V)
+        loss = causal_lm_loss(logits, labels) if labels is not None else None
+        res = CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values,
+                                     hidden_states=out.hidden_states, attentions=out.attentions)
+        return res if return_dict else res.to_tuple()
+
+
+def causal_lm_loss(logits, labels):
+    """Token t predicts label t+1; -100 is ignored; mean over the counted tokens (fp32, as the reference)."""
+    shift = F.pad(labels, (0, 1), value=-100)[:, 1:].to(logits.device)
+    return F.cross_entropy(logits.float().flatten(0, 1), shift.flatten(), ignore_index=-100)
