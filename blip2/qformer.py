@@ -133,13 +133,17 @@ class Blip2QFormerModel(PretrainedMixin, nn.Module):
                 encoder_attention_mask=None, output_attentions=False, output_hidden_states=False,
                 return_dict=True, **_):
         """query_embeds (B, L, D): the first `query_length` positions are queries (default: all L), the rest
-        text. encoder_attention_mask is accepted for compatibility; BLIP-2 never masks image tokens."""
+        text. attention_mask: (B, L) keys to keep, or (B, L, L) which key each position may see (training's
+        image-grounded generation uses a causal text part). encoder_attention_mask is accepted for compatibility; BLIP-2 never masks image tokens."""
         if query_length is None:
             query_length = query_embeds.shape[1]
         mask_dtype = query_embeds.dtype  # the reference takes the mask's min value from the incoming dtype
         dtype = self.layernorm.weight.dtype  # the Q-Former stays fp32 when the rest is fp16
         x = self.layernorm(query_embeds.to(dtype))
-        mask = padding_mask(attention_mask, mask_dtype)
+        if attention_mask is not None and attention_mask.dim() == 3:  # (B, L, L) keep-matrix, e.g. causal text
+            mask = (1.0 - attention_mask[:, None].to(mask_dtype)) * torch.finfo(mask_dtype).min
+        else:
+            mask = padding_mask(attention_mask, mask_dtype)  # (B, L) keys to keep
         if mask is not None:
             mask = mask.to(dtype)
         if encoder_hidden_states is not None:
