@@ -10,6 +10,7 @@ from .modeling import (
     Blip2TextModelWithProjection,
     Blip2VisionModelWithProjection,
 )
+from .processing import BatchFeature, BlipImageProcessor, Blip2Processor, Blip2Tokenizer, TextStreamDecoder
 from .qformer import Blip2QFormerModel
 from .vision import Blip2VisionModel
 
@@ -17,5 +18,6 @@ __all__ = [
     "Blip2Config", "Blip2VisionConfig", "Blip2QFormerConfig", "OPTConfig", "T5Config", "ConfigError",
     "CheckpointError", "Blip2PreTrainedModel", "Blip2VisionModel", "Blip2QFormerModel", "Blip2Model",
     "Blip2ForConditionalGeneration", "Blip2ForImageTextRetrieval", "Blip2TextModelWithProjection",
-    "Blip2VisionModelWithProjection",
+    "Blip2VisionModelWithProjection", "Blip2Processor", "BlipImageProcessor", "Blip2Tokenizer", "BatchFeature",
+    "TextStreamDecoder",
 ]
