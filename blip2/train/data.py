@@ -1,0 +1,169 @@
+"""Training data from the procedural world: rendered images (cached as uint8 arrays), per-patch labels for the
+vision pre-training, and the texts of every stage in the prompt formats the app uses.
+
+Images go through the inference preprocessing: PIL bicubic resize to the model size (cached), then rescale by
+1/255 and CLIP mean/std normalisation (`pixels`), exactly as BlipImageProcessor does.
+"""
+
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from blip2.processing import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from blip2.train import world
+
+CACHE = Path(os.environ.get("BLIP2_WORLD_CACHE", "/tmp/blip2-world-cache"))
+RENDER_SIZES = (96, 128, 160, 224)  # scenes are drawn at several sizes, so the model sees several resamplings
+MEAN = torch.tensor(OPENAI_CLIP_MEAN, dtype=torch.float32)[:, None, None]
+STD = torch.tensor(OPENAI_CLIP_STD, dtype=torch.float32)[:, None, None]
+
+
+def render(scenes, size):
+    """(N, size, size, 3) uint8: each scene rendered, then resized with PIL bicubic like the image processor."""
+    out = np.empty((len(scenes), size, size, 3), np.uint8)
+    for i, s in enumerate(scenes):
+        image = s.render(RENDER_SIZES[s.seed % len(RENDER_SIZES)])
+        out[i] = np.asarray(image.resize((size, size), Image.BICUBIC))
+    return out
+
+
+def load_split(split, n, size, seed=0):
+    """(scenes, uint8 images) of a world split, rendered once and cached under CACHE."""
+    scenes = world.make_split(split, n, seed)
+    path = CACHE / f"{split}-{n}-{seed}-{size}.npy"
+    if path.exists():
+        return scenes, np.load(path)
+    images = render(scenes, size)
+    CACHE.mkdir(parents=True, exist_ok=True)
+    np.save(path, images)
+    return scenes, images
+
+
+def pixels(images):
+    """uint8 (B, H, W, 3) -> normalised float32 (B, 3, H, W): BlipImageProcessor's rescale and normalise."""
+    x = torch.as_tensor(images).permute(0, 3, 1, 2).double().mul(1 / 255).float()
+    return (x - MEAN) / STD
+
+
+# --- vision pre-training targets: what each cell of the 3x3 layout holds
+
+CELL_CLASSES = ("empty",) + world.SHAPES  # what occupies a cell
+
+
+def cell_labels(scenes):
+    """Per-cell targets (N, 9, 3): shape class (0 = empty), colour and size of the object in each 3x3 cell
+    (-100 where the cell is empty)."""
+    out = np.full((len(scenes), 9, 3), -100, np.int64)
+    out[..., 0] = 0
+    for n, s in enumerate(scenes):
+        for o in s.objects:
+            out[n, world.POSITIONS.index(o.position)] = (CELL_CLASSES.index(o.shape), world.COLORS.index(o.color),
+                                                         world.SIZES.index(o.size))
+    return torch.from_numpy(out)
+
+
+def cell_pooling(grid):
+    """(9, grid*grid) averaging matrix: each cell's mean over the patches whose centre lies in it."""
+    cell_of = [min(2, int((i + 0.5) * 3 / grid)) for i in range(grid)]
+    member = torch.tensor([[float(cell_of[r] * 3 + cell_of[c] == k) for r in range(grid) for c in range(grid)]
+                           for k in range(9)])
+    return member / member.sum(1, keepdim=True)
+
+
+# --- texts in the app's prompt formats: (prompt, target); the target is generated after the prompt
+
+def caption_pairs(scene):
+    c = scene.caption()
+    return [("", c), ("a photo of", " " + c)]
+
+
+def vqa_pair(qa):
+    return f"Question: {qa.question} Answer:", " " + qa.answer
+
+
+def two_turn_pair(first, second):
+    return f"Question: {first.question} Answer: {first.answer}. Question: {second.question} Answer:", " " + second.answer
+
+
+def sample_pair(scene, rng):
+    """One (prompt, target) about a scene: a caption (plain or "a photo of"), a question, or a second-turn question."""
+    kind = rng.random()
+    if kind < 0.3:
+        return caption_pairs(scene)[rng.random() < 0.4]
+    qas = scene.questions()
+    if kind < 0.75:
+        return vqa_pair(rng.choice(qas))
+    return two_turn_pair(*rng.sample(qas, 2))
+
+
+def lm_text(scene, rng):
+    """A language-model pre-training text: a prompt and target, usually after the scene's description written
+    in front of BOS, the slot that the image's query tokens take later (the LM learns to read a context there)."""
+    prompt, target = sample_pair(scene, rng)
+    context = scene.caption() if rng.random() < 0.8 else ""
+    return context, prompt, target
+
+
+class OptText:
+    """Token ids for the OPT side: [context] BOS prompt target "\\n" with labels on the target only (or on
+    everything after BOS for language-model pre-training)."""
+
+    def __init__(self, tokenizer):
+        self.tok = tokenizer
+        self.bos, self.pad = tokenizer.bos_token_id, tokenizer.pad_token_id
+        self.image = tokenizer.convert_tokens_to_ids("<image>")
+
+    def encode(self, prompt, target):
+        """(ids, n_prompt): BOS prompt target "\\n"; the first n_prompt ids are BOS and the prompt."""
+        prompt_ids = self.tok.encode(prompt)
+        ids = self.tok.encode(prompt + target + "\n")
+        if ids[:len(prompt_ids)] != prompt_ids:
+            raise ValueError(f"prompt {prompt!r} does not tokenize as a prefix of {prompt + target!r}")
+        return ids, len(prompt_ids)
+
+    def batch(self, rows):
+        """rows: (prefix ids, ids, n_unlabelled) -> input_ids, attention_mask, labels (right padded)."""
+        seqs = [prefix + ids for prefix, ids, _ in rows]
+        t = max(map(len, seqs))
+        input_ids = torch.full((len(rows), t), self.pad)
+        mask = torch.zeros(len(rows), t, dtype=torch.long)
+        labels = torch.full((len(rows), t), -100)
+        for i, ((prefix, ids, skip), seq) in enumerate(zip(rows, seqs)):
+            input_ids[i, :len(seq)] = torch.tensor(seq)
+            mask[i, :len(seq)] = 1
+            start = len(prefix) + skip
+            labels[i, start:len(seq)] = input_ids[i, start:len(seq)]
+        return input_ids, mask, labels
+
+    def lm_batch(self, texts):
+        rows = []
+        for context, prompt, target in texts:
+            ids, _ = self.encode(prompt, target)
+            rows.append((self.tok.encode(context, add_special_tokens=False), ids, 1))  # loss after BOS
+        return self.batch(rows)
+
+    def vlm_batch(self, pairs, num_query_tokens):
+        """The processor's layout: Q image tokens, BOS, prompt, then the target (labelled) and "\\n"."""
+        return self.batch([([self.image] * num_query_tokens, *self.encode(p, t)) for p, t in pairs])
+
+    def generation_batch(self, prompts, num_query_tokens):
+        """Left-padded prompts for generation: Q image tokens, pads, BOS, prompt (as the reference lays them out)."""
+        ids = [self.tok.encode(p) for p in prompts]
+        t = max(map(len, ids))
+        input_ids = torch.tensor([[self.image] * num_query_tokens + [self.pad] * (t - len(r)) + r for r in ids])
+        mask = torch.tensor([[1] * num_query_tokens + [0] * (t - len(r)) + [1] * len(r) for r in ids])
+        return input_ids, mask
+
+
+def bert_batch(tokenizer, texts):
+    """[CLS] text [SEP], right padded: input_ids, attention_mask."""
+    enc = tokenizer(texts, padding=True, return_tensors="pt")
+    return enc["input_ids"], enc["attention_mask"]
+
+
+def rng_for(seed, step):
+    return random.Random(f"{seed}/{step}")

@@ -1,0 +1,101 @@
+"""Smoke runs of the training recipe (every stage, a few steps, tiny sizes): losses, files, reload, determinism."""
+
+import math
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from blip2 import Blip2ForConditionalGeneration, Blip2ForImageTextRetrieval
+from blip2.processing import Blip2Processor, BlipImageProcessor
+from blip2.train import data, losses, stages, world
+
+TINY = stages.Recipe(image_size=32, patch_size=8, vision_hidden=32, vision_layers=1, qformer_hidden=32,
+                     qformer_layers=1, num_query_tokens=4, text_hidden=32, text_layers=1, heads=2, embed_dim=16,
+                     n_train=32, batch=8, vision_steps=4, lm_steps=4, qformer_steps=4, bridge_steps=4, seed=1)
+
+
+def run_all(root, tokenizers=None):
+    work, out = root / "work", root / "out"
+    if tokenizers:  # trained once per test session: tokenizer determinism is tested in test_world
+        shutil.copytree(tokenizers, work / "tokenizers")
+    return stages.run(stages.STAGES, work, out, TINY), work, out
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("cache")
+    data.CACHE = cache
+    a = run_all(tmp_path_factory.mktemp("a"))
+    b = run_all(tmp_path_factory.mktemp("b"), tokenizers=a[1] / "tokenizers")
+    return a, b
+
+
+def test_every_stage_trains(runs):
+    (report, _, _), _ = runs
+    assert list(report) == list(stages.STAGES)
+    for stage, (_, history) in report.items():
+        assert len(history) == 4 and all(math.isfinite(x) for x in history), stage
+        assert history[-1] != history[0], stage
+    assert np.mean(report["lm"][1][-2:]) < np.mean(report["lm"][1][:2])
+
+
+def test_files_and_reload(runs):
+    (_, work, out), _ = runs
+    assert (work / "vision.safetensors").exists() and (work / "lm.safetensors").exists()
+    gen, itm = out / "blip2-tiny", out / "blip2-tiny-itm"
+    for d in (gen, itm):
+        for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                     "preprocessor_config.json", "processor_config.json"):
+            assert (d / name).is_file(), d / name
+    assert (gen / "generation_config.json").is_file()
+    model = Blip2ForConditionalGeneration.from_pretrained(gen)
+    processor = Blip2Processor.from_pretrained(gen)
+    assert model.config.image_token_index == processor.tokenizer.convert_tokens_to_ids("<image>")
+    assert model.config.text_config.eos_token_id == processor.tokenizer.convert_tokens_to_ids("\u010a")  # "\n"
+    scene = world.make_split("test", 1)[0]
+    inputs = processor(images=scene.render(64), text="a photo of", return_tensors="pt")
+    ids = model.generate(**inputs, max_new_tokens=5)
+    assert ids.shape[0] == 1 and ids.shape[1] > inputs["input_ids"].shape[1]
+    retrieval = Blip2ForImageTextRetrieval.from_pretrained(itm)
+    keys = load_file(itm / "model.safetensors").keys()
+    assert any(".intermediate." in k for k in keys) and "itm_head.weight" in keys
+    assert torch.equal(retrieval.vision_model.embeddings.position_embedding, model.vision_model.embeddings.position_embedding)
+
+
+def test_deterministic(runs):
+    (_, _, out_a), (_, _, out_b) = runs
+    for name in ("blip2-tiny", "blip2-tiny-itm"):
+        a, b = load_file(out_a / name / "model.safetensors"), load_file(out_b / name / "model.safetensors")
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_pixels_match_the_image_processor():
+    scene = world.make_split("val", 1)[0]
+    image = scene.render(128)
+    expected = BlipImageProcessor(size=32)(image, return_tensors="pt")["pixel_values"]
+    resized = np.array(image.resize((32, 32), Image.BICUBIC))[None]
+    assert torch.allclose(data.pixels(resized), expected, atol=1e-6)
+
+
+def test_itg_mask_and_itc_targets():
+    keep = losses.itg_mask(torch.tensor([[1, 1, 0]]), 2)[0]
+    assert keep[:2].tolist() == [[1, 1, 0, 0, 0]] * 2  # queries never see the text
+    assert keep[2:].tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 0], [1, 1, 1, 1, 0]]  # text: causal, no padding
+    feats = torch.nn.functional.normalize(torch.randn(3, 2, 4), dim=-1)
+    same = torch.eye(3, dtype=torch.bool)
+    loss, sim = losses.itc_loss(feats, feats[:, 0], 0.1, same)
+    assert sim.shape == (3, 3) and torch.isfinite(loss)
+
+
+def test_answer_targets_follow_the_prompt(runs):
+    (_, _, out), _ = runs
+    text = data.OptText(Blip2Processor.from_pretrained(out / "blip2-tiny").tokenizer)
+    ids, mask, labels = text.vlm_batch([("Question: what color is the circle? Answer:", " red")], 3)
+    kept = [i for i, l in zip(ids[0].tolist(), labels[0].tolist()) if l != -100]
+    assert text.tok.decode(kept) == " red\n"
+    assert ids[0, :3].tolist() == [text.image] * 3 and ids[0, 3] == text.bos
