@@ -1,6 +1,7 @@
 """BLIP-2 in plain PyTorch, drop-in with the reference `transformers` classes and checkpoints."""
 
 from .config import Blip2Config, Blip2QFormerConfig, Blip2VisionConfig, ConfigError, OPTConfig, T5Config
+from .generation import GenerationConfig
 from .loading import CheckpointError
 from .modeling import (
     Blip2ForConditionalGeneration,
@@ -12,6 +13,7 @@ from .modeling import (
 )
 from .processing import BatchFeature, BlipImageProcessor, Blip2Processor, Blip2Tokenizer, TextStreamDecoder
 from .qformer import Blip2QFormerModel
+from .runner import Blip2Runner
 from .vision import Blip2VisionModel
 
 __all__ = [
@@ -19,5 +21,5 @@ __all__ = [
     "CheckpointError", "Blip2PreTrainedModel", "Blip2VisionModel", "Blip2QFormerModel", "Blip2Model",
     "Blip2ForConditionalGeneration", "Blip2ForImageTextRetrieval", "Blip2TextModelWithProjection",
     "Blip2VisionModelWithProjection", "Blip2Processor", "BlipImageProcessor", "Blip2Tokenizer", "BatchFeature",
-    "TextStreamDecoder",
+    "TextStreamDecoder", "GenerationConfig", "Blip2Runner",
 ]

@@ -211,14 +211,10 @@ class Blip2ForConditionalGeneration(_Blip2WithLanguageModel):
             [self.config.image_token_index] * self.config.num_query_tokens + [bos]
         return torch.tensor([ids], dtype=torch.long, device=device).repeat(batch_size, 1)
 
-    @torch.no_grad()
-    def generate(self, pixel_values=None, input_ids=None, attention_mask=None, inputs_embeds=None,
-                 interpolate_pos_encoding=False, image_embeds=None, streamer=None, **generate_kwargs):
-        """Generate text about images. Returns token ids as the reference does: for OPT the whole sequence
-        (prompt included), for T5 the decoder sequence starting with decoder_start_token_id.
+    def generation_inputs(self, pixel_values=None, input_ids=None, attention_mask=None, inputs_embeds=None,
+                          interpolate_pos_encoding=False, image_embeds=None):
+        """The language model's prompt: (inputs_embeds (B, T, D), attention_mask (B, T), input_ids or None).
         `image_embeds` (B, Q, D_t), from get_image_features(...).pooler_output, skips the image encoders."""
-        from .generation import generate
-
         if image_embeds is None:
             image_embeds = self.image_features(pixel_values, interpolate_pos_encoding).pooler_output
         if input_ids is None and inputs_embeds is None:
@@ -227,7 +223,29 @@ class Blip2ForConditionalGeneration(_Blip2WithLanguageModel):
         embeds, mask = self.merge_image_tokens(image_embeds, input_ids, attention_mask, inputs_embeds)
         if input_ids is not None and embeds.shape[1] != input_ids.shape[1]:  # legacy layout: queries in front
             input_ids = None if self.config.is_encoder_decoder else input_ids
-        return generate(self.language_model, embeds, mask, input_ids, streamer=streamer, **generate_kwargs)
+        return embeds, mask, input_ids
+
+    @torch.no_grad()
+    def generate(self, pixel_values=None, input_ids=None, attention_mask=None, inputs_embeds=None,
+                 interpolate_pos_encoding=False, image_embeds=None, streamer=None, **generate_kwargs):
+        """Generate text about images. Returns token ids as the reference does: for OPT the whole sequence
+        (prompt included), for T5 the decoder sequence starting with decoder_start_token_id. Decoding settings:
+        see generation.GenerationConfig."""
+        from .generation import generate
+
+        inputs = self.generation_inputs(pixel_values, input_ids, attention_mask, inputs_embeds,
+                                        interpolate_pos_encoding, image_embeds)
+        return generate(self.language_model, *inputs, streamer=streamer, **generate_kwargs)
+
+    def generate_stream(self, tokenizer, pixel_values=None, input_ids=None, attention_mask=None, inputs_embeds=None,
+                        interpolate_pos_encoding=False, image_embeds=None, **generate_kwargs):
+        """Like generate for one sequence, but yields the new text piece by piece as the tokens arrive."""
+        from .generation import stream
+
+        with torch.no_grad():
+            inputs = self.generation_inputs(pixel_values, input_ids, attention_mask, inputs_embeds,
+                                            interpolate_pos_encoding, image_embeds)
+        return stream(self.language_model, tokenizer, *inputs, **generate_kwargs)
 
 
 class _Blip2Retrieval(Blip2PreTrainedModel):

@@ -1,0 +1,95 @@
+"""python -m blip2 caption | ask | match on tiny checkpoint directories with tokenizers."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import blip2
+from blip2.__main__ import DEFAULT_MODEL, main
+from blip2.processing import Blip2Processor
+from blip2.runner import Blip2Runner
+from tiny_checkpoints import shared_checkpoint
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def photo(tmp_path_factory):
+    path = tmp_path_factory.mktemp("img") / "photo.png"
+    Image.fromarray(np.random.RandomState(0).randint(0, 256, (30, 40, 3), dtype=np.uint8)).save(path)
+    return str(path)
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def runner(family):
+    path = shared_checkpoint(family)
+    return Blip2Runner(blip2.Blip2ForConditionalGeneration.from_pretrained(path), Blip2Processor.from_pretrained(path))
+
+
+@pytest.mark.parametrize("family", ["opt", "t5"])
+def test_caption_and_ask(capsys, photo, family):
+    model = shared_checkpoint(family)
+    code, out, _ = run(capsys, "caption", photo, photo, "--model", model, "--max-new-tokens", 5, "--json")
+    records = json.loads(out)
+    expected = runner(family).caption(photo, max_new_tokens=5).text
+    assert code == 0 and [r["text"] for r in records] == [expected] * 2 and records[0]["image"] == photo
+    code, out, _ = run(capsys, "ask", photo, "what is it?", "--model", model, "--num-beams", 3,
+                       "--num-return-sequences", 2, "--max-new-tokens", 4, "--length-penalty", 0.5, "--json")
+    record = json.loads(out)
+    expected = runner(family).ask(photo, "what is it?", num_beams=3, num_return_sequences=2, max_new_tokens=4,
+                                  length_penalty=0.5)
+    assert code == 0 and record["texts"] == expected.texts and record["prompt"] == "Question: what is it? Answer:"
+    code, out, _ = run(capsys, "caption", photo, "--model", model, "--do-sample", "--seed", 3, "--top-k", 5,
+                       "--temperature", 1.5, "--top-p", 0.9, "--repetition-penalty", 1.2, "--no-repeat-ngram-size", 2,
+                       "--min-new-tokens", 2, "--max-new-tokens", 6)
+    again = run(capsys, "caption", photo, "--model", model, "--do-sample", "--seed", 3, "--top-k", 5,
+                "--temperature", 1.5, "--top-p", 0.9, "--repetition-penalty", 1.2, "--no-repeat-ngram-size", 2,
+                "--min-new-tokens", 2, "--max-new-tokens", 6)
+    assert code == 0 and (code, out) == again[:2]
+
+
+def test_match(capsys, photo):
+    code, out, _ = run(capsys, "match", photo, "a cat", "a dog", "--itm-model", shared_checkpoint("itm"), "--json")
+    records = json.loads(out)
+    assert code == 0 and [r["text"] for r in records] == ["a cat", "a dog"]
+    assert all(0 <= r["itm"] <= 1 and -1 <= r["itc"] <= 1 for r in records)
+    code, out, _ = run(capsys, "match", photo, "a cat", "--itm-model", shared_checkpoint("itm"))
+    assert code == 0 and out.startswith("itm ") and out.rstrip().endswith("a cat")
+
+
+def test_errors_say_what_to_fix(capsys, photo):
+    model = shared_checkpoint("opt")
+    code, _, err = run(capsys, "caption", photo, "--model", model, "--do-sample", "--temperature", 0)
+    assert code == 2 and "temperature" in err
+    code, _, err = run(capsys, "caption", photo, "--model", model, "--num-beams", 2, "--num-return-sequences", 3)
+    assert code == 2 and "num_return_sequences" in err
+    code, _, err = run(capsys, "caption", str(photo) + ".missing", "--model", model)
+    assert code == 2 and "missing" in err
+    code, _, err = run(capsys, "caption", photo, "--model", str(photo) + ".nodir")
+    assert code == 2 and "nodir" in err
+    if not os.path.isdir(DEFAULT_MODEL):
+        code, _, err = run(capsys, "caption", photo)
+        assert code == 2 and "--model" in err
+
+
+def test_module_entry_point():
+    out = subprocess.run([sys.executable, "-m", "blip2", "caption", "--help"], capture_output=True, text=True,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), timeout=120)
+    assert out.returncode == 0 and "--num-beams" in out.stdout and "--quantize" in out.stdout

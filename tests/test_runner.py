@@ -1,0 +1,171 @@
+"""Blip2Runner: its caches hit and change nothing (results equal fresh computations), chat prefix reuse,
+streaming, prompt truncation, matching."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import blip2
+from blip2.processing import Blip2Processor
+from blip2.runner import ByteLRU, Blip2Runner, chat_prompt, encode_plain
+from tiny_checkpoints import shared_checkpoint
+
+DECODINGS = [dict(max_new_tokens=6), dict(max_new_tokens=5, num_beams=3),
+             dict(max_new_tokens=6, do_sample=True, temperature=2.0, seed=4)]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module", params=["opt", "t5"])
+def lm(request):
+    path = shared_checkpoint(request.param)
+    model = blip2.Blip2ForConditionalGeneration.from_pretrained(path)
+    return request.param, model, Blip2Processor.from_pretrained(path)
+
+
+@pytest.fixture(scope="module")
+def itm():
+    path = shared_checkpoint("itm")
+    return blip2.Blip2ForImageTextRetrieval.from_pretrained(path), Blip2Processor.from_pretrained(path)
+
+
+def image(seed=0, size=(40, 50)):
+    return Image.fromarray(np.random.RandomState(seed).randint(0, 256, (*size, 3), dtype=np.uint8))
+
+
+def test_caption_and_answer_equal_processor_plus_generate(lm):
+    name, model, proc = lm
+    img, runner = image(), Blip2Runner(model, proc)
+    for prompt in ("", "Question: what is in the picture? Answer:"):
+        enc = proc(images=img, text=prompt, return_tensors="pt")
+        ids = model.generate(**enc, max_new_tokens=8)
+        new = ids[:, 1:] if name == "t5" else ids[:, enc["input_ids"].shape[1]:]
+        expected = proc.batch_decode(new, skip_special_tokens=True)[0].strip()
+        assert runner.caption(img, prompt, max_new_tokens=8).text == expected
+    assert runner.ask(img, "what is in the picture?", max_new_tokens=8).text == expected
+    assert runner.stats["feature_misses"] == 1 and runner.stats["feature_hits"] == 2
+    assert runner.stats["prefix_hits"] == (2 if name == "opt" else 0)
+
+
+@pytest.mark.parametrize("decoding", DECODINGS, ids=["greedy", "beams", "sampling"])
+def test_chat_with_caches_equals_fresh_computation(lm, decoding):
+    name, model, proc = lm
+    img, runner, history = image(1), Blip2Runner(model, proc), []
+    for question in ("what is it?", "what colour is it?", "where is it?"):
+        answer = runner.ask(img, question, history, **decoding)
+        assert answer == Blip2Runner(model, proc).ask(img, question, history, **decoding)
+        assert answer.prompt == chat_prompt(question, history) and not answer.truncated
+        history.append((question, answer.text))
+    assert runner.stats["feature_misses"] == 1 and runner.stats["feature_hits"] == 2
+    if name == "opt":  # turns 2 and 3 computed only what follows the previous turn's prompt (and answer)
+        assert runner.stats["prefix_hits"] == 2 and runner.stats["prefix_tokens_reused"] > 2 * 10
+        sizes = [len(encode_plain(proc.tokenizer, chat_prompt(q, history[:i]))) for i, (q, _) in enumerate(history)]
+        assert runner.stats["prefix_tokens_reused"] >= sum(sizes[:2])
+
+
+@pytest.mark.parametrize("decoding", DECODINGS[:2], ids=["greedy", "beams"])
+def test_stream_equals_answer_and_may_stop_early(lm, decoding):
+    _, model, proc = lm
+    img, runner = image(2), Blip2Runner(model, proc)
+    stream = runner.ask_stream(img, "what is it?", **decoding)
+    pieces = list(stream)
+    expected = Blip2Runner(model, proc).ask(img, "what is it?", **decoding).text
+    assert "".join(pieces) == stream.text == expected and not stream.truncated
+    assert decoding.get("num_beams") or len(pieces) > 1
+    stream = iter(runner.ask_stream(img, "and this?", [("what is it?", expected)], **decoding))
+    next(stream, None)
+    stream.close()  # the consumer went away: the cache stays usable
+    again = runner.ask(img, "and this?", [("what is it?", expected)], **decoding)
+    assert again == Blip2Runner(model, proc).ask(img, "and this?", [("what is it?", expected)], **decoding)
+
+
+def test_over_long_prompts_are_cut_from_the_left(lm):
+    name, model, proc = lm
+    img, runner = image(3), Blip2Runner(model, proc)
+    # the positions the image tokens leave / the tokenizer's model_max_length
+    limit = model.config.text_config.max_position_embeddings - 4 if name == "opt" else 512
+    history = [(f"question number {i} about the thing", f"answer {i}") for i in range(40)]
+    got = runner.ask(img, "which one?", history, max_new_tokens=4)
+    assert got.truncated and got.prompt.startswith("Question: question number") and got.prompt.endswith(
+        "Question: which one? Answer:")
+    assert got.prompt.count("Question:") < 41 and "number 39" in got.prompt  # the oldest turns went first
+    assert got == Blip2Runner(model, proc).ask(img, "which one?", history, max_new_tokens=4)
+    words = " ".join(f"w{i}" for i in range(limit * 2))
+    got = runner.caption(img, words, max_new_tokens=4)
+    assert got.truncated and got.prompt.endswith(f"w{limit * 2 - 1}") and len(got.prompt) < len(words)
+    assert not runner.caption(img, "", max_new_tokens=4).truncated
+    if name == "opt":
+        with pytest.raises(ValueError, match="max_new_tokens"):
+            runner.caption(img, max_new_tokens=limit)
+
+
+def test_special_token_strings_in_user_text_stay_text(lm):
+    _, model, proc = lm
+    img, runner = image(4), Blip2Runner(model, proc)
+    image_id = model.config.image_token_index
+    assert image_id in proc.tokenizer("a <image> b")["input_ids"]  # what the raw tokenizer would do
+    assert image_id not in encode_plain(proc.tokenizer, "a <image> b </s>")
+    got = runner.ask(img, "what is <image> and </s> here?", max_new_tokens=5)
+    assert got == Blip2Runner(model, proc).ask(img, "what is <image> and </s> here?", max_new_tokens=5)
+
+
+def test_image_cache_is_keyed_by_content_and_bounded_in_bytes(lm, tmp_path):
+    _, model, proc = lm
+    one = Blip2Runner(model, proc).image_embeds(image(5))[0]
+    size = one.numel() * one.element_size()
+    runner = Blip2Runner(model, proc, image_cache_bytes=int(size * 1.5))
+    img = image(5)
+    path = tmp_path / "x.png"
+    img.save(path)
+    for source in (img, image(5), path, np.asarray(img)):  # the same pixels four ways: computed once
+        assert torch.equal(runner.image_embeds(source)[0], one)
+    assert runner.stats["feature_misses"] == 1 and runner.stats["feature_hits"] == 3
+    runner.image_embeds(image(6))  # evicts the first (the budget holds one image)
+    runner.image_embeds(img)
+    assert runner.stats["feature_misses"] == 3 and runner.features.bytes <= size * 1.5
+
+
+def test_byte_lru():
+    lru = ByteLRU(100)
+    lru.put("a", torch.zeros(10))  # 40 bytes
+    lru.put("b", torch.zeros(10))
+    lru.get("a")
+    lru.put("c", torch.zeros(10))  # evicts b, the least recently used
+    assert lru.get("b") is None and lru.get("a") is not None and lru.bytes == 80
+    lru.put("big", torch.zeros(100))  # larger than the budget: not kept
+    assert lru.get("big") is None and lru.bytes == 80
+
+
+def test_match_equals_model_forward_and_caches(itm):
+    model, proc = itm
+    img, runner = image(7), Blip2Runner(itm_model=model, itm_processor=proc)
+    texts = ["a cat on a red sofa", "two dogs in the snow", "an old coffee cup", ""]
+    got = runner.match(img, texts)
+    enc = proc.tokenizer(texts, padding=True, return_tensors="pt")
+    px = proc.image_processor(img, return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        ref = model(pixel_values=px.expand(len(texts), -1, -1, -1), input_ids=enc["input_ids"],
+                    attention_mask=enc["attention_mask"], use_image_text_matching_head=True)
+        itc = model(pixel_values=px, input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
+    assert [m.text for m in got] == texts
+    assert np.allclose([m.itm for m in got], ref.logits_per_image.softmax(-1)[:, 1], atol=1e-5)
+    assert np.allclose([m.itc for m in got], itc.logits_per_image[0], atol=1e-5)
+    assert runner.match(img, texts) == got and runner.stats["feature_hits"] == 2
+    long = runner.match(img, ["word " * 100])[0]
+    assert long.truncated and 0 <= long.itm <= 1
+    assert runner.match(img, []) == []
+    images, txt = runner.image_text_embeddings([img, image(8)], texts[:2])
+    assert images.shape == (2, 4, 8) and txt.shape == (2, 8)
+    with torch.no_grad():
+        assert torch.allclose(images[:1], model.itc_image_embeds(model.vision_model(px).last_hidden_state), atol=1e-6)
+    assert torch.allclose(torch.einsum("qe,te->qt", images[0], txt).amax(0), torch.tensor([m.itc for m in got[:2]]),
+                          atol=1e-5)
+    with pytest.raises(ValueError, match="captioning model"):
+        runner.caption(img)

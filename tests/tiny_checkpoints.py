@@ -1,0 +1,53 @@
+"""Tiny random BLIP-2 checkpoint directories that also hold a genuine tokenizer and processor files: the model's
+vocabulary is sized to the tokenizer (with its "<image>" token). Test-only: written by transformers."""
+
+import atexit
+import functools
+import shutil
+import tempfile
+
+import tiny_tokenizers
+from tiny_models import NUM_QUERY, OPT, QFORMER, T5, VISION, config, reference_model
+
+IMAGE_SIZE = 32  # tiny_tokenizers' preprocessor size
+TOKENIZERS = {"opt": tiny_tokenizers.opt_tokenizer_dir, "t5": tiny_tokenizers.t5_tokenizer_dir,
+              "itm": tiny_tokenizers.bert_tokenizer_dir}
+
+
+def vocabulary(directory):
+    """(vocabulary size, "<image>" id) of the processor saved in `directory`."""
+    from blip2.processing import Blip2Processor
+
+    p = Blip2Processor.from_pretrained(directory)
+    return len(p.tokenizer), p.tokenizer.convert_tokens_to_ids(p.image_token)
+
+
+def checkpoint(directory, family="opt", seed=0):
+    """Write a tiny "opt", "t5" (Blip2ForConditionalGeneration) or "itm" (Blip2ForImageTextRetrieval) checkpoint
+    with its tokenizer into `directory`; returns it as a str."""
+    directory = str(directory)
+    TOKENIZERS[family](directory)
+    size, image_id = vocabulary(directory)
+    vision = dict(VISION, image_size=IMAGE_SIZE)
+    if family == "itm":
+        from transformers import Blip2Config
+
+        qformer = dict(QFORMER, vocab_size=size, use_qformer_text_input=True)
+        cfg = Blip2Config(vision_config=vision, qformer_config=qformer, num_query_tokens=NUM_QUERY,
+                          image_text_hidden_size=8)
+        cls = "Blip2ForImageTextRetrieval"
+    else:
+        text = (dict(OPT, vocab_size=size, eos_token_id=2, max_position_embeddings=128) if family == "opt"
+                else dict(T5, vocab_size=size))
+        cfg = config(text=text, vision=vision, image_token_index=image_id)
+        cls = "Blip2ForConditionalGeneration"
+    reference_model(cls, cfg, seed).save_pretrained(directory)
+    return directory
+
+
+@functools.cache
+def shared_checkpoint(family):
+    """One checkpoint per family for the whole test session (removed at exit)."""
+    directory = tempfile.mkdtemp(prefix=f"blip2-tiny-{family}-")
+    atexit.register(shutil.rmtree, directory, ignore_errors=True)
+    return checkpoint(directory, family)
