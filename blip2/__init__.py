@@ -2,7 +2,8 @@
 
 from .config import Blip2Config, Blip2QFormerConfig, Blip2VisionConfig, ConfigError, OPTConfig, T5Config
 from .generation import GenerationConfig
-from .loading import CheckpointError
+from .loading import CheckpointError, CheckpointNotFoundError, DeviceMapError, resolve_checkpoint
+from .memory import memory_report, model_memory
 from .modeling import (
     Blip2ForConditionalGeneration,
     Blip2ForImageTextRetrieval,
@@ -13,6 +14,7 @@ from .modeling import (
 )
 from .processing import BatchFeature, BlipImageProcessor, Blip2Processor, Blip2Tokenizer, TextStreamDecoder
 from .qformer import Blip2QFormerModel
+from .quantization import QuantizationConfig, QuantizationError
 from .runner import Blip2Runner
 from .vision import Blip2VisionModel
 
@@ -21,5 +23,6 @@ __all__ = [
     "CheckpointError", "Blip2PreTrainedModel", "Blip2VisionModel", "Blip2QFormerModel", "Blip2Model",
     "Blip2ForConditionalGeneration", "Blip2ForImageTextRetrieval", "Blip2TextModelWithProjection",
     "Blip2VisionModelWithProjection", "Blip2Processor", "BlipImageProcessor", "Blip2Tokenizer", "BatchFeature",
-    "TextStreamDecoder", "GenerationConfig", "Blip2Runner",
+    "TextStreamDecoder", "GenerationConfig", "Blip2Runner", "CheckpointNotFoundError", "DeviceMapError",
+    "resolve_checkpoint", "memory_report", "model_memory", "QuantizationConfig", "QuantizationError",
 ]

@@ -603,7 +603,12 @@ class Blip2Processor:
             tokenizer.add_tokens([AddedToken("<image>", normalized=False, special=True)], special_tokens=True)
 
     @classmethod
-    def from_pretrained(cls, directory):
+    def from_pretrained(cls, directory, **hub_kwargs):
+        """A local directory or a hub id (revision=, cache_dir=, token=, local_files_only=): only the processor
+        and tokenizer files are fetched."""
+        from .loading import PROCESSOR_FILES, resolve_checkpoint
+
+        directory = resolve_checkpoint(directory, allow_patterns=PROCESSOR_FILES + ["config.json"], **hub_kwargs)
         config = _read_json(os.path.join(directory, "processor_config.json"), {})
         if "image_processor" in config:  # transformers 5.x nests the image processor config here
             image_processor = BlipImageProcessor.from_dict(config["image_processor"])

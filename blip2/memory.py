@@ -1,0 +1,184 @@
+"""How many bytes each part of a BLIP-2 model takes, per device.
+
+memory_report(path_or_id, dtype=..., quantization=..., device_map=...): BEFORE loading, from the safetensors
+headers (shapes) and the loading plan (dtypes kept in fp32, quantized layers, device map); no tensor is read.
+model_memory(model): AFTER loading, from the model's parameters (quantization scales included; disk-offloaded
+weights counted under "disk"). Both return a MemoryReport: `.as_dict()`, `.table()` (also `str(report)`).
+"""
+
+from dataclasses import dataclass, field
+
+import torch
+
+PARTS = ("vision_model", "qformer", "language_projection", "language_model.embeddings", "language_model.layers",
+         "language_model.lm_head", "language_model.other", "other")
+
+
+def human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+
+
+def part_of(name: str) -> str:
+    """The report row of a parameter name."""
+    if name.startswith("vision_model."):
+        return "vision_model"
+    if name.startswith("qformer.") or name == "query_tokens":
+        return "qformer"  # with the query tokens
+    if name.startswith("language_projection."):
+        return "language_projection"
+    if name.startswith("language_model."):
+        if ".lm_head." in name:
+            return "language_model.lm_head"
+        if any(k in name for k in (".embed_tokens.", ".embed_positions.", ".shared.")):
+            return "language_model.embeddings"
+        if ".layers." in name or ".block." in name:
+            return "language_model.layers"
+        return "language_model.other"  # final norms, project_in / project_out
+    return "other"  # retrieval models: text embeddings, projections, ITM head
+
+
+@dataclass
+class Row:
+    params: int = 0
+    bytes: int = 0
+    dtypes: set = field(default_factory=set)
+    devices: dict = field(default_factory=dict)  # device -> bytes
+    tied_to: str = ""
+
+
+@dataclass
+class MemoryReport:
+    title: str
+    rows: dict  # part -> Row
+
+    @property
+    def total(self) -> int:
+        return sum(r.bytes for r in self.rows.values())
+
+    @property
+    def devices(self) -> dict:
+        out = {}
+        for r in self.rows.values():
+            for d, b in r.devices.items():
+                out[d] = out.get(d, 0) + b
+        return out
+
+    def as_dict(self) -> dict:
+        parts = {p: {"params": r.params, "bytes": r.bytes, "dtypes": sorted(r.dtypes), "devices": dict(r.devices),
+                     **({"tied_to": r.tied_to} if r.tied_to else {})} for p, r in self.rows.items()}
+        return {"title": self.title, "parts": parts, "total_bytes": self.total, "devices": self.devices}
+
+    def table(self) -> str:
+        lines = [self.title, f"{'part':<28}{'params':>10}{'bytes':>13}  {'dtype':<22}devices"]
+        for p, r in self.rows.items():
+            if r.tied_to and not r.bytes:
+                lines.append(f"{p:<28}{'':>10}{'0 B':>13}  tied to {r.tied_to}")
+                continue
+            devices = ", ".join(f"{d} {human(b)}" for d, b in r.devices.items())
+            lines.append(f"{p:<28}{r.params / 1e6:>9.2f}M{human(r.bytes):>13}  {'+'.join(sorted(r.dtypes)):<22}"
+                         f"{devices}")
+        params = sum(r.params for r in self.rows.values())
+        lines.append(f"{'total':<28}{params / 1e6:>9.2f}M{human(self.total):>13}  "
+                     f"{'':<22}{', '.join(f'{d} {human(b)}' for d, b in self.devices.items())}")
+        return "\n".join(lines)
+
+    __str__ = table
+
+
+def build(title, entries) -> MemoryReport:
+    """entries: (name, numel, bytes, dtype name, device, tied_to or "")."""
+    rows = {}
+    for name, numel, nbytes, dtype, device, tied_to in entries:
+        r = rows.setdefault(part_of(name), Row())
+        if tied_to:
+            r.tied_to = r.tied_to or part_of(tied_to)
+            continue
+        r.params += numel
+        r.bytes += nbytes
+        r.dtypes.add(dtype)
+        r.devices[device] = r.devices.get(device, 0) + nbytes
+    return MemoryReport(title, {p: rows[p] for p in PARTS if p in rows})
+
+
+def memory_report(path_or_id, model_class=None, dtype=None, quantization=None, device=None, device_map=None,
+                  max_memory=None, revision=None, cache_dir=None, token=None, local_files_only=None) -> MemoryReport:
+    """The bytes each part of the model will take once loaded with these settings, per device, from the
+    safetensors headers (a hub id that is not cached is read remotely: headers only, no weights)."""
+    from .loading import checkpoint_tensors, module_device, plan_load
+    from .modeling import Blip2ForConditionalGeneration
+    from .quantization import is_quantized, weight_bytes
+
+    cls = model_class or Blip2ForConditionalGeneration
+    path, tensors = local_or_remote(path_or_id, revision, cache_dir, token, local_files_only)
+    if tensors is None:
+        tensors = checkpoint_tensors(path)
+    plan = plan_load(cls, path, dtype, device, device_map, max_memory, quantization, tensors=tensors)
+    entries = []
+    for name, p in plan.model.named_parameters(remove_duplicate=False):
+        dev = module_device(name, plan.device_map)
+        if name in plan.ties:
+            entries.append((name, p.numel(), 0, "", dev, plan.ties[name]))
+            continue
+        mod_name, _, attr = name.rpartition(".")
+        info = plan.sources[name]
+        if is_quantized(plan.model.get_submodule(mod_name)) and attr == "weight":
+            q = plan.quantization
+            entries.append((name, info.numel, weight_bytes(info.shape, q), "int8" if q.bits == 8 else q.quant_type,
+                            dev, ""))
+        else:
+            entries.append((name, info.numel, info.numel * p.element_size(), str(p.dtype)[6:], dev, ""))
+    what = f"{str(plan.dtype)[6:]}" + (f", {plan.quantization.name}" if plan.quantization else "")
+    return build(f"{path_or_id} ({what}), before loading, from the safetensors headers", entries)
+
+
+def local_or_remote(path_or_id, revision, cache_dir, token, local_files_only):
+    """(local dir, None) when the checkpoint is here or cached; else (the cached config.json's dir, the remote
+    safetensors headers read with huggingface_hub.get_safetensors_metadata: no weights are downloaded)."""
+    import os
+
+    from .loading import MODEL_FILES, CheckpointNotFoundError, TensorInfo, hub_cache_dir, is_offline, looks_local
+    from .loading import INDEX, SINGLE, ST_DTYPES, resolve_checkpoint
+
+    offline = is_offline() if local_files_only is None else local_files_only
+    try:
+        path = resolve_checkpoint(path_or_id, revision, cache_dir, token, True, MODEL_FILES)
+        if offline or any(os.path.isfile(os.path.join(path, f)) for f in (SINGLE, INDEX)):
+            return path, None  # (a cached snapshot may hold only the config.json of an earlier report)
+    except CheckpointNotFoundError:
+        if offline or looks_local(os.fspath(path_or_id)):
+            raise
+    import huggingface_hub
+
+    repo = os.fspath(path_or_id)
+    cfg = huggingface_hub.hf_hub_download(repo, "config.json", revision=revision, cache_dir=hub_cache_dir(cache_dir),
+                                          token=token)
+    meta = huggingface_hub.get_safetensors_metadata(repo, revision=revision, token=token)
+    tensors = {}
+    for fname, fm in meta.files_metadata.items():
+        for key, t in fm.tensors.items():
+            tensors[key] = TensorInfo(f"{repo}/{fname}", key, ST_DTYPES[t.dtype], tuple(t.shape), *t.data_offsets)
+    return os.path.dirname(cfg), tensors
+
+
+def model_memory(model) -> MemoryReport:
+    """The bytes the loaded model's parameters take, per part and per device ("disk" for offloaded weights)."""
+    from .loading import module_device
+    from .quantization import quantized_param_bytes
+
+    device_map = getattr(model, "hf_device_map", None)
+    owner = {id(m.weight): m for m in model.modules() if isinstance(getattr(m, "weight", None), torch.Tensor)}
+    first, entries = {}, []
+    for name, p in model.named_parameters(remove_duplicate=False):
+        dev = module_device(name, device_map) if device_map else str(p.device)
+        if id(p) in first:
+            entries.append((name, p.numel(), 0, "", dev, first[id(p)]))
+            continue
+        first[id(p)] = name
+        quantized = p.dtype in (torch.int8, torch.uint8)
+        nbytes = quantized_param_bytes(p, owner.get(id(p))) if quantized else p.numel() * p.element_size()
+        numel = p.numel() * (2 if p.dtype == torch.uint8 and getattr(p, "quant_state", None) is not None else 1)
+        entries.append((name, numel, nbytes, str(p.dtype)[6:], dev, ""))
+    return build(f"{type(model).__name__}, after loading", entries)
