@@ -1,0 +1,59 @@
+"""Caption tab: image in, caption(s) out, streamed token by token when the decoding allows it."""
+
+from __future__ import annotations
+
+import gradio as gr
+
+from . import examples
+from .common import (BEAM, decoding_controls, decoding_from, model_event, progress_callback, service, session_models,
+                     user_errors)
+from .service import Decoding
+
+DEFAULTS = Decoding(mode=BEAM, num_beams=1, max_new_tokens=30, min_new_tokens=1, num_captions=1)
+
+
+def format_captions(captions):
+    if len(captions) == 1:
+        return captions[0]
+    return "\n".join(f"{i}. {c}" for i, c in enumerate(captions, 1))
+
+
+@user_errors
+def caption(image, prompt="", mode=DEFAULTS.mode, num_beams=DEFAULTS.num_beams, temperature=DEFAULTS.temperature,
+            top_p=DEFAULTS.top_p, top_k=DEFAULTS.top_k, max_new_tokens=DEFAULTS.max_new_tokens,
+            min_new_tokens=DEFAULTS.min_new_tokens, repetition_penalty=DEFAULTS.repetition_penalty,
+            length_penalty=DEFAULTS.length_penalty, num_captions=DEFAULTS.num_captions, session=None,
+            progress=gr.Progress(track_tqdm=True)):
+    """Caption an image. Yields (caption text, notice); several captions come numbered, one per line."""
+    decoding = decoding_from(mode, num_beams, temperature, top_p, top_k, max_new_tokens, min_new_tokens,
+                             repetition_penalty, length_penalty, num_captions)
+    models = session_models(session)
+    for result in service().caption(models["generation"], image, prompt, decoding, stream=True,
+                                    progress=progress_callback(progress)):
+        yield format_captions(result.captions), result.notice
+
+
+def build(session: gr.State):
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=1):
+            image = gr.Image(type="filepath", label="Image", height=340, sources=["upload", "clipboard"],
+                             elem_id="caption-image")
+            prompt = gr.Textbox(label="Prompt prefix (optional)", placeholder="e.g. a photo of",
+                                max_length=service().limits.max_prompt_chars, elem_id="caption-prompt",
+                                info="The caption continues this text.")
+            run = gr.Button("Caption", variant="primary", elem_id="caption-run")
+            controls = decoding_controls(DEFAULTS, captions=True)
+        with gr.Column(scale=1):
+            output = gr.Textbox(label="Caption", lines=4, interactive=False, elem_id="caption-output",
+                                buttons=["copy"])
+            notice = gr.Markdown(elem_id="caption-notice", label="Notice")
+            gr.Markdown("Beam search with 1 beam is greedy decoding and streams the caption as it is written. "
+                        "With more beams or several captions the result comes at the end.",
+                        elem_classes=["help"])
+            gr.Examples(examples.caption_examples(), inputs=[image, prompt], label="Examples: scenes of the "
+                        "embedded model's world, and photographs", examples_per_page=4)
+    inputs = [image, prompt, *controls, session]
+    model_event([run.click, prompt.submit], caption, inputs, [output, notice], api_name="caption",
+                api_description="Caption an image (streamed). Returns the caption (numbered lines when several) "
+                                "and a notice.")
+    return image

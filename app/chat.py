@@ -1,0 +1,106 @@
+"""VQA chat tab: questions about one image, answered over the conversation so far (streamed).
+
+The history lives in a per-session gr.State ({"digest": image hash, "turns": [[q, a], ...]}), never shared
+between users; it starts over when the image changes. The prompt is "Question: q Answer: a." over past turns
+("Short answer:" for Flan-T5), with the oldest turns dropped to fit the model's context (a notice says so).
+"""
+
+from __future__ import annotations
+
+import gradio as gr
+
+from . import examples
+from .common import (BEAM, decoding_controls, decoding_from, model_event, progress_callback, service, session_models,
+                     user_errors)
+from .service import Decoding, load_image
+
+DEFAULTS = Decoding(mode=BEAM, num_beams=1, max_new_tokens=20, min_new_tokens=1)
+
+
+def new_history():
+    return {"digest": None, "turns": []}
+
+
+def messages(turns, pending=None):
+    """Chat turns -> gr.Chatbot messages (Gradio 6: role/content dicts)."""
+    out = []
+    for q, a in turns:
+        out += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+    if pending is not None:
+        q, a = pending
+        out += [{"role": "user", "content": q}, {"role": "assistant", "content": a or "…"}]
+    return out
+
+
+def _history(state):
+    if not isinstance(state, dict) or not isinstance(state.get("turns"), list):
+        return new_history()
+    return {"digest": state.get("digest"), "turns": [list(t) for t in state["turns"]]}
+
+
+@user_errors
+def chat(image, question, mode=DEFAULTS.mode, num_beams=DEFAULTS.num_beams, temperature=DEFAULTS.temperature,
+         top_p=DEFAULTS.top_p, top_k=DEFAULTS.top_k, max_new_tokens=DEFAULTS.max_new_tokens,
+         min_new_tokens=DEFAULTS.min_new_tokens, repetition_penalty=DEFAULTS.repetition_penalty,
+         length_penalty=DEFAULTS.length_penalty, history=None, session=None, progress=gr.Progress(track_tqdm=True)):
+    """Ask a question about the image. Yields (chat messages, notice, history state) while the answer streams."""
+    svc = service()
+    decoding = decoding_from(mode, num_beams, temperature, top_p, top_k, max_new_tokens, min_new_tokens,
+                             repetition_penalty, length_penalty)
+    img = load_image(image, svc.limits)
+    state = _history(history)
+    notes = []
+    if state["digest"] != img.digest:
+        if state["turns"]:
+            notes.append("New image: the conversation starts over.")
+        state = {"digest": img.digest, "turns": []}
+    turns = state["turns"][-svc.limits.max_chat_turns:]
+    models = session_models(session)
+    answer, notice = "", ""
+    for answer, notice in svc.chat(models["generation"], img, question, [tuple(t) for t in turns], decoding,
+                                   stream=True, progress=progress_callback(progress)):
+        yield messages(turns, (_shown(question), answer)), " ".join(notes + [notice]).strip(), state
+    answer = answer or "(no answer)"
+    state["turns"] = (turns + [[_shown(question), answer]])[-svc.limits.max_chat_turns:]
+    yield messages(state["turns"]), " ".join(notes + [notice]).strip(), state
+
+
+def _shown(question):
+    from .service import clean_text
+
+    return clean_text(question, "the question", service().limits.max_prompt_chars)
+
+
+def clear(history=None):
+    """Forget the conversation (the image stays)."""
+    return [], "", new_history()
+
+
+def build(session: gr.State):
+    history = gr.State(new_history())
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=2):
+            image = gr.Image(type="filepath", label="Image", height=340, sources=["upload", "clipboard"],
+                             elem_id="chat-image")
+            gr.Markdown("Changing the image starts a new conversation.", elem_classes=["help"])
+        with gr.Column(scale=3):
+            chatbot = gr.Chatbot(label="Conversation", height=340, elem_id="chat-bot", buttons=["copy"],
+                                 placeholder="Upload an image, then ask about it.")
+            with gr.Row(equal_height=True):
+                question = gr.Textbox(label="Question", show_label=False, scale=5, container=False,
+                                      placeholder="Ask a question about the image", elem_id="chat-question",
+                                      max_length=service().limits.max_prompt_chars)
+                ask = gr.Button("Ask", variant="primary", scale=1, elem_id="chat-ask", min_width=80)
+                clear_btn = gr.Button("Clear", scale=1, elem_id="chat-clear", min_width=80)
+            notice = gr.Markdown(elem_id="chat-notice", label="Notice")
+            controls = decoding_controls(DEFAULTS)
+            gr.Examples(examples.chat_examples(), inputs=[image, question], label="Examples", examples_per_page=4)
+    event = model_event([ask.click, question.submit], chat, [image, question, *controls, history, session],
+                        [chatbot, notice, history], api_name="chat",
+                        api_description="Ask a question about the image; the session's earlier turns are part of "
+                                        "the prompt. Streams (conversation, notice).")
+    event.success(lambda: "", None, question, api_visibility="private", queue=False)
+    clear_btn.click(clear, [history], [chatbot, notice, history], api_name="clear_chat",
+                    api_description="Forget this session's conversation.")
+    image.change(clear, [history], [chatbot, notice, history], api_visibility="private", queue=False)
+    return image

@@ -1,0 +1,139 @@
+"""Gradio-side pieces shared by the tabs: the service singleton, error conversion, decoding controls."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import traceback
+
+import gradio as gr
+
+from .service import BEAM, MODES, SAMPLING, Decoding, RequestError, Service, TimeLimitReached, parse_decoding
+
+log = logging.getLogger("blip2.app")
+
+MODEL_CONCURRENCY_ID = "model"  # every event that runs a model shares this concurrency group
+
+_service: Service | None = None
+
+
+def set_service(service: Service):
+    global _service
+    _service = service
+
+
+def service() -> Service:
+    if _service is None:
+        raise RuntimeError("the app's service is not set: call app.ui.build_demo(service) or set_service first")
+    return _service
+
+
+def session_models(session):
+    """The models a session uses: its gr.State dict, or the startup defaults."""
+    defaults = service().session_defaults()
+    if isinstance(session, dict):
+        return {k: session.get(k) or v for k, v in defaults.items()}
+    return defaults
+
+
+def _to_gr_error(e: Exception) -> gr.Error:
+    if isinstance(e, gr.Error):
+        return e
+    if isinstance(e, RequestError):
+        return gr.Error(_capital(str(e)), print_exception=False)
+    if isinstance(e, TimeLimitReached):
+        return gr.Error(f"The request passed the time limit of {service().limits.time_limit_s:g} s.",
+                        print_exception=False)
+    service().stats["errors"] += 1
+    log.error("request failed:\n%s", traceback.format_exc())
+    return gr.Error(f"The model failed on this request ({type(e).__name__}: {str(e)[:300]}). "
+                    "Nothing was changed: the next request will run normally.")
+
+
+def _capital(s):
+    return s[:1].upper() + s[1:] if s else s
+
+
+def user_errors(fn):
+    """Turn service errors into gr.Error (a readable message in the UI and the API); works for generators too."""
+    if inspect.isgeneratorfunction(fn):
+        @functools.wraps(fn)
+        def gen(*args, **kwargs):
+            try:
+                yield from fn(*args, **kwargs)
+            except GeneratorExit:
+                raise
+            except Exception as e:
+                raise _to_gr_error(e) from None
+        return gen
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:
+            raise _to_gr_error(e) from None
+    return wrapper
+
+
+def decoding_from(mode, num_beams, temperature, top_p, top_k, max_new_tokens, min_new_tokens, repetition_penalty,
+                  length_penalty, num_captions=1) -> Decoding:
+    return parse_decoding(service().limits, mode, num_beams, temperature, top_p, top_k, max_new_tokens,
+                          min_new_tokens, repetition_penalty, length_penalty, num_captions)
+
+
+def progress_callback(progress):
+    if progress is None:
+        return None
+
+    def say(fraction, desc):
+        try:
+            progress(fraction, desc=desc)
+        except Exception:  # progress is cosmetic: never fail a request on it
+            pass
+    return say
+
+
+def decoding_controls(defaults: Decoding, captions=False):
+    """The decoding settings the best BLIP-2 demos offer, in an accordion. Returns the components in the order
+    the handlers take them."""
+    limits = service().limits
+    with gr.Accordion("Decoding settings", open=False):
+        mode = gr.Radio(list(MODES), value=defaults.mode, label="Decoding",
+                        info="Beam search: the most likely text (1 beam = greedy, streamed). "
+                             "Nucleus sampling: varied texts.")
+        with gr.Row():
+            beams = gr.Slider(1, limits.max_beams, value=defaults.num_beams, step=1, label="Beams",
+                              info="beam search only; more beams are not streamed")
+            n = gr.Slider(1, limits.max_captions, value=defaults.num_captions, step=1, label="Number of captions",
+                          visible=captions, info="beam search: at most one per beam")
+        with gr.Row():
+            temperature = gr.Slider(0.1, 2.0, value=defaults.temperature, step=0.05, label="Temperature",
+                                    info="sampling only")
+            top_p = gr.Slider(0.05, 1.0, value=defaults.top_p, step=0.05, label="Top-p", info="sampling only")
+            top_k = gr.Slider(0, 200, value=defaults.top_k, step=1, label="Top-k", info="sampling only; 0 = off")
+        with gr.Row():
+            max_new = gr.Slider(1, limits.max_new_tokens, value=defaults.max_new_tokens, step=1,
+                                label="Max new tokens")
+            min_new = gr.Slider(0, min(limits.max_new_tokens, 50), value=defaults.min_new_tokens, step=1,
+                                label="Min new tokens")
+        with gr.Row():
+            rep = gr.Slider(0.5, 3.0, value=defaults.repetition_penalty, step=0.05, label="Repetition penalty",
+                            info="> 1 discourages repeats")
+            length = gr.Slider(-2.0, 3.0, value=defaults.length_penalty, step=0.1, label="Length penalty",
+                               info="beam search: > 0 favours longer texts")
+    controls = [mode, beams, temperature, top_p, top_k, max_new, min_new, rep, length]
+    return controls + ([n] if captions else [])
+
+
+def model_event(triggers, fn, inputs, outputs, api_name, **kwargs):
+    """Wire an event that runs a model: shared concurrency group, raw payloads (validation is the service's:
+    a script sending a wrong type gets the same message as the browser)."""
+    triggers = triggers if isinstance(triggers, (list, tuple)) else [triggers]
+    return gr.on(triggers, fn, inputs, outputs, api_name=api_name, concurrency_id=MODEL_CONCURRENCY_ID,
+                 concurrency_limit=service().limits.concurrency, preprocess=False, **kwargs)
+
+
+__all__ = ["BEAM", "SAMPLING", "service", "set_service", "user_errors", "decoding_controls", "decoding_from",
+           "model_event", "session_models", "progress_callback", "MODEL_CONCURRENCY_ID"]

@@ -1,0 +1,109 @@
+"""Image-text matching tab: one image against candidate texts (one per line).
+
+For each text: the ITM head's match probability and the ITC cosine similarity (best of the query
+embeddings), ranked by ITM log-odds + ITC cosine (LAVIS' retrieval score), as a table and bar charts; plus a
+heat map of where the Q-Former looks for a chosen text (Grad-CAM of the match scores over the queries'
+cross-attention maps).
+"""
+
+from __future__ import annotations
+
+import gradio as gr
+import pandas as pd
+
+from . import examples
+from .common import model_event, progress_callback, service, session_models, user_errors
+from .service import load_image, parse_texts
+
+COLUMNS = ["rank", "text", "ITM probability", "ITC cosine"]
+
+
+def table(rows):
+    return pd.DataFrame([[i, r.text, round(r.itm, 4), round(r.itc, 4)] for i, r in enumerate(rows, 1)],
+                        columns=COLUMNS)
+
+
+def chart(rows):
+    """Bar chart data (both measures); the labels start with the rank (padded: the chart orders them
+    alphabetically)."""
+    width = len(str(len(rows)))
+    labels = [_label(f"{i:>{width}}", r.text) for i, r in enumerate(rows, 1)]
+    return pd.DataFrame({"text": labels, "ITM probability": [r.itm for r in rows],
+                         "ITC cosine": [r.itc for r in rows]})
+
+
+def _label(rank, text, width=44):
+    text = text if len(text) <= width else text[:width - 1] + "…"
+    return f"{rank}. {text}"
+
+
+@user_errors
+def match(image, texts, session=None, progress=gr.Progress(track_tqdm=True)):
+    """Rank candidate texts for an image. Returns (table, ITM chart data, ITC chart data, heat map of the best
+    text, notice)."""
+    svc = service()
+    img = load_image(image, svc.limits)
+    candidates = parse_texts(texts, svc.limits)
+    key = session_models(session)["retrieval"]
+    rows = svc.match(key, img, candidates, progress=progress_callback(progress))
+    heat, _, method = svc.heatmap(key, img, rows[0].text)
+    notice = (f"Best match: **{rows[0].text}** (ITM {rows[0].itm:.3f}). Heat map: {method} for the best match; "
+              "pick another text below to see where the model looks for it.")
+    notice = " ".join(img.notes + [notice])
+    data = chart(rows)
+    return table(rows), data, data, heat, notice
+
+
+def heatmap_choices(ranking):
+    """The ranked texts of the table, for the heat-map picker."""
+    texts = [] if ranking is None or len(ranking) == 0 else [str(t) for t in ranking["text"].tolist()]
+    return gr.update(choices=texts, value=texts[0] if texts else None)
+
+
+@user_errors
+def heatmap(image, text, session=None, progress=gr.Progress(track_tqdm=True)):
+    """Heat map over the image of where the Q-Former looks for `text`. Returns (image, notice)."""
+    svc = service()
+    key = session_models(session)["retrieval"]
+    heat, _, method = svc.heatmap(key, image, text, progress=progress_callback(progress))
+    return heat, f"Heat map ({method}) for: **{text if isinstance(text, str) else ''}**"
+
+
+def build(session: gr.State):
+    limits = service().limits
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=1):
+            image = gr.Image(type="filepath", label="Image", height=300, sources=["upload", "clipboard"],
+                             elem_id="match-image")
+            texts = gr.Textbox(label=f"Candidate texts, one per line (at most {limits.max_candidates})", lines=5,
+                               max_lines=12, elem_id="match-texts",
+                               placeholder="a small red circle in the center\na large blue square on the left")
+            run = gr.Button("Match", variant="primary", elem_id="match-run")
+            gr.Examples(examples.matching_examples(), inputs=[image, texts], label="Examples: each scene with its "
+                        "true caption among near misses", examples_per_page=4)
+        with gr.Column(scale=1):
+            ranked = gr.Dataframe(headers=COLUMNS, label="Ranking by ITM log-odds + ITC cosine (as LAVIS ranks)",
+                                  interactive=False, wrap=True, elem_id="match-table",
+                                  column_widths=["10%", "54%", "18%", "18%"])
+            itm_bars = gr.BarPlot(x="ITM probability", y="text", x_lim=[0, 1], height=170, y_title=" ",
+                                  label="ITM: probability that the text matches", elem_id="match-chart-itm")
+            itc_bars = gr.BarPlot(x="ITC cosine", y="text", x_lim=[-1, 1], height=170, y_title=" ",
+                                  label="ITC: cosine similarity (best query)", elem_id="match-chart-itc")
+            notice = gr.Markdown(elem_id="match-notice", label="Notice")
+            with gr.Row(equal_height=False):
+                with gr.Column(scale=2, min_width=200):
+                    which = gr.Dropdown(choices=[], label="Heat map for", elem_id="match-which", interactive=True,
+                                        allow_custom_value=True,
+                                        info="Where the Q-Former's queries look for this text: Grad-CAM of the "
+                                             "ITM and ITC scores over their cross-attention maps.")
+                with gr.Column(scale=3, min_width=200):
+                    heat = gr.Image(label="Heat map", type="pil", interactive=False, height=260,
+                                    elem_id="match-heatmap", format="png")
+    event = model_event(run.click, match, [image, texts, session], [ranked, itm_bars, itc_bars, heat, notice],
+                        api_name="match",
+                        api_description="Score candidate texts (one per line) against an image with ITM and ITC, "
+                                        "ranked; with a heat map for the best match.")
+    event.success(heatmap_choices, [ranked], [which], api_visibility="private", queue=False)
+    model_event(which.input, heatmap, [image, which, session], [heat, notice], api_name="heatmap",
+                api_description="Heat map over the image of where the Q-Former looks for one text.")
+    return image

@@ -1,0 +1,73 @@
+"""Search tab: rank a gallery of images for a text.
+
+Every image is scored by ITC (its embeddings cached by content hash, so a repeated query over the same
+gallery only embeds the text), then the top-k are re-ranked by ITM log-odds + ITC cosine (as LAVIS does).
+"""
+
+from __future__ import annotations
+
+import gradio as gr
+import pandas as pd
+
+from . import examples
+from .common import model_event, progress_callback, service, session_models, user_errors
+
+COLUMNS = ["rank", "image", "ITM probability", "ITC cosine"]
+
+
+def _name(checked, i):
+    src = checked.source
+    if isinstance(src, str):
+        import os
+
+        return os.path.basename(src)
+    return f"image {i}"
+
+
+@user_errors
+def search(gallery, query, rerank_k=None, session=None, progress=gr.Progress(track_tqdm=True)):
+    """Rank gallery images for a text. Returns (ranked gallery [(image, caption)], table, notice)."""
+    svc = service()
+    key = session_models(session)["retrieval"]
+    ranked, skipped = svc.search(key, gallery, query, rerank_k, progress=progress_callback(progress))
+    items, rows = [], []
+    for rank, (img, itc, itm) in enumerate(ranked, 1):
+        shown = img.source if isinstance(img.source, str) else img.image
+        label = f"#{rank} · ITC {itc:.2f}" + (f" · ITM {itm:.2f}" if itm is not None else "")
+        items.append((shown, label))
+        rows.append([rank, _name(img, rank), None if itm is None else round(itm, 4), round(itc, 4)])
+    notice = f"Ranked {len(ranked)} image{'s' if len(ranked) != 1 else ''}."
+    if skipped:
+        notice += " Skipped: " + "; ".join(reason for _, reason in skipped[:5])
+    return items, pd.DataFrame(rows, columns=COLUMNS), notice
+
+
+def example_gallery():
+    return examples.gallery()
+
+
+def build(session: gr.State):
+    limits = service().limits
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=1):
+            gallery = gr.Gallery(label=f"Images to search (upload up to {limits.max_gallery})", columns=4,
+                                 height=300, interactive=True, type="filepath", elem_id="search-gallery",
+                                 object_fit="cover", file_types=["image"])
+            load = gr.Button("Use the example images", size="sm", elem_id="search-examples")
+            query = gr.Textbox(label="Search for", placeholder="e.g. a large purple square in the top left",
+                               max_length=limits.max_prompt_chars, elem_id="search-query")
+            rerank = gr.Slider(0, 20, value=limits.search_rerank_k, step=1, label="Re-rank the top-k by ITM",
+                               info="0 = rank by ITC alone")
+            run = gr.Button("Search", variant="primary", elem_id="search-run")
+        with gr.Column(scale=1):
+            results = gr.Gallery(label="Results, best first", columns=4, height=340, interactive=False,
+                                 elem_id="search-results", object_fit="contain")
+            notice = gr.Markdown(elem_id="search-notice", label="Notice")
+            ranking = gr.Dataframe(headers=COLUMNS, label="Scores", interactive=False, elem_id="search-table",
+                                   max_height=260)
+            gr.Examples(examples.search_queries(), inputs=[query], label="Example queries", examples_per_page=6)
+    load.click(example_gallery, None, gallery, api_visibility="private", queue=False)
+    model_event([run.click, query.submit], search, [gallery, query, rerank, session], [results, ranking, notice],
+                api_name="search",
+                api_description="Rank gallery images for a text: ITC over all, ITM re-ranking of the top-k.")
+    return gallery

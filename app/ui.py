@@ -1,0 +1,124 @@
+"""Compose the tabs into one gr.Blocks; queue, concurrency and launch settings."""
+
+from __future__ import annotations
+
+import gradio as gr
+
+from . import caption, chat, matching, search
+from .common import model_event, progress_callback, service, session_models, set_service, user_errors
+from .service import EMBEDDED, EXAMPLES_DIR, GENERATION, RETRIEVAL, Service
+
+TITLE = "BLIP-2 Studio"
+
+CSS = """
+.help, .help p { font-size: 0.85em !important; color: var(--body-text-color-subdued) !important; }
+#header h1 { margin-bottom: 0.1em; }
+#header p { margin-top: 0; }
+#model-status p { margin: 0.2em 0; }
+#model-row { align-items: center; }
+#model-load { max-height: 3.2em; }
+footer { display: none !important; }
+"""
+
+
+def status_text(models):
+    svc = service()
+    gen, ret = models[GENERATION], models[RETRIEVAL]
+    lines = [f"**Serving:** {gen} (all tabs)", ""] if gen == ret else \
+        [f"**Caption & chat:** {gen}", f"**Matching & search:** {ret}"]
+    for role, key in ((GENERATION, gen), (RETRIEVAL, ret)):
+        if svc.loaded(key, role) is None:
+            lines.append(f"_{key} is loaded on first use._")
+    return " · ".join(x for x in lines[:2] if x) + ("  \n" + " ".join(lines[2:]) if lines[2:] else "")
+
+
+@user_errors
+def load_model(choice, session=None, progress=gr.Progress(track_tqdm=True)):
+    """Switch this session to a listed checkpoint (loading it once for everyone; downloads show progress).
+    On failure the session keeps the model it had. Returns (session, status)."""
+    svc = service()
+    checkpoint = svc.checkpoint(choice)
+    models = session_models(session)
+    for role in checkpoint.roles:
+        svc.get(checkpoint.key, role, progress_callback(progress))
+    for role in checkpoint.roles:
+        models[role] = checkpoint.key
+    return models, status_text(models)
+
+
+def model_info(session=None):
+    """The checkpoints on offer, the loaded models, this session's choice and the server's limits."""
+    return service().info(session_models(session))
+
+
+def build_demo(svc: Service) -> gr.Blocks:
+    set_service(svc)
+    with gr.Blocks(title=TITLE) as demo:
+        session = gr.State(svc.session_defaults())
+        gr.Markdown(f"# {TITLE}\nCaption images, chat about them, match them against texts and search a gallery "
+                    "with BLIP-2. The default model is a tiny one trained on a world of coloured shapes: try the "
+                    "scene examples, or pick a real checkpoint below.", elem_id="header")
+        with gr.Row(equal_height=False, elem_id="model-row"):
+            picker = gr.Dropdown(svc.choices(), value=svc.default[GENERATION], label="Model", scale=3,
+                                 elem_id="model-picker", info="Image-to-text checkpoints serve the Caption and Chat "
+                                                              "tabs; ITM checkpoints serve Matching and Search.")
+            load = gr.Button("Load model", scale=1, elem_id="model-load", min_width=120)
+            status = gr.Markdown(status_text(svc.session_defaults()), elem_id="model-status", label="Status")
+        with gr.Tabs(elem_id="tabs"):
+            with gr.Tab("Caption", id="caption", elem_id="tab-caption"):
+                caption.build(session)
+            with gr.Tab("Visual chat", id="chat", elem_id="tab-chat"):
+                chat.build(session)
+            with gr.Tab("Image-text matching", id="matching", elem_id="tab-matching"):
+                matching.build(session)
+            with gr.Tab("Search", id="search", elem_id="tab-search"):
+                search.build(session)
+            with gr.Tab("About & API", id="about", elem_id="tab-about"):
+                about(svc, session)
+        model_event(load.click, load_model, [picker, session], [session, status], api_name="load_model",
+                    api_description="Switch this session to a listed checkpoint (see /model_info).")
+    demo.queue(max_size=svc.limits.queue_size, default_concurrency_limit=svc.limits.concurrency)
+    return demo
+
+
+def about(svc: Service, session):
+    limits = svc.limits
+    gr.Markdown(f"""
+**Endpoints** (`gradio_client`): `/caption`, `/chat`, `/clear_chat`, `/match`, `/heatmap`, `/search`,
+`/load_model`, `/model_info`. Every request is checked the same way in the browser and through the API.
+
+```python
+from gradio_client import Client, handle_file
+client = Client("http://127.0.0.1:7860/")
+client.predict(handle_file("cat.jpg"), "a photo of", api_name="/caption")
+client.predict(handle_file("cat.jpg"), "what animal is this?", api_name="/chat")
+client.predict(handle_file("cat.jpg"), "a cat\\na dog", api_name="/match")
+```
+
+**Limits of this server**: uploads up to {limits.max_upload_mb:g} MB and {limits.max_image_pixels / 1e6:g}
+megapixels (aspect ratio up to {limits.max_aspect_ratio:g}:1; animated images use their first frame),
+prompts up to {limits.max_prompt_chars} characters, {limits.max_candidates} candidate texts,
+{limits.max_gallery} images per search, {limits.max_new_tokens} new tokens, {limits.max_beams} beams,
+beams x tokens up to {limits.max_beam_tokens}, {limits.time_limit_s:g} s per request,
+{limits.queue_size} requests waiting.
+
+**Models.** {EMBEDDED}: a tiny BLIP-2 (OPT-style decoder + ITM model) trained in this repository on
+procedurally drawn scenes of coloured shapes; it knows nothing else. The Salesforce checkpoints are the
+real BLIP-2 models (they need several GB of memory and a download).
+
+**Example photographs**: public-domain / CC0 pictures from scikit-image (NASA, SpaceX, Rachel Michetti,
+Stefan van der Walt); see `assets/examples/README.md`.
+""")
+    info = gr.JSON(label="Server information", elem_id="about-info", open=False)
+    refresh = gr.Button("Show server information", size="sm")
+    refresh.click(model_info, [session], info, api_name="model_info",
+                  api_description="The checkpoints on offer, the loaded models, this session's models, the limits.")
+
+
+def launch_kwargs(svc: Service, **overrides):
+    """demo.launch settings: upload size, file access (only the example images besides uploads), look."""
+    kwargs = dict(max_file_size=f"{svc.limits.max_upload_mb:g}mb", allowed_paths=[str(EXAMPLES_DIR)],
+                  theme=gr.themes.Soft(primary_hue="indigo", secondary_hue="slate"), css=CSS,
+                  show_error=True, footer_links=["api"])  # payloads Gradio itself refuses: say why
+    kwargs.update(overrides)
+    return kwargs

@@ -1,0 +1,227 @@
+"""Shared by the app tests: one Service (the embedded model) and one launched server per test process, and
+builders for the awkward files the robustness tests upload."""
+
+import atexit
+import contextlib
+import io
+import os
+import socket
+import struct
+import sys
+import threading
+import zlib
+
+import numpy as np
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+# Limits the tests rely on (the server-wide ones, set before the service is built)
+TEST_LIMITS = dict(max_upload_mb=2.0, queue_size=8, time_limit_s=30.0)
+
+_lock = threading.Lock()
+_service = None
+_server = None
+
+
+def get_service():
+    """The app's service on the embedded model (built once per process)."""
+    global _service
+    with _lock:
+        if _service is None:
+            from app.service import Limits, Service
+
+            # development override only: APP_TEST_MODEL / APP_TEST_ITM_MODEL point at other checkpoints
+            _service = Service(generation=os.environ.get("APP_TEST_MODEL"),
+                               retrieval=os.environ.get("APP_TEST_ITM_MODEL"), limits=Limits(**TEST_LIMITS))
+            _service.warm_up()
+            from app.common import set_service
+
+            set_service(_service)  # the handlers find it here
+        return _service
+
+
+@contextlib.contextmanager
+def one_thread():
+    """torch on one thread while the app tests run: the models are tiny, and on a busy machine OpenMP threads
+    waiting on each other make them many times slower (restored afterwards for the other tests)."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, demo, url):
+        self.demo, self.url = demo, url
+
+    def client(self):
+        from gradio_client import Client
+
+        return Client(self.url, verbose=False, download_files=False)
+
+
+def get_server():
+    """The app launched in this process on a free localhost port (once per process)."""
+    global _server
+    svc = get_service()
+    with _lock:
+        if _server is None:
+            from app.ui import build_demo, launch_kwargs
+
+            demo = build_demo(svc)
+            port = free_port()
+            demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
+                        **launch_kwargs(svc))
+            _server = Server(demo, f"http://127.0.0.1:{port}/")
+            atexit.register(demo.close)
+        return _server
+
+
+# ----------------------------------------------------------------------------------------------------
+# scenes of the embedded model's world
+
+
+def scene(index, split="test", seed=11, size=224):
+    """(Scene, PIL image) of the world the embedded model was trained on."""
+    from blip2.train.world import make_split
+
+    s = make_split(split, index + 1, seed=seed)[index]
+    return s, s.render(size)
+
+
+def one_object_scenes(n, seed=11):
+    """n one-object scenes with pairwise different colours and shapes (easy to tell apart)."""
+    from blip2.train.world import make_split
+
+    out, colors, shapes = [], set(), set()
+    for s in make_split("test", 400, seed=seed):
+        o = s.objects[0]
+        if len(s.objects) == 1 and o.color not in colors and o.shape not in shapes and o.color not in ("white",):
+            out.append(s)
+            colors.add(o.color)
+            shapes.add(o.shape)
+        if len(out) == n:
+            break
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# awkward files
+
+
+def png_bytes(im, **kw):
+    buf = io.BytesIO()
+    im.save(buf, "PNG", **kw)
+    return buf.getvalue()
+
+
+def jpeg_bytes(im, **kw):
+    buf = io.BytesIO()
+    im.convert("RGB").save(buf, "JPEG", **kw)
+    return buf.getvalue()
+
+
+def _chunk(kind, data):
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def bomb_png(width=100_000, height=100_000):
+    """A PNG whose header declares width x height pixels with almost no data (a decompression bomb's header)."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    idat = zlib.compress(b"\x00" * (width + 1) * 4)
+    return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", idat) + _chunk(b"IEND", b"")
+
+
+def colour_image(size=(64, 64), color=(200, 30, 30)):
+    return Image.new("RGB", size, color)
+
+
+def animated(fmt="GIF"):
+    """Two frames: red then blue."""
+    frames = [colour_image((48, 48), (220, 20, 20)), colour_image((48, 48), (20, 20, 220))]
+    buf = io.BytesIO()
+    frames[0].save(buf, fmt, save_all=True, append_images=frames[1:], duration=100, loop=0)
+    return buf.getvalue()
+
+
+def exif_rotated_jpeg():
+    """A 60x20 JPEG (left half red, right half blue) with EXIF orientation 6: shown upright it is 20x60."""
+    im = Image.new("RGB", (60, 20), (220, 20, 20))
+    im.paste((20, 20, 220), (30, 0, 60, 20))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    im.save(buf, "JPEG", exif=exif.tobytes(), quality=95)
+    return buf.getvalue()
+
+
+def mode_images():
+    """One image of every PIL mode the app must accept, as (name, bytes, suffix)."""
+    rgb = np.zeros((40, 40, 3), np.uint8)
+    rgb[..., 0] = 200
+    rgb[10:30, 10:30] = (20, 200, 20)
+    base = Image.fromarray(rgb)
+    out = []
+    rgba = base.convert("RGBA")
+    rgba.putalpha(Image.linear_gradient("L").resize((40, 40)))
+    out.append(("RGBA", png_bytes(rgba), ".png"))
+    out.append(("LA", png_bytes(base.convert("LA")), ".png"))
+    p = base.convert("P", palette=Image.Palette.ADAPTIVE, colors=8)
+    out.append(("P-transparency", png_bytes(p, transparency=0), ".png"))
+    out.append(("CMYK", _cmyk_jpeg(base), ".jpg"))
+    i16 = Image.fromarray((np.linspace(0, 65535, 40 * 40).reshape(40, 40)).astype(np.uint16))
+    out.append(("I;16 (16-bit PNG)", png_bytes(i16), ".png"))
+    out.append(("I", _tiff(Image.fromarray(np.arange(1600, dtype=np.int32).reshape(40, 40) * 1000, "I")), ".tif"))
+    out.append(("F", _tiff(Image.fromarray(np.linspace(-3, 7, 1600, dtype=np.float32).reshape(40, 40), "F")), ".tif"))
+    out.append(("1", png_bytes(base.convert("1")), ".png"))
+    out.append(("L", png_bytes(base.convert("L")), ".png"))
+    rgb16 = np.zeros((40, 40, 3), np.uint16)
+    rgb16[..., 2] = 60000
+    out.append(("RGB 16-bit PNG", _png16_rgb(rgb16), ".png"))
+    out.append(("WebP", _webp(base), ".webp"))
+    return out
+
+
+def _cmyk_jpeg(im):
+    buf = io.BytesIO()
+    im.convert("CMYK").save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def _tiff(im):
+    buf = io.BytesIO()
+    im.save(buf, "TIFF")
+    return buf.getvalue()
+
+
+def _webp(im):
+    buf = io.BytesIO()
+    im.save(buf, "WEBP")
+    return buf.getvalue()
+
+
+def _png16_rgb(array):
+    """An RGB PNG with 16 bits per channel, written by hand (PIL cannot write it)."""
+    h, w, _ = array.shape
+    raw = b"".join(b"\x00" + array[y].astype(">u2").tobytes() for y in range(h))
+    ihdr = struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", zlib.compress(raw)) + _chunk(b"IEND", b"")
+
+
+def write(tmp_path, name, data):
+    path = os.path.join(str(tmp_path), name)
+    with open(path, "wb") as f:
+        f.write(data)
+    return path
