@@ -120,7 +120,7 @@ def test_chat_tab(page, scene_files):
 def test_matching_tab(page, scene_files):
     scene, path = scene_files[2]
     o = scene.objects[0]
-    texts = ["a large white cross in the top right", scene.caption(), f"a small {o.color} star at the bottom"]
+    texts = ["a large white cross in the top right", scene.caption(), f"a large {o.color} star in the top left"]
     tab(page, "Image-text matching")
     upload(page, "match-image", path)
     page.fill("#match-texts textarea", "\n".join(texts))

@@ -15,7 +15,7 @@ from blip2.train import data, losses, stages, world
 
 TINY = stages.Recipe(image_size=32, patch_size=8, vision_hidden=32, vision_layers=1, qformer_hidden=32,
                      qformer_layers=1, num_query_tokens=4, text_hidden=32, text_layers=1, heads=2, embed_dim=16,
-                     n_train=32, batch=8, vision_steps=4, lm_steps=4, qformer_steps=4, bridge_steps=4, seed=1)
+                     n_train=32, batch=8, vision_steps=4, lm_steps=4, qformer_steps=4, bridge_steps=4, n_val=6, seed=1)
 
 
 def run_all(root, tokenizers=None):

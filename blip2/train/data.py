@@ -66,6 +66,20 @@ def cell_labels(scenes):
     return torch.from_numpy(out)
 
 
+def patch_cells(grid):
+    """(grid*grid,) the 3x3 cell (0..8, reading order) of each patch, by the patch centre."""
+    cell_of = [min(2, int((i + 0.5) * 3 / grid)) for i in range(grid)]
+    return torch.tensor([cell_of[r] * 3 + cell_of[c] for r in range(grid) for c in range(grid)])
+
+
+def patch_labels(scenes, grid):
+    """Per-patch targets (N, grid*grid, 4): the cell_labels of the patch's cell, then the cell index itself,
+    so that every patch token has to carry what is drawn on it AND where it is."""
+    cells = patch_cells(grid)
+    labels = cell_labels(scenes)[:, cells]  # (N, P, 3)
+    return torch.cat([labels, cells.expand(len(scenes), -1)[..., None]], -1)
+
+
 def cell_pooling(grid):
     """(9, grid*grid) averaging matrix: each cell's mean over the patches whose centre lies in it."""
     cell_of = [min(2, int((i + 0.5) * 3 / grid)) for i in range(grid)]
@@ -89,21 +103,22 @@ def two_turn_pair(first, second):
     return f"Question: {first.question} Answer: {first.answer}. Question: {second.question} Answer:", " " + second.answer
 
 
-def sample_pair(scene, rng):
-    """One (prompt, target) about a scene: a caption (plain or "a photo of"), a question, or a second-turn question."""
+def sample_pair(scene, rng, captions=0.3, photo=0.4):
+    """One (prompt, target) about a scene: a caption (plain or "a photo of", share `captions`), a question, or a
+    second-turn question (the rest, 9:5)."""
     kind = rng.random()
-    if kind < 0.3:
-        return caption_pairs(scene)[rng.random() < 0.4]
+    if kind < captions:
+        return caption_pairs(scene)[rng.random() < photo]
     qas = scene.questions()
-    if kind < 0.75:
+    if kind < captions + (1 - captions) * 9 / 14:  # 0.75 for the default 0.3
         return vqa_pair(rng.choice(qas))
     return two_turn_pair(*rng.sample(qas, 2))
 
 
-def lm_text(scene, rng):
+def lm_text(scene, rng, captions=0.3, photo=0.4):
     """A language-model pre-training text: a prompt and target, usually after the scene's description written
     in front of BOS, the slot that the image's query tokens take later (the LM learns to read a context there)."""
-    prompt, target = sample_pair(scene, rng)
+    prompt, target = sample_pair(scene, rng, captions, photo)
     context = scene.caption() if rng.random() < 0.8 else ""
     return context, prompt, target
 

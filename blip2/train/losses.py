@@ -25,8 +25,9 @@ def mine_negatives(sim, same, generator):
     return draw(sim), draw(sim.t())
 
 
-def itm_loss(logits, labels):
-    return F.cross_entropy(logits, labels)
+def itm_loss(logits, labels, weight=None):
+    """Cross-entropy; `weight` (2,) per class balances positives against the (more) negatives."""
+    return F.cross_entropy(logits, labels, weight=weight)
 
 
 def itg_mask(text_mask, num_query_tokens):

@@ -1,10 +1,12 @@
 """The BLIP-2 recipe at small scale, one function per stage.
 
-0. `vision`: a ViT learns the world on its own (the mean of each cell's patch tokens predicts the shape, colour
-   and size of the object there, or that the cell is empty).
+0. `vision`: a ViT learns the world on its own: every patch token predicts the shape (or empty), colour and
+   size of the object in its 3x3 cell AND the cell's index, so that what and where both survive in the tokens
+   (the Q-Former's cross-attention is permutation-invariant over them).
    `lm`: an OPT learns the world's language (captions, prompts, answers after a scene description).
    Both are frozen from here on, as the pre-trained image encoder and LLM of the paper.
-1. `qformer`: the Q-Former learns from the frozen image encoder with ITC + ITM (hard negatives) + ITG.
+1. `qformer`: the Q-Former learns from the frozen image encoder with ITC + ITM (hard negatives, after a warm-up
+   on random ones; class-balanced) + ITG; held-out ITM AUC and ITC recall are printed every `check_every` steps.
    Result: the retrieval model (Blip2ForImageTextRetrieval).
 2. `bridge`: the Q-Former's queries, through `language_projection`, prompt the frozen OPT (language-modelling
    loss on the answer only). Result: Blip2ForConditionalGeneration.
@@ -36,19 +38,28 @@ class Recipe:
     vision_hidden: int = 96
     vision_layers: int = 3
     qformer_hidden: int = 96
-    qformer_layers: int = 2
+    qformer_layers: int = 3
     num_query_tokens: int = 16
     text_hidden: int = 128
     text_layers: int = 2
     heads: int = 4
     embed_dim: int = 64  # image_text_hidden_size (ITC space)
     n_train: int = 10000
+    n_val: int = 300  # held-out scenes of the checks printed during stages 1 and 2
     batch: int = 32
     vision_steps: int = 1000
-    lm_steps: int = 1500
-    qformer_steps: int = 1500
-    bridge_steps: int = 1600
+    lm_steps: int = 4000
+    qformer_steps: int = 1200
+    bridge_steps: int = 1500
     lr: float = 1e-3  # the vision stage uses 2 lr
+    itm_warmup: float = 0.2  # fraction of stage 1 with random (not ITC-mined) ITM negatives
+    itm_head_lr_scale: float = 3.0
+    bridge_lr: float = 2e-3
+    lm_lr: float = 2e-3
+    lm_captions: float = 0.6  # share of captions in the LM's texts (untried idea: > 0.5, so that a caption is
+    lm_photo: float = 0.3  # the likeliest text after BOS; with a lower share of "a photo of" among them)
+    bridge_captions: float = 0.45  # share of captions in stage 2 (the empty prompt has no other cue)
+    check_every: int = 300  # validation every so many steps (stages 1 and 2)
     seed: int = 0
 
 
@@ -114,18 +125,26 @@ def freeze(model):
 
 # --- the loop
 
-def train(module, loss_fn, steps, lr, desc):
+def train(module, loss_fn, steps, lr, desc, lr_scale=None, every=0, check=None):
     """AdamW with linear warm-up and cosine decay; loss_fn(step) -> (loss, dict of numbers to show).
-    Returns the loss of every step."""
-    params = [p for p in module.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
+    lr_scale: {parameter name prefix: lr multiplier}. check(): a validation, printed every `every` steps
+    and at the end. Returns the loss of every step."""
+    lr_scale = lr_scale or {}
+    named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+    scale_of = lambda n: next((v for k, v in lr_scale.items() if n.startswith(k)), 1.0)
+    groups = {}
+    for n, p in named:
+        groups.setdefault(scale_of(n), []).append(p)
+    params = [p for _, p in named]
+    opt = torch.optim.AdamW([{"params": ps, "scale": sc} for sc, ps in groups.items()], lr=lr, betas=(0.9, 0.98),
+                            weight_decay=0.01)
     warmup = max(1, steps // 20)
     history = []
     module.train()
-    bar = tqdm(range(steps), desc=desc, mininterval=2)
+    bar = tqdm(range(steps), desc=desc, mininterval=5)
     for step in bar:
         for g in opt.param_groups:
-            g["lr"] = lr * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / steps))
+            g["lr"] = g["scale"] * lr * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / steps))
         loss, logs = loss_fn(step)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -133,6 +152,11 @@ def train(module, loss_fn, steps, lr, desc):
         opt.step()
         history.append(loss.item())
         bar.set_postfix(loss=f"{history[-1]:.3f}", **{k: f"{v:.3f}" for k, v in logs.items()})
+        if check and ((every and (step + 1) % every == 0) or step + 1 == steps):
+            module.eval()
+            with torch.no_grad():
+                tqdm.write(f"{desc} step {step + 1}: " + ", ".join(f"{k} {v:.3f}" for k, v in check().items()))
+            module.train()
     module.eval()
     return history
 
@@ -151,25 +175,28 @@ def vision_features(vision, images, batch=500):
 # --- stage 0: the image encoder and the language model on their own
 
 def train_vision(work: Path, r: Recipe):
+    """Per patch token (not per pooled cell): each patch predicts the shape/empty, colour and size of what covers
+    its 3x3 cell and the cell index itself, so WHAT and WHERE both survive in the tokens the Q-Former reads
+    (its cross-attention is permutation-invariant over them)."""
     torch.manual_seed(r.seed)
     scenes, images = data.load_split("train", r.n_train, r.image_size, r.seed)
-    labels = data.cell_labels(scenes)
-    pool = data.cell_pooling(r.image_size // r.patch_size)
+    grid = r.image_size // r.patch_size
+    labels = data.patch_labels(scenes, grid)
     vision = init_weights(Blip2VisionModel(Blip2Config.from_dict({"vision_config": vision_config(r)}).vision_config))
-    head = nn.Linear(r.vision_hidden, len(data.CELL_CLASSES) + len(world.COLORS) + len(world.SIZES))
+    splits = (len(data.CELL_CLASSES), len(world.COLORS), len(world.SIZES), 9)
+    head = nn.Linear(r.vision_hidden, sum(splits))
     init_weights(head)
     model = nn.ModuleDict({"vision": vision, "head": head})
     draw = batches(r.n_train, r.batch, r.seed)
-    splits = (len(data.CELL_CLASSES), len(world.COLORS), len(world.SIZES))
 
     def loss_fn(step):
         idx = draw()
-        h = vision(data.pixels(images[idx.numpy()])).last_hidden_state[:, 1:]  # (B, N, D) patch tokens
-        logits = head(pool @ h).split(splits, dim=-1)  # per cell: the mean of its patches
+        h = vision(data.pixels(images[idx.numpy()])).last_hidden_state[:, 1:]  # (B, P, D) patch tokens
+        logits = head(h).split(splits, dim=-1)
         y = labels[idx]
         parts = [nn.functional.cross_entropy(lg.flatten(0, 1), y[..., k].flatten()) for k, lg in enumerate(logits)]
-        acc = (logits[0].argmax(-1) == y[..., 0]).float().mean().item()
-        return sum(parts), {"shape_acc": acc}
+        acc = lambda k: (logits[k].argmax(-1) == y[..., k]).float().mean().item()
+        return sum(parts), {"shape_acc": acc(0), "cell_acc": acc(3)}
 
     history = train(model, loss_fn, r.vision_steps, 2 * r.lr, "stage 0: vision")
     save_file(vision.state_dict(), work / "vision.safetensors")
@@ -184,13 +211,25 @@ def train_lm(work: Path, r: Recipe):
     lm = init_weights(OPTForCausalLM(OPTConfig.from_dict(text_config(r, opt_proc.tokenizer))))
     lm.tie_weights()
     draw = batches(len(scenes), r.batch, r.seed + 1)
+    val_scenes = world.make_split("val", r.n_val, r.seed)
+
+    def lm_check():  # can the LM read its context? teacher-forced exact match after the true caption
+        vrng = data.rng_for(r.seed, "val")
+        rows = [(s.caption(), *data.sample_pair(s, vrng)) for s in val_scenes]
+        input_ids, mask, labels = text.batch([(text.tok.encode(c, add_special_tokens=False), *text.encode(p, t))
+                                              for c, p, t in rows])
+        pred = lm(input_ids=input_ids, attention_mask=mask).logits[:, :-1].argmax(-1)
+        target = labels[:, 1:]
+        return {"exact_with_context": ((pred == target) | (target == -100)).all(1).float().mean().item()}
 
     def loss_fn(step):
         rng = data.rng_for(r.seed, step)
-        input_ids, mask, labels = text.lm_batch([data.lm_text(scenes[i], rng) for i in draw().tolist()])
+        texts = [data.lm_text(scenes[i], rng, r.lm_captions, r.lm_photo) for i in draw().tolist()]
+        input_ids, mask, labels = text.lm_batch(texts)
         return lm(input_ids=input_ids, attention_mask=mask, labels=labels).loss, {}
 
-    history = train(lm, loss_fn, r.lm_steps, r.lr, "stage 0: language model")
+    history = train(lm, loss_fn, r.lm_steps, r.lm_lr, "stage 0: language model", every=r.check_every * 5,
+                    check=lm_check)
     save_file({k: v for k, v in lm.state_dict().items() if k != "lm_head.weight"}, work / "lm.safetensors")
     return history
 
@@ -224,6 +263,8 @@ def train_qformer(work: Path, out: Path, r: Recipe):
     g = torch.Generator().manual_seed(r.seed + 3)
     dec = tok.convert_tokens_to_ids("[DEC]")
 
+    warm = int(r.itm_warmup * r.qformer_steps)  # ITM warm-up: random in-batch negatives before ITC-mined ones
+
     def loss_fn(step):
         idx = draw().tolist()
         rng = data.rng_for(r.seed, step)
@@ -236,20 +277,22 @@ def train_qformer(work: Path, out: Path, r: Recipe):
         text_feats, _ = model.itc_text_embeds(ids, mask)
         itc, sim = losses.itc_loss(image_feats, text_feats, temp.clamp(0.001, 0.5), same)
         # ITM: positives; negatives mined from the ITC similarities (a text for the first half of the images, an
-        # image for the second half of the texts); the world's one-attribute hard negatives
-        neg_text, neg_image = losses.mine_negatives(sim, same, g)
-        h = len(idx) // 2
-        image_of = torch.arange(len(idx))
+        # image for the second half of the texts), uniform in-batch ones during the warm-up; the world's
+        # one-attribute hard negatives
+        neg_text, neg_image = losses.mine_negatives(sim if step >= warm else torch.zeros_like(sim), same, g)
+        n = len(idx) // 2  # ITM on half the batch (CPU budget): n positives, n mined, n hard negatives
+        h = n // 2
+        image_of = torch.arange(n)
         text_of = torch.cat([neg_text[:h], image_of[h:]])
-        hard_ids, hard_mask = data.bert_batch(tok, [world.hard_negative_caption(scenes[i], rng) for i in idx])
+        hard_ids, hard_mask = data.bert_batch(tok, [world.hard_negative_caption(scenes[i], rng) for i in idx[:n]])
         t = max(ids.shape[1], hard_ids.shape[1])
         pad = lambda x: nn.functional.pad(x, (0, t - x.shape[1]))
-        itm_ids = torch.cat([pad(ids), pad(ids[text_of]), pad(hard_ids)])
-        itm_mask = torch.cat([pad(mask), pad(mask[text_of]), pad(hard_mask)])
-        itm_img = torch.cat([img, img[torch.cat([image_of[:h], neg_image[h:]])], img])
+        itm_ids = torch.cat([pad(ids[:n]), pad(ids[text_of]), pad(hard_ids)])
+        itm_mask = torch.cat([pad(mask[:n]), pad(mask[text_of]), pad(hard_mask)])
+        itm_img = torch.cat([img[:n], img[torch.cat([image_of[:h], neg_image[h:n]])], img[:n]])
         itm_logits, _ = model.itm_logits(itm_img, itm_ids, itm_mask)
-        labels = torch.tensor([1] * len(idx) + [0] * 2 * len(idx))
-        itm = losses.itm_loss(itm_logits, labels)
+        labels = torch.tensor([1] * n + [0] * 2 * n)
+        itm = losses.itm_loss(itm_logits, labels, weight=torch.tensor([1.0, 2.0]))  # balanced: no prior to sit at
         # ITG: [DEC] caption, causal over the text, queries visible to the text only
         dec_ids = ids.clone()
         dec_ids[:, 0] = dec
@@ -259,7 +302,24 @@ def train_qformer(work: Path, out: Path, r: Recipe):
         itm_acc = (itm_logits.argmax(1) == labels).float().mean().item()
         return itc + itm + itg, {"itc": itc.item(), "itm": itm.item(), "itg": itg.item(), "itm_acc": itm_acc}
 
-    history = train(trainable, loss_fn, r.qformer_steps, r.lr, "stage 1: Q-Former (ITC+ITM+ITG)")
+    val_scenes, val_images = data.load_split("val", r.n_val, r.image_size, r.seed)
+    val_feats = vision_features(model.vision_model, val_images)
+
+    def check():  # held-out ITM: true caption vs one-attribute hard negative; ITC text->image R@1 among 300
+        vrng = data.rng_for(r.seed, "val")
+        pos_ids, pos_mask = data.bert_batch(tok, [s.caption() for s in val_scenes])
+        neg_ids, neg_mask = data.bert_batch(tok, [world.hard_negative_caption(s, vrng) for s in val_scenes])
+        pos = model.itm_logits(val_feats, pos_ids, pos_mask)[0].softmax(1)[:, 1]
+        neg = model.itm_logits(val_feats, neg_ids, neg_mask)[0].softmax(1)[:, 1]
+        auc = ((pos[:, None] > neg[None, :]).float().mean()).item()
+        sim = torch.einsum("iqe,te->iqt", model.itc_image_embeds(val_feats),
+                           model.itc_text_embeds(pos_ids, pos_mask)[0]).amax(1)
+        t2i = (sim.argmax(0) == torch.arange(len(val_scenes))).float().mean().item()
+        return {"itm_acc": ((pos > 0.5).float().mean() + (neg < 0.5).float().mean()).item() / 2, "itm_auc": auc,
+                "itc_t2i_r@1_all_val": t2i}
+
+    history = train(trainable, loss_fn, r.qformer_steps, r.lr, "stage 1: Q-Former (ITC+ITM+ITG)",
+                    lr_scale={"model.itm_head": r.itm_head_lr_scale}, every=r.check_every, check=check)
     save(model, bert_proc, out / "blip2-tiny-itm")
     return history
 
@@ -299,13 +359,42 @@ def train_bridge(work: Path, out: Path, r: Recipe):
     def loss_fn(step):
         idx = draw().tolist()
         rng = data.rng_for(r.seed, step)
-        input_ids, mask, labels = text.vlm_batch([data.sample_pair(scenes[i], rng) for i in idx], r.num_query_tokens)
+        input_ids, mask, labels = text.vlm_batch([data.sample_pair(scenes[i], rng, r.bridge_captions) for i in idx],
+                                                      r.num_query_tokens)
         query_embeds = model.language_projection(model.query_features(feats[idx]).last_hidden_state)
         embeds, mask = model.merge_image_tokens(query_embeds, input_ids, mask)
         logits = model.language_model(inputs_embeds=embeds, attention_mask=mask).logits
         return causal_lm_loss(logits, labels), {}
 
-    history = train(model, loss_fn, r.bridge_steps, r.lr, "stage 2: Q-Former -> frozen OPT (LM loss)")
+    val_scenes, val_images = data.load_split("val", r.n_val, r.image_size, r.seed)
+    val_feats = vision_features(model.vision_model, val_images)
+    vrng = data.rng_for(r.seed, "val")
+    val_rows, val_kinds = [], []
+    for i, s in enumerate(val_scenes[:200]):
+        val_rows.append((i, data.caption_pairs(s)[0]))
+        val_kinds.append("caption")
+        for kind in world.KINDS:
+            of_kind = [qa for qa in s.questions() if qa.kind == kind]
+            if of_kind:
+                val_rows.append((i, data.vqa_pair(vrng.choice(of_kind))))
+                val_kinds.append(kind)
+
+    def check():  # teacher-forced exact match of the whole target (caption or answer), per kind, held-out scenes
+        right = []
+        for k in range(0, len(val_rows), 200):
+            rows = val_rows[k:k + 200]
+            input_ids, mask, labels = text.vlm_batch([p for _, p in rows], r.num_query_tokens)
+            queries = model.query_features(val_feats[[i for i, _ in rows]]).last_hidden_state
+            query_embeds = model.language_projection(queries)
+            embeds, mask = model.merge_image_tokens(query_embeds, input_ids, mask)
+            pred = model.language_model(inputs_embeds=embeds, attention_mask=mask).logits[:, :-1].argmax(-1)
+            target = labels[:, 1:]
+            right += ((pred == target) | (target == -100)).all(1).tolist()
+        right, kinds = np.array(right), np.array(val_kinds)
+        return {kind: right[kinds == kind].mean() for kind in ("caption", *world.KINDS)} | {"all": right.mean()}
+
+    history = train(model, loss_fn, r.bridge_steps, r.bridge_lr, "stage 2: Q-Former -> frozen OPT (LM loss)",
+                    every=r.check_every, check=check)
     save(model, opt_proc, out / "blip2-tiny")
     return history
 
