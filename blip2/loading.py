@@ -304,6 +304,17 @@ def read_tensor(info: TensorInfo, dtype=None, fh=None, buffer=None) -> torch.Ten
     return out
 
 
+def mapped_tensor(info: TensorInfo, maps: dict) -> torch.Tensor:
+    """The tensor as a view of its file mapped copy-on-write (`maps`: file -> storage, filled on first use), as
+    transformers loads with safetensors: loading costs no copy, pages are read from the page cache when first
+    used, and writes (training) go to private copies, never to the file."""
+    storage = maps.get(info.file)
+    if storage is None:
+        storage = maps[info.file] = torch.UntypedStorage.from_file(info.file, shared=False,
+                                                                   nbytes=os.path.getsize(info.file))
+    return torch.empty(0, dtype=info.dtype).set_(storage[info.start:info.end]).view(info.shape)
+
+
 def read_exact(fh, info, offset, dst: torch.Tensor):
     view, got = memoryview(dst.numpy()), 0
     fh.seek(offset)
@@ -606,7 +617,7 @@ def place_weights(plan, offload_folder, written) -> dict:
     they are converted and written to offload_folder."""
     from accelerate.utils import offload_weight, save_offload_index
 
-    model, index = plan.model, {}
+    model, index, maps = plan.model, {}, {}
     handles, buffer = {}, torch.empty(1 << 22, dtype=torch.uint8)  # one conversion buffer for the whole load
     try:
         for name, info in sorted(plan.sources.items(), key=lambda kv: (kv[1].file, kv[1].start)):
@@ -625,6 +636,10 @@ def place_weights(plan, offload_folder, written) -> dict:
                     os.makedirs(offload_folder, exist_ok=True)
                     written.append(os.path.join(offload_folder, f"{name}.dat"))
                     offload_weight(read_tensor(info, dtype, buffer=buffer), name, offload_folder, index)
+                continue
+            if device == "cpu" and info.dtype == dtype and not quant:  # no copy: a view of the mapped file
+                t = mapped_tensor(info, maps)
+                module._parameters[attr] = nn.Parameter(t, requires_grad=t.is_floating_point())
                 continue
             fh = handles.get(info.file) or handles.setdefault(info.file, open(info.file, "rb", buffering=0))
             t = read_tensor(info, dtype, fh, buffer)
