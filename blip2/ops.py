@@ -4,7 +4,24 @@ import math
 from dataclasses import dataclass, fields
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
+
+
+class Linear(nn.Linear):
+    """nn.Linear for the language models. One row (a decoding step of one sequence) in float32 on a CPU runs as
+    two half-height matrix-vector products, one per thread: the library's float32 GEMV runs on one thread,
+    this reads the weights about 1.7x faster (`python -m bench.speed`), and every output is the same dot
+    product, so the result is bit-identical to F.linear."""
+
+    def forward(self, x):
+        w = self.weight
+        if (x.numel() != x.shape[-1] or w.dtype != torch.float32 or w.device.type != "cpu" or w.shape[0] % 2
+                or not w.is_contiguous() or torch.get_num_threads() < 2):
+            return F.linear(x, w, self.bias)
+        y = torch.matmul(x.reshape(1, 1, -1), w.view(2, -1, w.shape[1]).mT)  # (2, 1, out/2)
+        y = y.reshape(*x.shape[:-1], -1)
+        return y if self.bias is None else y + self.bias
 
 
 class ModelOutput:

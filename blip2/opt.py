@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from .cache import KVCache
 from .config import OPTConfig
-from .ops import BaseModelOutputWithPast, CausalLMOutputWithPast, activation, attention, causal_mask
+from .ops import BaseModelOutputWithPast, CausalLMOutputWithPast, Linear, activation, attention, causal_mask
 
 
 class OPTAttention(nn.Module):
@@ -15,10 +15,10 @@ class OPTAttention(nn.Module):
         d, bias = config.hidden_size, config.enable_bias
         self.num_heads = config.num_attention_heads
         self.scaling = (d // self.num_heads) ** -0.5
-        self.q_proj = nn.Linear(d, d, bias=bias)
-        self.k_proj = nn.Linear(d, d, bias=bias)
-        self.v_proj = nn.Linear(d, d, bias=bias)
-        self.out_proj = nn.Linear(d, d, bias=bias)
+        self.q_proj = Linear(d, d, bias=bias)
+        self.k_proj = Linear(d, d, bias=bias)
+        self.v_proj = Linear(d, d, bias=bias)
+        self.out_proj = Linear(d, d, bias=bias)
 
     def forward(self, x, mask, cache: KVCache | None, layer: int, need_weights=False):
         h = self.num_heads
@@ -39,8 +39,8 @@ class OPTDecoderLayer(nn.Module):
         self.self_attn = OPTAttention(config)
         self.self_attn_layer_norm = nn.LayerNorm(d, elementwise_affine=affine)
         self.act = activation(config.activation_function)
-        self.fc1 = nn.Linear(d, config.ffn_dim, bias=config.enable_bias)
-        self.fc2 = nn.Linear(config.ffn_dim, d, bias=config.enable_bias)
+        self.fc1 = Linear(d, config.ffn_dim, bias=config.enable_bias)
+        self.fc2 = Linear(config.ffn_dim, d, bias=config.enable_bias)
         self.final_layer_norm = nn.LayerNorm(d, elementwise_affine=affine)
 
     def forward(self, x, mask, cache, layer, need_weights=False):
@@ -61,8 +61,8 @@ class OPTDecoder(nn.Module):
         d, p = config.hidden_size, config.word_embed_proj_dim
         self.embed_tokens = nn.Embedding(config.vocab_size, p, padding_idx=config.pad_token_id)
         self.embed_positions = nn.Embedding(config.max_position_embeddings + 2, d)  # rows 0, 1: OPT's offset
-        self.project_in = nn.Linear(p, d, bias=False) if p != d else None
-        self.project_out = nn.Linear(d, p, bias=False) if p != d else None
+        self.project_in = Linear(p, d, bias=False) if p != d else None
+        self.project_out = Linear(d, p, bias=False) if p != d else None
         keep_final = config.do_layer_norm_before and not config._remove_final_layer_norm
         self.final_layer_norm = (nn.LayerNorm(d, elementwise_affine=config.layer_norm_elementwise_affine)
                                  if keep_final else None)
@@ -129,7 +129,7 @@ class OPTForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = OPTModel(config)
-        self.lm_head = nn.Linear(config.word_embed_proj_dim, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.word_embed_proj_dim, config.vocab_size, bias=False)
         self.tie_weights()
 
     def tie_weights(self):

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from .ops import Linear
+
 
 class QuantizationError(ValueError):
     """A quantization that cannot be done here: the message names the cause and the fix."""
@@ -135,7 +137,7 @@ def quantized_linear(linear: nn.Linear, q: QuantizationConfig, dtype):
 
 def replace_linears(model: nn.Module, q: QuantizationConfig, dtype) -> list:
     """Swap the eligible nn.Linear modules of a meta-device model for bitsandbytes ones; returns their names."""
-    names = [n for n, m in model.named_modules() if type(m) is nn.Linear and not skipped(n, q)]
+    names = [n for n, m in model.named_modules() if type(m) in (nn.Linear, Linear) and not skipped(n, q)]
     for n in names:
         model.set_submodule(n, quantized_linear(model.get_submodule(n), q, dtype))
     return names

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from .cache import KVCache
 from .config import T5Config
-from .ops import BaseModelOutput, Seq2SeqLMOutput, activation, attention, causal_mask, padding_mask
+from .ops import BaseModelOutput, Seq2SeqLMOutput, Linear, activation, attention, causal_mask, padding_mask
 
 
 class T5LayerNorm(nn.Module):
@@ -49,10 +49,10 @@ class T5Attention(nn.Module):
         self.is_decoder = is_decoder
         self.num_buckets = config.relative_attention_num_buckets
         self.max_distance = config.relative_attention_max_distance
-        self.q = nn.Linear(config.d_model, inner, bias=False)
-        self.k = nn.Linear(config.d_model, inner, bias=False)
-        self.v = nn.Linear(config.d_model, inner, bias=False)
-        self.o = nn.Linear(inner, config.d_model, bias=False)
+        self.q = Linear(config.d_model, inner, bias=False)
+        self.k = Linear(config.d_model, inner, bias=False)
+        self.v = Linear(config.d_model, inner, bias=False)
+        self.o = Linear(inner, config.d_model, bias=False)
         if has_relative_attention_bias:
             self.relative_attention_bias = nn.Embedding(self.num_buckets, config.num_heads)
 
@@ -111,11 +111,11 @@ class T5DenseReluDense(nn.Module):
         super().__init__()
         self.gated = config.is_gated_act
         if self.gated:
-            self.wi_0 = nn.Linear(config.d_model, config.d_ff, bias=False)
-            self.wi_1 = nn.Linear(config.d_model, config.d_ff, bias=False)
+            self.wi_0 = Linear(config.d_model, config.d_ff, bias=False)
+            self.wi_1 = Linear(config.d_model, config.d_ff, bias=False)
         else:
-            self.wi = nn.Linear(config.d_model, config.d_ff, bias=False)
-        self.wo = nn.Linear(config.d_ff, config.d_model, bias=False)
+            self.wi = Linear(config.d_model, config.d_ff, bias=False)
+        self.wo = Linear(config.d_ff, config.d_model, bias=False)
         self.act = activation(config.dense_act_fn)
 
     def forward(self, x):
@@ -218,7 +218,7 @@ class T5ForConditionalGeneration(nn.Module):
         self.shared = nn.Embedding(config.vocab_size, config.d_model)
         self.encoder = T5Stack(config, self.shared, is_decoder=False)
         self.decoder = T5Stack(config, self.shared, is_decoder=True)
-        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.d_model, config.vocab_size, bias=False)
 
     def tie_weights(self):
         """The loader ties lm_head to `shared` when the checkpoint has no separate lm_head."""

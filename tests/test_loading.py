@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 import blip2
 from blip2.loading import CheckpointError, CheckpointNotFoundError, DeviceMapError, resolve_checkpoint
 from blip2.memory import memory_report, model_memory
+from blip2.ops import Linear
 from blip2.quantization import QuantizationConfig, QuantizationError
 from tiny_models import IMAGE_TOKEN, NUM_QUERY, OPT, T5, config, randomize, reference_model
 
@@ -304,7 +305,7 @@ def test_quantized_modules_are_the_language_model_linears(ckpts, name):
     expected = {n for n in lm_linears if not n.endswith((".lm_head", ".wo"))}
     assert bnb_modules(model) == expected and expected
     for n, m in model.named_modules():  # vision, Q-Former, projection, lm_head, T5 wo: untouched
-        if type(m) is nn.Linear:
+        if type(m) in (nn.Linear, Linear):
             fp32 = n.startswith("qformer.") or n.endswith(".wo")  # kept in fp32 under fp16, as the reference
             assert m.weight.dtype == (torch.float32 if fp32 else torch.float16), n
     assert model.query_tokens.dtype == torch.float32
@@ -320,7 +321,7 @@ def test_quantized_modules_are_the_language_model_linears(ckpts, name):
 
 
 def plain_linears(path):
-    return [(n, m) for n, m in Model.from_pretrained(path).named_modules() if type(m) is nn.Linear]
+    return [(n, m) for n, m in Model.from_pretrained(path).named_modules() if type(m) in (nn.Linear, Linear)]
 
 
 @pytest.mark.parametrize("quant, tol", [("8bit", 0.05), ("nf4", 0.3), ("fp4", 0.35)])

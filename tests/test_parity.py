@@ -298,3 +298,24 @@ def test_parts_load_from_full_checkpoint(itm_pair, tmp_path):
     again = blip2.Blip2VisionModel.from_pretrained(tmp_path / "v")
     with torch.no_grad():
         assert maxdiff(again(px).last_hidden_state, img) == 0.0
+
+
+@pytest.mark.parametrize("shape", [(768, 768), (3072, 768), (768, 3072), (50272, 768)])
+def test_decoding_linear_is_bit_identical(shape):
+    """The one-row fast path of the language models' Linear (two half-height products, one per thread) gives
+    exactly F.linear's result, with and without bias; other inputs take F.linear itself."""
+    from blip2.ops import Linear
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for bias in (True, False):
+            layer = Linear(shape[1], shape[0], bias=bias)
+            torch.nn.init.normal_(layer.weight, std=0.02)
+            if bias:
+                torch.nn.init.normal_(layer.bias)
+            for x in (torch.randn(1, 1, shape[1]), torch.randn(shape[1]), torch.randn(5, 1, shape[1])):
+                with torch.no_grad():
+                    assert torch.equal(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias))
+    finally:
+        torch.set_num_threads(threads)
