@@ -1,8 +1,7 @@
 """The shipped tiny models (assets/) on freshly drawn scenes of their world, and their parity with transformers.
 
-The rates asserted are what the shipped models reach with a margin (see the model cards), well above chance:
-colours 1/8, shapes 1/6, positions 1/9. Captions are checked after "a photo of": after the empty prompt the
-shipped model usually writes a question instead (a known limitation, see the model card).
+The rates asserted are what the shipped models reach with a margin (the measured counts in the comments; the
+model cards give the full evaluation), well above chance: colours 1/8, shapes 1/6, positions 1/9.
 """
 
 import random
@@ -48,29 +47,31 @@ def test_size_and_layout():
     assert (GEN / "generation_config.json").is_file()
 
 
-def test_captions_name_what_is_there(gen):
-    captions = ask(gen, ["a photo of"] * len(SCENES))  # the shipped model: 18 counts, 0.75 / 0.67 / 0.53 / 0.47
-    matches = [world.caption_matches(s, c) for s, c in zip(SCENES, captions)]
+@pytest.mark.parametrize("prompt", ["", "a photo of"])
+def test_captions_name_what_is_there(gen, prompt):
+    captions = ask(gen, [prompt] * len(SCENES))  # shipped: 19 counts, 9 exact; size .89, colour .61/.72, shape
+    matches = [world.caption_matches(s, c) for s, c in zip(SCENES, captions)]  # .78/.75, position .92
     objects = [o for m in matches for o in m["objects"]]
-    assert sum(m["count"] for m in matches) >= 15, captions
-    assert sum(o["size"] for o in objects) >= 0.6 * len(objects), captions
+    assert sum(m["count"] for m in matches) >= 16, captions
+    assert sum(bool(m["exact"]) for m in matches) >= 6, captions
+    assert sum(o["size"] for o in objects) >= 0.75 * len(objects), captions
     assert sum(o["color"] for o in objects) >= 0.5 * len(objects), captions
-    assert sum(o["shape"] for o in objects) >= 0.35 * len(objects), captions
-    assert sum(o["position"] for o in objects) >= 0.3 * len(objects), captions
+    assert sum(o["shape"] for o in objects) >= 0.6 * len(objects), captions
+    assert sum(o["position"] for o in objects) >= 0.75 * len(objects), captions
 
 
 def test_answers(gen):
     color = [next(qa for qa in s.questions() if qa.kind == "color") for s in SCENES]
     answers = ask(gen, [f"Question: {qa.question} Answer:" for qa in color])
     assert all(a in world.COLORS for a in answers), answers
-    assert sum(a == qa.answer for a, qa in zip(answers, color)) >= 14, list(zip(answers, color))  # shipped: 18
+    assert sum(a == qa.answer for a, qa in zip(answers, color)) >= 15, list(zip(answers, color))  # shipped: 18
     count = [s.questions()[0] for s in SCENES]  # "how many shapes are there?"
     answers = ask(gen, [f"Question: {qa.question} Answer:" for qa in count])
-    assert sum(a == qa.answer for a, qa in zip(answers, count)) >= 9, list(zip(answers, count))  # shipped: 12
+    assert sum(a == qa.answer for a, qa in zip(answers, count)) >= 16, list(zip(answers, count))  # shipped: 19
     turns = [f"Question: {a.question} Answer: {a.answer}. Question: {b.question} Answer:" for a, b in zip(color, count)]
-    answers = ask(gen, turns)  # the second turn is harder for this model
+    answers = ask(gen, turns)
     assert all(a in world.NUMBERS for a in answers), answers
-    assert sum(a == qa.answer for a, qa in zip(answers, count)) >= 8, list(zip(answers, count))  # shipped: 11
+    assert sum(a == qa.answer for a, qa in zip(answers, count)) >= 16, list(zip(answers, count))  # shipped: 20
 
 
 def test_circle_color(gen):
@@ -79,7 +80,7 @@ def test_circle_color(gen):
     truth = [next(o.color for o in s.objects if o.shape == "circle") for s in scenes]
     answers = ask(gen, ["Question: what color is the circle? Answer:"] * len(scenes), [s.render(160) for s in scenes])
     assert all(a in world.COLORS for a in answers), answers
-    assert sum(a == t for a, t in zip(answers, truth)) >= 10, list(zip(answers, truth))  # shipped: 13
+    assert sum(a == t for a, t in zip(answers, truth)) >= 12, list(zip(answers, truth))  # shipped: 15
 
 
 def match_inputs(processor):
@@ -93,8 +94,8 @@ def test_contrastive_scores_prefer_the_true_caption(itm):
     with torch.no_grad():
         sim = model(**match_inputs(processor)).logits_per_image  # (images, texts) cosine
     n, i = len(SCENES), torch.arange(len(SCENES))
-    assert (sim[i, i] > sim[i, i + n]).sum() >= 15  # vs the same caption with one attribute changed (shipped: 18)
-    assert (sim[:n, :n].argmax(0) == i).sum() >= 14  # text -> image among 20 (shipped: 16)
+    assert (sim[i, i] > sim[i, i + n]).sum() >= 16  # vs the same caption with one attribute changed (shipped: 19)
+    assert (sim[:n, :n].argmax(0) == i).sum() >= 15  # text -> image among 20 (shipped: 18)
 
 
 def test_matching_head_prefers_the_true_caption(itm):
@@ -102,7 +103,7 @@ def test_matching_head_prefers_the_true_caption(itm):
     with torch.no_grad():
         match = model(**match_inputs(processor), use_image_text_matching_head=True).logits_per_image.softmax(1)[:, 1]
     n = len(SCENES)
-    assert (match[:n] > match[n:]).sum() >= 13  # vs one attribute changed (the shipped model: 16 of 20)
+    assert (match[:n] > match[n:]).sum() >= 17  # vs one attribute changed (the shipped model: 20 of 20)
 
 
 def test_transformers_loads_the_same_models(gen, itm):

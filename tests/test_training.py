@@ -95,7 +95,11 @@ def test_itg_mask_and_itc_targets():
 def test_answer_targets_follow_the_prompt(runs):
     (_, _, out), _ = runs
     text = data.OptText(Blip2Processor.from_pretrained(out / "blip2-tiny").tokenizer)
-    ids, mask, labels = text.vlm_batch([("Question: what color is the circle? Answer:", " red")], 3)
-    kept = [i for i, l in zip(ids[0].tolist(), labels[0].tolist()) if l != -100]
-    assert text.tok.decode(kept) == " red\n"
+    chat = [("Question: what color is the circle? Answer:", " red"), (". Question: is it large? Answer:", " yes")]
+    ids, mask, labels = text.vlm_batch([chat[:1], chat], 3)
+    kept = [[i for i, l in zip(row.tolist(), lab.tolist()) if l != -100] for row, lab in zip(ids, labels)]
+    assert [text.tok.decode(k) for k in kept] == [" red\n", " red yes\n"]  # the answers, never the questions
     assert ids[0, :3].tolist() == [text.image] * 3 and ids[0, 3] == text.bos
+    assert text.tok.decode(ids[1, 3:][mask[1, 3:] == 1].tolist()) == "</s>" + "".join(p + t for p, t in chat) + "\n"
+    context_ids, _, context_labels = text.lm_batch([("a large red circle in the center", chat[:1])])
+    assert (context_labels != -100).sum() == len(kept[0])  # the context in front of BOS is never a target

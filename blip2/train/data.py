@@ -103,67 +103,91 @@ def two_turn_pair(first, second):
     return f"Question: {first.question} Answer: {first.answer}. Question: {second.question} Answer:", " " + second.answer
 
 
-def sample_pair(scene, rng, captions=0.3, photo=0.4):
-    """One (prompt, target) about a scene: a caption (plain or "a photo of", share `captions`), a question, or a
-    second-turn question (the rest, 9:5)."""
-    kind = rng.random()
-    if kind < captions:
-        return caption_pairs(scene)[rng.random() < photo]
-    qas = scene.questions()
-    if kind < captions + (1 - captions) * 9 / 14:  # 0.75 for the default 0.3
-        return vqa_pair(rng.choice(qas))
-    return two_turn_pair(*rng.sample(qas, 2))
+def sample_text(scene, rng, captions=0.3, photo=0.4, turns=4):
+    """A training text about a scene as (prompt, target) segments: a caption (share `captions`; plain or, share
+    `photo`, after "a photo of") or a chat of 1..`turns` questions in the app's multi-turn format
+    "Question: q1 Answer: a1. Question: q2 Answer: a2", every answer a target. Questions are drawn kind first, so
+    that every kind is asked alike however many questions of it a scene has."""
+    if rng.random() < captions:
+        return [caption_pairs(scene)[rng.random() < photo]]
+    by_kind = {}
+    for qa in scene.questions():
+        by_kind.setdefault(qa.kind, []).append(qa)
+    chat = [rng.choice(by_kind[rng.choice(sorted(by_kind))]) for _ in range(rng.randint(1, turns))]
+    return [(("" if k == 0 else ". ") + vqa_pair(qa)[0], " " + qa.answer) for k, qa in enumerate(chat)]
 
 
-def lm_text(scene, rng, captions=0.3, photo=0.4):
-    """A language-model pre-training text: a prompt and target, usually after the scene's description written
-    in front of BOS, the slot that the image's query tokens take later (the LM learns to read a context there)."""
-    prompt, target = sample_pair(scene, rng, captions, photo)
-    context = scene.caption() if rng.random() < 0.8 else ""
-    return context, prompt, target
+def check_rows(scenes, rng):
+    """Held-out checks: per scene a caption and one question of each kind (and a second-turn one):
+    (scene index, (prompt, target), kind) rows."""
+    rows = []
+    for i, s in enumerate(scenes):
+        rows.append((i, caption_pairs(s)[0], "caption"))
+        qas = s.questions()
+        for kind in world.KINDS:
+            of_kind = [qa for qa in qas if qa.kind == kind]
+            if of_kind:
+                rows.append((i, vqa_pair(rng.choice(of_kind)), kind))
+        rows.append((i, two_turn_pair(*rng.sample(qas, 2)), "second turn"))
+    return rows
+
+
+def lm_text(scene, rng, captions=0.3, photo=0.4, turns=4):
+    """A language-model pre-training text: (context, segments), the segments of `sample_text` after the scene's
+    description written in front of BOS, the slot that the image's query tokens take later (the LM learns to read
+    a context there). Before questions the objects are described in a random order, so that no answer can be
+    guessed from where an object comes in the description (captions keep the reading order they copy)."""
+    segments = sample_text(scene, rng, captions, photo, turns)
+    if segments[0][0].startswith("Question"):
+        return world.describe(rng.sample(scene.objects, len(scene.objects))), segments
+    return scene.caption(), segments
 
 
 class OptText:
-    """Token ids for the OPT side: [context] BOS prompt target "\\n" with labels on the target only (or on
-    everything after BOS for language-model pre-training)."""
+    """Token ids for the OPT side: [context or image tokens] BOS (prompt target)... "\\n", labels on the targets."""
 
     def __init__(self, tokenizer):
         self.tok = tokenizer
         self.bos, self.pad = tokenizer.bos_token_id, tokenizer.pad_token_id
         self.image = tokenizer.convert_tokens_to_ids("<image>")
 
-    def encode(self, prompt, target):
-        """(ids, n_prompt): BOS prompt target "\\n"; the first n_prompt ids are BOS and the prompt."""
-        prompt_ids = self.tok.encode(prompt)
-        ids = self.tok.encode(prompt + target + "\n")
-        if ids[:len(prompt_ids)] != prompt_ids:
-            raise ValueError(f"prompt {prompt!r} does not tokenize as a prefix of {prompt + target!r}")
-        return ids, len(prompt_ids)
+    def encode(self, segments):
+        """BOS, then the (prompt, target) segments, then "\\n": (ids, labelled), a flag per id, set on the targets'
+        ids and the final "\\n". The text is tokenized whole, as at inference, and each segment must end on a
+        token boundary."""
+        pieces = [x for prompt, target in segments for x in ((prompt, False), (target, True))] + [("\n", True)]
+        text, ids, labelled = "", [], []
+        for piece, label in pieces:
+            text += piece
+            new = self.tok.encode(text)
+            if new[:len(ids)] != ids:
+                raise ValueError(f"{text[:len(text) - len(piece)]!r} does not tokenize as a prefix of {text!r}")
+            labelled += [label] * (len(new) - len(ids))
+            ids = new
+        return ids, labelled
 
     def batch(self, rows):
-        """rows: (prefix ids, ids, n_unlabelled) -> input_ids, attention_mask, labels (right padded)."""
+        """rows: (prefix ids, ids, labelled) -> input_ids, attention_mask, labels (right padded; the prefix and
+        unlabelled ids are -100)."""
         seqs = [prefix + ids for prefix, ids, _ in rows]
         t = max(map(len, seqs))
         input_ids = torch.full((len(rows), t), self.pad)
         mask = torch.zeros(len(rows), t, dtype=torch.long)
         labels = torch.full((len(rows), t), -100)
-        for i, ((prefix, ids, skip), seq) in enumerate(zip(rows, seqs)):
+        for i, ((prefix, _, labelled), seq) in enumerate(zip(rows, seqs)):
             input_ids[i, :len(seq)] = torch.tensor(seq)
             mask[i, :len(seq)] = 1
-            start = len(prefix) + skip
-            labels[i, start:len(seq)] = input_ids[i, start:len(seq)]
+            keep = torch.tensor([False] * len(prefix) + labelled)
+            labels[i, :len(seq)] = torch.tensor(seq).masked_fill(~keep, -100)
         return input_ids, mask, labels
 
     def lm_batch(self, texts):
-        rows = []
-        for context, prompt, target in texts:
-            ids, _ = self.encode(prompt, target)
-            rows.append((self.tok.encode(context, add_special_tokens=False), ids, 1))  # loss after BOS
-        return self.batch(rows)
+        """(context, segments) texts: the context written in front of BOS, the loss on the targets only."""
+        return self.batch([(self.tok.encode(c, add_special_tokens=False), *self.encode(segs)) for c, segs in texts])
 
-    def vlm_batch(self, pairs, num_query_tokens):
-        """The processor's layout: Q image tokens, BOS, prompt, then the target (labelled) and "\\n"."""
-        return self.batch([([self.image] * num_query_tokens, *self.encode(p, t)) for p, t in pairs])
+    def vlm_batch(self, texts, num_query_tokens):
+        """The processor's layout: Q image tokens, BOS, then the segments (targets labelled) and "\\n"."""
+        return self.batch([([self.image] * num_query_tokens, *self.encode(segs)) for segs in texts])
 
     def generation_batch(self, prompts, num_query_tokens):
         """Left-padded prompts for generation: Q image tokens, pads, BOS, prompt (as the reference lays them out)."""

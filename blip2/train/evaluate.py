@@ -44,23 +44,10 @@ def generation_scores(model, processor, scenes, images, batch=100):
               "caption count": np.mean([m["count"] for m in matches])}
     for attr in world.ATTRIBUTES:
         scores[f"caption {attr}"] = np.mean([o[attr] for m in matches for o in m["objects"]])
-    rng = random.Random("evaluate")
-    rows, truth, kinds = [], [], []
-    for i, s in enumerate(scenes):
-        qas = s.questions()
-        for kind in world.KINDS:
-            of_kind = [qa for qa in qas if qa.kind == kind]
-            if of_kind:
-                qa = rng.choice(of_kind)
-                rows.append((i, data.vqa_pair(qa)[0]))
-                truth.append(qa.answer)
-                kinds.append(kind)
-        first, second = rng.sample(qas, 2)
-        rows.append((i, data.two_turn_pair(first, second)[0]))
-        truth.append(second.answer)
-        kinds.append("second turn")
-    right = np.array([a == t for a, t in zip(answer(rows), truth)])
-    kinds = np.array(kinds)
+    rows = [row for row in data.check_rows(scenes, random.Random("evaluate")) if row[2] != "caption"]
+    answers = answer([(i, prompt) for i, (prompt, _), _ in rows])
+    right = np.array([a == target.strip() for a, (_, (_, target), _) in zip(answers, rows)])
+    kinds = np.array([kind for _, _, kind in rows])
     for kind in (*world.KINDS, "second turn"):
         scores[f"vqa {kind}"] = right[kinds == kind].mean()
     scores["vqa overall"] = right.mean()
