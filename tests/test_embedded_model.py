@@ -49,29 +49,29 @@ def test_size_and_layout():
 
 @pytest.mark.parametrize("prompt", ["", "a photo of"])
 def test_captions_name_what_is_there(gen, prompt):
-    captions = ask(gen, [prompt] * len(SCENES))  # shipped: 19 counts, 9 exact; size .89, colour .61/.72, shape
-    matches = [world.caption_matches(s, c) for s, c in zip(SCENES, captions)]  # .78/.75, position .92
+    captions = ask(gen, [prompt] * len(SCENES))  # shipped: 19 counts, 13 exact; size .94/.89, colour .83/.86,
+    matches = [world.caption_matches(s, c) for s, c in zip(SCENES, captions)]  # shape .83/.89, position .97
     objects = [o for m in matches for o in m["objects"]]
     assert sum(m["count"] for m in matches) >= 16, captions
-    assert sum(bool(m["exact"]) for m in matches) >= 6, captions
+    assert sum(bool(m["exact"]) for m in matches) >= 9, captions
     assert sum(o["size"] for o in objects) >= 0.75 * len(objects), captions
-    assert sum(o["color"] for o in objects) >= 0.5 * len(objects), captions
-    assert sum(o["shape"] for o in objects) >= 0.6 * len(objects), captions
-    assert sum(o["position"] for o in objects) >= 0.75 * len(objects), captions
+    assert sum(o["color"] for o in objects) >= 0.65 * len(objects), captions
+    assert sum(o["shape"] for o in objects) >= 0.65 * len(objects), captions
+    assert sum(o["position"] for o in objects) >= 0.8 * len(objects), captions
 
 
 def test_answers(gen):
     color = [next(qa for qa in s.questions() if qa.kind == "color") for s in SCENES]
     answers = ask(gen, [f"Question: {qa.question} Answer:" for qa in color])
     assert all(a in world.COLORS for a in answers), answers
-    assert sum(a == qa.answer for a, qa in zip(answers, color)) >= 15, list(zip(answers, color))  # shipped: 18
+    assert sum(a == qa.answer for a, qa in zip(answers, color)) >= 14, list(zip(answers, color))  # shipped: 17
     count = [s.questions()[0] for s in SCENES]  # "how many shapes are there?"
     answers = ask(gen, [f"Question: {qa.question} Answer:" for qa in count])
     assert sum(a == qa.answer for a, qa in zip(answers, count)) >= 16, list(zip(answers, count))  # shipped: 19
     turns = [f"Question: {a.question} Answer: {a.answer}. Question: {b.question} Answer:" for a, b in zip(color, count)]
     answers = ask(gen, turns)
     assert all(a in world.NUMBERS for a in answers), answers
-    assert sum(a == qa.answer for a, qa in zip(answers, count)) >= 16, list(zip(answers, count))  # shipped: 20
+    assert sum(a == qa.answer for a, qa in zip(answers, count)) >= 13, list(zip(answers, count))  # shipped: 16
 
 
 def test_circle_color(gen):
@@ -80,7 +80,7 @@ def test_circle_color(gen):
     truth = [next(o.color for o in s.objects if o.shape == "circle") for s in scenes]
     answers = ask(gen, ["Question: what color is the circle? Answer:"] * len(scenes), [s.render(160) for s in scenes])
     assert all(a in world.COLORS for a in answers), answers
-    assert sum(a == t for a, t in zip(answers, truth)) >= 12, list(zip(answers, truth))  # shipped: 15
+    assert sum(a == t for a, t in zip(answers, truth)) >= 11, list(zip(answers, truth))  # shipped: 14
 
 
 def match_inputs(processor):

@@ -48,7 +48,7 @@ class Recipe:
     n_val: int = 300  # held-out scenes of the checks printed while training
     batch: int = 32
     vision_steps: int = 2000
-    lm_steps: int = 4000
+    lm_steps: int = 8000  # held-out answers right given the true description: 78.1% after 4000, 79.4% after 8000
     qformer_steps: int = 2000
     bridge_steps: int = 2500
     lr: float = 1e-3  # the vision stage uses 2 lr
