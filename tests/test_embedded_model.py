@@ -49,29 +49,29 @@ def test_size_and_layout():
 
 @pytest.mark.parametrize("prompt", ["", "a photo of"])
 def test_captions_name_what_is_there(gen, prompt):
-    captions = ask(gen, [prompt] * len(SCENES))  # shipped: 19 counts, 13 exact; size .94/.89, colour .83/.86,
-    matches = [world.caption_matches(s, c) for s, c in zip(SCENES, captions)]  # shape .83/.89, position .97
+    captions = ask(gen, [prompt] * len(SCENES))  # shipped: 20 of 20 exact after either prompt
+    matches = [world.caption_matches(s, c) for s, c in zip(SCENES, captions)]
     objects = [o for m in matches for o in m["objects"]]
-    assert sum(m["count"] for m in matches) >= 16, captions
-    assert sum(bool(m["exact"]) for m in matches) >= 9, captions
-    assert sum(o["size"] for o in objects) >= 0.75 * len(objects), captions
-    assert sum(o["color"] for o in objects) >= 0.65 * len(objects), captions
-    assert sum(o["shape"] for o in objects) >= 0.65 * len(objects), captions
-    assert sum(o["position"] for o in objects) >= 0.8 * len(objects), captions
+    assert sum(m["count"] for m in matches) >= 18, captions
+    assert sum(bool(m["exact"]) for m in matches) >= 16, captions
+    assert sum(o["size"] for o in objects) >= 0.9 * len(objects), captions
+    assert sum(o["color"] for o in objects) >= 0.9 * len(objects), captions
+    assert sum(o["shape"] for o in objects) >= 0.9 * len(objects), captions
+    assert sum(o["position"] for o in objects) >= 0.9 * len(objects), captions
 
 
 def test_answers(gen):
     color = [next(qa for qa in s.questions() if qa.kind == "color") for s in SCENES]
     answers = ask(gen, [f"Question: {qa.question} Answer:" for qa in color])
     assert all(a in world.COLORS for a in answers), answers
-    assert sum(a == qa.answer for a, qa in zip(answers, color)) >= 14, list(zip(answers, color))  # shipped: 17
+    assert sum(a == qa.answer for a, qa in zip(answers, color)) >= 13, list(zip(answers, color))  # shipped: 15
     count = [s.questions()[0] for s in SCENES]  # "how many shapes are there?"
     answers = ask(gen, [f"Question: {qa.question} Answer:" for qa in count])
-    assert sum(a == qa.answer for a, qa in zip(answers, count)) >= 16, list(zip(answers, count))  # shipped: 19
+    assert sum(a == qa.answer for a, qa in zip(answers, count)) >= 17, list(zip(answers, count))  # shipped: 20
     turns = [f"Question: {a.question} Answer: {a.answer}. Question: {b.question} Answer:" for a, b in zip(color, count)]
     answers = ask(gen, turns)
     assert all(a in world.NUMBERS for a in answers), answers
-    assert sum(a == qa.answer for a, qa in zip(answers, count)) >= 13, list(zip(answers, count))  # shipped: 16
+    assert sum(a == qa.answer for a, qa in zip(answers, count)) >= 17, list(zip(answers, count))  # shipped: 20
 
 
 def test_circle_color(gen):
@@ -80,7 +80,7 @@ def test_circle_color(gen):
     truth = [next(o.color for o in s.objects if o.shape == "circle") for s in scenes]
     answers = ask(gen, ["Question: what color is the circle? Answer:"] * len(scenes), [s.render(160) for s in scenes])
     assert all(a in world.COLORS for a in answers), answers
-    assert sum(a == t for a, t in zip(answers, truth)) >= 11, list(zip(answers, truth))  # shipped: 14
+    assert sum(a == t for a, t in zip(answers, truth)) >= 12, list(zip(answers, truth))  # shipped: 15
 
 
 def match_inputs(processor):
@@ -95,7 +95,7 @@ def test_contrastive_scores_prefer_the_true_caption(itm):
         sim = model(**match_inputs(processor)).logits_per_image  # (images, texts) cosine
     n, i = len(SCENES), torch.arange(len(SCENES))
     assert (sim[i, i] > sim[i, i + n]).sum() >= 16  # vs the same caption with one attribute changed (shipped: 19)
-    assert (sim[:n, :n].argmax(0) == i).sum() >= 15  # text -> image among 20 (shipped: 18)
+    assert (sim[:n, :n].argmax(0) == i).sum() >= 16  # text -> image among 20 (shipped: 19)
 
 
 def test_matching_head_prefers_the_true_caption(itm):
@@ -103,7 +103,7 @@ def test_matching_head_prefers_the_true_caption(itm):
     with torch.no_grad():
         match = model(**match_inputs(processor), use_image_text_matching_head=True).logits_per_image.softmax(1)[:, 1]
     n = len(SCENES)
-    assert (match[:n] > match[n:]).sum() >= 17  # vs one attribute changed (the shipped model: 20 of 20)
+    assert (match[:n] > match[n:]).sum() >= 17  # vs one attribute changed (the shipped model: 19 of 20)
 
 
 def test_transformers_loads_the_same_models(gen, itm):

@@ -39,7 +39,7 @@ class Recipe:
     vision_layers: int = 3
     qformer_hidden: int = 128
     qformer_layers: int = 4
-    num_query_tokens: int = 16
+    num_query_tokens: int = 32  # as the real checkpoints; 16 cannot hold a 3-object description (~25 tokens)
     text_hidden: int = 128
     text_layers: int = 4  # 3 hops (bind an attribute to its object, find the question's object, read) + 1
     heads: int = 4
@@ -49,8 +49,8 @@ class Recipe:
     batch: int = 32
     vision_steps: int = 2000
     lm_steps: int = 8000  # held-out answers right given the true description: 78.1% after 4000, 79.4% after 8000
-    qformer_steps: int = 2000
-    bridge_steps: int = 2500
+    qformer_steps: int = 3500
+    bridge_steps: int = 5000
     lr: float = 1e-3  # the vision stage uses 2 lr
     itm_warmup: float = 0.2  # fraction of stage 1 with random (not ITC-mined) ITM negatives
     itm_head_lr_scale: float = 3.0
