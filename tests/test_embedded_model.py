@@ -49,7 +49,7 @@ def test_size_and_layout():
 
 @pytest.mark.parametrize("prompt", ["", "a photo of"])
 def test_captions_name_what_is_there(gen, prompt):
-    captions = ask(gen, [prompt] * len(SCENES))  # shipped: 20 of 20 exact after either prompt
+    captions = ask(gen, [prompt] * len(SCENES))  # shipped: 19 of 20 exact after either prompt
     matches = [world.caption_matches(s, c) for s, c in zip(SCENES, captions)]
     objects = [o for m in matches for o in m["objects"]]
     assert sum(m["count"] for m in matches) >= 18, captions
@@ -64,7 +64,7 @@ def test_answers(gen):
     color = [next(qa for qa in s.questions() if qa.kind == "color") for s in SCENES]
     answers = ask(gen, [f"Question: {qa.question} Answer:" for qa in color])
     assert all(a in world.COLORS for a in answers), answers
-    assert sum(a == qa.answer for a, qa in zip(answers, color)) >= 13, list(zip(answers, color))  # shipped: 15
+    assert sum(a == qa.answer for a, qa in zip(answers, color)) >= 15, list(zip(answers, color))  # shipped: 18
     count = [s.questions()[0] for s in SCENES]  # "how many shapes are there?"
     answers = ask(gen, [f"Question: {qa.question} Answer:" for qa in count])
     assert sum(a == qa.answer for a, qa in zip(answers, count)) >= 17, list(zip(answers, count))  # shipped: 20

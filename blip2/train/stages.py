@@ -50,7 +50,7 @@ class Recipe:
     vision_steps: int = 2000
     lm_steps: int = 8000  # held-out answers right given the true description: 78.1% after 4000, 79.4% after 8000
     qformer_steps: int = 3500
-    bridge_steps: int = 5000
+    bridge_steps: int = 8000
     lr: float = 1e-3  # the vision stage uses 2 lr
     itm_warmup: float = 0.2  # fraction of stage 1 with random (not ITC-mined) ITM negatives
     itm_head_lr_scale: float = 3.0
