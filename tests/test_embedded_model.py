@@ -80,7 +80,7 @@ def test_circle_color(gen):
     truth = [next(o.color for o in s.objects if o.shape == "circle") for s in scenes]
     answers = ask(gen, ["Question: what color is the circle? Answer:"] * len(scenes), [s.render(160) for s in scenes])
     assert all(a in world.COLORS for a in answers), answers
-    assert sum(a == t for a, t in zip(answers, truth)) >= 12, list(zip(answers, truth))  # shipped: 15
+    assert sum(a == t for a, t in zip(answers, truth)) >= 10, list(zip(answers, truth))  # shipped: 12 (chance: about 3)
 
 
 def match_inputs(processor):
@@ -103,7 +103,7 @@ def test_matching_head_prefers_the_true_caption(itm):
     with torch.no_grad():
         match = model(**match_inputs(processor), use_image_text_matching_head=True).logits_per_image.softmax(1)[:, 1]
     n = len(SCENES)
-    assert (match[:n] > match[n:]).sum() >= 17  # vs one attribute changed (the shipped model: 19 of 20)
+    assert (match[:n] > match[n:]).sum() >= 17  # vs one attribute changed (the shipped model: 20 of 20)
 
 
 def test_transformers_loads_the_same_models(gen, itm):
