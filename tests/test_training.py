@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from blip2 import Blip2ForConditionalGeneration, Blip2ForImageTextRetrieval
 from blip2.processing import Blip2Processor, BlipImageProcessor
-from blip2.train import data, losses, stages, world
+from blip2.train import data, evaluate, losses, stages, world
 
 TINY = stages.Recipe(image_size=32, patch_size=8, vision_hidden=32, vision_layers=1, qformer_hidden=32,
                      qformer_layers=1, num_query_tokens=4, text_hidden=32, text_layers=1, heads=2, embed_dim=16,
@@ -103,3 +103,23 @@ def test_answer_targets_follow_the_prompt(runs):
     assert text.tok.decode(ids[1, 3:][mask[1, 3:] == 1].tolist()) == "</s>" + "".join(p + t for p, t in chat) + "\n"
     context_ids, _, context_labels = text.lm_batch([("a large red circle in the center", chat[:1])])
     assert (context_labels != -100).sum() == len(kept[0])  # the context in front of BOS is never a target
+
+
+def test_question_forms():
+    assert evaluate.question_form("is the small circle in the top left?") == "is the SIZE SHAPE POSITION?"
+    assert evaluate.question_form("how many crosses are there?") == "how many SHAPE are there?"
+    assert evaluate.question_form("is there a large red star?") == "is there SIZE COLOR SHAPE?"
+    assert evaluate.question_form("what shape is the object at the top?") == "what shape is the object POSITION?"
+
+
+def test_evaluation_details(runs):
+    (_, _, out), _ = runs
+    model = Blip2ForConditionalGeneration.from_pretrained(out / "blip2-tiny").eval()
+    processor = Blip2Processor.from_pretrained(out / "blip2-tiny")
+    scenes, images = data.load_split("val", 6, TINY.image_size, TINY.seed)
+    plain, _ = evaluate.generation_scores(model, processor, scenes, images)
+    scores, _ = evaluate.generation_scores(model, processor, scenes, images, detail=True)
+    assert {k: scores[k] for k in plain} == plain  # the detail only adds rows
+    forms = [k for k in scores if k.startswith("vqa what color is the ") and k.endswith("?")]
+    sizes = [k for k in scores if k.startswith("vqa color, ") and k.endswith(("object", "objects"))]
+    assert forms and sizes and all(0 <= v <= 1 for v in scores.values())

@@ -6,10 +6,13 @@ python -m blip2.train.evaluate --model assets/blip2-tiny --itm-model assets/blip
 - VQA: one question of each kind per scene ("Question: q Answer:") plus a second-turn question, accuracy per kind
 - ITM: true caption vs the world's one-attribute hard negative: accuracy and AUC
 - ITC: recall@1 image->text and text->image in galleries of 100 images
+- with --detail, VQA accuracy per question form ("what color is the SHAPE?") and per number of objects: which
+  references the answers resolve
 """
 
 import argparse
 import random
+import re
 
 import numpy as np
 import torch
@@ -19,12 +22,25 @@ from blip2.processing import Blip2Processor
 from blip2.train import data, world
 
 
+_FORM_WORDS = [(re.compile(r"\b(" + "|".join(values) + r")\b"), name) for values, name in (
+    (world.COLORS, "COLOR"), ((*world.SHAPES, *world.PLURALS.values()), "SHAPE"), (world.SIZES, "SIZE"),
+    (sorted(world.POSITION_PHRASES.values(), key=len, reverse=True), "POSITION"))]
+
+
+def question_form(question):
+    """The question with its values abstracted: "is the small circle in the top left?" -> "is the SIZE SHAPE
+    POSITION?" (articles dropped)."""
+    for pattern, name in _FORM_WORDS:
+        question = pattern.sub(name, question)
+    return re.sub(r"\b(a|an) ", "", question)
+
+
 def batched(fn, n, size):
     return [x for i in range(0, n, size) for x in fn(slice(i, min(n, i + size)))]
 
 
 @torch.no_grad()
-def generation_scores(model, processor, scenes, images, batch=100):
+def generation_scores(model, processor, scenes, images, batch=100, detail=False):
     text = data.OptText(processor.tokenizer)
     q = model.config.num_query_tokens
     embeds = torch.cat([model.get_image_features(data.pixels(images[i:i + batch])).pooler_output
@@ -51,6 +67,14 @@ def generation_scores(model, processor, scenes, images, batch=100):
     for kind in (*world.KINDS, "second turn"):
         scores[f"vqa {kind}"] = right[kinds == kind].mean()
     scores["vqa overall"] = right.mean()
+    if detail:
+        groups = {}
+        for (i, (prompt, _), kind), ok in zip(rows, right):
+            n = len(scenes[i].objects)
+            groups.setdefault(f"vqa {kind}, {n} object{'s' * (n > 1)}", []).append(ok)
+            if kind != "second turn":
+                groups.setdefault(f"vqa {question_form(prompt[len('Question: '):-len(' Answer:')])}", []).append(ok)
+        scores |= {key: np.mean(oks) for key, oks in sorted(groups.items())}
     return scores, captions
 
 
@@ -90,13 +114,13 @@ def retrieval_scores(model, processor, scenes, images, gallery=100, batch=100):
     return scores
 
 
-def evaluate(model_dir, itm_dir, n, split="test", show=0):
+def evaluate(model_dir, itm_dir, n, split="test", show=0, detail=False):
     scores = {}
     if model_dir:
         model = Blip2ForConditionalGeneration.from_pretrained(model_dir).eval()
         processor = Blip2Processor.from_pretrained(model_dir)
         scenes, images = data.load_split(split, n, model.config.vision_config.image_size)
-        gen, captions = generation_scores(model, processor, scenes, images)
+        gen, captions = generation_scores(model, processor, scenes, images, detail=detail)
         scores |= gen
         for s, c in list(zip(scenes, captions))[:show]:
             print(f"  truth: {s.caption()}\n  model: {c}")
@@ -115,9 +139,10 @@ def main():
     parser.add_argument("--n", type=int, default=500, help="held-out scenes")
     parser.add_argument("--split", default="test", choices=world.SPLITS)
     parser.add_argument("--show", type=int, default=3, help="print this many captions")
+    parser.add_argument("--detail", action="store_true", help="VQA accuracy per question form and scene size too")
     args = parser.parse_args()
     torch.set_num_threads(2)
-    for name, value in evaluate(args.model, args.itm_model, args.n, args.split, args.show).items():
+    for name, value in evaluate(args.model, args.itm_model, args.n, args.split, args.show, args.detail).items():
         print(f"{name:24s} {100 * value:6.2f}%")
 
 
