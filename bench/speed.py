@@ -2,6 +2,7 @@
 
     python -m bench.speed                # checkpoints written once to bench/out/speed/, then best of 5 runs each
     python -m bench.speed --repeat 3 --threads 2
+    python -m bench.speed --repeat 1 --profile  # and where blip2's caption spends its time (torch.profiler)
 
 The models: ViT-B/16-like vision (768 wide, 12 layers, 224 px), the full Q-Former (12 x 768, 32 queries), an
 OPT-125m-like LM (768 wide, 12 layers, ffn 3072, vocab 50272) and a matching retrieval model; random weights, the
@@ -147,6 +148,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m bench.speed", description=__doc__.split("\n\n")[0])
     ap.add_argument("--repeat", type=int, default=5, help="timed runs per task (the best is reported)")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: all cores)")
+    ap.add_argument("--profile", action="store_true", help="then profile blip2's caption: where its time goes")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     import numpy as np
@@ -216,6 +218,12 @@ def main(argv=None):
 
         compare("match 1x64", match_ref, match_ours, lambda a, b: torch.allclose(a, b, atol=1e-5))
         floor, bandwidth, flops, weights, compute = floor_seconds(ours, new_tokens, prompt_len)
+        if args.profile:
+            from torch.profiler import ProfilerActivity, profile
+
+            with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+                ours.generate(pixel_values=px, max_new_tokens=20)
+            print(prof.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total", row_limit=20))
 
     print(f"\nblip2 vs transformers {transformers.__version__}, torch {torch.__version__}, {args.threads} threads, "
           f"best of {args.repeat} interleaved runs (peak = extra resident memory of a call)")
