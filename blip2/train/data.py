@@ -135,10 +135,11 @@ def check_rows(scenes, rng):
 def lm_text(scene, rng, captions=0.3, photo=0.4, turns=4):
     """A language-model pre-training text: (context, segments), the segments of `sample_text` after the scene's
     description written in front of BOS, the slot that the image's query tokens take later (the LM learns to read
-    a context there). Before questions the objects are described in a random order, so that no answer can be
-    guessed from where an object comes in the description (captions keep the reading order they copy)."""
+    a context there). The description is the caption, objects in reading order."""
     segments = sample_text(scene, rng, captions, photo, turns)
     if segments[0][0].startswith("Question"):
+        # an order is drawn but not kept (describe() writes reading order); the draw stays so that the recipe
+        # reproduces the shipped model's data
         return world.describe(rng.sample(scene.objects, len(scene.objects))), segments
     return scene.caption(), segments
 
