@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from blip2 import Blip2ForConditionalGeneration, Blip2ForImageTextRetrieval
 from blip2.processing import Blip2Processor, BlipImageProcessor
-from blip2.train import data, evaluate, losses, stages, world
+from blip2.train import data, evaluate, losses, probe, stages, world
 
 TINY = stages.Recipe(image_size=32, patch_size=8, vision_hidden=32, vision_layers=1, qformer_hidden=32,
                      qformer_layers=1, num_query_tokens=4, text_hidden=32, text_layers=1, heads=2, embed_dim=16,
@@ -123,3 +123,14 @@ def test_evaluation_details(runs):
     forms = [k for k in scores if k.startswith("vqa what color is the ") and k.endswith("?")]
     sizes = [k for k in scores if k.startswith("vqa color, ") and k.endswith(("object", "objects"))]
     assert forms and sizes and all(0 <= v <= 1 for v in scores.values())
+
+
+@pytest.mark.parametrize("reference", [False, True])
+def test_probe_reports_accuracy_by_object_count(runs, reference):
+    (_, work, _), _ = runs
+    history = probe.probe("what color is the SHAPE?", 4, "pairs", reference, work, every=2, r=TINY, n_val=30)
+    assert [step for step, _ in history] == [2, 4]
+    for _, scores in history:
+        assert "all" in scores and {"n=1", "n=2"} <= set(scores) and all(0 <= v <= 1 for v in scores.values())
+    with pytest.raises(ValueError, match="no question of the world has the form"):
+        probe.probe("what is the meaning of life?", 1, work=work, r=TINY)
