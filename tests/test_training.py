@@ -14,8 +14,9 @@ from blip2.processing import Blip2Processor, BlipImageProcessor
 from blip2.train import data, evaluate, losses, probe, stages, world
 
 TINY = stages.Recipe(image_size=32, patch_size=8, vision_hidden=32, vision_layers=1, qformer_hidden=32,
-                     qformer_layers=1, num_query_tokens=4, text_hidden=32, text_layers=1, heads=2, embed_dim=16,
-                     n_train=32, batch=8, vision_steps=4, lm_steps=4, qformer_steps=4, bridge_steps=4, n_val=6, seed=1)
+                     qformer_layers=1, num_query_tokens=4, text_hidden=32, text_layers=1, lm_aux_layer=1, heads=2,
+                     embed_dim=16, n_train=32, batch=8, vision_steps=4, lm_steps=4, qformer_steps=4, bridge_steps=4,
+                     n_val=6, seed=1)
 
 
 def run_all(root, tokenizers=None):
@@ -74,6 +75,11 @@ def test_deterministic(runs):
         assert all(torch.equal(a[k], b[k]) for k in a), name
 
 
+def test_recipe_checks_the_supervised_layer():
+    with pytest.raises(ValueError, match="lm_aux_layer must be a layer of the language model"):
+        stages.Recipe(text_layers=4, lm_aux_layer=5)
+
+
 def test_pixels_match_the_image_processor():
     scene = world.make_split("val", 1)[0]
     image = scene.render(128)
@@ -112,6 +118,50 @@ def test_question_forms():
     assert evaluate.question_form("what shape is the object at the top?") == "what shape is the object POSITION?"
 
 
+def test_question_attributes_state_what_the_answer_depends_on():
+    for scene in world.make_split("val", 60):
+        for qa in scene.questions():
+            stated = data.question_attributes(qa.question)
+            found = [o for o in scene.objects if all(getattr(o, k) == v for k, v in stated.items())]
+            if qa.kind == "yesno":  # every reference is unique: "is the circle red?" = "is there a red circle?"
+                assert (qa.answer == "yes") == bool(found), (qa, stated)
+            elif qa.kind == "count":
+                assert qa.answer == world.NUMBERS[len(found)], (qa, stated)
+            else:
+                assert len(found) == 1 and getattr(found[0], qa.kind) == qa.answer, (qa, stated)
+    assert data.question_attributes("is the red object a star?") == {"color": "red", "shape": "star"}
+    assert data.question_attributes("is the circle in the top left?") == {"shape": "circle", "position": "top left"}
+    assert data.question_attributes("what size is the object in the top left?") == {"position": "top left"}
+    assert data.question_attributes("is there a small blue cross?") == {"size": "small", "color": "blue",
+                                                                         "shape": "cross"}
+    assert data.question_attributes("how many crosses are there?") == {"shape": "cross"}
+    assert data.question_attributes("how many shapes are there?") == {}
+
+
+def test_attribute_targets_mark_object_ends_and_question_colons(runs):
+    (_, _, out), _ = runs
+    text = data.OptText(Blip2Processor.from_pretrained(out / "blip2-tiny").tokenizer)
+    scene = world.Scene((world.Obj("circle", "red", "small", "top left"), world.Obj("star", "blue", "large", "bottom")),
+                        "plain", 0)
+    chat = [("Question: what color is the star? Answer:", " blue"),
+            (". Question: is the object in the top left large? Answer:", " no")]
+    texts = [(scene.caption(), [("a photo of", " " + scene.caption())]), (scene.caption(), chat)]
+    ids, _, _ = text.lm_batch(texts)
+    targets = text.attribute_targets(texts, [scene, scene])
+    marks = {}
+    for attr, rows in targets.items():
+        for b, t, v in rows.tolist():
+            marks.setdefault((b, text.tok.decode(ids[b, :t + 1].tolist())), {})[attr] = world.VALUES[attr][v]
+    ends = {"a small red circle in the top left": vars(scene.objects[0]),
+            "a small red circle in the top left and a large blue star at the bottom": vars(scene.objects[1])}
+    assert marks == {**{(b, k): v for b in (0, 1) for k, v in ends.items()},
+                     (1, scene.caption() + "</s>" + chat[0][0]): {"shape": "star"},
+                     (1, scene.caption() + "</s>" + "".join(chat[0]) + chat[1][0]): {"position": "top left",
+                                                                                     "size": "large"}}
+    with pytest.raises(ValueError, match="is not the caption of its scene"):
+        text.attribute_targets([("a large star", chat)], [scene])
+
+
 def test_evaluation_details(runs):
     (_, _, out), _ = runs
     model = Blip2ForConditionalGeneration.from_pretrained(out / "blip2-tiny").eval()
@@ -125,12 +175,16 @@ def test_evaluation_details(runs):
     assert forms and sizes and all(0 <= v <= 1 for v in scores.values())
 
 
-@pytest.mark.parametrize("reference", [False, True])
-def test_probe_reports_accuracy_by_object_count(runs, reference):
+@pytest.mark.parametrize("reference, context, deep", [(False, "pairs", False), (True, "pairs", False),
+                                                     (False, "caption", True)])
+def test_probe_reports_accuracy_by_object_count(runs, reference, context, deep):
     (_, work, _), _ = runs
-    history = probe.probe("what color is the SHAPE?", 4, "pairs", reference, work, every=2, r=TINY, n_val=30)
+    history = probe.probe("what color is the SHAPE?", 4, context, reference, work, every=2, r=TINY, n_val=30,
+                          deep_supervision=deep)
     assert [step for step, _ in history] == [2, 4]
     for _, scores in history:
         assert "all" in scores and {"n=1", "n=2"} <= set(scores) and all(0 <= v <= 1 for v in scores.values())
     with pytest.raises(ValueError, match="no question of the world has the form"):
         probe.probe("what is the meaning of life?", 1, work=work, r=TINY)
+    with pytest.raises(ValueError, match="use --context caption"):
+        probe.probe("what color is the SHAPE?", 1, "pairs", work=work, r=TINY, deep_supervision=True)

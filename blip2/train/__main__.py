@@ -1,6 +1,6 @@
 """Train the embedded tiny BLIP-2 by the paper's two-stage recipe, on the procedural world, on a CPU.
 
-python -m blip2.train --out assets                       # every stage, then the evaluation (~115 minutes, 2 cores)
+python -m blip2.train --out assets --threads 2           # every stage, then the evaluation (~95 minutes, 2 cores)
 python -m blip2.train --stage qformer --steps 20         # one stage, few steps (smoke run)
 
 Writes OUT/blip2-tiny-itm (stage 1) and OUT/blip2-tiny (stage 2); the stage-0 parts (vision.safetensors, lm.safetensors)

@@ -7,6 +7,7 @@ Images go through the inference preprocessing: PIL bicubic resize to the model s
 
 import os
 import random
+import re
 from pathlib import Path
 
 import numpy as np
@@ -144,6 +145,54 @@ def lm_text(scene, rng, captions=0.3, photo=0.4, turns=4):
     return scene.caption(), segments
 
 
+# --- deep supervision of the language model: where the objects are bound, what a question states
+
+_ALTERNATIVES = {"size": world.SIZES, "color": world.COLORS, "shape": world.SHAPES,
+                 "plural": world.PLURALS.values(), "position": world.POSITION_PHRASES.values()}
+_ALT = {k: "|".join(v) for k, v in _ALTERNATIVES.items()}
+# the object (or objects) a question is about: "the small circle", "the object in the top left", "is there a red
+# star", "how many crosses"; and what a yes/no question claims about it, at its end: "... red?", "... a star?"
+_SUBJECT = re.compile(rf"(?:\bthe|is there an?|how many) (?:(?P<size>{_ALT['size']}) )?(?:(?P<color>{_ALT['color']}) )?"
+                      rf"(?:(?P<shape>{_ALT['shape']})|(?P<plural>{_ALT['plural']})|shapes|"
+                      rf"object(?: (?P<position>{_ALT['position']}))?)\b")
+_CLAIM = re.compile(rf"^is the .* (?:(?P<size>{_ALT['size']})|(?P<color>{_ALT['color']})|"
+                    rf"an? (?P<shape>{_ALT['shape']})|(?P<position>{_ALT['position']}))\?$")
+_PHRASE_TO_POSITION = {v: k for k, v in world.POSITION_PHRASES.items()}
+_PLURAL_TO_SHAPE = {v: k for k, v in world.PLURALS.items()}
+
+
+def question_attributes(question):
+    """{attribute: value} that a question states about the object it asks after: what picks the object out
+    ("what color is the small circle?" -> size, shape; "how many crosses are there?" -> shape; "... the object in
+    the top left?" -> position) and, in a yes/no question, what it claims ("is the circle red?" -> shape, color).
+    Every reference in the world is unique, so a yes/no question is "yes" exactly when an object has them all."""
+    stated = {}
+    for pattern in (_SUBJECT, _CLAIM):
+        m = pattern.search(question)
+        if m:
+            stated |= {k: v for k, v in m.groupdict().items() if v is not None}
+    if "plural" in stated:
+        stated["shape"] = _PLURAL_TO_SHAPE[stated.pop("plural")]
+    if "position" in stated:
+        stated["position"] = _PHRASE_TO_POSITION[stated["position"]]
+    return stated
+
+
+def object_ends(tokenizer, scene):
+    """[(token index, object)]: the last token of each object's phrase in the tokenized caption."""
+    caption = scene.caption()
+    ids = tokenizer.encode(caption, add_special_tokens=False)
+    out, end = [], 0
+    for o in sorted(scene.objects, key=lambda o: world.POSITIONS.index(o.position)):
+        phrase = world.describe([o])
+        end = caption.index(phrase, end) + len(phrase)
+        prefix = tokenizer.encode(caption[:end], add_special_tokens=False)
+        if ids[:len(prefix)] != prefix:
+            raise ValueError(f"{caption[:end]!r} does not tokenize as a prefix of {caption!r}")
+        out.append((len(prefix) - 1, o))
+    return out
+
+
 class OptText:
     """Token ids for the OPT side: [context or image tokens] BOS (prompt target)... "\\n", labels on the targets."""
 
@@ -185,6 +234,28 @@ class OptText:
     def lm_batch(self, texts):
         """(context, segments) texts: the context written in front of BOS, the loss on the targets only."""
         return self.batch([(self.tok.encode(c, add_special_tokens=False), *self.encode(segs)) for c, segs in texts])
+
+    def attribute_targets(self, texts, scenes):
+        """Targets of the language model's deep supervision for lm_batch(texts) about `scenes`, as {attribute:
+        (n, 3) tensor of (row, position, value index)}: at the last token of each object's phrase in the context
+        (the caption), all four attributes of that object; at the last prompt token of each question (the ":" the
+        answer follows), what the question states about its object (`question_attributes`)."""
+        rows = {k: [] for k in world.ATTRIBUTES}
+        for b, ((context, segments), scene) in enumerate(zip(texts, scenes)):
+            if context != scene.caption():
+                raise ValueError(f"the context {context!r} is not the caption of its scene")
+            marks = [(t, vars(o)) for t, o in object_ends(self.tok, scene)]
+            _, labelled = self.encode(segments)
+            offset = len(self.tok.encode(context, add_special_tokens=False))
+            starts = [t for t, flag in enumerate(labelled) if flag and (t == 0 or not labelled[t - 1])]
+            for start, (prompt, _) in zip(starts, segments):
+                question = re.search(r"Question: (.*) Answer:$", prompt)
+                if question:
+                    marks.append((offset + start - 1, question_attributes(question[1])))
+            for t, attrs in marks:
+                for k, v in attrs.items():
+                    rows[k].append((b, t, world.VALUES[k].index(v)))
+        return {k: torch.tensor(v, dtype=torch.long).reshape(-1, 3) for k, v in rows.items()}
 
     def vlm_batch(self, texts, num_query_tokens):
         """The processor's layout: Q image tokens, BOS, then the segments (targets labelled) and "\\n"."""

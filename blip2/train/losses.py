@@ -1,10 +1,13 @@
 """The Q-Former's stage-1 objectives (BLIP-2 paper, section 3.2): image-text contrastive (ITC), image-text
-matching with hard negatives (ITM) and image-grounded text generation (ITG)."""
+matching with hard negatives (ITM) and image-grounded text generation (ITG); and the deep supervision that lets
+stage 0's small language model learn to look an object up."""
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from blip2.opt import causal_lm_loss
+from blip2.train import world
 
 
 def itc_loss(image_feats, text_feats, temp, same):
@@ -43,3 +46,14 @@ def itg_mask(text_mask, num_query_tokens):
 def itg_loss(logits, input_ids, text_mask):
     """Next-token loss over the text positions (the first one is [DEC]); padding ignored."""
     return causal_lm_loss(logits, input_ids.masked_fill(text_mask == 0, -100))
+
+
+def attribute_heads(hidden_size):
+    """One linear classifier per world attribute, over the language model's hidden states (training only)."""
+    return nn.ModuleDict({k: nn.Linear(hidden_size, len(world.VALUES[k])) for k in world.ATTRIBUTES})
+
+
+def attribute_loss(heads, hidden, targets):
+    """Sum over attributes of the cross-entropy of heads[k] at the (row, position) of `targets[k]`, an (n, 3)
+    tensor of (row, position, value index) as OptText.attribute_targets makes. hidden: (B, T, D)."""
+    return sum(F.cross_entropy(heads[k](hidden[t[:, 0], t[:, 1]]), t[:, 2]) for k, t in targets.items() if len(t))

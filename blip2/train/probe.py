@@ -2,6 +2,7 @@
 
 python -m blip2.train.probe --form "what color is the SHAPE?" --steps 3000
 python -m blip2.train.probe --form "what color is the SHAPE?" --steps 3000 --reference   # transformers' OPT
+python -m blip2.train.probe --form "what color is the SHAPE?" --steps 500 --deep-supervision   # as stage 0 trains
 
 Trains a fresh language model (stage 0's configuration and schedule) on ONE question form only, written as
 `evaluate.question_form` abstracts it, each question after its scene's description as in stage 0, and prints the
@@ -9,7 +10,9 @@ held-out teacher-forced accuracy by number of objects every --every steps. With 
 the description; with two or three, scoring near the chance of picking any object present means the lookup has
 not formed. --context pairs gives the smallest context that still needs it ("circle red, square blue");
 --reference trains the reference `transformers.OPTForCausalLM` instead (the test oracle), to tell the learning
-dynamics from a fault of ours.
+dynamics from a fault of ours. --deep-supervision adds stage 0's attribute heads (`losses.attribute_loss`: each
+object's attributes at the end of its phrase, what the question names at its ":"), which is what makes the lookup
+form.
 """
 
 import argparse
@@ -19,7 +22,7 @@ import torch
 
 from blip2 import OPTConfig
 from blip2.opt import OPTForCausalLM
-from blip2.train import data, evaluate, stages, world
+from blip2.train import data, evaluate, losses, stages, world
 
 CONTEXTS = {
     "caption": lambda scene: scene.caption(),
@@ -28,10 +31,12 @@ CONTEXTS = {
 
 
 def probe(form, steps, context="caption", reference=False, work=Path("/tmp/blip2-train"), every=500, r=None,
-          n_val=600):
+          n_val=600, deep_supervision=False):
     """Train on `form` alone (recipe `r`, default the shipped one); returns [(step, {"n=1": accuracy, ...,
     "all": ...})] at every check."""
     r = r or stages.Recipe()
+    if deep_supervision and context != "caption":
+        raise ValueError("--deep-supervision marks the objects of the caption: use --context caption")
     torch.manual_seed(r.seed)
     tok = stages.processors(work, r)[0].tokenizer
     text = data.OptText(tok)
@@ -43,6 +48,7 @@ def probe(form, steps, context="caption", reference=False, work=Path("/tmp/blip2
         lm = OPTForCausalLM(OPTConfig.from_dict(config))
     stages.init_weights(lm)
     lm.tie_weights()
+    heads = stages.init_weights(losses.attribute_heads(r.text_hidden)) if deep_supervision else None
 
     def questions(scene):
         return [qa for qa in scene.questions() if evaluate.question_form(qa.question) == form]
@@ -56,8 +62,7 @@ def probe(form, steps, context="caption", reference=False, work=Path("/tmp/blip2
     describe = CONTEXTS[context]
 
     def batch(pairs):  # (scene, (prompt, target)) -> the description in front of BOS, the loss on the answer
-        return text.batch([(tok.encode(describe(s), add_special_tokens=False), *text.encode([pair]))
-                           for s, pair in pairs])
+        return text.lm_batch([(describe(s), [pair]) for s, pair in pairs])
 
     draw = stages.batches(len(scenes), r.batch, r.seed + 1)
     history, done = [], []  # checks; steps taken
@@ -75,9 +80,14 @@ def probe(form, steps, context="caption", reference=False, work=Path("/tmp/blip2
         rng = data.rng_for(r.seed, step)
         pairs = [(scenes[i], data.vqa_pair(rng.choice(questions(scenes[i])))) for i in draw().tolist()]
         input_ids, mask, labels = batch(pairs)
-        return lm(input_ids=input_ids, attention_mask=mask, labels=labels).loss, {}
+        out = lm(input_ids=input_ids, attention_mask=mask, labels=labels, output_hidden_states=deep_supervision)
+        if not deep_supervision:
+            return out.loss, {}
+        targets = text.attribute_targets([(describe(s), [pair]) for s, pair in pairs], [s for s, _ in pairs])
+        return out.loss + losses.attribute_loss(heads, out.hidden_states[r.lm_aux_layer], targets), {}
 
-    stages.train(lm, loss_fn, steps, r.lm_lr, f"probe: {form}", every=every, check=check)
+    trainable = torch.nn.ModuleDict({"lm": lm, "heads": heads}) if deep_supervision else lm
+    stages.train(trainable, loss_fn, steps, r.lm_lr, f"probe: {form}", every=every, check=check)
     return history
 
 
@@ -88,11 +98,13 @@ def main():
     parser.add_argument("--every", type=int, default=500)
     parser.add_argument("--context", choices=sorted(CONTEXTS), default="caption")
     parser.add_argument("--reference", action="store_true", help="train transformers.OPTForCausalLM instead")
+    parser.add_argument("--deep-supervision", action="store_true", help="with stage 0's attribute heads")
     parser.add_argument("--work", type=Path, default=Path("/tmp/blip2-train"), help="where the tokenizers are")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    probe(args.form, args.steps, args.context, args.reference, args.work, args.every)
+    probe(args.form, args.steps, args.context, args.reference, args.work, args.every,
+          deep_supervision=args.deep_supervision)
 
 
 if __name__ == "__main__":
