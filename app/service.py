@@ -35,18 +35,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .errors import RequestError
+from .files import request_file
+from .paths import EMBEDDED_GENERATION, EMBEDDED_RETRIEVAL, EXAMPLES_DIR, ROOT  # noqa: F401 (re-exported)
+
 log = logging.getLogger("blip2.app")
 
-ROOT = Path(__file__).resolve().parent.parent
-ASSETS = ROOT / "assets"
-EXAMPLES_DIR = ASSETS / "examples"
-EMBEDDED_GENERATION = ASSETS / "blip2-tiny"
-EMBEDDED_RETRIEVAL = ASSETS / "blip2-tiny-itm"
 EMBEDDED = "blip2-tiny (embedded)"
-
-
-class RequestError(ValueError):
-    """A request the app refuses, with a message for the person who sent it."""
 
 
 class TimeLimitReached(RuntimeError):
@@ -313,7 +308,8 @@ def check_image(im: Image.Image, limits: Limits, name="the image", digest=None, 
 def load_image(value, limits: Limits, name="the image") -> CheckedImage:
     """Whatever an event or a direct caller passes as an image -> CheckedImage (RequestError if unusable).
 
-    Accepts a Gradio payload dict (preprocess=False), a file path, bytes, a PIL image or a numpy array."""
+    Accepts a Gradio payload dict (preprocess=False), a file path, bytes, a PIL image or a numpy array. A path
+    (or a payload's path) is read only when `app.files.request_file` allows it: an upload or an example file."""
     if value is None or (isinstance(value, str) and not value.strip()):
         raise RequestError(f"no image given: upload {'an image' if name == 'the image' else name} first "
                            "(or pick an example)")
@@ -325,9 +321,7 @@ def load_image(value, limits: Limits, name="the image") -> CheckedImage:
             raise RequestError(f"{name}: inline (base64) images are not accepted; upload the file")
         value = path
     if isinstance(value, (str, Path)):
-        path = Path(value)
-        if not path.is_file():
-            raise RequestError(f"{name}: the uploaded file is gone or was never stored; upload it again")
+        path = request_file(value)  # only uploads and the example files, whoever asks
         size = path.stat().st_size
         if size > limits.max_upload_bytes:
             raise RequestError(f"{name} is {size / 2**20:.1f} MB; the limit is {limits.max_upload_mb:g} MB")
@@ -1155,7 +1149,8 @@ class Service:
         if isinstance(item, (tuple, list)) and item:
             item = item[0]
         path = _payload_path(item) if isinstance(item, dict) else item if isinstance(item, (str, Path)) else None
-        if path is not None and os.path.isfile(path):
+        if path is not None:
+            path = request_file(path)
             st = os.stat(path)
             fkey = (str(path), st.st_size, st.st_mtime_ns)
             digest = self._file_digests.get(fkey)

@@ -3,6 +3,7 @@ builders for the awkward files the robustness tests upload."""
 
 import atexit
 import contextlib
+import hashlib
 import io
 import os
 import socket
@@ -221,7 +222,13 @@ def _png16_rgb(array):
 
 
 def write(tmp_path, name, data):
-    path = os.path.join(str(tmp_path), name)
+    """Store a test file where Gradio stores a visitor's upload (its upload folder, in a sub-folder named after
+    `tmp_path`): the app reads no other files (app/files.py). Returns its path."""
+    from app.files import upload_folder
+
+    folder = os.path.join(upload_folder(), "blip2-tests", hashlib.sha256(str(tmp_path).encode()).hexdigest()[:16])
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, name)
     with open(path, "wb") as f:
         f.write(data)
     return path
