@@ -206,3 +206,40 @@ def test_decoding_defaults(svc):
     assert Decoding(mode="nucleus sampling", num_captions=2, temperature=0.7).generate_kwargs() == dict(
         max_new_tokens=30, min_new_tokens=1, repetition_penalty=1.0, num_return_sequences=2, do_sample=True,
         num_beams=1, temperature=0.7, top_p=0.9, top_k=50)
+
+
+def test_special_token_strings_are_plain_text_in_match_search_and_heatmap(svc, scenes, monkeypatch):
+    """What a user types is text: "<image>", "[CLS]", "</s>" reach the Q-Former as the reference tokenizer reads
+    them with split_special_tokens=True (plain text), in matching, search and the heat map alike."""
+    import transformers
+
+    loaded = svc.get(svc.default[RETRIEVAL], RETRIEVAL)
+    reference = transformers.AutoTokenizer.from_pretrained(loaded.source)
+    seen = []  # (op, token ids of each text row the ITM / ITC heads received)
+
+    def recording(name, ids_at):
+        real = getattr(loaded.model, name)
+
+        def record(*args, **kwargs):
+            ids, mask = args[ids_at], args[ids_at + 1]
+            seen.extend(ids[i][mask[i].bool()].tolist() for i in range(ids.shape[0]))
+            return real(*args, **kwargs)
+        return record
+
+    monkeypatch.setattr(loaded.model, "itm_logits", recording("itm_logits", 1))
+    monkeypatch.setattr(loaded.model, "itc_text_embeds", recording("itc_text_embeds", 0))
+    _, path = scenes[0]
+    texts = {"match": "a <image> circle [CLS] here", "search": "a </s> star [CLS] <image>", "heatmap": "[CLS] a </s> cross"}
+    for op, text in texts.items():
+        seen.clear()
+        if op == "match":
+            matching.match(path, text)
+        elif op == "search":
+            search.search([path], text, 1)
+        else:
+            svc.heatmap(svc.default[RETRIEVAL], path, text)
+        plain = reference(text, split_special_tokens=True)["input_ids"]
+        special = set(reference.all_special_ids)
+        assert len(seen) >= 2 and all(ids == plain for ids in seen), (op, seen, plain)  # ITM and ITC both
+        special |= {reference.cls_token_id, reference.sep_token_id}
+        assert not special & set(plain[1:-1]) and special & set(reference(text)["input_ids"][1:-1]), op  # raw: not
