@@ -2,7 +2,6 @@
 disk offload, 8/4-bit quantization (bitsandbytes, CPU backend) and the memory report. Tiny random reference
 checkpoints written by transformers."""
 
-import hashlib
 import json
 import os
 import shutil
@@ -19,6 +18,7 @@ from blip2.loading import CheckpointError, CheckpointNotFoundError, DeviceMapErr
 from blip2.memory import memory_report, model_memory
 from blip2.ops import Linear
 from blip2.quantization import QuantizationConfig, QuantizationError
+from tiny_checkpoints import fake_hub_cache
 from tiny_models import IMAGE_TOKEN, NUM_QUERY, OPT, T5, config, randomize, reference_model
 
 Model = blip2.Blip2ForConditionalGeneration
@@ -70,24 +70,6 @@ def test_sharded_checkpoint(ckpts, plain, tmp_path):
 
 
 # --- hub ids through the Hugging Face cache -------------------------------------------------------------------
-
-
-def fake_hub_cache(cache, repo_id, src, revision="main"):
-    """The standard cache layout huggingface_hub writes: blobs/<sha256>, snapshots/<commit>/<file> -> blob,
-    refs/<revision> = commit."""
-    repo = os.path.join(cache, "models--" + repo_id.replace("/", "--"))
-    commit = hashlib.sha1(repo_id.encode()).hexdigest()
-    snap = os.path.join(repo, "snapshots", commit)
-    os.makedirs(os.path.join(repo, "blobs"), exist_ok=True)
-    os.makedirs(snap, exist_ok=True)
-    os.makedirs(os.path.join(repo, "refs"), exist_ok=True)
-    for f in os.listdir(src):
-        data = open(os.path.join(src, f), "rb").read()
-        blob = os.path.join(repo, "blobs", hashlib.sha256(data).hexdigest())
-        open(blob, "wb").write(data)
-        os.symlink(os.path.relpath(blob, snap), os.path.join(snap, f))
-    open(os.path.join(repo, "refs", revision), "w").write(commit)
-    return snap
 
 
 @pytest.fixture
