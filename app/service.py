@@ -908,11 +908,10 @@ class Service:
         return torch.cat(out, 0)
 
     def _text_inputs(self, loaded: Loaded, texts):
-        tok = loaded.processor.tokenizer
-        limit = min(loaded.model.config.qformer_config.max_position_embeddings, 512)
-        enc = tok([_strip_special(t, tok) or "." for t in texts], padding=True, truncation=True, max_length=limit,
-                  return_tensors="pt")
-        return enc["input_ids"].to(loaded.device), enc["attention_mask"].to(loaded.device)
+        """(ids, mask) of user texts for the ITC / ITM heads: matching's plain-text encoding (Blip2Runner.text_batch),
+        so a typed "<image>" or "[CLS]" is text in match, search and heat map alike."""
+        ids, mask, _ = loaded.runner.text_batch(texts)
+        return ids, mask
 
     def itc_text(self, loaded: Loaded, texts):
         out, missing = [None] * len(texts), []
@@ -1225,19 +1224,6 @@ def _config_is_t5(directory):
         return (cfg.get("text_config") or {}).get("model_type") == "t5"
     except (OSError, ValueError):
         return False
-
-
-def _strip_special(text: str, tokenizer) -> str:
-    """Remove special-token strings (<image>, </s>, [CLS], ...) a user typed: they would be read as the tokens
-    themselves (an "<image>" in a prompt breaks the image-token count)."""
-    specials = set(getattr(tokenizer, "all_special_tokens", []) or [])
-    image_token = getattr(tokenizer, "image_token", None) if hasattr(tokenizer, "special_tokens") and \
-        "image_token" in tokenizer.special_tokens else None
-    specials |= {"<image>"} | ({image_token} if image_token else set())
-    for s in sorted((s for s in specials if s), key=len, reverse=True):
-        if s in text:
-            text = text.replace(s, " ")
-    return " ".join(text.split())
 
 
 def _item_name(item, i):
