@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import gradio as gr
 
+from blip2.runner import CAPTION_DECODING
+
 from . import examples
 from .common import (BEAM, decoding_controls, decoding_from, model_event, progress_callback, service, session_models,
                      user_errors)
 from .service import Decoding
 
-DEFAULTS = Decoding(mode=BEAM, num_beams=1, max_new_tokens=30, min_new_tokens=1, num_captions=1)
+DEFAULTS = Decoding(mode=BEAM, num_beams=1, num_captions=1, **CAPTION_DECODING)  # the CLI's defaults too
 
 
 def format_captions(captions):
@@ -50,10 +52,12 @@ def build(session: gr.State):
             gr.Markdown("Beam search with 1 beam is greedy decoding and streams the caption as it is written. "
                         "With more beams or several captions the result comes at the end.",
                         elem_classes=["help"])
-            gr.Examples(examples.caption_examples(), inputs=[image, prompt], label="Examples: scenes of the "
-                        "embedded model's world, and photographs", examples_per_page=4)
+            scenes, photos = examples.caption_examples()
+            gr.Examples(scenes, inputs=[image, prompt], label=examples.SCENES_LABEL, examples_per_page=4)
+            gr.Examples(photos, inputs=[image, prompt], label=examples.PHOTOS_LABEL, examples_per_page=4)
     inputs = [image, prompt, *controls, session]
-    model_event([run.click, prompt.submit], caption, inputs, [output, notice], api_name="caption",
+    model_event([run.click, prompt.submit], caption, inputs, [output, notice], api_name="caption", notice=notice,
                 api_description="Caption an image (streamed). Returns the caption (numbered lines when several) "
                                 "and a notice.")
+    image.change(lambda: ("", ""), None, [output, notice], api_visibility="private", queue=False)  # no stale caption
     return image

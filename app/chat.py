@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import gradio as gr
 
+from blip2.runner import ANSWER_DECODING
+
 from . import examples
 from .common import (BEAM, decoding_controls, decoding_from, model_event, progress_callback, service, session_models,
                      user_errors)
 from .service import Decoding, load_image
 
-DEFAULTS = Decoding(mode=BEAM, num_beams=1, max_new_tokens=20, min_new_tokens=1)
+DEFAULTS = Decoding(mode=BEAM, num_beams=1, **ANSWER_DECODING)  # the CLI's defaults too
 DEFAULT_QUESTION = "what is in this picture?"  # asked when an API call leaves the question out
 
 
@@ -79,6 +81,14 @@ def clear(history=None):
     return [], "", new_history()
 
 
+NO_IMAGE, READY = "Upload an image (or pick an example), then ask about it.", "Ask a question about this image below."
+
+
+def new_image(image, history=None):
+    """A new (or removed) image: the conversation starts over, and the placeholder says what to do next."""
+    return gr.update(value=[], placeholder=NO_IMAGE if image is None else READY), "", new_history()
+
+
 def build(session: gr.State):
     history = gr.State(new_history())
     with gr.Row(equal_height=False):
@@ -88,7 +98,7 @@ def build(session: gr.State):
             gr.Markdown("Changing the image starts a new conversation.", elem_classes=["help"])
         with gr.Column(scale=3):
             chatbot = gr.Chatbot(label="Conversation", height=340, elem_id="chat-bot", buttons=["copy"],
-                                 placeholder="Upload an image, then ask about it.")
+                                 placeholder=NO_IMAGE)
             with gr.Row(equal_height=True):
                 question = gr.Textbox(label="Question", show_label=False, scale=5, container=False,
                                       placeholder="Ask a question about the image", elem_id="chat-question",
@@ -97,13 +107,15 @@ def build(session: gr.State):
                 clear_btn = gr.Button("Clear", scale=1, elem_id="chat-clear", min_width=80)
             notice = gr.Markdown(elem_id="chat-notice", label="Notice")
             controls = decoding_controls(DEFAULTS)
-            gr.Examples(examples.chat_examples(), inputs=[image, question], label="Examples", examples_per_page=4)
+            scenes, photos = examples.chat_examples()
+            gr.Examples(scenes, inputs=[image, question], label=examples.SCENES_LABEL, examples_per_page=4)
+            gr.Examples(photos, inputs=[image, question], label=examples.PHOTOS_LABEL, examples_per_page=4)
     event = model_event([ask.click, question.submit], chat, [image, question, *controls, history, session],
-                        [chatbot, notice, history], api_name="chat",
+                        [chatbot, notice, history], api_name="chat", notice=notice,
                         api_description="Ask a question about the image; the session's earlier turns are part of "
                                         "the prompt. Streams (conversation, notice).")
     event.success(lambda: "", None, question, api_visibility="private", queue=False)
     clear_btn.click(clear, [history], [chatbot, notice, history], api_name="clear_chat",
                     api_description="Forget this session's conversation.")
-    image.change(clear, [history], [chatbot, notice, history], api_visibility="private", queue=False)
+    image.change(new_image, [image, history], [chatbot, notice, history], api_visibility="private", queue=False)
     return image

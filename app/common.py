@@ -56,25 +56,49 @@ def _capital(s):
 
 
 def user_errors(fn):
-    """Turn service errors into gr.Error (a readable message in the UI and the API); works for generators too."""
+    """Turn service errors into gr.Error (a readable message in the UI and the API); works for generators too.
+    The message is also kept in the handler's `session` state (key "error") until the next action, so the tab's
+    notice area can show it after the toast is gone (see `model_event`)."""
+    signature = inspect.signature(fn)
+
+    def session_of(args, kwargs) -> dict:
+        session = signature.bind_partial(*args, **kwargs).arguments.get("session")
+        if isinstance(session, dict):  # the session's own gr.State object: changes outlive a failed event
+            session.pop("error", None)  # a new action: the last error is stale
+            return session
+        return {}
+
+    def fail(e, session):
+        error = _to_gr_error(e)
+        session["error"] = error.message
+        return error
+
     if inspect.isgeneratorfunction(fn):
         @functools.wraps(fn)
         def gen(*args, **kwargs):
+            session = session_of(args, kwargs)
             try:
                 yield from fn(*args, **kwargs)
             except GeneratorExit:
                 raise
             except Exception as e:
-                raise _to_gr_error(e) from None
+                raise fail(e, session) from None
         return gen
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        session = session_of(args, kwargs)
         try:
             return fn(*args, **kwargs)
         except Exception as e:
-            raise _to_gr_error(e) from None
+            raise fail(e, session) from None
     return wrapper
+
+
+def error_notice(session) -> str:
+    """The last error of this session, for a tab's notice area (where it stays until the next action)."""
+    message = session.get("error") if isinstance(session, dict) else None
+    return f"⚠️ **Not done:** {message}" if message else ""
 
 
 def decoding_from(mode, num_beams, temperature, top_p, top_k, max_new_tokens, min_new_tokens, repetition_penalty,
@@ -127,13 +151,20 @@ def decoding_controls(defaults: Decoding, captions=False):
     return controls + ([n] if captions else [])
 
 
-def model_event(triggers, fn, inputs, outputs, api_name, **kwargs):
+def model_event(triggers, fn, inputs, outputs, api_name, notice=None, **kwargs):
     """Wire an event that runs a model: shared concurrency group, raw payloads (validation is the service's:
-    a script sending a wrong type gets the same message as the browser)."""
+    a script sending a wrong type gets the same message as the browser). When it fails, `notice` (a Markdown of
+    the tab; the session state must be the last input) shows the reason until the next action, and the other
+    outputs keep their values."""
     triggers = triggers if isinstance(triggers, (list, tuple)) else [triggers]
-    return gr.on(triggers, fn, inputs, outputs, api_name=api_name, concurrency_id=MODEL_CONCURRENCY_ID,
-                 concurrency_limit=service().limits.concurrency, preprocess=False, **kwargs)
+    event = gr.on(triggers, fn, inputs, outputs, api_name=api_name, concurrency_id=MODEL_CONCURRENCY_ID,
+                  concurrency_limit=service().limits.concurrency, preprocess=False, **kwargs)
+    if notice is not None:
+        others = [o for o in outputs if o is not notice]
+        event.failure(lambda session: (error_notice(session), *[gr.update() for _ in others]), inputs[-1:],
+                      [notice, *others], api_visibility="private", queue=False)
+    return event
 
 
 __all__ = ["BEAM", "SAMPLING", "service", "set_service", "user_errors", "decoding_controls", "decoding_from",
-           "model_event", "session_models", "progress_callback", "MODEL_CONCURRENCY_ID"]
+           "model_event", "error_notice", "session_models", "progress_callback", "MODEL_CONCURRENCY_ID"]

@@ -33,32 +33,35 @@ def scenes():
 
 
 def caption_examples():
-    rows = [[path(s["file"]), ""] for s in scenes()[:4]]
-    rows += [[path(name), prompt] for name, (prompt, _, _) in PHOTOS.items()]
-    return rows
+    """(scenes, photographs): [image, prompt] rows."""
+    return [[path(s["file"]), ""] for s in scenes()[:4]], [[path(name), prompt] for name, (prompt, _, _) in PHOTOS.items()]
 
 
 def chat_examples():
+    """(scenes, photographs): [image, question] rows."""
     rows = []
     for s in scenes()[:4]:
         qs = s["questions"]
         pick = next((q for q in qs if q["question"].startswith("what color")), qs[0])
         rows.append([path(s["file"]), pick["question"]])
-    rows += [[path(name), question] for name, (_, question, _) in PHOTOS.items()]
-    return rows
+    return rows, [[path(name), question] for name, (_, question, _) in PHOTOS.items()]
 
 
 def matching_examples():
+    """(scenes, photographs): [image, candidate texts] rows; each scene's true caption among near misses."""
     rows = [[path(s["file"]), "\n".join([s["negatives"][0], s["caption"], *s["negatives"][1:]])] for s in scenes()[:4]]
-    rows += [[path(name), "\n".join(texts)] for name, (_, _, texts) in list(PHOTOS.items())[:2]]
-    return rows
+    return rows, [[path(name), "\n".join(texts)] for name, (_, _, texts) in list(PHOTOS.items())[:2]]
 
 
 def gallery():
-    """Every example image: the default gallery of the Search tab."""
+    """Every example image: the default gallery of the Search tab (the world's scenes first)."""
     return [path(s["file"]) for s in scenes()] + [path(name) for name in PHOTOS]
 
 
 def search_queries():
-    rows = [[s["caption"]] for s in scenes()[:3]]
-    return rows + [["a cat"], ["a rocket launch"], ["a cup of coffee"]]
+    """(scene captions, photo queries)."""
+    return [[s["caption"]] for s in scenes()[:3]], [["a cat"], ["a rocket launch"], ["a cup of coffee"]]
+
+
+SCENES_LABEL = "Scenes of the embedded model's world (what blip2-tiny knows)"
+PHOTOS_LABEL = "Photographs: for a real checkpoint (pick one above); the embedded model knows only shapes"

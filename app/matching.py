@@ -24,17 +24,12 @@ def table(rows):
 
 
 def chart(rows):
-    """Bar chart data (both measures); the labels start with the rank (padded: the chart orders them
-    alphabetically)."""
+    """Bar chart data of both measures, one bar per text labelled by its rank ("# 1", "# 2", ... padded so the
+    chart's alphabetical order is the ranking); the full text shows on hover and in the table."""
     width = len(str(len(rows)))
-    labels = [_label(f"{i:>{width}}", r.text) for i, r in enumerate(rows, 1)]
-    return pd.DataFrame({"text": labels, "ITM probability": [r.itm for r in rows],
+    return pd.DataFrame({"rank": [f"#{i:>{width}}" for i in range(1, len(rows) + 1)],
+                         "text": [r.text for r in rows], "ITM probability": [r.itm for r in rows],
                          "ITC cosine": [r.itc for r in rows]})
-
-
-def _label(rank, text, width=44):
-    text = text if len(text) <= width else text[:width - 1] + "…"
-    return f"{rank}. {text}"
 
 
 @user_errors
@@ -49,7 +44,7 @@ def match(image, texts, session=None, progress=gr.Progress(track_tqdm=True)):
     heat, _, method = svc.heatmap(key, img, rows[0].text)
     notice = (f"Best match: **{rows[0].text}** (ITM {rows[0].itm:.3f}). Heat map: {method} for the best match; "
               "pick another text below to see where the model looks for it.")
-    notice = " ".join(img.notes + [notice])
+    notice = " ".join(img.notes + [notice, svc.world_caveat(key, [img])]).strip()
     data = chart(rows)
     return table(rows), data, data, heat, notice
 
@@ -65,8 +60,10 @@ def heatmap(image, text, session=None, progress=gr.Progress(track_tqdm=True)):
     """Heat map over the image of where the Q-Former looks for `text`. Returns (image, notice)."""
     svc = service()
     key = session_models(session)["retrieval"]
-    heat, _, method = svc.heatmap(key, image, text, progress=progress_callback(progress))
-    return heat, f"Heat map ({method}) for: **{text if isinstance(text, str) else ''}**"
+    img = load_image(image, svc.limits)
+    heat, _, method = svc.heatmap(key, img, text, progress=progress_callback(progress))
+    notice = f"Heat map ({method}) for: **{text if isinstance(text, str) else ''}**"
+    return heat, " ".join([notice, svc.world_caveat(key, [img])]).strip()
 
 
 def build(session: gr.State):
@@ -79,16 +76,24 @@ def build(session: gr.State):
                                max_lines=12, elem_id="match-texts",
                                placeholder="a small red circle in the center\na large blue square on the left")
             run = gr.Button("Match", variant="primary", elem_id="match-run")
-            gr.Examples(examples.matching_examples(), inputs=[image, texts], label="Examples: each scene with its "
-                        "true caption among near misses", examples_per_page=4)
+            scenes, photos = examples.matching_examples()
+            gr.Examples(scenes, inputs=[image, texts], label=examples.SCENES_LABEL + ": the true caption among "
+                        "near misses", examples_per_page=4)
+            gr.Examples(photos, inputs=[image, texts], label=examples.PHOTOS_LABEL, examples_per_page=4)
         with gr.Column(scale=1):
-            ranked = gr.Dataframe(headers=COLUMNS, label="Ranking by ITM log-odds + ITC cosine (as LAVIS ranks)",
+            ranked = gr.Dataframe(headers=COLUMNS, label="Ranking by ITM log-odds + ITC cosine (as LAVIS ranks); the "
+                                  "charts below number the texts by this rank (hover a bar for its text)",
                                   interactive=False, wrap=True, elem_id="match-table",
-                                  column_widths=["10%", "54%", "18%", "18%"])
-            itm_bars = gr.BarPlot(x="ITM probability", y="text", x_lim=[0, 1], height=170, y_title=" ",
-                                  label="ITM: probability that the text matches", elem_id="match-chart-itm")
-            itc_bars = gr.BarPlot(x="ITC cosine", y="text", x_lim=[-1, 1], height=170, y_title=" ",
-                                  label="ITC: cosine similarity (best query)", elem_id="match-chart-itc")
+                                  column_widths=["64px", "50%", "120px", "100px"])  # a phone scrolls the table
+            with gr.Row(equal_height=False):
+                itm_bars = gr.BarPlot(x="ITM probability", y="rank", x_lim=[0, 1], y_title="rank", x_title="probability",
+                                      tooltip=["rank", "text", "ITM probability"], x_axis_format=".1f",
+                                      label="ITM probability (0 to 1)", min_width=260,
+                                      elem_id="match-chart-itm")
+                itc_bars = gr.BarPlot(x="ITC cosine", y="rank", x_lim=[-1, 1], y_title="rank", x_title="cosine",
+                                      tooltip=["rank", "text", "ITC cosine"], x_axis_format=".1f",
+                                      label="ITC cosine (-1 to 1)", min_width=260,
+                                      elem_id="match-chart-itc")
             notice = gr.Markdown(elem_id="match-notice", label="Notice")
             with gr.Row(equal_height=False):
                 with gr.Column(scale=2, min_width=200):
@@ -100,10 +105,12 @@ def build(session: gr.State):
                     heat = gr.Image(label="Heat map", type="pil", interactive=False, height=260,
                                     elem_id="match-heatmap", format="png")
     event = model_event(run.click, match, [image, texts, session], [ranked, itm_bars, itc_bars, heat, notice],
-                        api_name="match",
+                        api_name="match", notice=notice,
                         api_description="Score candidate texts (one per line) against an image with ITM and ITC, "
                                         "ranked; with a heat map for the best match.")
     event.success(heatmap_choices, [ranked], [which], api_visibility="private", queue=False)
-    model_event(which.input, heatmap, [image, which, session], [heat, notice], api_name="heatmap",
+    model_event(which.input, heatmap, [image, which, session], [heat, notice], api_name="heatmap", notice=notice,
                 api_description="Heat map over the image of where the Q-Former looks for one text.")
+    image.change(lambda: (None, None, None, None, "", gr.update(choices=[], value=None)), None,
+                 [ranked, itm_bars, itc_bars, heat, notice, which], api_visibility="private", queue=False)
     return image

@@ -13,6 +13,7 @@ from . import examples
 from .common import model_event, progress_callback, service, session_models, user_errors
 
 COLUMNS = ["rank", "image", "ITM probability", "ITC cosine"]
+NOT_RERANKED = "not re-ranked"  # the ITM cell of an image below the re-rank depth (ranked by ITC alone)
 
 
 def _name(checked, i):
@@ -33,12 +34,14 @@ def search(gallery, query, rerank_k=None, session=None, progress=gr.Progress(tra
     items, rows = [], []
     for rank, (img, itc, itm) in enumerate(ranked, 1):
         shown = img.source if isinstance(img.source, str) else img.image
-        label = f"#{rank} · ITC {itc:.2f}" + (f" · ITM {itm:.2f}" if itm is not None else "")
-        items.append((shown, label))
-        rows.append([rank, _name(img, rank), None if itm is None else round(itm, 4), round(itc, 4)])
+        itm_text = NOT_RERANKED if itm is None else f"ITM {itm:.2f}"
+        items.append((shown, f"#{rank} · {itm_text} · ITC {itc:.2f}"))
+        rows.append([rank, _name(img, rank), NOT_RERANKED if itm is None else round(itm, 4), round(itc, 4)])
     notice = f"Ranked {len(ranked)} image{'s' if len(ranked) != 1 else ''}."
     if skipped:
         notice += " Skipped: " + "; ".join(reason for _, reason in skipped[:5])
+    caveat = svc.world_caveat(key, [img for img, _, _ in ranked])
+    notice += f" {caveat}" if caveat else ""
     return items, pd.DataFrame(rows, columns=COLUMNS), notice
 
 
@@ -60,14 +63,18 @@ def build(session: gr.State):
                                info="0 = rank by ITC alone")
             run = gr.Button("Search", variant="primary", elem_id="search-run")
         with gr.Column(scale=1):
-            results = gr.Gallery(label="Results, best first", columns=4, height=340, interactive=False,
+            results = gr.Gallery(label="Results, best first", columns=2, height=420, interactive=False,
                                  elem_id="search-results", object_fit="contain")
             notice = gr.Markdown(elem_id="search-notice", label="Notice")
             ranking = gr.Dataframe(headers=COLUMNS, label="Scores", interactive=False, elem_id="search-table",
+                                   column_widths=["64px", "40%", "120px", "100px"], wrap=True,
                                    max_height=260)
-            gr.Examples(examples.search_queries(), inputs=[query], label="Example queries", examples_per_page=6)
+            scenes, photos = examples.search_queries()
+            gr.Examples(scenes, inputs=[query], label="Example queries: " + examples.SCENES_LABEL, examples_per_page=3)
+            gr.Examples(photos, inputs=[query], label="Example queries for photographs (a real checkpoint)",
+                        examples_per_page=3)
     load.click(example_gallery, None, gallery, api_visibility="private", queue=False)
     model_event([run.click, query.submit], search, [gallery, query, rerank, session], [results, ranking, notice],
-                api_name="search",
+                api_name="search", notice=notice,
                 api_description="Rank gallery images for a text: ITC over all, ITM re-ranking of the top-k.")
     return gallery

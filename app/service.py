@@ -1011,13 +1011,29 @@ class Service:
         return capped, (f"Max new tokens lowered to {room}: the model has {self.context_size(loaded)} positions and "
                         "the image and prompt take the rest.")
 
+    def world_caveat(self, key: str, images: list[CheckedImage]) -> str:
+        """For the embedded model: a caveat when images lie outside its world of shapes (the measured rule of
+        blip2.train.world_check: every photograph scikit-image ships is flagged, no world scene of the test split
+        is), else ""."""
+        if key != EMBEDDED:
+            return ""
+        from blip2.train.world_check import in_world
+
+        outside = sum(not in_world(img.image) for img in images)
+        if not outside:
+            return ""
+        what = "This image looks" if len(images) == 1 else f"{outside} of these {len(images)} images look"
+        return (f"⚠️ {what} like a photograph, outside the embedded model's world: {EMBEDDED} knows only coloured "
+                "shapes on plain backgrounds, so its results are about shapes. For photographs, pick a Salesforce "
+                "checkpoint in the Model picker (e.g. Salesforce/blip2-opt-2.7b) and press Load model.")
+
     def caption(self, gen_key, image, prompt="", decoding: Decoding | None = None, stream=True, progress=None):
         """Yield CaptionResult(captions, notice) as the caption(s) grow."""
         loaded = self.get(gen_key, GENERATION, progress)
         img = image if isinstance(image, CheckedImage) else load_image(image, self.limits)
         prefix = clean_text(prompt, "the prompt", self.limits.max_prompt_chars, allow_empty=True)
         decoding = decoding or Decoding()
-        notes = " ".join(img.notes)
+        notes = " ".join(img.notes + [self.world_caveat(gen_key, [img])])
         for texts, notice in self.generate(loaded, img, prefix, decoding, stream):
             if prefix and not loaded.is_t5:
                 texts = [f"{prefix} {t}".strip() if t else prefix for t in texts]
@@ -1047,7 +1063,7 @@ class Service:
         prompt = self.chat_prompt(loaded, history, question, decoding.max_new_tokens)
         decoding = dataclasses.replace(decoding, max_new_tokens=prompt.max_new_tokens,
                                        min_new_tokens=min(decoding.min_new_tokens, prompt.max_new_tokens))
-        notes = list(img.notes)
+        notes = list(img.notes) + [self.world_caveat(gen_key, [img])]
         if prompt.dropped:
             turns = "the oldest turn was" if prompt.dropped == 1 else f"the {prompt.dropped} oldest turns were"
             notes.append(f"Note: {turns} left out of the prompt to fit the model's context of "

@@ -5,7 +5,8 @@ from __future__ import annotations
 import gradio as gr
 
 from . import caption, chat, matching, search
-from .common import model_event, progress_callback, service, session_models, set_service, user_errors
+from .common import (error_notice, model_event, progress_callback, service, session_models, set_service,
+                     user_errors)
 from .service import EMBEDDED, EXAMPLES_DIR, GENERATION, RETRIEVAL, Service
 
 TITLE = "BLIP-2 Studio"
@@ -17,7 +18,6 @@ CSS = """
 #model-status p { margin: 0.2em 0; }
 #model-row { align-items: center; }
 #model-load { max-height: 3.2em; }
-footer { display: none !important; }
 """
 
 
@@ -46,6 +46,13 @@ def load_model(choice, session=None, progress=gr.Progress(track_tqdm=True)):
     return models, status_text(models)
 
 
+def load_failed(session):
+    """After a failed load: the picker goes back to the model this session is served by, and the reason stays
+    under it."""
+    models = session_models(session)
+    return models[GENERATION], status_text(models) + "  \n" + error_notice(session)
+
+
 def model_info(session=None):
     """The checkpoints on offer, the loaded models, this session's choice and the server's limits."""
     return service().info(session_models(session))
@@ -58,44 +65,60 @@ def build_demo(svc: Service) -> gr.Blocks:
         gr.Markdown(f"# {TITLE}\nCaption images, chat about them, match them against texts and search a gallery "
                     "with BLIP-2. The default model is a tiny one trained on a world of coloured shapes: try the "
                     "scene examples, or pick a real checkpoint below.", elem_id="header")
-        with gr.Row(equal_height=False, elem_id="model-row"):
-            picker = gr.Dropdown(svc.choices(), value=svc.default[GENERATION], label="Model", scale=3,
-                                 elem_id="model-picker", info="Image-to-text checkpoints serve the Caption and Chat "
-                                                              "tabs; ITM checkpoints serve Matching and Search.")
-            load = gr.Button("Load model", scale=1, elem_id="model-load", min_width=120)
-            status = gr.Markdown(status_text(svc.session_defaults()), elem_id="model-status", label="Status")
-        with gr.Tabs(elem_id="tabs"):
+        with gr.Row(equal_height=False, elem_id="model-row"):  # wraps onto separate lines on a phone
+            with gr.Column(scale=3, min_width=280):
+                picker = gr.Dropdown(svc.choices(), value=svc.default[GENERATION], label="Model",
+                                     elem_id="model-picker", info="Image-to-text checkpoints serve Caption and Chat; "
+                                                                  "ITM checkpoints serve Matching and Search.")
+            with gr.Column(scale=1, min_width=140):
+                load = gr.Button("Load model", elem_id="model-load")
+            with gr.Column(scale=3, min_width=280):
+                status = gr.Markdown(status_text(svc.session_defaults()), elem_id="model-status")
+        with gr.Tabs(elem_id="tabs", overflow_behavior="wrap"):  # every tab in sight on a phone too
             with gr.Tab("Caption", id="caption", elem_id="tab-caption"):
                 caption.build(session)
-            with gr.Tab("Visual chat", id="chat", elem_id="tab-chat"):
+            with gr.Tab("Chat", id="chat", elem_id="tab-chat"):
                 chat.build(session)
-            with gr.Tab("Image-text matching", id="matching", elem_id="tab-matching"):
+            with gr.Tab("Matching", id="matching", elem_id="tab-matching"):
                 matching.build(session)
             with gr.Tab("Search", id="search", elem_id="tab-search"):
                 search.build(session)
-            with gr.Tab("About & API", id="about", elem_id="tab-about"):
-                about(svc, session)
-        model_event(load.click, load_model, [picker, session], [session, status], api_name="load_model",
-                    api_description="Switch this session to a listed checkpoint (see /model_info).")
+            with gr.Tab("About", id="about", elem_id="tab-about"):
+                about(svc, session, demo)
+        load_event = model_event(load.click, load_model, [picker, session], [session, status], api_name="load_model",
+                                 api_description="Switch this session to a listed checkpoint (see /model_info).")
+        load_event.failure(load_failed, [session], [picker, status], api_visibility="private", queue=False)
     demo.queue(max_size=svc.limits.queue_size, default_concurrency_limit=svc.limits.concurrency)
     return demo
 
 
-def about(svc: Service, session):
-    limits = svc.limits
-    gr.Markdown(f"""
-**Endpoints** (`gradio_client`): `/caption`, `/chat`, `/clear_chat`, `/match`, `/heatmap`, `/search`,
-`/load_model`, `/model_info`. Every request is checked the same way in the browser and through the API.
-
-```python
+def api_snippet(address: str) -> str:
+    """The About tab's gradio_client example, for the address the page was served from."""
+    return f"""```python
 from gradio_client import Client, handle_file
-client = Client("http://127.0.0.1:7860/")
-client.predict(handle_file("cat.jpg"), "a photo of", api_name="/caption")
+client = Client("{address}")
+client.predict(handle_file("cat.jpg"), api_name="/caption")
 client.predict(handle_file("cat.jpg"), "what animal is this?", api_name="/chat")
 client.predict(handle_file("cat.jpg"), "a cat\\na dog", api_name="/match")
-```
+```"""
 
-**Limits of this server**: uploads up to {limits.max_upload_mb:g} MB and {limits.max_image_pixels / 1e6:g}
+
+def served_address(request: gr.Request) -> str:
+    """The address this page was served from, as the browser reached it (behind a proxy too: a Space)."""
+    headers = request.headers
+    host = headers.get("x-forwarded-host") or headers.get("host") or "127.0.0.1:7860"
+    scheme = headers.get("x-forwarded-proto") or request.request.url.scheme
+    return api_snippet(f"{scheme}://{host.split(',')[0].strip()}/")
+
+
+def about(svc: Service, session, demo: gr.Blocks):
+    limits = svc.limits
+    gr.Markdown("""**Endpoints** (`gradio_client`): `/caption`, `/chat`, `/clear_chat`, `/match`, `/heatmap`,
+`/search`, `/load_model`, `/model_info`. Every request is checked the same way in the browser and through the API;
+"Use via API" at the foot of the page lists every parameter.""")
+    snippet = gr.Markdown(api_snippet("http://127.0.0.1:7860/"), elem_id="about-snippet")
+    demo.load(served_address, None, snippet, api_visibility="private", queue=False)
+    gr.Markdown(f"""**Limits of this server**: uploads up to {limits.max_upload_mb:g} MB and {limits.max_image_pixels / 1e6:g}
 megapixels (aspect ratio up to {limits.max_aspect_ratio:g}:1; animated images use their first frame),
 prompts up to {limits.max_prompt_chars} characters, {limits.max_candidates} candidate texts,
 {limits.max_gallery} images per search, {limits.max_new_tokens} new tokens, {limits.max_beams} beams,

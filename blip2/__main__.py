@@ -10,12 +10,14 @@ import json
 import os
 import sys
 
+from .runner import ANSWER_DECODING, CAPTION_DECODING
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_MODEL = os.path.join(ROOT, "assets", "blip2-tiny")
 DEFAULT_ITM_MODEL = os.path.join(ROOT, "assets", "blip2-tiny-itm")
 DECODING = (  # (flag, type, help): generate() settings
-    ("--max-new-tokens", int, "new tokens at most (default 20)"),
-    ("--min-new-tokens", int, "new tokens at least"),
+    ("--max-new-tokens", int, "new tokens at most (default: 30 for a caption, 20 for an answer, as in the app)"),
+    ("--min-new-tokens", int, "new tokens at least (default 1, as in the app)"),
     ("--num-beams", int, "beam search with this many beams"),
     ("--num-return-sequences", int, "sequences per image (beam search or sampling)"),
     ("--temperature", float, "sampling temperature"),
@@ -52,10 +54,12 @@ def parser():
     caption.add_argument("images", nargs="+", metavar="IMAGE")
     caption.add_argument("--prompt", default="", help="text the caption continues")
     common(caption)
+    caption.set_defaults(**CAPTION_DECODING)
     ask = sub.add_parser("ask", help="answer a question about an image")
     ask.add_argument("image", metavar="IMAGE")
     ask.add_argument("question")
     common(ask)
+    ask.set_defaults(**ANSWER_DECODING)
     match = sub.add_parser("match", help="image-text matching scores (ITM probability, ITC cosine)")
     match.add_argument("image", metavar="IMAGE")
     match.add_argument("texts", nargs="+", metavar="TEXT")

@@ -23,6 +23,11 @@ import torch
 from .cache import KVCache
 from .generation import DEFAULT_NEW_TOKENS, Decoding, text_pieces
 
+# The demo's decoding defaults, shared by the app and the CLI: a caption gets room to finish its phrase, an answer
+# is short; at least one new token, so an image never gets an empty text.
+CAPTION_DECODING = {"max_new_tokens": 30, "min_new_tokens": 1}
+ANSWER_DECODING = {"max_new_tokens": 20, "min_new_tokens": 1}
+
 
 class ByteLRU:
     """Least-recently-used map bounded by the bytes of its values (tensors, tuples of them, or KVCaches)."""

@@ -131,14 +131,18 @@ def test_search_ranks_a_gallery(client, scenes):
     assert [row[0] for row in table["data"]] == list(range(1, len(scenes) + 1))
     assert [r["caption"].split(" · ")[0] for r in results] == [f"#{i}" for i in range(1, len(scenes) + 1)]
     assert table["data"][0][1] == "scene3.png"  # the target scene first
-    assert sum(row[2] is not None for row in table["data"]) == 2  # the top 2 re-ranked by ITM
+    assert sum(isinstance(row[2], float) for row in table["data"]) == 2  # the top 2 re-ranked by ITM
+    assert [row[2] for row in table["data"][2:]] == ["not re-ranked"] * (len(scenes) - 2)
+    assert all(r["caption"].split(" · ")[1] == "not re-ranked" for r in results[2:])
 
 
 def test_example_gallery_is_searchable(client):
     gallery = [{"image": img(p), "caption": None} for p in examples.gallery()]
     results, table, notice = client.predict(gallery, "a cat", 3, api_name="/search")
     assert sorted(row[1] for row in table["data"]) == sorted(os.path.basename(p) for p in examples.gallery())
-    assert notice == f"Ranked {len(gallery)} images."
+    photos = sum(p.endswith(".jpg") for p in examples.gallery())  # the 4 photographs, outside the world
+    assert notice.startswith(f"Ranked {len(gallery)} images. ⚠️ {photos} of these {len(gallery)} images look like "
+                             "a photograph, outside the embedded model's world")
 
 
 def test_load_model_and_model_info(server, scenes):

@@ -149,7 +149,8 @@ def test_animated_images_use_their_first_frame(tmp_path, svc, scene_path, fmt):
     assert any("first" in n for n in checked.notes)
     text, notice = run_caption(path)
     first = S.write(tmp_path, "first.png", S.png_bytes(S.colour_image((48, 48), checked.image.getpixel((24, 24)))))
-    assert text == run_caption(first)[0] and notice == checked.notes[0]  # the caption of the first frame alone
+    assert text == run_caption(first)[0]  # the caption of the first frame alone
+    assert notice == f"{checked.notes[0]} {svc.world_caveat(svc.default['generation'], [checked])}".strip()
     normal_ok(scene_path)
 
 
