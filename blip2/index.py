@@ -1,0 +1,303 @@
+"""An image index for text search: the ITC embeddings of every query of every image, searched with faiss.
+
+  python -m blip2 index photos/ --out photos.index [--captions]
+  python -m blip2 search photos.index "a red circle on the left" -k 10 --rerank 20
+
+INDEX_DIR holds
+* images.parquet: path, content hash (blake2b of the file), bytes, mtime_ns, width, height, caption (with
+  --captions), error, embedding (Q * E float32: the normalised ITC embedding of each of the image's Q queries);
+* index.faiss: a flat inner-product index over all N * Q query vectors (vector v belongs to image v // Q);
+* meta.json: the retrieval model and Q, E; approx.faiss: the approximate index, built by the first search that
+  asks for it.
+BLIP-2 scores an image against a text by its best query: score(i, t) = max_q e[i, q] . t. The top-k images by
+that score are the first k distinct images among the top k * Q vectors, so a flat search of k * Q vectors gives
+exactly the ranking of a brute-force scan. Indexing again adds new files, skips unchanged ones (same size and
+mtime, or same content hash; a copy of an indexed file reuses its row) and drops files that are gone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+
+from .bulk import Rows, Summary, batches, drive, each_or_alone, find_images, need, open_images
+
+ROWS, FLAT, APPROX, META = "images.parquet", "index.faiss", "approx.faiss", "meta.json"
+
+
+def file_hash(path: str) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def index_schema(q: int, e: int):
+    pa = need("pyarrow")
+    return pa.schema([("path", pa.string()), ("hash", pa.string()), ("bytes", pa.int64()), ("mtime_ns", pa.int64()),
+                      ("width", pa.int32()), ("height", pa.int32()), ("caption", pa.string()),
+                      ("error", pa.string()), ("embedding", pa.list_(pa.float32(), q * e))])
+
+
+def _file_facts(path: str) -> dict:
+    st = os.stat(path)
+    return {"path": path, "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def index_rows(runner, paths: list[str], captions=False, prompt: str = "", decoding: dict | None = None) -> list[dict]:
+    """Index rows of a batch of files: file facts and hash, ITC embeddings in one vision pass
+    (Blip2Runner.itc_image_batch) and, with `captions`, captions in one batched generation."""
+    facts = {}
+    for p in paths:
+        try:
+            facts[p] = {**_file_facts(p), "hash": file_hash(p)}
+        except OSError:
+            facts[p] = {"path": p}
+    loaded, failed = open_images(paths)
+
+    def work(items):
+        images = [im for _, im in items]
+        emb = runner.itc_image_batch(images).float().cpu().numpy()  # (B, Q, E)
+        texts = runner.caption_batch(images, prompt, **(decoding or {})) if captions else [None] * len(items)
+        return [{**facts[p], "width": im.width, "height": im.height, "caption": t and t.text, "error": None,
+                 "embedding": e.reshape(-1)} for (p, im), e, t in zip(items, emb, texts)]
+
+    return (each_or_alone(loaded, work) if loaded else []) + [{**facts[r["path"]], **r} for r in failed]
+
+
+def _dims(runner, model_name: str) -> dict:
+    """Q and E of the retrieval model (from its config when no runner holds it, as for Ray)."""
+    if runner is not None:
+        cfg = runner.itm_model.config
+    else:
+        from .config import Blip2Config
+        from .loading import resolve_checkpoint
+
+        cfg = Blip2Config.from_pretrained(resolve_checkpoint(model_name))
+    return {"num_query_tokens": cfg.num_query_tokens, "dim": cfg.image_text_hidden_size}
+
+
+def index_job(runner, paths: Iterable[str], out: str, model_name: str, batch_size: int = 16, captions=False,
+              prompt: str = "", decoding: dict | None = None, progress=True, ray=None) -> Summary:
+    """Index every image `paths` name into the folder `out` (see the module doc). `runner` holds the retrieval
+    model (and the captioning model with `captions`); `model_name` is recorded, and a later run must use the same.
+    `ray`: a distributed.RaySettings to compute on Ray actors (then `runner` may be None)."""
+    need("faiss")
+    os.makedirs(out, exist_ok=True)
+    meta_path = os.path.join(out, META)
+    old = json.load(open(meta_path)) if os.path.exists(meta_path) else None
+    meta = {"model": model_name, **_dims(runner, model_name)}
+    if old is not None and (old["model"], old["num_query_tokens"], old["dim"]) != \
+            (meta["model"], meta["num_query_tokens"], meta["dim"]):
+        raise ValueError(f"{out} was indexed with {old['model']} (Q={old['num_query_tokens']}, E={old['dim']}); "
+                         f"index it with that model, or use a new --out folder for {model_name}")
+    with open(meta_path, "w") as f:
+        json.dump(meta, f)
+    rows = Rows(os.path.join(out, ROWS), index_schema(meta["num_query_tokens"], meta["dim"]))
+    table = rows.table()
+    known = {r["path"]: r for r in table.drop_columns(["embedding"]).to_pylist()}
+    by_hash = {r["hash"]: i for i, r in enumerate(known.values()) if r["error"] is None}
+
+    def current(r, facts):  # an indexed row still right for this file
+        return r["error"] is None and (r["caption"] is not None or not captions) and \
+            (r["bytes"], r["mtime_ns"]) == (facts["bytes"], facts["mtime_ns"])
+
+    files = find_images(paths)
+    todo, copies = [], []  # copies: (row index of the same content, facts of the new file)
+    for f in files:
+        facts = _file_facts(f)
+        if f in known and current(known[f], facts):
+            continue
+        h = file_hash(f)
+        i = by_hash.get(h)
+        if i is not None and (table["caption"][i].as_py() is not None or not captions):
+            copies.append((i, {**facts, "hash": h}))
+        else:
+            todo.append(f)
+    if copies:  # same content (touched, moved or copied): the indexed row with the new file facts
+        rows.add([{**table.slice(i, 1).to_pylist()[0], **facts} for i, facts in copies])
+    if ray is not None:
+        from .distributed import ray_rows
+
+        results = ray_rows(ray, "index", todo, batch_size, captions=captions, prompt=prompt, decoding=decoding or {})
+    else:
+        results = (index_rows(runner, b, captions, prompt, decoding) for b in batches(todo, batch_size))
+    gone = {p for p in known if not os.path.exists(p)}
+    summary = drive(results, rows, len(todo), len(files) - len(todo), "index", progress,
+                    keep=lambda p: p not in gone)
+    write_flat(out)
+    return summary
+
+
+def write_flat(out: str):
+    """index.faiss from images.parquet: a flat inner-product index over every query vector of every image."""
+    faiss = need("faiss")
+    pq = need("pyarrow.parquet")
+    meta = json.load(open(os.path.join(out, META)))
+    table = pq.read_table(os.path.join(out, ROWS), columns=["error", "embedding"])
+    good = table.filter(table["error"].is_null())
+    flat = faiss.IndexFlatIP(meta["dim"])
+    if good.num_rows:
+        vectors = good["embedding"].combine_chunks().values.to_numpy(zero_copy_only=False)
+        flat.add(vectors.reshape(-1, meta["dim"]))  # (N * Q, E)
+    faiss.write_index(flat, os.path.join(out, FLAT) + ".tmp")
+    os.replace(os.path.join(out, FLAT) + ".tmp", os.path.join(out, FLAT))
+    if os.path.exists(os.path.join(out, APPROX)):
+        os.remove(os.path.join(out, APPROX))
+
+
+# ---- search --------------------------------------------------------------------------------------------------
+
+
+def best_query_scores(embeddings: np.ndarray, text: np.ndarray) -> np.ndarray:
+    """(N, Q, E) image embeddings, (E,) text -> (N,) max over queries of the inner product."""
+    n, q, e = embeddings.shape
+    return (embeddings.reshape(n * q, e) @ text).reshape(n, q).max(1)
+
+
+def brute_force(embeddings: np.ndarray, text: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Reference ranking: (ids, scores) of the k best images by best-query score, ties by id."""
+    scores = best_query_scores(embeddings, text)
+    ids = np.lexsort((np.arange(len(scores)), -scores))[:k]
+    return ids, scores[ids]
+
+
+@dataclass
+class Hit:
+    path: str
+    itc: float  # best-query cosine
+    itm: float | None = None  # ITM match probability (re-ranked hits only)
+    score: float | None = None  # ITM log-odds + ITC cosine (re-ranked hits only)
+    caption: str | None = None
+
+
+class ImageIndex:
+    """A loaded index. `embeddings` (N, Q, E) is a view of the flat faiss index's vectors (held once)."""
+
+    def __init__(self, directory: str):
+        faiss = need("faiss")
+        pq = need("pyarrow.parquet")
+        if not os.path.exists(os.path.join(directory, FLAT)):
+            raise FileNotFoundError(f"{directory} is not an index (no {FLAT}): build it with python -m blip2 index")
+        self.directory = directory
+        self.meta = json.load(open(os.path.join(directory, META)))
+        table = pq.read_table(os.path.join(directory, ROWS), columns=["path", "hash", "width", "height", "caption",
+                                                                       "error"])
+        table = table.filter(table["error"].is_null())
+        self.paths = table["path"].to_pylist()
+        self.captions = table["caption"].to_pylist()
+        self.hashes = table["hash"].to_pylist()
+        self.flat = faiss.read_index(os.path.join(directory, FLAT))
+        q, e = self.meta["num_query_tokens"], self.meta["dim"]
+        if self.flat.ntotal != len(self.paths) * q:
+            raise ValueError(f"{directory}: {FLAT} holds {self.flat.ntotal} vectors for {len(self.paths)} images "
+                             f"of {q} queries: run python -m blip2 index on it again")
+        n = len(self.paths)
+        self.embeddings = faiss.rev_swig_ptr(self.flat.get_xb(), n * q * e).reshape(n, q, e) if n else \
+            np.zeros((0, q, e), np.float32)
+        self.approx = None
+
+    def __len__(self):
+        return len(self.paths)
+
+    def _rescore(self, ids, text, k):
+        """Exact best-query scores of candidate images -> (ids, scores) of the k best, ties by id."""
+        ids = np.unique(np.asarray(ids, np.int64))
+        scores = best_query_scores(self.embeddings[ids], text)
+        order = np.lexsort((ids, -scores))[:k]
+        return ids[order], scores[order]
+
+    def search(self, text: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Exact: the k best images for a normalised (E,) text embedding -> (ids, best-query cosines)."""
+        q = self.meta["num_query_tokens"]
+        k = min(k, len(self))
+        if k <= 0:
+            return np.zeros(0, np.int64), np.zeros(0, np.float32)
+        n_vec = min((k + 1) * q, self.flat.ntotal)  # k images certainly among the top k * Q vectors; +1: ties
+        _, vec = self.flat.search(np.ascontiguousarray(text[None], np.float32), n_vec)
+        return self._rescore(vec[0][vec[0] >= 0] // q, text, k)
+
+    def build_approx(self, nlist: int | None = None):
+        """An IVF index over each image's pooled (mean of its queries, normalised) embedding: its candidates
+        are re-scored exactly. Saved as approx.faiss (rebuilt when the index changes)."""
+        faiss = need("faiss")
+        path = os.path.join(self.directory, APPROX)
+        if os.path.exists(path) and os.path.getmtime(path) >= os.path.getmtime(os.path.join(self.directory, FLAT)):
+            self.approx = faiss.read_index(path)
+            return self.approx
+        self.approx = ivf_pooled(self.embeddings, nlist)
+        faiss.write_index(self.approx, path)
+        return self.approx
+
+    def search_approx(self, text: np.ndarray, k: int, candidates: int = 200, nprobe: int = 16):
+        """Approximate: the `candidates` best images by pooled embedding (IVF, `nprobe` lists), re-scored exactly."""
+        if self.approx is None:
+            self.build_approx()
+        k = min(k, len(self))
+        self.approx.nprobe = nprobe
+        _, ids = self.approx.search(np.ascontiguousarray(text[None], np.float32), max(candidates, k))
+        return self._rescore(ids[0][ids[0] >= 0], text, k)
+
+
+def pooled(embeddings: np.ndarray) -> np.ndarray:
+    """(N, Q, E) -> (N, E): each image's mean query embedding, normalised."""
+    m = embeddings.mean(1)
+    return np.ascontiguousarray(m / np.maximum(np.linalg.norm(m, axis=1, keepdims=True), 1e-12), np.float32)
+
+
+def ivf_pooled(embeddings: np.ndarray, nlist: int | None = None):
+    faiss = need("faiss")
+    vectors = pooled(embeddings)
+    n, e = vectors.shape
+    nlist = nlist or max(1, min(int(np.sqrt(n)), n // 39))  # faiss wants >= 39 training points per list
+    ivf = faiss.IndexIVFFlat(faiss.IndexFlatIP(e), e, nlist, faiss.METRIC_INNER_PRODUCT)
+    ivf.train(vectors)
+    ivf.add(vectors)
+    return ivf
+
+
+def recall(found: np.ndarray, exact: np.ndarray) -> float:
+    return len(set(found.tolist()) & set(exact.tolist())) / max(len(exact), 1)
+
+
+def text_embedding(runner, text: str) -> np.ndarray:
+    """The normalised (E,) ITC embedding of a text (the runner's retrieval model)."""
+    return runner.image_text_embeddings(texts=[text])[1][0].float().cpu().numpy()
+
+
+def rerank(runner, index: ImageIndex, ids, itc, text: str, top: int) -> list[Hit]:
+    """Hits for ranked ids: the first `top` re-ranked by ITM log-odds + ITC cosine (the app's ranking, from
+    Blip2Runner.match on the image file), the rest in ITC order."""
+    from .runner import match_score
+
+    hits = [Hit(index.paths[i], float(s), caption=index.captions[i]) for i, s in zip(ids, itc)]
+    for h in hits[:top]:
+        h.itm = runner.match(h.path, [text])[0].itm
+        h.score = match_score(h.itm, h.itc)
+    return sorted(hits[:top], key=lambda h: -h.score) + hits[top:]
+
+
+def search_command(runner, directory: str, text: str, k: int = 10, top: int = 0, approx=False,
+                   candidates: int = 200, nprobe: int = 16) -> tuple[list[Hit], str]:
+    """What `python -m blip2 search` does -> (hits, a note on timing and, with `approx`, recall)."""
+    index = ImageIndex(directory)
+    t = text_embedding(runner, text)
+    start = time.perf_counter()
+    ids, scores = index.search(t, max(k, top))
+    exact_ms = 1000 * (time.perf_counter() - start)
+    note = f"{len(index)} images; exact search {exact_ms:.1f} ms"
+    if approx:
+        index.build_approx()
+        start = time.perf_counter()
+        found, found_scores = index.search_approx(t, max(k, top), candidates, nprobe)
+        note += (f"; approximate {1000 * (time.perf_counter() - start):.1f} ms, recall@{len(ids)} "
+                 f"{recall(found, ids):.2f} against exact")
+        ids, scores = found, found_scores
+    return rerank(runner, index, ids, scores, text, top)[:k], note
