@@ -15,7 +15,7 @@ from blip2.bulk import Rows, caption_job, caption_rows, caption_schema, each_or_
 from blip2.processing import Blip2Processor
 from blip2.runner import Blip2Runner
 from tiny_checkpoints import shared_checkpoint
-from world_files import GEN, write_scenes
+from world_files import GEN, ITM, write_scenes
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -141,3 +141,16 @@ def test_cli(collection, tmp_path, capsys):
     assert code == 2 and ".parquet or .jsonl" in capsys.readouterr().err
     code = main(["caption", str(subset), "--out", out, "--do-sample", "--temperature", "0"])
     assert code == 2 and "temperature" in capsys.readouterr().err
+
+
+def test_missing_extras_name_the_install_command(monkeypatch, tmp_path, capsys):
+    for module in ("pyarrow", "faiss", "ray"):
+        monkeypatch.setitem(__import__("sys").modules, module, None)  # as if not installed
+    code = main(["caption", str(tmp_path), "--out", str(tmp_path / "c.parquet")])
+    assert code == 2 and "pip install -r requirements-scale.txt" in capsys.readouterr().err
+    code = main(["search", str(tmp_path), "a cat", "--itm-model", ITM])
+    assert code == 2 and "faiss" in capsys.readouterr().err
+    from blip2.distributed import ray_rows
+
+    with pytest.raises(ImportError, match="requirements-scale.txt"):
+        next(ray_rows(None, "caption", ["x.png"], 1))
