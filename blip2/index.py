@@ -9,9 +9,9 @@ INDEX_DIR holds
 * index.faiss: a flat inner-product index over all N * Q query vectors (vector v belongs to image v // Q);
 * meta.json: the retrieval model and Q, E; approx.faiss: the approximate index, built by the first search that
   asks for it.
-BLIP-2 scores an image against a text by its best query: score(i, t) = max_q e[i, q] . t. The top-k images by
-that score are the first k distinct images among the top k * Q vectors, so a flat search of k * Q vectors gives
-exactly the ranking of a brute-force scan. Indexing again adds new files, skips unchanged ones (same size and
+BLIP-2 scores an image against a text by its best query: score(i, t) = max_q e[i, q] . t. The exact search
+computes it for every image (ImageIndex.search); `--approx` re-scores only the candidates of an IVF index over
+pooled embeddings and prints its recall against exact. Indexing again adds new files, skips unchanged ones (same size and
 mtime, or same content hash; a copy of an indexed file reuses its row) and drops files that are gone.
 """
 
@@ -162,11 +162,13 @@ def best_query_scores(embeddings: np.ndarray, text: np.ndarray) -> np.ndarray:
     return (embeddings.reshape(n * q, e) @ text).reshape(n, q).max(1)
 
 
-def brute_force(embeddings: np.ndarray, text: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Reference ranking: (ids, scores) of the k best images by best-query score, ties by id."""
-    scores = best_query_scores(embeddings, text)
-    ids = np.lexsort((np.arange(len(scores)), -scores))[:k]
-    return ids, scores[ids]
+def top_k(ids: np.ndarray, scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k best (ids, scores), best first, ties by id (whatever their order in the input)."""
+    if len(scores) > k > 0:  # everything scoring at least the k-th best score, ties at the boundary included
+        keep = scores >= np.partition(scores, len(scores) - k)[len(scores) - k]
+        ids, scores = ids[keep], scores[keep]
+    order = np.lexsort((ids, -scores))[:k]
+    return ids[order], scores[order]
 
 
 @dataclass
@@ -179,71 +181,65 @@ class Hit:
 
 
 class ImageIndex:
-    """A loaded index. `embeddings` (N, Q, E) is a view of the flat faiss index's vectors (held once)."""
+    """Search over N images of Q query vectors each, held once in a flat faiss index (`embeddings` (N, Q, E) is
+    a view of its vectors). The exact search is one BLAS matrix-vector product over all N * Q vectors, then the
+    max per image: memory-bound, it reads every vector once (faiss' own single-query flat search, heap per
+    vector, measured 2-3x slower on 2 cores; it returns the same ranking from its top (k + 1) * Q vectors)."""
 
-    def __init__(self, directory: str):
+    def __init__(self, flat, num_query_tokens: int, paths: list[str], captions=None, directory: str | None = None):
+        n, q, e = len(paths), num_query_tokens, flat.d
+        if flat.ntotal != n * q:
+            raise ValueError(f"the flat index holds {flat.ntotal} vectors for {n} images of {q} queries"
+                             + (f": run python -m blip2 index on {directory} again" if directory else ""))
+        faiss = need("faiss")
+        self.flat, self.paths, self.directory = flat, paths, directory
+        self.captions = captions if captions is not None else [None] * n
+        self.embeddings = faiss.rev_swig_ptr(flat.get_xb(), n * q * e).reshape(n, q, e) if n else \
+            np.zeros((0, q, e), np.float32)
+        self.approx = None
+
+    @classmethod
+    def load(cls, directory: str) -> "ImageIndex":
         faiss = need("faiss")
         pq = need("pyarrow.parquet")
         if not os.path.exists(os.path.join(directory, FLAT)):
             raise FileNotFoundError(f"{directory} is not an index (no {FLAT}): build it with python -m blip2 index")
-        self.directory = directory
-        self.meta = json.load(open(os.path.join(directory, META)))
-        table = pq.read_table(os.path.join(directory, ROWS), columns=["path", "hash", "width", "height", "caption",
-                                                                       "error"])
+        meta = json.load(open(os.path.join(directory, META)))
+        table = pq.read_table(os.path.join(directory, ROWS), columns=["path", "caption", "error"])
         table = table.filter(table["error"].is_null())
-        self.paths = table["path"].to_pylist()
-        self.captions = table["caption"].to_pylist()
-        self.hashes = table["hash"].to_pylist()
-        self.flat = faiss.read_index(os.path.join(directory, FLAT))
-        q, e = self.meta["num_query_tokens"], self.meta["dim"]
-        if self.flat.ntotal != len(self.paths) * q:
-            raise ValueError(f"{directory}: {FLAT} holds {self.flat.ntotal} vectors for {len(self.paths)} images "
-                             f"of {q} queries: run python -m blip2 index on it again")
-        n = len(self.paths)
-        self.embeddings = faiss.rev_swig_ptr(self.flat.get_xb(), n * q * e).reshape(n, q, e) if n else \
-            np.zeros((0, q, e), np.float32)
-        self.approx = None
+        return cls(faiss.read_index(os.path.join(directory, FLAT)), meta["num_query_tokens"],
+                   table["path"].to_pylist(), table["caption"].to_pylist(), directory)
 
     def __len__(self):
         return len(self.paths)
 
-    def _rescore(self, ids, text, k):
-        """Exact best-query scores of candidate images -> (ids, scores) of the k best, ties by id."""
-        ids = np.unique(np.asarray(ids, np.int64))
-        scores = best_query_scores(self.embeddings[ids], text)
-        order = np.lexsort((ids, -scores))[:k]
-        return ids[order], scores[order]
-
     def search(self, text: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Exact: the k best images for a normalised (E,) text embedding -> (ids, best-query cosines)."""
-        q = self.meta["num_query_tokens"]
-        k = min(k, len(self))
-        if k <= 0:
-            return np.zeros(0, np.int64), np.zeros(0, np.float32)
-        n_vec = min((k + 1) * q, self.flat.ntotal)  # k images certainly among the top k * Q vectors; +1: ties
-        _, vec = self.flat.search(np.ascontiguousarray(text[None], np.float32), n_vec)
-        return self._rescore(vec[0][vec[0] >= 0] // q, text, k)
+        scores = best_query_scores(self.embeddings, np.asarray(text, np.float32))
+        return top_k(np.arange(len(scores)), scores, k)
 
     def build_approx(self, nlist: int | None = None):
-        """An IVF index over each image's pooled (mean of its queries, normalised) embedding: its candidates
-        are re-scored exactly. Saved as approx.faiss (rebuilt when the index changes)."""
+        """An IVF index over each image's pooled embedding (the mean of its queries, normalised); its candidates
+        are re-scored exactly. Kept in the index folder as approx.faiss (indexing again removes it)."""
         faiss = need("faiss")
-        path = os.path.join(self.directory, APPROX)
-        if os.path.exists(path) and os.path.getmtime(path) >= os.path.getmtime(os.path.join(self.directory, FLAT)):
+        path = os.path.join(self.directory, APPROX) if self.directory else None
+        if path and os.path.exists(path):
             self.approx = faiss.read_index(path)
             return self.approx
         self.approx = ivf_pooled(self.embeddings, nlist)
-        faiss.write_index(self.approx, path)
+        if path:
+            faiss.write_index(self.approx, path)
         return self.approx
 
     def search_approx(self, text: np.ndarray, k: int, candidates: int = 200, nprobe: int = 16):
         """Approximate: the `candidates` best images by pooled embedding (IVF, `nprobe` lists), re-scored exactly."""
         if self.approx is None:
             self.build_approx()
-        k = min(k, len(self))
         self.approx.nprobe = nprobe
-        _, ids = self.approx.search(np.ascontiguousarray(text[None], np.float32), max(candidates, k))
-        return self._rescore(ids[0][ids[0] >= 0], text, k)
+        text = np.asarray(text, np.float32)
+        _, ids = self.approx.search(text[None], max(candidates, k))
+        ids = np.unique(ids[0][ids[0] >= 0])
+        return top_k(ids, best_query_scores(self.embeddings[ids], text), k)
 
 
 def pooled(embeddings: np.ndarray) -> np.ndarray:
@@ -287,7 +283,7 @@ def rerank(runner, index: ImageIndex, ids, itc, text: str, top: int) -> list[Hit
 def search_command(runner, directory: str, text: str, k: int = 10, top: int = 0, approx=False,
                    candidates: int = 200, nprobe: int = 16) -> tuple[list[Hit], str]:
     """What `python -m blip2 search` does -> (hits, a note on timing and, with `approx`, recall)."""
-    index = ImageIndex(directory)
+    index = ImageIndex.load(directory)
     t = text_embedding(runner, text)
     start = time.perf_counter()
     ids, scores = index.search(t, max(k, top))

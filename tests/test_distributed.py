@@ -44,6 +44,6 @@ def test_ray_writes_the_same_parquet(ray_local, collection, tmp_path):
             if job is index_job:
                 local, remote = local + "/images.parquet", remote + "/images.parquet"
             assert pq.read_table(remote).equals(pq.read_table(local))
-        assert len(ImageIndex(str(tmp_path / "ray" / "index"))) == 24
+        assert len(ImageIndex.load(str(tmp_path / "ray" / "index"))) == 24
     finally:
         torch.set_num_threads(threads)

@@ -12,7 +12,7 @@ import torch
 
 from blip2.__main__ import main
 from blip2.bulk import load_runner
-from blip2.index import ImageIndex, brute_force, index_job, recall, rerank, text_embedding
+from blip2.index import ImageIndex, best_query_scores, index_job, recall, rerank, text_embedding, top_k
 from world_files import GEN, ITM, write_scenes
 
 N = 200
@@ -60,7 +60,7 @@ def test_rows_and_files(built, runner):
 
 def test_search_finds_each_scene_by_its_caption(built, runner):
     out, paths, scenes = built
-    index = ImageIndex(out)
+    index = ImageIndex.load(out)
     hits, reranked, approx = 0, 0, []
     for i, s in enumerate(scenes):
         text = text_embedding(runner, s.caption())
@@ -78,19 +78,40 @@ def test_search_finds_each_scene_by_its_caption(built, runner):
     assert np.mean(approx) >= 0.75
 
 
+def brute_force(embeddings, text, k):
+    """The reference ranking: every image's best-query score, fully sorted (ties by id)."""
+    scores = best_query_scores(embeddings, text)
+    ids = np.lexsort((np.arange(len(scores)), -scores))[:k]
+    return ids, scores[ids]
+
+
+def faiss_flat(index, text, k):
+    """faiss' own flat search: the k best images are the first k distinct images among its top k * Q vectors."""
+    q = index.embeddings.shape[1]
+    scores, vectors = index.flat.search(text[None], k * q)
+    _, first = np.unique(vectors[0] // q, return_index=True)
+    first = np.sort(first)[:k]
+    return vectors[0][first] // q, scores[0][first]
+
+
 def test_flat_search_equals_brute_force(built, runner):
     out, _, scenes = built
-    index = ImageIndex(out)
+    index = ImageIndex.load(out)
     rng = np.random.default_rng(0)
-    random = rng.normal(size=(20, index.meta["dim"])).astype(np.float32)
+    random = rng.normal(size=(20, index.embeddings.shape[2])).astype(np.float32)
     texts = [text_embedding(runner, s.caption()) for s in scenes[:50]] + list(random / np.linalg.norm(random, axis=1,
                                                                                                         keepdims=True))
     for text in texts:
         for k in (1, 10, N):
             ids, scores = index.search(text, k)
             ref_ids, ref_scores = brute_force(index.embeddings, text, k)
-            assert ids.tolist() == ref_ids.tolist()
-            np.testing.assert_allclose(scores, ref_scores, rtol=0, atol=1e-6)  # float32 sums of 64 products
+            assert ids.tolist() == ref_ids.tolist() and scores.tolist() == ref_scores.tolist()
+            flat_ids, flat_scores = faiss_flat(index, text, k)
+            assert flat_ids.tolist() == ref_ids.tolist()
+            np.testing.assert_allclose(flat_scores, ref_scores, rtol=0, atol=1e-6)  # other float32 sums of 64 terms
+    tied = np.array([0.5, 0.9, 0.5, 0.5, 0.1], np.float32)  # ties at the k-th place: the lower ids win
+    assert top_k(np.arange(5), tied, 3)[0].tolist() == [1, 0, 2]
+    assert top_k(np.array([3, 2, 1, 0, 4]), tied, 3)[0].tolist() == [2, 0, 1]
 
 
 def test_incremental(tmp_path, built, runner):
@@ -119,7 +140,7 @@ def test_incremental(tmp_path, built, runner):
     assert rows[str(files[0])]["embedding"] == before[str(files[0])]["embedding"]
     assert rows[str(files[0])]["mtime_ns"] == 1
     assert rows[str(files[2])]["hash"] != before[str(files[2])]["hash"]
-    index = ImageIndex(out)
+    index = ImageIndex.load(out)
     assert len(index) == 30 and index.flat.ntotal == 30 * 32 and str(d / "broken.png") not in index.paths
     with pytest.raises(ValueError, match="indexed with"):
         index_job(runner, [d], out, "another/model", progress=False)
