@@ -6,28 +6,39 @@ gallery only embeds the text), then the top-k are re-ranked by ITM log-odds + IT
 
 from __future__ import annotations
 
+import os
+
 import gradio as gr
 import pandas as pd
 
 from . import examples
+from .collection import attached
 from .common import model_event, progress_callback, service, session_models, user_errors
 
 COLUMNS = ["rank", "image", "ITM probability", "ITC cosine"]
+GALLERY = "the gallery"
+INDEX_HITS = 24  # results shown from a prebuilt index
+
+
+def in_index(collection):
+    return f"the index ({len(collection)} images)"
 
 
 def _name(checked, i):
     src = checked.source
     if isinstance(src, str):
-        import os
-
         return os.path.basename(src)
     return f"image {i}"
 
 
 @user_errors
-def search(gallery, query, rerank_k=None, session=None, progress=gr.Progress(track_tqdm=True)):
-    """Rank gallery images for a text. Returns (ranked gallery [(image, caption)], table, notice)."""
+def search(gallery, query, rerank_k=None, session=None, where=GALLERY, progress=gr.Progress(track_tqdm=True)):
+    """Rank gallery images for a text, or search the prebuilt index (python app.py --index; `where`).
+    Returns (ranked gallery [(image, caption)], table, notice)."""
     svc = service()
+    collection = attached(svc)
+    if collection is not None and where != GALLERY:
+        return search_index(collection, query, rerank_k)
     key = session_models(session)["retrieval"]
     ranked, skipped = svc.search(key, gallery, query, rerank_k, progress=progress_callback(progress))
     items, rows = [], []
@@ -42,14 +53,29 @@ def search(gallery, query, rerank_k=None, session=None, progress=gr.Progress(tra
     return items, pd.DataFrame(rows, columns=COLUMNS), notice
 
 
+def search_index(collection, query, rerank_k):
+    shown, notice = collection.search(query, INDEX_HITS, service().limits.search_rerank_k if rerank_k is None
+                                      else rerank_k)
+    items, rows = [], []
+    for rank, (thumb, h) in enumerate(shown, 1):
+        label = f"#{rank} · ITC {h.itc:.2f}" + (f" · ITM {h.itm:.2f}" if h.itm is not None else "")
+        items.append((thumb, label + (f" · {h.caption}" if h.caption else "")))
+        rows.append([rank, os.path.basename(h.path), None if h.itm is None else round(h.itm, 4), round(h.itc, 4)])
+    return items, pd.DataFrame(rows, columns=COLUMNS), notice
+
+
 def example_gallery():
     return examples.gallery()
 
 
 def build(session: gr.State):
     limits = service().limits
+    collection = attached(service())
     with gr.Row(equal_height=False):
         with gr.Column(scale=1):
+            where = None if collection is None else gr.Radio(
+                [in_index(collection), GALLERY], value=in_index(collection), label="Search in", elem_id="search-where",
+                info="the prebuilt index of the server's images (python app.py --index), or a gallery you upload")
             gallery = gr.Gallery(label=f"Images to search (upload up to {limits.max_gallery})", columns=4,
                                  height=300, interactive=True, type="filepath", elem_id="search-gallery",
                                  object_fit="cover", file_types=["image"])
@@ -67,7 +93,8 @@ def build(session: gr.State):
                                    max_height=260)
             gr.Examples(examples.search_queries(), inputs=[query], label="Example queries", examples_per_page=6)
     load.click(example_gallery, None, gallery, api_visibility="private", queue=False)
-    model_event([run.click, query.submit], search, [gallery, query, rerank, session], [results, ranking, notice],
+    inputs = [gallery, query, rerank, session] + ([where] if where is not None else [])
+    model_event([run.click, query.submit], search, inputs, [results, ranking, notice],
                 api_name="search",
                 api_description="Rank gallery images for a text: ITC over all, ITM re-ranking of the top-k.")
     return gallery
