@@ -138,35 +138,33 @@ def bandwidth() -> float:
     return x.numel() * 4 / best
 
 
+def search_one(n: int, queries: int, candidates: int, nprobe: int, bw: float) -> dict:
+    index, text = synthetic(n)
+    rng = np.random.default_rng(1)
+    texts = [text(i) for i in rng.integers(0, n, queries)]
+    exact = [timed(lambda t=t: index.search(t, 10)) for t in texts]
+    _, build = timed(index.build_approx)
+    approx = [timed(lambda t=t: index.search_approx(t, 10, candidates, nprobe)) for t in texts]
+    ms, ams = (np.array([s for _, s in runs]) * 1000 for runs in (exact, approx))
+    row = {"images": n, "exact_p50_ms": round(float(np.percentile(ms, 50)), 1),
+           "exact_p95_ms": round(float(np.percentile(ms, 95)), 1), "floor_ms": round(n * 32 * 256 * 4 / bw * 1000, 1),
+           "approx_p50_ms": round(float(np.percentile(ams, 50)), 2),
+           "approx_p95_ms": round(float(np.percentile(ams, 95)), 2),
+           "approx_recall_at_10": round(float(np.mean([recall(a[0], e[0])
+                                                       for (a, _), (e, _) in zip(approx, exact)])), 4),
+           "approx_build_s": round(build, 1), "nlist": index.approx.nlist, "nprobe": nprobe, "candidates": candidates,
+           "queries": queries}
+    print(f"  {n:>7} images: exact p50 {row['exact_p50_ms']} ms p95 {row['exact_p95_ms']} ms (floor {row['floor_ms']} "
+          f"ms); approximate p50 {row['approx_p50_ms']} ms p95 {row['approx_p95_ms']} ms, recall@10 "
+          f"{row['approx_recall_at_10']} (IVF {row['nlist']} lists, nprobe {nprobe}, {candidates} candidates, built in "
+          f"{row['approx_build_s']} s)", flush=True)
+    return row
+
+
 def search(sizes, queries: int, candidates: int, nprobe: int) -> list[dict]:
-    results = []
     bw = bandwidth()
     print(f"  memory read bandwidth {bw / 1e9:.1f} GB/s", flush=True)
-    rng = np.random.default_rng(1)
-    for n in sizes:
-        index, text = synthetic(n)
-        texts = [text(i) for i in rng.integers(0, n, queries)]
-        exact = [timed(lambda t=t: index.search(t, 10)) for t in texts]
-        ms = np.array([s for _, s in exact]) * 1000
-        floor = n * 32 * 256 * 4 / bw * 1000
-        row = {"images": n, "exact_p50_ms": round(float(np.percentile(ms, 50)), 1),
-               "exact_p95_ms": round(float(np.percentile(ms, 95)), 1), "floor_ms": round(floor, 1)}
-        _, build = timed(index.build_approx)
-        approx = [timed(lambda t=t: index.search_approx(t, 10, candidates, nprobe)) for t in texts]
-        ams = np.array([s for _, s in approx]) * 1000
-        row |= {"approx_p50_ms": round(float(np.percentile(ams, 50)), 2),
-                "approx_p95_ms": round(float(np.percentile(ams, 95)), 2),
-                "approx_recall_at_10": round(float(np.mean([recall(a[0], e[0][0]) for (a, _), e in zip(approx, exact)])),
-                                             4),
-                "approx_build_s": round(build, 1), "nlist": index.approx.nlist, "nprobe": nprobe,
-                "candidates": candidates, "queries": queries}
-        print(f"  {n:>7} images: exact p50 {row['exact_p50_ms']} ms p95 {row['exact_p95_ms']} ms (floor "
-              f"{row['floor_ms']} ms); approximate p50 {row['approx_p50_ms']} ms p95 {row['approx_p95_ms']} ms, "
-              f"recall@10 {row['approx_recall_at_10']} (IVF {row['nlist']} lists, nprobe {nprobe}, {candidates} "
-              f"candidates, built in {row['approx_build_s']} s)", flush=True)
-        results.append(row)
-        del index
-    return results
+    return [search_one(n, queries, candidates, nprobe, bw) for n in sizes]
 
 
 def main(argv=None):

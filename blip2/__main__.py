@@ -121,12 +121,13 @@ def run_collection(args):
     from .runner import Blip2Runner
 
     if args.command == "search":
+        from .config import read_json
         from .index import META, search_command
 
         meta_path = os.path.join(args.index, META)
         if args.itm_model is None and not os.path.exists(meta_path):
             raise FileNotFoundError(f"{args.index} is not an index (no {META}): build it with python -m blip2 index")
-        args.itm_model = args.itm_model or json.load(open(meta_path))["model"]
+        args.itm_model = args.itm_model or read_json(meta_path)["model"]
         runner = Blip2Runner(None, None, *load(blip2.Blip2ForImageTextRetrieval, args.itm_model, args, "--itm-model"))
         hits, note = search_command(runner, args.index, args.text, args.k, args.rerank, args.approx, args.candidates,
                                     args.nprobe)
@@ -148,8 +149,8 @@ def run_collection(args):
         itm = load(blip2.Blip2ForImageTextRetrieval, args.itm_model, args, "--itm-model") \
             if args.command == "index" else (None, None)
         runner = Blip2Runner(*gen, *itm)
-    common = dict(batch_size=args.batch_size, prompt=args.prompt, decoding=decoding_of(args),
-                  progress=not args.no_progress, ray=ray)
+    common = {"batch_size": args.batch_size, "prompt": args.prompt, "decoding": decoding_of(args),
+              "progress": not args.no_progress, "ray": ray}
     if args.command == "caption":
         from .bulk import caption_job
 

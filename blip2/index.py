@@ -11,8 +11,8 @@ INDEX_DIR holds
   asks for it.
 BLIP-2 scores an image against a text by its best query: score(i, t) = max_q e[i, q] . t. The exact search
 computes it for every image (ImageIndex.search); `--approx` re-scores only the candidates of an IVF index over
-pooled embeddings and prints its recall against exact. Indexing again adds new files, skips unchanged ones (same size and
-mtime, or same content hash; a copy of an indexed file reuses its row) and drops files that are gone.
+pooled embeddings and prints its recall against exact. Indexing again adds new files, skips unchanged ones (same
+size and mtime, or same content hash; a copy of an indexed file reuses its row) and drops files that are gone.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .bulk import Rows, Summary, batches, drive, each_or_alone, find_images, need, open_images
+from .config import read_json
 
 ROWS, FLAT, APPROX, META = "images.parquet", "index.faiss", "approx.faiss", "meta.json"
 
@@ -92,7 +93,7 @@ def index_job(runner, paths: Iterable[str], out: str, model_name: str, batch_siz
     need("faiss")
     os.makedirs(out, exist_ok=True)
     meta_path = os.path.join(out, META)
-    old = json.load(open(meta_path)) if os.path.exists(meta_path) else None
+    old = read_json(meta_path) if os.path.exists(meta_path) else None
     meta = {"model": model_name, **_dims(runner, model_name)}
     if old is not None and (old["model"], old["num_query_tokens"], old["dim"]) != \
             (meta["model"], meta["num_query_tokens"], meta["dim"]):
@@ -140,7 +141,7 @@ def write_flat(out: str):
     """index.faiss from images.parquet: a flat inner-product index over every query vector of every image."""
     faiss = need("faiss")
     pq = need("pyarrow.parquet")
-    meta = json.load(open(os.path.join(out, META)))
+    meta = read_json(os.path.join(out, META))
     table = pq.read_table(os.path.join(out, ROWS), columns=["error", "embedding"])
     good = table.filter(table["error"].is_null())
     flat = faiss.IndexFlatIP(meta["dim"])
@@ -199,12 +200,12 @@ class ImageIndex:
         self.approx = None
 
     @classmethod
-    def load(cls, directory: str) -> "ImageIndex":
+    def load(cls, directory: str) -> ImageIndex:
         faiss = need("faiss")
         pq = need("pyarrow.parquet")
         if not os.path.exists(os.path.join(directory, FLAT)):
             raise FileNotFoundError(f"{directory} is not an index (no {FLAT}): build it with python -m blip2 index")
-        meta = json.load(open(os.path.join(directory, META)))
+        meta = read_json(os.path.join(directory, META))
         table = pq.read_table(os.path.join(directory, ROWS), columns=["path", "caption", "error"])
         table = table.filter(table["error"].is_null())
         return cls(faiss.read_index(os.path.join(directory, FLAT)), meta["num_query_tokens"],

@@ -4,6 +4,7 @@ output, broken files recorded."""
 import json
 import os
 import shutil
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -37,7 +38,7 @@ def collection(tmp_path_factory):
     d = tmp_path_factory.mktemp("scenes")
     paths, scenes = write_scenes(d, 120)
     (d / "broken.jpg").write_bytes(b"not an image")
-    data = open(paths[1], "rb").read()
+    data = Path(paths[1]).read_bytes()
     (d / "truncated.png").write_bytes(data[:len(data) // 2])
     return d, paths, scenes
 
@@ -53,7 +54,7 @@ def test_find_images(tmp_path):
     for name in ("a/x.png", "a/y.JPG", "a/notes.md", "z.png"):
         (tmp_path / name).write_bytes(b"")
     (tmp_path / "list.txt").write_text("# two files\na/x.png\n\nz.png\n")
-    abs_ = lambda *n: [str(tmp_path / x) for x in n]  # noqa: E731
+    abs_ = lambda *n: [str(tmp_path / x) for x in n]
     assert find_images([tmp_path / "a"]) == abs_("a/x.png", "a/y.JPG")
     assert find_images([str(tmp_path / "*.png"), tmp_path / "a" / "x.png"]) == abs_("a/x.png", "z.png")
     assert find_images([tmp_path / "list.txt"]) == abs_("a/x.png", "z.png")
@@ -86,7 +87,8 @@ def test_a_failing_batch_fails_only_its_bad_items():
         return [{"path": name, "error": None} for name, _ in items]
 
     rows = each_or_alone([("a", None), ("bad", None), ("c", None)], work)
-    assert rows == [{"path": "a", "error": None}, {"path": "bad", "error": "RuntimeError: the model cannot take this one"},
+    assert rows == [{"path": "a", "error": None},
+                    {"path": "bad", "error": "RuntimeError: the model cannot take this one"},
                     {"path": "c", "error": None}]
 
 
@@ -94,7 +96,7 @@ def test_a_failing_batch_fails_only_its_bad_items():
 def test_left_padded_batches_equal_one_by_one(collection, family):
     """Prompts of different lengths in one batch (left padding), greedy with penalties and beam search."""
     path = GEN if family == "embedded" else shared_checkpoint(family)
-    make = lambda: Blip2Runner(blip2.Blip2ForConditionalGeneration.from_pretrained(path),  # noqa: E731
+    make = lambda: Blip2Runner(blip2.Blip2ForConditionalGeneration.from_pretrained(path),
                                Blip2Processor.from_pretrained(path))
     batched, images = make(), collection[1][:12]
     prompts = ["", "a photo of", "Question: how many shapes are there? Answer:"] * 4
@@ -126,7 +128,7 @@ def test_resume_does_only_what_is_new(runner, collection, tmp_path, suffix):
 
 
 def test_cli(collection, tmp_path, capsys):
-    d, paths, _ = collection
+    _, paths, _ = collection
     subset = tmp_path / "subset"
     subset.mkdir()
     for p in paths[:6]:

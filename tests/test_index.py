@@ -12,6 +12,7 @@ import torch
 
 from blip2.__main__ import main
 from blip2.bulk import load_runner
+from blip2.config import read_json
 from blip2.index import ImageIndex, best_query_scores, index_job, recall, rerank, text_embedding, top_k
 from world_files import GEN, ITM, write_scenes
 
@@ -47,7 +48,7 @@ def scene_of(path, paths, scenes):
 
 
 def test_rows_and_files(built, runner):
-    out, paths, scenes = built
+    out, paths, _ = built
     table = pq.read_table(os.path.join(out, "images.parquet")).to_pylist()
     assert [r["path"] for r in table] == sorted(paths)
     r = table[0]
@@ -55,7 +56,7 @@ def test_rows_and_files(built, runner):
     assert r["caption"] == runner.caption(r["path"]).text
     expected = runner.image_text_embeddings([r["path"]])[0][0].numpy()  # (Q, E), the one-by-one path
     assert np.array_equal(np.asarray(r["embedding"], np.float32).reshape(expected.shape), expected)
-    assert json.load(open(os.path.join(out, "meta.json"))) == {"model": ITM, "num_query_tokens": 32, "dim": 64}
+    assert read_json(os.path.join(out, "meta.json")) == {"model": ITM, "num_query_tokens": 32, "dim": 64}
 
 
 def test_search_finds_each_scene_by_its_caption(built, runner):
