@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-import torch
 
 import blip2
 from blip2.__main__ import main
@@ -16,15 +15,7 @@ from blip2.bulk import Rows, caption_job, caption_rows, caption_schema, each_or_
 from blip2.processing import Blip2Processor
 from blip2.runner import Blip2Runner
 from tiny_checkpoints import shared_checkpoint
-from world_files import GEN, ITM, write_scenes
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from world_files import GEN, ITM, one_thread, write_scenes  # noqa: F401 (one_thread: autouse)
 
 
 @pytest.fixture(scope="module")

@@ -3,12 +3,11 @@ as the local jobs. One Ray start for the module (a few seconds on 2 cores)."""
 
 import pyarrow.parquet as pq
 import pytest
-import torch
 
 from blip2.bulk import caption_job, load_runner
 from blip2.distributed import RaySettings
 from blip2.index import ImageIndex, index_job
-from world_files import GEN, ITM, write_scenes
+from world_files import GEN, ITM, one_thread, write_scenes  # noqa: F401 (one_thread: autouse)
 
 
 @pytest.fixture(scope="module")
@@ -29,21 +28,16 @@ def collection(tmp_path_factory):
 
 
 def test_ray_writes_the_same_parquet(ray_local, collection, tmp_path):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as each actor runs
-    try:
-        runner = load_runner(GEN, ITM)
-        ray = RaySettings(concurrency=2, model=GEN, itm_model=ITM)
-        for name, job in (("captions.parquet", caption_job), ("index", index_job)):
-            extra = {} if job is caption_job else {"model_name": ITM, "captions": True}
-            local, remote = str(tmp_path / "local" / name), str(tmp_path / "ray" / name)
-            summary = job(runner, [collection], local, batch_size=5, progress=False, **extra)
-            assert (summary.done, summary.failed) == (25, 1)
-            summary = job(None, [collection], remote, batch_size=7, progress=False, ray=ray, **extra)
-            assert (summary.done, summary.failed) == (25, 1)
-            if job is index_job:
-                local, remote = local + "/images.parquet", remote + "/images.parquet"
-            assert pq.read_table(remote).equals(pq.read_table(local))
-        assert len(ImageIndex.load(str(tmp_path / "ray" / "index"))) == 24
-    finally:
-        torch.set_num_threads(threads)
+    runner = load_runner(GEN, ITM)  # on one thread, as each actor
+    ray = RaySettings(concurrency=2, model=GEN, itm_model=ITM)
+    for name, job in (("captions.parquet", caption_job), ("index", index_job)):
+        extra = {} if job is caption_job else {"model_name": ITM, "captions": True}
+        local, remote = str(tmp_path / "local" / name), str(tmp_path / "ray" / name)
+        summary = job(runner, [collection], local, batch_size=5, progress=False, **extra)
+        assert (summary.done, summary.failed) == (25, 1)
+        summary = job(None, [collection], remote, batch_size=7, progress=False, ray=ray, **extra)
+        assert (summary.done, summary.failed) == (25, 1)
+        if job is index_job:
+            local, remote = local + "/images.parquet", remote + "/images.parquet"
+        assert pq.read_table(remote).equals(pq.read_table(local))
+    assert len(ImageIndex.load(str(tmp_path / "ray" / "index"))) == 24

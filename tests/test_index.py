@@ -8,23 +8,14 @@ import shutil
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import torch
 
 from blip2.__main__ import main
 from blip2.bulk import load_runner
 from blip2.config import read_json
 from blip2.index import ImageIndex, best_query_scores, index_job, recall, rerank, text_embedding, top_k
-from world_files import GEN, ITM, write_scenes
+from world_files import GEN, ITM, one_thread, write_scenes  # noqa: F401 (one_thread: autouse)
 
 N = 200
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

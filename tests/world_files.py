@@ -2,6 +2,9 @@
 
 import os
 
+import pytest
+import torch
+
 from blip2.train import world
 
 GEN, ITM = "assets/blip2-tiny", "assets/blip2-tiny-itm"
@@ -17,3 +20,12 @@ def write_scenes(directory, n, seed=20, size=96):
         s.render(size).save(path)
         paths.append(os.path.abspath(path))
     return paths, scenes
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """torch on one thread for a test module (import it there): the tiny models run fastest on one."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
