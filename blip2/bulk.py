@@ -97,9 +97,10 @@ class Rows:
             need("pyarrow")
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
 
-    def table(self):
+    def table(self, columns: list[str] | None = None):
         """Every row so far (the output and any journal of an unfinished run), the last row of a path winning,
-        sorted by path: a pyarrow Table (Parquet) or a list of dicts (JSON lines)."""
+        sorted by path: a pyarrow Table (Parquet; only `columns`, "path" among them, if given) or a list of dicts
+        (JSON lines)."""
         if not self.parquet:
             rows = {}
             if os.path.exists(self.out):
@@ -114,9 +115,10 @@ class Rows:
 
         files = ([self.out] if os.path.exists(self.out) else []) + \
             (sorted(os.path.join(self.parts, f) for f in os.listdir(self.parts)) if os.path.isdir(self.parts) else [])
-        tables = [pq.read_table(f) for f in files]
+        tables = [pq.read_table(f, columns=columns) for f in files]
         if self.schema is not None:
-            tables = [t.select(self.schema.names).cast(self.schema) for t in tables] or [self.schema.empty_table()]
+            schema = pa.schema([self.schema.field(n) for n in columns or self.schema.names])
+            tables = [t.select(schema.names).cast(schema) for t in tables] or [schema.empty_table()]
         table = pa.concat_tables(tables) if tables else None
         if table is None:
             return None
@@ -125,7 +127,7 @@ class Rows:
 
     def done(self) -> set[str]:
         """Paths whose row has no error (a rerun skips them)."""
-        t = self.table()
+        t = self.table(["path", "error"]) if self.parquet else self.table()
         if t is None:
             return set()
         if self.parquet:

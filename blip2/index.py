@@ -102,9 +102,9 @@ def index_job(runner, paths: Iterable[str], out: str, model_name: str, batch_siz
     with open(meta_path, "w") as f:
         json.dump(meta, f)
     rows = Rows(os.path.join(out, ROWS), index_schema(meta["num_query_tokens"], meta["dim"]))
-    table = rows.table()
-    known = {r["path"]: r for r in table.drop_columns(["embedding"]).to_pylist()}
-    by_hash = {r["hash"]: i for i, r in enumerate(known.values()) if r["error"] is None}
+    indexed = rows.table([n for n in rows.schema.names if n != "embedding"]).to_pylist()  # sorted by path
+    known = {r["path"]: r for r in indexed}
+    by_hash = {r["hash"]: i for i, r in enumerate(indexed) if r["error"] is None}  # row number by content
 
     def current(r, facts):  # an indexed row still right for this file
         return r["error"] is None and (r["caption"] is not None or not captions) and \
@@ -118,11 +118,12 @@ def index_job(runner, paths: Iterable[str], out: str, model_name: str, batch_siz
             continue
         h = file_hash(f)
         i = by_hash.get(h)
-        if i is not None and (table["caption"][i].as_py() is not None or not captions):
+        if i is not None and (indexed[i]["caption"] is not None or not captions):
             copies.append((i, {**facts, "hash": h}))
         else:
             todo.append(f)
     if copies:  # same content (touched, moved or copied): the indexed row with the new file facts
+        table = rows.table()
         rows.add([{**table.slice(i, 1).to_pylist()[0], **facts} for i, facts in copies])
     if ray is not None:
         from .distributed import ray_rows
