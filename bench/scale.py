@@ -169,7 +169,7 @@ def search(sizes, queries: int, candidates: int, nprobe: int) -> list[dict]:
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m bench.scale", description=__doc__.split("\n")[0])
-    p.add_argument("--images", type=int, default=512, help="scenes for the embedded model (default 512)")
+    p.add_argument("--images", type=int, default=2048, help="scenes for the embedded model (default 2048)")
     p.add_argument("--mid-images", type=int, default=32, help="scenes for the mid-size model (default 32)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--threads", type=int, default=1, help="torch threads of the local runs (default 1, as each "

@@ -159,8 +159,12 @@ def write_flat(out: str):
 
 
 def best_query_scores(embeddings: np.ndarray, text: np.ndarray) -> np.ndarray:
-    """(N, Q, E) image embeddings, (E,) text -> (N,) max over queries of the inner product."""
+    """(N, Q, E) image embeddings, (E,) text -> (N,) max over queries of the inner product. A large scan is one
+    BLAS matrix-vector product on all cores (memory-bound); a small one (candidates) runs on one thread, where
+    the BLAS threads cost more than they save (and, on a busy machine, many times more)."""
     n, q, e = embeddings.shape
+    if n * q * e < 1 << 22:
+        return np.einsum("nqe,e->nq", embeddings, text).max(1)
     return (embeddings.reshape(n * q, e) @ text).reshape(n, q).max(1)
 
 
@@ -237,9 +241,15 @@ class ImageIndex:
         """Approximate: the `candidates` best images by pooled embedding (IVF, `nprobe` lists), re-scored exactly."""
         if self.approx is None:
             self.build_approx()
+        faiss = need("faiss")
         self.approx.nprobe = nprobe
         text = np.asarray(text, np.float32)
-        _, ids = self.approx.search(text[None], max(candidates, k))
+        threads = faiss.omp_get_max_threads()
+        faiss.omp_set_num_threads(1)  # one query: a team of threads only adds waiting
+        try:
+            _, ids = self.approx.search(text[None], max(candidates, k))
+        finally:
+            faiss.omp_set_num_threads(threads)
         ids = np.unique(ids[0][ids[0] >= 0])
         return top_k(ids, best_query_scores(self.embeddings[ids], text), k)
 
