@@ -78,8 +78,8 @@ def build(session: gr.State):
                 info="the prebuilt index of the server's images (python app.py --index), or a gallery you upload")
             gallery = gr.Gallery(label=f"Images to search (upload up to {limits.max_gallery})", columns=4,
                                  height=300, interactive=True, type="filepath", elem_id="search-gallery",
-                                 object_fit="cover", file_types=["image"])
-            load = gr.Button("Use the example images", size="sm", elem_id="search-examples")
+                                 object_fit="cover", file_types=["image"], visible=where is None)
+            load = gr.Button("Use the example images", size="sm", elem_id="search-examples", visible=where is None)
             query = gr.Textbox(label="Search for", placeholder="e.g. a large purple square in the top left",
                                max_length=limits.max_prompt_chars, elem_id="search-query")
             rerank = gr.Slider(0, 20, value=limits.search_rerank_k, step=1, label="Re-rank the top-k by ITM",
@@ -93,6 +93,9 @@ def build(session: gr.State):
                                    max_height=260)
             gr.Examples(examples.search_queries(), inputs=[query], label="Example queries", examples_per_page=6)
     load.click(example_gallery, None, gallery, api_visibility="private", queue=False)
+    if where is not None:  # the upload area only when the gallery is searched
+        where.change(lambda w: [gr.update(visible=w == GALLERY)] * 2, where, [gallery, load],
+                     api_visibility="private", queue=False)
     inputs = [gallery, query, rerank, session] + ([where] if where is not None else [])
     model_event([run.click, query.submit], search, inputs, [results, ranking, notice],
                 api_name="search",
