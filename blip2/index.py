@@ -94,6 +94,8 @@ def index_job(runner, paths: Iterable[str], out: str, model_name: str, batch_siz
     os.makedirs(out, exist_ok=True)
     meta_path = os.path.join(out, META)
     old = read_json(meta_path) if os.path.exists(meta_path) else None
+    if os.path.isdir(model_name):  # a local checkpoint: by absolute path, so that search finds it from anywhere
+        model_name = os.path.abspath(model_name)
     meta = {"model": model_name, **_dims(runner, model_name)}
     if old is not None and (old["model"], old["num_query_tokens"], old["dim"]) != \
             (meta["model"], meta["num_query_tokens"], meta["dim"]):
