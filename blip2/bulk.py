@@ -202,9 +202,10 @@ def each_or_alone(items: list, work: Callable[[list], list[dict]]) -> list[dict]
         return [row for item in items for row in each_or_alone([item], work)]
 
 
-def caption_rows(runner, paths: list[str], prompt: str = "", decoding: dict | None = None) -> list[dict]:
-    """Caption rows of a batch of files: one vision pass and one batched generation (Blip2Runner.caption_batch)."""
-    loaded, failed = open_images(paths)
+def caption_rows(runner, paths: list[str], prompt: str = "", decoding: dict | None = None, opened=None) -> list[dict]:
+    """Caption rows of a batch of files: one vision pass and one batched generation (Blip2Runner.caption_batch).
+    `opened`: open_images(paths), if already done."""
+    loaded, failed = opened or open_images(paths)
 
     def work(items):
         out = runner.caption_batch([im for _, im in items], prompt, **(decoding or {}))
@@ -240,6 +241,22 @@ def batches(paths: list[str], size: int) -> Iterator[list[str]]:
         yield paths[i:i + size]
 
 
+def prefetched(paths: list[str], size: int, read: Callable[[list[str]], object]) -> Iterator[tuple[list, object]]:
+    """(batch, read(batch)) for each batch of `paths`, the next batch read on a thread meanwhile: decoding and
+    hashing files (which release the GIL) overlap the model's work on the batch before."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1) as pool:
+        pending = None
+        for batch in batches(paths, size):
+            ahead = pool.submit(read, batch)
+            if pending is not None:
+                yield pending[0], pending[1].result()
+            pending = batch, ahead
+        if pending is not None:
+            yield pending[0], pending[1].result()
+
+
 def drive(results: Iterable[list[dict]], rows: Rows, total: int, skipped: int, desc: str, progress=True,
           keep: Callable[[str], bool] | None = None) -> Summary:
     """Write each batch of result rows as it comes, with a progress bar (images/s and ETA); then finish."""
@@ -273,5 +290,6 @@ def caption_job(runner, paths: Iterable[str], out: str, batch_size: int = 16, pr
 
         results = ray_rows(ray, "caption", todo, batch_size, prompt=prompt, decoding=decoding or {})
     else:
-        results = (caption_rows(runner, b, prompt, decoding) for b in batches(todo, batch_size))
+        results = (caption_rows(runner, b, prompt, decoding, opened)
+                   for b, opened in prefetched(todo, batch_size, open_images))
     return drive(results, rows, len(todo), len(files) - len(todo), "caption", progress)

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .bulk import Rows, Summary, batches, drive, each_or_alone, find_images, need, open_images
+from .bulk import Rows, Summary, drive, each_or_alone, find_images, need, open_images, prefetched
 from .config import read_json
 
 ROWS, FLAT, APPROX, META = "images.parquet", "index.faiss", "approx.faiss", "meta.json"
@@ -52,16 +52,23 @@ def _file_facts(path: str) -> dict:
     return {"path": path, "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
-def index_rows(runner, paths: list[str], captions=False, prompt: str = "", decoding: dict | None = None) -> list[dict]:
-    """Index rows of a batch of files: file facts and hash, ITC embeddings in one vision pass
-    (Blip2Runner.itc_image_batch) and, with `captions`, captions in one batched generation."""
+def read_files(paths: list[str]) -> tuple[dict, list, list[dict]]:
+    """File facts with content hash {path: facts}, and open_images(paths)."""
     facts = {}
     for p in paths:
         try:
             facts[p] = {**_file_facts(p), "hash": file_hash(p)}
         except OSError:
             facts[p] = {"path": p}
-    loaded, failed = open_images(paths)
+    return (facts, *open_images(paths))
+
+
+def index_rows(runner, paths: list[str], captions=False, prompt: str = "", decoding: dict | None = None,
+               opened=None) -> list[dict]:
+    """Index rows of a batch of files: file facts and hash, ITC embeddings in one vision pass
+    (Blip2Runner.itc_image_batch) and, with `captions`, captions in one batched generation. `opened`:
+    read_files(paths), if already done."""
+    facts, loaded, failed = opened or read_files(paths)
 
     def work(items):
         images = [im for _, im in items]
@@ -132,7 +139,8 @@ def index_job(runner, paths: Iterable[str], out: str, model_name: str, batch_siz
 
         results = ray_rows(ray, "index", todo, batch_size, captions=captions, prompt=prompt, decoding=decoding or {})
     else:
-        results = (index_rows(runner, b, captions, prompt, decoding) for b in batches(todo, batch_size))
+        results = (index_rows(runner, b, captions, prompt, decoding, opened)
+                   for b, opened in prefetched(todo, batch_size, read_files))
     gone = {p for p in known if not os.path.exists(p)}
     summary = drive(results, rows, len(todo), len(files) - len(todo), "index", progress,
                     keep=lambda p: p not in gone)
