@@ -1,4 +1,4 @@
-"""An image index for text search: the ITC embeddings of every query of every image, searched with faiss.
+"""An image index for text search: the ITC embeddings of every query of every image, held in a faiss index.
 
   python -m blip2 index photos/ --out photos.index [--captions]
   python -m blip2 search photos.index "a red circle on the left" -k 10 --rerank 20
@@ -305,7 +305,11 @@ def rerank(runner, index: ImageIndex, ids, itc, text: str, top: int) -> list[Hit
 def search_command(runner, directory: str, text: str, k: int = 10, top: int = 0, approx=False,
                    candidates: int = 200, nprobe: int = 16) -> tuple[list[Hit], str]:
     """What `python -m blip2 search` does -> (hits, a note on timing and, with `approx`, recall)."""
+    if k < 1 or top < 0:
+        raise ValueError(f"-k must be >= 1 and --rerank >= 0, got {k} and {top}")
     index = ImageIndex.load(directory)
+    if not len(index):
+        raise ValueError(f"{directory} holds no image that could be indexed")
     t = text_embedding(runner, text)
     start = time.perf_counter()
     ids, scores = index.search(t, max(k, top))
