@@ -71,36 +71,43 @@ def throughput(label, gen, itm, folder, ray: bool, batch_size: int) -> list[dict
     shutil.rmtree(work, ignore_errors=True)
     results = []
 
-    def report(task, mode, seconds, same=None):
+    def report(task, mode, seconds, same=None, summary=None):
         row = {"model": label, "task": task, "mode": mode, "images": n, "seconds": round(seconds, 2),
                "images_per_s": round(n / seconds, 2)}
         if same is not None:
             row["same_as_one_by_one" if mode == "batched" else "same_parquet_as_local"] = same
+        after = ""
+        if summary is not None:  # after the first batch: without the start-up (model loading, Ray's actors)
+            rows, first = summary.first_batch
+            row["after_first_batch_images_per_s"] = round((n - rows) / max(summary.seconds - first, 1e-9), 2)
+            after = f", {row['after_first_batch_images_per_s']:.1f} images/s after the first batch ({first:.1f} s)"
         results.append(row)
-        print(f"  {label:9} {task:8} {mode:11} {n / seconds:8.1f} images/s  ({n} in {seconds:.1f} s)"
+        print(f"  {label:9} {task:8} {mode:11} {n / seconds:8.1f} images/s  ({n} in {seconds:.1f} s{after})"
               + ("" if same is None else f"  identical: {same}"), flush=True)
 
     one = load_runner(gen, itm)
     captions, seconds = timed(lambda: [one.caption(p).text for p in paths])
     report("caption", "one-by-one", seconds)
     batched = load_runner(gen, itm)
-    _, seconds = timed(lambda: caption_job(batched, [folder], f"{work}/local.parquet", batch_size, progress=False))
+    summary, seconds = timed(lambda: caption_job(batched, [folder], f"{work}/local.parquet", batch_size,
+                                                 progress=False))
     local = pq.read_table(f"{work}/local.parquet")
-    report("caption", "batched", seconds, local["caption"].to_pylist() == captions)
+    report("caption", "batched", seconds, local["caption"].to_pylist() == captions, summary)
     _, seconds = timed(lambda: [one.image_text_embeddings([p]) for p in paths])
     report("index", "one-by-one", seconds)
-    _, seconds = timed(lambda: index_job(batched, [folder], f"{work}/local.index", itm, batch_size, progress=False))
-    report("index", "batched", seconds)
+    summary, seconds = timed(lambda: index_job(batched, [folder], f"{work}/local.index", itm, batch_size,
+                                               progress=False))
+    report("index", "batched", seconds, summary=summary)
     if ray:
         settings = RaySettings(concurrency=2, cpus_per_actor=1, model=gen, itm_model=itm)
-        _, seconds = timed(lambda: caption_job(None, [folder], f"{work}/ray.parquet", batch_size, progress=False,
-                                               ray=settings))
-        report("caption", "ray 2x1", seconds, pq.read_table(f"{work}/ray.parquet").equals(local))
-        _, seconds = timed(lambda: index_job(None, [folder], f"{work}/ray.index", itm, batch_size, progress=False,
-                                             ray=settings))
+        summary, seconds = timed(lambda: caption_job(None, [folder], f"{work}/ray.parquet", batch_size,
+                                                     progress=False, ray=settings))
+        report("caption", "ray 2x1", seconds, pq.read_table(f"{work}/ray.parquet").equals(local), summary)
+        summary, seconds = timed(lambda: index_job(None, [folder], f"{work}/ray.index", itm, batch_size,
+                                                   progress=False, ray=settings))
         same = pq.read_table(f"{work}/ray.index/images.parquet").drop_columns(["mtime_ns"]).equals(
             pq.read_table(f"{work}/local.index/images.parquet").drop_columns(["mtime_ns"]))
-        report("index", "ray 2x1", seconds, same)
+        report("index", "ray 2x1", seconds, same, summary)
     shutil.rmtree(work, ignore_errors=True)
     return results
 

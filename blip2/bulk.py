@@ -227,6 +227,7 @@ class Summary:
     failed: int  # of which errors
     skipped: int  # already in the output
     seconds: float
+    first_batch: tuple[int, float] = (0, 0.0)  # (rows, seconds) of the first batch: start-up costs show there
 
     def __str__(self):
         rate = self.done / self.seconds if self.seconds else 0.0
@@ -262,16 +263,18 @@ def drive(results: Iterable[list[dict]], rows: Rows, total: int, skipped: int, d
     """Write each batch of result rows as it comes, with a progress bar (images/s and ETA); then finish."""
     from tqdm.auto import tqdm
 
-    start, done, failed = time.perf_counter(), 0, 0
+    start, done, failed, first = time.perf_counter(), 0, 0, (0, 0.0)
     with tqdm(total=total, desc=desc, unit="img", disable=not progress, dynamic_ncols=True) as bar:
         for batch in results:
+            if not done:
+                first = len(batch), time.perf_counter() - start
             rows.add(batch)
             done += len(batch)
             failed += sum(r.get("error") is not None for r in batch)
             bar.update(len(batch))
             bar.set_postfix(failed=failed, refresh=False)
     rows.finish(keep)
-    return Summary(done, failed, skipped, time.perf_counter() - start)
+    return Summary(done, failed, skipped, time.perf_counter() - start, first)
 
 
 def caption_job(runner, paths: Iterable[str], out: str, batch_size: int = 16, prompt: str = "",
