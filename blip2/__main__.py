@@ -169,6 +169,9 @@ def run(args):
 
     if args.command in ("index", "search") or (args.command == "caption" and args.out):
         return run_collection(args)
+    folders = [p for p in getattr(args, "images", []) if os.path.isdir(p)]
+    if folders:
+        raise ValueError(f"{folders[0]} is a folder: caption a whole collection with --out FILE.parquet")
     if args.command == "match":
         model, processor = load(blip2.Blip2ForImageTextRetrieval, args.itm_model, args, "--itm-model")
         matches = Blip2Runner(itm_model=model, itm_processor=processor).match(args.image, args.texts)

@@ -130,6 +130,8 @@ def test_cli(collection, tmp_path, capsys):
     assert code == 0 and "6 images" in stdout and "0 failed" in stdout
     expected = load_runner(GEN).caption_batch(sorted(str(p) for p in subset.iterdir()), max_new_tokens=30)
     assert [r["caption"] for r in rows_of(out)] == [g.text for g in expected]
+    code = main(["caption", str(subset)])
+    assert code == 2 and "--out" in capsys.readouterr().err
     code = main(["caption", str(subset), "--out", str(tmp_path / "c.csv")])
     assert code == 2 and ".parquet or .jsonl" in capsys.readouterr().err
     code = main(["caption", str(subset), "--out", out, "--do-sample", "--temperature", "0"])
