@@ -18,6 +18,11 @@ import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .distributed import RaySettings
+    from .runner import Blip2Runner
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
 LIST_SUFFIXES = (".txt", ".lst")
@@ -202,7 +207,8 @@ def each_or_alone(items: list, work: Callable[[list], list[dict]]) -> list[dict]
         return [row for item in items for row in each_or_alone([item], work)]
 
 
-def caption_rows(runner, paths: list[str], prompt: str = "", decoding: dict | None = None, opened=None) -> list[dict]:
+def caption_rows(runner: Blip2Runner, paths: list[str], prompt: str = "", decoding: dict | None = None,
+                 opened=None) -> list[dict]:
     """Caption rows of a batch of files: one vision pass and one batched generation (Blip2Runner.caption_batch).
     `opened`: open_images(paths), if already done."""
     loaded, failed = opened or open_images(paths)
@@ -277,8 +283,8 @@ def drive(results: Iterable[list[dict]], rows: Rows, total: int, skipped: int, d
     return Summary(done, failed, skipped, time.perf_counter() - start, first)
 
 
-def caption_job(runner, paths: Iterable[str], out: str, batch_size: int = 16, prompt: str = "",
-                decoding: dict | None = None, progress=True, ray=None) -> Summary:
+def caption_job(runner: Blip2Runner | None, paths: Iterable[str], out: str, batch_size: int = 16, prompt: str = "",
+                decoding: dict | None = None, progress=True, ray: RaySettings | None = None) -> Summary:
     """Caption every image `paths` name into `out` (.parquet or .jsonl), skipping what `out` holds.
     `ray`: a distributed.RaySettings to run the batches on Ray actors instead of `runner`."""
     from .generation import GenerationConfig

@@ -23,11 +23,16 @@ import os
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .bulk import Rows, Summary, drive, each_or_alone, find_images, need, open_images, prefetched
 from .config import read_json
+
+if TYPE_CHECKING:
+    from .distributed import RaySettings
+    from .runner import Blip2Runner
 
 ROWS, FLAT, APPROX, META = "images.parquet", "index.faiss", "approx.faiss", "meta.json"
 
@@ -63,7 +68,7 @@ def read_files(paths: list[str]) -> tuple[dict, list, list[dict]]:
     return (facts, *open_images(paths))
 
 
-def index_rows(runner, paths: list[str], captions=False, prompt: str = "", decoding: dict | None = None,
+def index_rows(runner: Blip2Runner, paths: list[str], captions=False, prompt: str = "", decoding: dict | None = None,
                opened=None) -> list[dict]:
     """Index rows of a batch of files: file facts and hash, ITC embeddings in one vision pass
     (Blip2Runner.itc_image_batch) and, with `captions`, captions in one batched generation. `opened`:
@@ -80,7 +85,7 @@ def index_rows(runner, paths: list[str], captions=False, prompt: str = "", decod
     return (each_or_alone(loaded, work) if loaded else []) + [{**facts[r["path"]], **r} for r in failed]
 
 
-def _dims(runner, model_name: str) -> dict:
+def _dims(runner: Blip2Runner | None, model_name: str) -> dict:
     """Q and E of the retrieval model (from its config when no runner holds it, as for Ray)."""
     if runner is not None:
         cfg = runner.itm_model.config
@@ -92,8 +97,9 @@ def _dims(runner, model_name: str) -> dict:
     return {"num_query_tokens": cfg.num_query_tokens, "dim": cfg.image_text_hidden_size}
 
 
-def index_job(runner, paths: Iterable[str], out: str, model_name: str, batch_size: int = 16, captions=False,
-              prompt: str = "", decoding: dict | None = None, progress=True, ray=None) -> Summary:
+def index_job(runner: Blip2Runner | None, paths: Iterable[str], out: str, model_name: str, batch_size: int = 16,
+              captions=False, prompt: str = "", decoding: dict | None = None, progress=True,
+              ray: RaySettings | None = None) -> Summary:
     """Index every image `paths` name into the folder `out` (see the module doc). `runner` holds the retrieval
     model (and the captioning model with `captions`); `model_name` is recorded, and a later run must use the same.
     `ray`: a distributed.RaySettings to compute on Ray actors (then `runner` may be None)."""
@@ -285,12 +291,12 @@ def recall(found: np.ndarray, exact: np.ndarray) -> float:
     return len(set(found.tolist()) & set(exact.tolist())) / max(len(exact), 1)
 
 
-def text_embedding(runner, text: str) -> np.ndarray:
+def text_embedding(runner: Blip2Runner, text: str) -> np.ndarray:
     """The normalised (E,) ITC embedding of a text (the runner's retrieval model)."""
     return runner.image_text_embeddings(texts=[text])[1][0].float().cpu().numpy()
 
 
-def rerank(runner, index: ImageIndex, ids, itc, text: str, top: int) -> list[Hit]:
+def rerank(runner: Blip2Runner, index: ImageIndex, ids, itc, text: str, top: int) -> list[Hit]:
     """Hits for ranked ids: the first `top` re-ranked by ITM log-odds + ITC cosine (the app's ranking, from
     Blip2Runner.match on the image file), the rest in ITC order."""
     from .runner import match_score
@@ -302,7 +308,7 @@ def rerank(runner, index: ImageIndex, ids, itc, text: str, top: int) -> list[Hit
     return sorted(hits[:top], key=lambda h: -h.score) + hits[top:]
 
 
-def search_command(runner, directory: str, text: str, k: int = 10, top: int = 0, approx=False,
+def search_command(runner: Blip2Runner, directory: str, text: str, k: int = 10, top: int = 0, approx=False,
                    candidates: int = 200, nprobe: int = 16) -> tuple[list[Hit], str]:
     """What `python -m blip2 search` does -> (hits, a note on timing and, with `approx`, recall)."""
     if k < 1 or top < 0:
