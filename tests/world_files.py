@@ -2,8 +2,8 @@
 
 import os
 
+import app_support
 import pytest
-import torch
 
 from blip2.train import world
 
@@ -25,7 +25,5 @@ def write_scenes(directory, n, seed=20, size=96):
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
     """torch on one thread for a test module (import it there): the tiny models run fastest on one."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    with app_support.one_thread():
+        yield
