@@ -10,8 +10,10 @@ Hugging Face Space, set them in the Space's settings):
     --device-map   BLIP2_DEVICE_MAP    e.g. auto
     --host         HOST or GRADIO_SERVER_NAME (default 127.0.0.1; 0.0.0.0 inside a Space)
     --port         PORT or GRADIO_SERVER_PORT (default 7860)
-    --share        BLIP2_SHARE=1       a public gradio.live link
+    --share        BLIP2_SHARE=true    a public gradio.live link (true/false, yes/no, on/off, 1/0; anything else
+                                       stops the startup)
     --threads      BLIP2_THREADS       torch CPU threads (default: 1 for tiny models, else torch's choice)
+    --no-warm-up   BLIP2_NO_WARM_UP    load the models on first use instead of at startup
     --index        BLIP2_INDEX         an image index (python -m blip2 index) the Search tab searches
 Limits: BLIP2_MAX_UPLOAD_MB, BLIP2_TIME_LIMIT_S, BLIP2_QUEUE_SIZE, ... (see app/service.py, Limits).
 """
@@ -21,6 +23,21 @@ import logging
 import os
 import sys
 import time
+
+
+TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def env_flag(parser: argparse.ArgumentParser, name: str) -> bool:
+    """A boolean environment variable: true/yes/on/1 or false/no/off/0 in any case (unset or empty: false).
+    Anything else stops the startup with a message: a host who writes `BLIP2_SHARE=nope` must not be guessed."""
+    raw = os.environ.get(name, "").strip().lower()
+    if raw in TRUE:
+        return True
+    if raw in FALSE + ("",):
+        return False
+    parser.error(f"environment variable {name}={os.environ[name]!r} is not a boolean: use one of "
+                 f"{'/'.join(TRUE)} or {'/'.join(FALSE)}")
 
 
 def parse_args(argv=None):
@@ -37,11 +54,13 @@ def parse_args(argv=None):
     p.add_argument("--device-map", default=env("BLIP2_DEVICE_MAP") or None)
     p.add_argument("--host", default=env("HOST") or env("GRADIO_SERVER_NAME") or "127.0.0.1")
     p.add_argument("--port", type=int, default=int(env("PORT") or env("GRADIO_SERVER_PORT") or 7860))
-    p.add_argument("--share", action="store_true", default=env("BLIP2_SHARE", "") not in ("", "0", "false"))
+    p.add_argument("--share", action="store_true", default=env_flag(p, "BLIP2_SHARE"),
+                   help="a public gradio.live link (BLIP2_SHARE: true/false, yes/no, on/off, 1/0; default false)")
     p.add_argument("--threads", type=int, default=int(env("BLIP2_THREADS") or 0),
                    help="CPU threads for torch (default: 1 for the tiny embedded models, which many threads only "
                         "slow down; torch's default otherwise)")
-    p.add_argument("--no-warm-up", action="store_true", help="load the models on first use instead of at startup")
+    p.add_argument("--no-warm-up", action="store_true", default=env_flag(p, "BLIP2_NO_WARM_UP"),
+                   help="load the models on first use instead of at startup (BLIP2_NO_WARM_UP)")
     p.add_argument("--index", default=env("BLIP2_INDEX") or None, metavar="INDEX_DIR",
                    help="an image index built with python -m blip2 index: the Search tab searches it (with the "
                         "retrieval model it was built with) beside its upload-a-gallery mode")

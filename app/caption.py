@@ -38,7 +38,7 @@ def build(session: gr.State):
         with gr.Column(scale=1):
             image = gr.Image(type="filepath", label="Image", height=340, sources=["upload", "clipboard"],
                              elem_id="caption-image")
-            prompt = gr.Textbox(label="Prompt prefix (optional)", placeholder="e.g. a photo of",
+            prompt = gr.Textbox("", label="Prompt prefix (optional)", placeholder="e.g. a photo of",
                                 max_length=service().limits.max_prompt_chars, elem_id="caption-prompt",
                                 info="The caption continues this text.")
             run = gr.Button("Caption", variant="primary", elem_id="caption-run")

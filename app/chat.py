@@ -15,6 +15,7 @@ from .common import (BEAM, decoding_controls, decoding_from, model_event, progre
 from .service import Decoding, load_image
 
 DEFAULTS = Decoding(mode=BEAM, num_beams=1, max_new_tokens=20, min_new_tokens=1)
+DEFAULT_QUESTION = "what is in this picture?"  # asked when an API call leaves the question out
 
 
 def new_history():
@@ -39,12 +40,14 @@ def _history(state):
 
 
 @user_errors
-def chat(image, question, mode=DEFAULTS.mode, num_beams=DEFAULTS.num_beams, temperature=DEFAULTS.temperature,
+def chat(image, question=None, mode=DEFAULTS.mode, num_beams=DEFAULTS.num_beams, temperature=DEFAULTS.temperature,
          top_p=DEFAULTS.top_p, top_k=DEFAULTS.top_k, max_new_tokens=DEFAULTS.max_new_tokens,
          min_new_tokens=DEFAULTS.min_new_tokens, repetition_penalty=DEFAULTS.repetition_penalty,
          length_penalty=DEFAULTS.length_penalty, history=None, session=None, progress=gr.Progress(track_tqdm=True)):
-    """Ask a question about the image. Yields (chat messages, notice, history state) while the answer streams."""
+    """Ask a question about the image (DEFAULT_QUESTION when left out). Yields (chat messages, notice, history
+    state) while the answer streams."""
     svc = service()
+    question = DEFAULT_QUESTION if question is None else question
     decoding = decoding_from(mode, num_beams, temperature, top_p, top_k, max_new_tokens, min_new_tokens,
                              repetition_penalty, length_penalty)
     img = load_image(image, svc.limits)

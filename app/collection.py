@@ -15,7 +15,9 @@ import time
 
 from PIL import Image
 
-from .service import EMBEDDED, EMBEDDED_RETRIEVAL, RETRIEVAL, RequestError, Service, _number, clean_text
+from .errors import RequestError
+from .paths import EMBEDDED_RETRIEVAL
+from .service import EMBEDDED, RETRIEVAL, Service, _number, clean_text
 
 THUMBNAIL = 256  # pixels, longest side
 

@@ -37,18 +37,13 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from blip2.runner import match_score  # the ranking score, ITM log-odds + ITC cosine (also blip2's index search)
 
+from .errors import RequestError
+from .files import request_file
+from .paths import EMBEDDED_GENERATION, EMBEDDED_RETRIEVAL, EXAMPLES_DIR, ROOT  # noqa: F401 (re-exported)
+
 log = logging.getLogger("blip2.app")
 
-ROOT = Path(__file__).resolve().parent.parent
-ASSETS = ROOT / "assets"
-EXAMPLES_DIR = ASSETS / "examples"
-EMBEDDED_GENERATION = ASSETS / "blip2-tiny"
-EMBEDDED_RETRIEVAL = ASSETS / "blip2-tiny-itm"
 EMBEDDED = "blip2-tiny (embedded)"
-
-
-class RequestError(ValueError):
-    """A request the app refuses, with a message for the person who sent it."""
 
 
 class TimeLimitReached(RuntimeError):
@@ -315,7 +310,8 @@ def check_image(im: Image.Image, limits: Limits, name="the image", digest=None, 
 def load_image(value, limits: Limits, name="the image") -> CheckedImage:
     """Whatever an event or a direct caller passes as an image -> CheckedImage (RequestError if unusable).
 
-    Accepts a Gradio payload dict (preprocess=False), a file path, bytes, a PIL image or a numpy array."""
+    Accepts a Gradio payload dict (preprocess=False), a file path, bytes, a PIL image or a numpy array. A path
+    (or a payload's path) is read only when `app.files.request_file` allows it: an upload or an example file."""
     if value is None or (isinstance(value, str) and not value.strip()):
         raise RequestError(f"no image given: upload {'an image' if name == 'the image' else name} first "
                            "(or pick an example)")
@@ -327,9 +323,7 @@ def load_image(value, limits: Limits, name="the image") -> CheckedImage:
             raise RequestError(f"{name}: inline (base64) images are not accepted; upload the file")
         value = path
     if isinstance(value, (str, Path)):
-        path = Path(value)
-        if not path.is_file():
-            raise RequestError(f"{name}: the uploaded file is gone or was never stored; upload it again")
+        path = request_file(value)  # only uploads and the example files, whoever asks
         size = path.stat().st_size
         if size > limits.max_upload_bytes:
             raise RequestError(f"{name} is {size / 2**20:.1f} MB; the limit is {limits.max_upload_mb:g} MB")
@@ -911,11 +905,10 @@ class Service:
         return torch.cat(out, 0)
 
     def _text_inputs(self, loaded: Loaded, texts):
-        tok = loaded.processor.tokenizer
-        limit = min(loaded.model.config.qformer_config.max_position_embeddings, 512)
-        enc = tok([_strip_special(t, tok) or "." for t in texts], padding=True, truncation=True, max_length=limit,
-                  return_tensors="pt")
-        return enc["input_ids"].to(loaded.device), enc["attention_mask"].to(loaded.device)
+        """(ids, mask) of user texts for the ITC / ITM heads: matching's plain-text encoding (Blip2Runner.text_batch),
+        so a typed "<image>" or "[CLS]" is text in match, search and heat map alike."""
+        ids, mask, _ = loaded.runner.text_batch(texts)
+        return ids, mask
 
     def itc_text(self, loaded: Loaded, texts):
         out, missing = [None] * len(texts), []
@@ -1152,7 +1145,8 @@ class Service:
         if isinstance(item, (tuple, list)) and item:
             item = item[0]
         path = _payload_path(item) if isinstance(item, dict) else item if isinstance(item, (str, Path)) else None
-        if path is not None and os.path.isfile(path):
+        if path is not None:
+            path = request_file(path)
             st = os.stat(path)
             fkey = (str(path), st.st_size, st.st_mtime_ns)
             digest = self._file_digests.get(fkey)
@@ -1227,19 +1221,6 @@ def _config_is_t5(directory):
         return (cfg.get("text_config") or {}).get("model_type") == "t5"
     except (OSError, ValueError):
         return False
-
-
-def _strip_special(text: str, tokenizer) -> str:
-    """Remove special-token strings (<image>, </s>, [CLS], ...) a user typed: they would be read as the tokens
-    themselves (an "<image>" in a prompt breaks the image-token count)."""
-    specials = set(getattr(tokenizer, "all_special_tokens", []) or [])
-    image_token = getattr(tokenizer, "image_token", None) if hasattr(tokenizer, "special_tokens") and \
-        "image_token" in tokenizer.special_tokens else None
-    specials |= {"<image>"} | ({image_token} if image_token else set())
-    for s in sorted((s for s in specials if s), key=len, reverse=True):
-        if s in text:
-            text = text.replace(s, " ")
-    return " ".join(text.split())
 
 
 def _item_name(item, i):

@@ -138,6 +138,12 @@ def floor_seconds(model, new_tokens, prompt_len):
     return weights * new_tokens / bandwidth + compute / flops, bandwidth, flops, weights, compute
 
 
+def same_weights(a, b) -> bool:
+    """Two loads of one checkpoint hold the same tensors under the same names."""
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
 def _time(fn):
     t = time.perf_counter()
     fn()
@@ -170,7 +176,7 @@ def main(argv=None):
         return b
 
     compare("load", lambda: transformers.Blip2ForConditionalGeneration.from_pretrained(lm_path).eval(),
-            lambda: blip2.Blip2ForConditionalGeneration.from_pretrained(lm_path), lambda a, b: True)
+            lambda: blip2.Blip2ForConditionalGeneration.from_pretrained(lm_path), same_weights)
     ref = transformers.Blip2ForConditionalGeneration.from_pretrained(lm_path).eval()
     ours = blip2.Blip2ForConditionalGeneration.from_pretrained(lm_path)
     hf_proc, proc = transformers.Blip2Processor.from_pretrained(lm_path), Blip2Processor.from_pretrained(lm_path)

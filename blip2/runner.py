@@ -353,8 +353,9 @@ class Blip2Runner:
 
     # ---- matching ----------------------------------------------------------------------------------------
 
-    def _text_batch(self, texts):
-        """Plain-text ids of the retrieval tokenizer, cut to the Q-Former's positions, right-padded."""
+    def text_batch(self, texts):
+        """Plain-text ids of the retrieval tokenizer (special-token strings a user typed stay text), cut to the
+        Q-Former's positions, right-padded -> (ids (T, L), mask (T, L), truncated per text)."""
         tok, qcfg = self.itm_processor.tokenizer, self.itm_model.config.qformer_config
         limit = qcfg.max_position_embeddings
         rows = [encode_plain(tok, t) for t in texts]
@@ -376,7 +377,7 @@ class Blip2Runner:
             return []
         m = self.itm_model
         vision, key = self._vision(image)
-        ids, mask, truncated = self._text_batch(texts)
+        ids, mask, truncated = self.text_batch(texts)
         with torch.inference_mode():
             itm = m.itm_logits(vision, ids, mask)[0].float().softmax(-1)[:, 1]  # (T,)
             img = self._cached(("itc", key), lambda: m.itc_image_embeds(vision))  # (1, Q, E)
@@ -402,7 +403,7 @@ class Blip2Runner:
         imgs = [self._cached(("itc", key), lambda v=v: m.itc_image_embeds(v)) for v, key in map(self._vision, images)]
         txts = []
         for t in texts:
-            txts.append(self._cached(("text", t), lambda t=t: m.itc_text_embeds(*self._text_batch([t])[:2])[0]))
+            txts.append(self._cached(("text", t), lambda t=t: m.itc_text_embeds(*self.text_batch([t])[:2])[0]))
         e = m.config.image_text_hidden_size
         return (torch.cat(imgs) if imgs else torch.empty(0, m.config.num_query_tokens, e),
                 torch.cat(txts) if txts else torch.empty(0, e))

@@ -3,6 +3,7 @@ builders for the awkward files the robustness tests upload."""
 
 import atexit
 import contextlib
+import hashlib
 import io
 import os
 import socket
@@ -168,29 +169,47 @@ def exif_rotated_jpeg():
 
 
 def mode_images():
-    """One image of every PIL mode the app must accept, as (name, bytes, suffix)."""
+    """One image of every PIL mode the app must accept, as (name, bytes, suffix, expected): `expected` maps (x, y)
+    to the RGB the app must see there, worked out from how the image was made. The base picture is red
+    (200, 0, 0) with a green (20, 200, 20) square at [10, 30) x [10, 30); grey levels of it are
+    0.299 R + 0.587 G + 0.114 B (PIL's "L"): 60 and 126."""
     rgb = np.zeros((40, 40, 3), np.uint8)
     rgb[..., 0] = 200
     rgb[10:30, 10:30] = (20, 200, 20)
     base = Image.fromarray(rgb)
+    red, green, grey_red, grey_green = (200, 0, 0), (20, 200, 20), (60,) * 3, (126,) * 3
     out = []
     rgba = base.convert("RGBA")
-    rgba.putalpha(Image.linear_gradient("L").resize((40, 40)))
-    out.append(("RGBA", png_bytes(rgba), ".png"))
-    out.append(("LA", png_bytes(base.convert("LA")), ".png"))
+    rgba.putalpha(Image.linear_gradient("L").resize((40, 40)))  # transparent at the top, opaque at the bottom
+    a = np.asarray(rgba)[..., 3] / 255
+
+    def on_white(c, x, y):  # the colour composited onto white at alpha a[y, x]
+        return tuple(int(round(v * a[y, x] + 255 * (1 - a[y, x]))) for v in c)
+
+    out.append(("RGBA", png_bytes(rgba), ".png", {(2, 0): on_white(red, 2, 0), (2, 38): on_white(red, 2, 38),
+                                                  (20, 20): on_white(green, 20, 20)}))
+    out.append(("LA", png_bytes(base.convert("LA")), ".png", {(2, 2): grey_red, (20, 20): grey_green}))
     p = base.convert("P", palette=Image.Palette.ADAPTIVE, colors=8)
-    out.append(("P-transparency", png_bytes(p, transparency=0), ".png"))
-    out.append(("CMYK", _cmyk_jpeg(base), ".jpg"))
+    palette = p.getpalette()
+    transparent = p.getpixel((2, 2))  # the background's palette entry is the transparent one: white
+    out.append(("P-transparency", png_bytes(p, transparency=transparent), ".png",
+                {(2, 2): (255, 255, 255), (20, 20): tuple(palette[3 * p.getpixel((20, 20)):][:3])}))
+    out.append(("CMYK", _cmyk_jpeg(base), ".jpg", {(2, 2): red, (20, 20): green}))
     i16 = Image.fromarray((np.linspace(0, 65535, 40 * 40).reshape(40, 40)).astype(np.uint16))
-    out.append(("I;16 (16-bit PNG)", png_bytes(i16), ".png"))
-    out.append(("I", _tiff(Image.fromarray(np.arange(1600, dtype=np.int32).reshape(40, 40) * 1000, "I")), ".tif"))
-    out.append(("F", _tiff(Image.fromarray(np.linspace(-3, 7, 1600, dtype=np.float32).reshape(40, 40), "F")), ".tif"))
-    out.append(("1", png_bytes(base.convert("1")), ".png"))
-    out.append(("L", png_bytes(base.convert("L")), ".png"))
+    # 16-bit grey v -> v / 257; I and F images span other ranges and are stretched to 0..255 (lowest..highest)
+    ramp = {(0, 0): (0,) * 3, (20, 20): (131,) * 3, (39, 39): (255,) * 3}  # pixel 820 of 1600: 820/1599*255
+    out.append(("I;16 (16-bit PNG)", png_bytes(i16), ".png", ramp))
+    out.append(("I", _tiff(Image.fromarray(np.arange(1600, dtype=np.int32).reshape(40, 40) * 1000, "I")), ".tif",
+                ramp))
+    out.append(("F", _tiff(Image.fromarray(np.linspace(-3, 7, 1600, dtype=np.float32).reshape(40, 40), "F")), ".tif",
+                ramp))
+    out.append(("1", png_bytes(Image.fromarray(np.asarray(base.convert("L")) > 100)), ".png",
+                {(2, 2): (0, 0, 0), (20, 20): (255, 255, 255)}))
+    out.append(("L", png_bytes(base.convert("L")), ".png", {(2, 2): grey_red, (20, 20): grey_green}))
     rgb16 = np.zeros((40, 40, 3), np.uint16)
     rgb16[..., 2] = 60000
-    out.append(("RGB 16-bit PNG", _png16_rgb(rgb16), ".png"))
-    out.append(("WebP", _webp(base), ".webp"))
+    out.append(("RGB 16-bit PNG", _png16_rgb(rgb16), ".png", {(3, 3): (0, 0, 233)}))  # 60000 / 257
+    out.append(("WebP", _webp(base), ".webp", {(2, 2): red, (20, 20): green}))
     return out
 
 
@@ -221,7 +240,13 @@ def _png16_rgb(array):
 
 
 def write(tmp_path, name, data):
-    path = os.path.join(str(tmp_path), name)
+    """Store a test file where Gradio stores a visitor's upload (its upload folder, in a sub-folder named after
+    `tmp_path`): the app reads no other files (app/files.py). Returns its path."""
+    from app.files import upload_folder
+
+    folder = os.path.join(upload_folder(), "blip2-tests", hashlib.sha256(str(tmp_path).encode()).hexdigest()[:16])
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, name)
     with open(path, "wb") as f:
         f.write(data)
     return path

@@ -1,8 +1,10 @@
 """The launched app driven through gradio_client: every public endpoint, by name."""
 
+import os
 import time
 
 import pytest
+from PIL import Image
 
 import app_support as S
 from app import caption as caption_tab
@@ -65,30 +67,31 @@ def test_caption_streams_and_matches_the_handler(client, scenes):
     job = client.submit(img(path), "", "beam search", 1, 1.0, 0.9, 50, 20, 1, 1.0, 1.0, 1, api_name="/caption")
     final = job.result(timeout=120)
     outputs = [o[0] for o in job.outputs()]
-    assert len(outputs) >= 2, "the caption arrives in pieces"
+    assert len(set(outputs)) >= 2, "the caption arrives in pieces"
     assert all(outputs[-1].startswith(o.strip()) or not o for o in outputs[:-1])
     direct = None
     for direct in caption_tab.caption(path, "", "beam search", 1, 1.0, 0.9, 50, 20, 1, 1.0, 1.0, 1):
         pass
-    assert final[0] == direct[0] and final[0].strip()
+    assert final[0] == direct[0] == scene.caption()
 
 
 def test_caption_with_prefix_beams_and_several_captions(client, scenes):
-    _, path = scenes[1]
+    scene, path = scenes[1]
     text, notice = client.predict(img(path), "a photo of", "beam search", 3, 1.0, 0.9, 50, 20, 1, 1.0, 1.0, 3,
                                   api_name="/caption")
     lines = text.splitlines()
-    assert len(lines) == 3 and all(line.split(". ", 1)[1].startswith("a photo of") for line in lines)
+    assert len(lines) == 3 and all(line.split(". ", 1)[1].startswith("a photo of ") for line in lines)
+    assert lines[0] == f"1. a photo of {scene.caption()}"
     text, _ = client.predict(img(path), "", "nucleus sampling", 1, 0.8, 0.9, 20, 10, 1, 1.2, 1.0, 2,
                              api_name="/caption")
-    assert len(text.splitlines()) == 2
+    assert [line[:3] for line in text.splitlines()] == ["1. ", "2. "]
 
 
 def test_chat_keeps_a_per_session_history(server, scenes):
     a, b = server.client(), server.client()
-    (_, p0), (_, p1) = scenes[0], scenes[1]
-    conv, notice = a.predict(img(p0), "what color is the shape?", api_name="/chat")
-    assert [m["role"] for m in conv] == ["user", "assistant"] and text_of(conv[1]).strip()
+    (s0, p0), (s1, p1) = scenes[0], scenes[1]
+    conv, notice = a.predict(img(p0), f"what color is the {s0.objects[0].shape}?", api_name="/chat")
+    assert [m["role"] for m in conv] == ["user", "assistant"] and text_of(conv[1]) == s0.objects[0].color
     conv, notice = a.predict(img(p0), "what shape is it?", api_name="/chat")
     assert len(conv) == 4 and text_of(conv[2]) == "what shape is it?"
     other, _ = b.predict(img(p0), "how many shapes are there?", api_name="/chat")
@@ -96,9 +99,9 @@ def test_chat_keeps_a_per_session_history(server, scenes):
     conv, notice = a.predict(img(p1), "what color is the shape?", api_name="/chat")
     assert len(conv) == 2 and "new image" in notice.lower()
     conv, notice = a.predict(api_name="/clear_chat")
-    assert conv == [] or conv is None
-    conv, _ = a.predict(img(p1), "what color is the shape?", api_name="/chat")
-    assert len(conv) == 2
+    assert conv == []
+    conv, _ = a.predict(img(p1), f"what color is the {s1.objects[0].shape}?", api_name="/chat")
+    assert len(conv) == 2 and text_of(conv[1]) == s1.objects[0].color
 
 
 def test_match_and_heatmap(client, scenes):
@@ -110,10 +113,14 @@ def test_match_and_heatmap(client, scenes):
     assert all(0 <= row[2] <= 1 and -1 <= row[3] <= 1 for row in table["data"])
     scores = [match_score(row[2], row[3]) for row in table["data"]]
     assert scores == sorted(scores, reverse=True)  # ranked by ITM log-odds + ITC (to table precision)
+    assert table["data"][0][1] == scene.caption()
     assert len(itm_chart["data"]) == len(itc_chart["data"]) == len(texts)
-    assert heat and "Best match" in notice
+    assert notice.startswith(f"Best match: **{scene.caption()}**")
     heat2, notice2 = client.predict(img(path), texts[1], api_name="/heatmap")
-    assert heat2 and texts[1] in notice2
+    assert notice2 == f"Heat map (Grad-CAM) for: **{texts[1]}**"
+    for h in (heat, heat2):
+        with Image.open(h["path"] if isinstance(h, dict) else h) as im:
+            assert im.size == (224, 224)  # the overlay over the whole 224 px scene
 
 
 def test_search_ranks_a_gallery(client, scenes):
@@ -122,14 +129,16 @@ def test_search_ranks_a_gallery(client, scenes):
     results, table, notice = client.predict(gallery, target.caption(), 2, api_name="/search")
     assert len(results) == len(scenes) and len(table["data"]) == len(scenes)
     assert [row[0] for row in table["data"]] == list(range(1, len(scenes) + 1))
-    assert all("ITC" in r["caption"] for r in results)
+    assert [r["caption"].split(" · ")[0] for r in results] == [f"#{i}" for i in range(1, len(scenes) + 1)]
+    assert table["data"][0][1] == "scene3.png"  # the target scene first
     assert sum(row[2] is not None for row in table["data"]) == 2  # the top 2 re-ranked by ITM
 
 
 def test_example_gallery_is_searchable(client):
     gallery = [{"image": img(p), "caption": None} for p in examples.gallery()]
     results, table, notice = client.predict(gallery, "a cat", 3, api_name="/search")
-    assert len(results) == len(gallery)
+    assert sorted(row[1] for row in table["data"]) == sorted(os.path.basename(p) for p in examples.gallery())
+    assert notice == f"Ranked {len(gallery)} images."
 
 
 def test_load_model_and_model_info(server, scenes):
@@ -141,14 +150,12 @@ def test_load_model_and_model_info(server, scenes):
     assert "blip2-tiny (embedded)" in names and "Salesforce/blip2-opt-2.7b" in names
     assert "Salesforce/blip2-itm-vit-g" in names and info["limits"]["queue_size"] == S.TEST_LIMITS["queue_size"]
     status = c.predict("blip2-tiny (embedded)", api_name="/load_model")
-    assert "blip2-tiny" in status
-    t0 = time.monotonic()
+    assert status.startswith("**Serving:** blip2-tiny (embedded) (all tabs)")
     with pytest.raises(AppError) as e:  # offline (HF_HUB_OFFLINE=1 in the tests): a readable refusal
         c.predict("Salesforce/blip2-flan-t5-xl", api_name="/load_model")
     assert "Salesforce/blip2-flan-t5-xl" in str(e.value) and ("cache" in str(e.value) or "memory" in str(e.value))
-    assert time.monotonic() - t0 < 30
     text, _ = c.predict(img(scenes[0][1]), "", api_name="/caption")  # still serving the model it had
-    assert text.strip()
+    assert text == scenes[0][0].caption()
     assert c.predict(api_name="/model_info")["session"]["generation"] == "blip2-tiny (embedded)"
 
 

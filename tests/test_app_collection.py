@@ -9,6 +9,7 @@ from PIL import Image
 
 from app import search
 from app.collection import attach
+import app_support as S
 from app_support import get_service, one_thread
 from blip2.bulk import load_runner
 from blip2.index import index_job
@@ -45,8 +46,11 @@ def test_search_tab_searches_the_index(indexed):
         assert len(items) == 24 and table["ITM probability"].notna().sum() == 3
         assert "index of 30 images" in notice
     assert right == 3  # measured: 3 of 3 (the search tests in blip2 measure the rate over 200 scenes)
-    items, table, notice = search.search([paths[0], paths[1]], scenes[1].caption(), 1, None, search.GALLERY)
-    assert len(items) == 2 and items[0][0] == paths[1]  # the gallery mode as before
+    uploads = [S.write(paths[0], f"s{i}.png", open(paths[i], "rb").read()) for i in (0, 1)]
+    items, table, notice = search.search(uploads, scenes[1].caption(), 1, None, search.GALLERY)
+    assert items[0][0] == uploads[1] and notice == "Ranked 2 images."  # the gallery mode as before
+    with pytest.raises(gr.Error, match="not uploaded"):  # and it still reads uploads only, not the index's files
+        search.search(paths[:2], scenes[1].caption(), 1, None, search.GALLERY)
     with pytest.raises(gr.Error, match="search text"):
         search.search(None, "   ", 3, None, where)
     with pytest.raises(gr.Error, match="Re-rank top-k must be between 0 and 100"):

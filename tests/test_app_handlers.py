@@ -1,6 +1,8 @@
 """The app's handler functions called directly on the embedded model: real outputs, checked against the truth
 of generated scenes of the model's world."""
 
+import os
+
 import numpy as np
 import pytest
 
@@ -41,32 +43,28 @@ def test_uses_the_embedded_model(svc):
     assert svc.default == {GENERATION: "blip2-tiny (embedded)", RETRIEVAL: "blip2-tiny (embedded)"}
 
 
-def test_caption_names_the_colours_and_the_objects(svc, scenes):
-    """The embedded model names colours and sizes well and always the right number of objects; its shapes and
-    positions are near chance (assets/blip2-tiny/README.md), so they are only required to be named."""
-    from blip2.train.world import SHAPES, caption_matches, parse_caption
+def test_caption_is_exact(svc, scenes):
+    """The embedded model's captions are exact on 96% of held-out scenes and right on 99% of colours, shapes and
+    positions (assets/blip2-tiny/README.md): every one-object caption must be exact (a flipped, rotated or
+    recoloured image pipeline names another position or colour), and on scenes of one to three objects every
+    object's size, colour and position (its shapes are 98.7% right: one of these six names a cross for a square)."""
+    from blip2.train.world import caption_matches
 
-    right = 0
     for scene, path in scenes:
         text, notice = last(caption.caption(path))
-        m = caption_matches(scene, text)
-        right += m["objects"][0]["color"]
-        named = parse_caption(text)
-        assert len(named) == 1 and named[0][2] in SHAPES, text  # one object, with a shape
-        assert notice == ""
-    assert right >= SCENES - 1, f"{right}/{SCENES} captions named the right colour"
-    counts = 0
+        assert (text, notice) == (scene.caption(), "")
     for i in range(6):  # scenes of one to three objects
         scene, im = S.scene(i)
         text, _ = last(caption.caption(im))
-        counts += caption_matches(scene, text)["count"]
-    assert counts >= 5, f"the right number of objects in {counts}/6 captions"
+        m = caption_matches(scene, text)
+        assert m["count"] and all(o["size"] and o["color"] and o["position"] for o in m["objects"]), (text, scene)
 
 
 def test_caption_streams_token_by_token(svc, scenes):
-    _, path = scenes[0]
+    scene, path = scenes[0]
     outputs = [text for text, _ in caption.caption(path, "", max_new_tokens=20)]
-    assert len(outputs) >= 3 and outputs[-1].startswith(outputs[1].strip())
+    assert outputs[-1] == scene.caption() and len(set(outputs)) >= 3  # it grew in pieces
+    assert all(outputs[-1].startswith(o) for o in outputs)
 
 
 def test_caption_prefix_and_several_beams(svc, scenes):
@@ -74,33 +72,33 @@ def test_caption_prefix_and_several_beams(svc, scenes):
     text, _ = last(caption.caption(path, "a photo of", "beam search", 4, 1.0, 0.9, 50, 30, 1, 1.0, 1.0, 3))
     lines = text.splitlines()
     assert len(lines) == 3 and len(set(lines)) == 3
-    assert all(line.split(". ", 1)[1].startswith("a photo of") for line in lines)
-    assert scene.objects[0].color in lines[0]
+    assert [line.split(". ", 1)[0] for line in lines] == ["1", "2", "3"]
+    assert all(line.split(". ", 1)[1].startswith("a photo of ") for line in lines)
+    assert lines[0] == f"1. a photo of {scene.caption()}"  # the best beam is the true caption
 
 
-def test_chat_answers_colour_questions(svc, scenes):
-    right = 0
+def test_chat_answers_colour_shape_and_position(svc, scenes):
+    """VQA on one-object scenes: colour 99.7%, shape 99.3% right (model card); every answer must be right."""
     for scene, path in scenes:
         o = scene.objects[0]
         conv, notice, state = last(chat.chat(path, f"what color is the {o.shape}?"))
-        answer = conv[-1]["content"]
-        right += answer.strip(" .").lower() == o.color
-        assert state["turns"][-1] == [f"what color is the {o.shape}?", answer]
-    assert right >= SCENES - 1, f"{right}/{SCENES} colour answers right"
+        assert conv[-1]["content"] == o.color and notice == ""
+        assert state["turns"][-1] == [f"what color is the {o.shape}?", o.color]
+        conv, notice, state = last(chat.chat(path, f"what shape is the {o.color} object?"))
+        assert conv[-1]["content"] == o.shape
+        conv, notice, state = last(chat.chat(path, f"where is the {o.color} {o.shape}?"))
+        assert conv[-1]["content"] == o.position
 
 
 def test_chat_follows_a_conversation_and_resets_on_a_new_image(svc, scenes):
-    from blip2.train.world import SHAPES
-
     (s0, p0), (s1, p1) = scenes[0], scenes[1]
     conv, notice, state = last(chat.chat(p0, f"what color is the {s0.objects[0].shape}?"))
     conv, notice, state = last(chat.chat(p0, f"what shape is the {s0.objects[0].color} object?", history=state))
-    assert len(conv) == 4 and conv[-1]["content"].strip(" .") in SHAPES  # an answer of the right kind
-    assert [m["content"] for m in conv[:3:2]] == [f"what color is the {s0.objects[0].shape}?",
-                                                  f"what shape is the {s0.objects[0].color} object?"]
+    assert [m["content"] for m in conv] == [f"what color is the {s0.objects[0].shape}?", s0.objects[0].color,
+                                            f"what shape is the {s0.objects[0].color} object?", s0.objects[0].shape]
     conv, notice, state = last(chat.chat(p1, f"what color is the {s1.objects[0].shape}?", history=state))
     assert len(conv) == 2 and "new image" in notice.lower()
-    assert conv[-1]["content"].strip(" .") == s1.objects[0].color
+    assert conv[-1]["content"] == s1.objects[0].color
     assert chat.clear(state)[2]["turns"] == []
 
 
@@ -130,50 +128,62 @@ def test_chat_shows_the_truncation_notice(svc, scenes):
 
 
 def test_matching_ranks_the_true_caption_first(svc):
-    """The true caption against the captions of other scenes of the world."""
+    """The true caption against the captions of other scenes of the world (ITC recall@1 99.3%, model card)."""
     from blip2.train.world import make_split
 
     others = [s.caption() for s in make_split("val", 30, seed=5)]
-    right, total = 0, 6
-    for i in range(total):
+    for i in range(6):
         scene, im = S.scene(i)
         texts = [t for t in others[3 * i:3 * i + 3] if t != scene.caption()] + [scene.caption()]
         table, itm_chart, itc_chart, heat, notice = matching.match(im, "\n".join(texts))
-        right += table["text"][0] == scene.caption()
+        assert table["text"][0] == scene.caption() and sorted(table["text"]) == sorted(texts)
         assert list(table["rank"]) == list(range(1, len(texts) + 1))
         scores = [match_score(p, c) for p, c in zip(itm_chart["ITM probability"], itc_chart["ITC cosine"])]
         assert scores == sorted(scores, reverse=True)
-        assert heat.size[0] > 0 and "Best match" in notice
-    assert right >= total - 1, f"the true caption ranked first {right}/{total} times"
+        assert heat.size == (224, 224) and notice.startswith(f"Best match: **{scene.caption()}**")
+
+
+def object_cell(scene):
+    """(row, column) of the scene's one object in the world's 3x3 layout."""
+    p = scene.placements()[0]
+    return int(p.y * 3), int(p.x * 3)
+
+
+def hottest_cell(grid):
+    """(row, column) of the 3x3 layout cell holding the most relevance of an (h, w) patch grid."""
+    h, w = grid.shape
+    cells = grid.reshape(3, h // 3, 3, w // 3).sum((1, 3))
+    return tuple(int(i) for i in np.unravel_index(np.argmax(cells), cells.shape))
 
 
 def test_heatmap_looks_at_the_object(svc, scenes):
-    hits = 0
+    """The heat map's hottest cell of the 3x3 layout is the object's own cell, in every scene (chance: 1 in 9)."""
     for scene, path in scenes:
         o = scene.objects[0]
         overlay, grid, method = svc.heatmap(svc.default[RETRIEVAL], path, f"a {o.size} {o.color} {o.shape}")
-        p = scene.placements()[0]
-        h, w = grid.shape
-        y, x = np.unravel_index(np.argmax(grid), grid.shape)
-        # the hottest patch lies within the object's cell of the 3x3 layout
-        hits += abs((x + 0.5) / w - p.x) < 1 / 3 and abs((y + 0.5) / h - p.y) < 1 / 3
-        assert method in ("Grad-CAM", "cross-attention") and overlay.mode == "RGB"
-    assert hits >= SCENES // 2, f"the heat map peaked on the object in {hits}/{SCENES} scenes"
+        assert grid.shape == (6, 6) and method == "Grad-CAM" and overlay.size == (224, 224)
+        assert hottest_cell(grid) == object_cell(scene), (scene.caption(), np.round(grid, 3))
 
 
 def test_heatmap_handler(svc, scenes):
-    _, path = scenes[0]
-    heat, notice = matching.heatmap(path, "a red circle")
-    assert heat.size[0] > 0 and "a red circle" in notice
+    scene, path = scenes[0]
+    heat, notice = matching.heatmap(path, scene.caption())
+    assert notice == f"Heat map (Grad-CAM) for: **{scene.caption()}**" and heat.size == (224, 224)
+    _, grid, _ = svc.heatmap(svc.default[RETRIEVAL], path, scene.caption())
+    from app.service import load_image, overlay_heatmap
+
+    expected = overlay_heatmap(load_image(path, svc.limits).image, grid)
+    assert np.array_equal(np.asarray(heat), np.asarray(expected))
 
 
 def test_search_ranks_the_right_scene_first(svc, scenes):
+    """Text-to-image recall@1 is 99.3% in 100-image galleries (model card): the right scene first, every time."""
     paths = [p for _, p in scenes]
-    right = 0
     for scene, path in scenes:
         items, table, notice = search.search(paths, scene.caption(), 3)
-        right += items[0][0] == path
-    assert right >= SCENES - 1, f"the right scene came first {right}/{SCENES} times"
+        assert items[0][0] == path and notice == f"Ranked {len(paths)} images."
+        assert sorted(table["image"]) == sorted(os.path.basename(p) for p in paths)
+        assert table["ITM probability"].notna().sum() == 3  # the top 3 re-ranked by ITM
 
 
 def test_search_reuses_cached_image_embeddings(svc, scenes):
@@ -189,6 +199,47 @@ def test_search_reuses_cached_image_embeddings(svc, scenes):
     assert calls == [] and len(items) == len(paths)
 
 
-def test_decoding_defaults_are_valid(svc):
+def test_decoding_defaults(svc):
     assert caption.DEFAULTS.streams and chat.DEFAULTS.streams
-    assert isinstance(Decoding().generate_kwargs(), dict)
+    assert Decoding().generate_kwargs() == dict(max_new_tokens=30, min_new_tokens=1, repetition_penalty=1.0,
+                                                num_return_sequences=1, do_sample=False, num_beams=1)
+    assert Decoding(mode="nucleus sampling", num_captions=2, temperature=0.7).generate_kwargs() == dict(
+        max_new_tokens=30, min_new_tokens=1, repetition_penalty=1.0, num_return_sequences=2, do_sample=True,
+        num_beams=1, temperature=0.7, top_p=0.9, top_k=50)
+
+
+def test_special_token_strings_are_plain_text_in_match_search_and_heatmap(svc, scenes, monkeypatch):
+    """What a user types is text: "<image>", "[CLS]", "</s>" reach the Q-Former as the reference tokenizer reads
+    them with split_special_tokens=True (plain text), in matching, search and the heat map alike."""
+    import transformers
+
+    loaded = svc.get(svc.default[RETRIEVAL], RETRIEVAL)
+    reference = transformers.AutoTokenizer.from_pretrained(loaded.source)
+    seen = []  # (op, token ids of each text row the ITM / ITC heads received)
+
+    def recording(name, ids_at):
+        real = getattr(loaded.model, name)
+
+        def record(*args, **kwargs):
+            ids, mask = args[ids_at], args[ids_at + 1]
+            seen.extend(ids[i][mask[i].bool()].tolist() for i in range(ids.shape[0]))
+            return real(*args, **kwargs)
+        return record
+
+    monkeypatch.setattr(loaded.model, "itm_logits", recording("itm_logits", 1))
+    monkeypatch.setattr(loaded.model, "itc_text_embeds", recording("itc_text_embeds", 0))
+    _, path = scenes[0]
+    texts = {"match": "a <image> circle [CLS] here", "search": "a </s> star [CLS] <image>", "heatmap": "[CLS] a </s> cross"}
+    for op, text in texts.items():
+        seen.clear()
+        if op == "match":
+            matching.match(path, text)
+        elif op == "search":
+            search.search([path], text, 1)
+        else:
+            svc.heatmap(svc.default[RETRIEVAL], path, text)
+        plain = reference(text, split_special_tokens=True)["input_ids"]
+        special = set(reference.all_special_ids)
+        assert len(seen) >= 2 and all(ids == plain for ids in seen), (op, seen, plain)  # ITM and ITC both
+        special |= {reference.cls_token_id, reference.sep_token_id}
+        assert not special & set(plain[1:-1]) and special & set(reference(text)["input_ids"][1:-1]), op  # raw: not

@@ -55,9 +55,11 @@ def run_caption(image, prompt="", **kw):
     return out
 
 
+NORMAL = " ".join(S.scene(0)[0].caption().split()[:3])  # 3 new tokens of the true caption: "a small blue"
+
+
 def normal_ok(scene_path):
-    text, _ = run_caption(scene_path)
-    assert isinstance(text, str) and text.strip()
+    assert run_caption(scene_path) == (NORMAL, "")
 
 
 def refused(fn, *args, match=None, **kwargs):
@@ -109,24 +111,33 @@ def test_pixel_limit_is_configurable(svc):
     assert load_image(S.png_bytes(S.colour_image((100, 100))), limits).image.size == (100, 100)
 
 
-@pytest.mark.parametrize("name,data,suffix", S.mode_images(), ids=[m[0] for m in S.mode_images()])
-def test_every_pil_mode_is_accepted(tmp_path, svc, name, data, suffix):
+# Levels off at the checked pixels, measured: WebP (lossy) 2, RGB 16-bit PNG 1 (PIL keeps the high byte: 234 for
+# 60000 / 257 = 233.5), all others 0. Allowed: 2x, at least 2 (a JPEG decoder may round a level differently).
+TOLERANCE = {"WebP": 4}
+
+
+@pytest.mark.parametrize("name,data,suffix,expected", S.mode_images(), ids=[m[0] for m in S.mode_images()])
+def test_every_pil_mode_is_accepted(tmp_path, svc, name, data, suffix, expected):
     path = S.write(tmp_path, "mode" + suffix, data)
     checked = load_image(path, svc.limits)
     assert checked.image.mode == "RGB" and checked.image.size == (40, 40)
-    text, _ = run_caption(path)
-    assert text.strip()
+    tol = TOLERANCE.get(name, 2)
+    for xy, rgb in expected.items():
+        got = checked.image.getpixel(xy)
+        assert max(abs(a - b) for a, b in zip(got, rgb)) <= tol, (xy, got, rgb)
+
+
+def test_a_mode_image_is_captioned_as_its_rgb_twin(tmp_path, svc):
+    """A grey+alpha file through the whole caption path gives the caption of the RGB file with its pixels."""
+    _, im = S.scene(0)
+    la = S.write(tmp_path, "la.png", S.png_bytes(im.convert("LA")))
+    rgb = S.write(tmp_path, "rgb.png", S.png_bytes(im.convert("L").convert("RGB")))
+    assert run_caption(la, max_new_tokens=20) == run_caption(rgb, max_new_tokens=20)
 
 
 def test_transparency_is_composited_onto_white(svc):
     im = Image.new("RGBA", (20, 20), (255, 0, 0, 0))  # fully transparent red
     assert load_image(S.png_bytes(im), svc.limits).image.getpixel((5, 5)) == (255, 255, 255)
-
-
-def test_sixteen_bit_png_keeps_its_levels(svc):
-    name, data, _ = next(m for m in S.mode_images() if m[0] == "RGB 16-bit PNG")
-    r, g, b = load_image(data, svc.limits).image.getpixel((3, 3))
-    assert (r, g) == (0, 0) and b > 200  # 60000 / 65535 of full blue
 
 
 @pytest.mark.parametrize("fmt", ["GIF", "WEBP"])
@@ -137,7 +148,8 @@ def test_animated_images_use_their_first_frame(tmp_path, svc, scene_path, fmt):
     assert r > 150 and b < 100, "the first frame is red"
     assert any("first" in n for n in checked.notes)
     text, notice = run_caption(path)
-    assert text.strip() and "first" in notice
+    first = S.write(tmp_path, "first.png", S.png_bytes(S.colour_image((48, 48), checked.image.getpixel((24, 24)))))
+    assert text == run_caption(first)[0] and notice == checked.notes[0]  # the caption of the first frame alone
     normal_ok(scene_path)
 
 
@@ -150,10 +162,12 @@ def test_exif_orientation_is_applied(svc):
 
 @pytest.mark.parametrize("size", [(1, 1), (2, 30), (400, 20)])
 def test_tiny_and_elongated_images_are_handled(tmp_path, svc, size):
+    """A one-colour image of any size is resized to the same one-colour square: the same caption and scores."""
     path = S.write(tmp_path, "small.png", S.png_bytes(S.colour_image(size)))
-    assert run_caption(path)[0].strip()
-    rows = svc.match(svc.default["retrieval"], path, ["a red square"])
-    assert 0 <= rows[0].itm <= 1
+    square = S.write(tmp_path, "square.png", S.png_bytes(S.colour_image((224, 224))))
+    assert run_caption(path) == run_caption(square)
+    rows, same = (svc.match(svc.default["retrieval"], p, ["a red square"])[0] for p in (path, square))
+    assert abs(rows.itm - same.itm) < 1e-6 and abs(rows.itc - same.itc) < 1e-6
 
 
 def test_huge_image_is_downsized_once_checked(svc):
@@ -171,8 +185,7 @@ def test_prompt_validation(svc, scene_path):
     refused(chat.chat, scene_path, "   \n\t  ", match="empty")
     refused(chat.chat, scene_path, "why? " * 20_000, match="limit is 1,000")
     refused(caption.caption, scene_path, "x" * 100_000, match="limit")
-    normal_ok(scene_path)
-    assert run_caption(scene_path, "")[0].strip()  # an empty caption prefix is fine
+    normal_ok(scene_path)  # an empty caption prefix is fine
 
 
 @pytest.mark.parametrize("text", [
@@ -186,9 +199,10 @@ def test_odd_prompts_are_cleaned_and_answered(svc, scene_path, text):
     for out in chat.chat(scene_path, text, max_new_tokens=4):
         pass
     conversation, notice, state = out
-    assert conversation[-1]["role"] == "assistant"
-    assert "\x00" not in conversation[-2]["content"] and "\x1b" not in conversation[-2]["content"]
-    assert run_caption(scene_path, text)[0] is not None
+    question = clean_text(text)
+    assert conversation[-2] == {"role": "user", "content": question} and conversation[-1]["role"] == "assistant"
+    assert "\x00" not in question and "\x1b" not in question and "\ud800" not in question
+    assert run_caption(scene_path, text)[0].startswith(question + " ")  # the prefix, then the model's words
 
 
 def test_clean_text_rules():
@@ -316,11 +330,16 @@ def test_model_exception_returns_an_error_and_the_next_request_works(svc, scene_
 
 def test_time_limit_stops_generation_between_tokens(svc, scene_path, monkeypatch):
     monkeypatch.setattr(svc.limits, "time_limit_s", 0.6)
-    slow = _generation_model(svc).language_model.register_forward_pre_hook(lambda m, a: time.sleep(0.1))
+    steps = []
+
+    def slow_step(module, args):
+        steps.append(1)
+        time.sleep(0.1)  # a slow model: 100 tokens would take 10 s
+
+    slow = _generation_model(svc).language_model.register_forward_pre_hook(slow_step)
     try:
-        t0 = time.monotonic()
         text, notice = run_caption(scene_path, max_new_tokens=100, min_new_tokens=100)
-        assert time.monotonic() - t0 < 5 and "time limit" in notice
+        assert notice == "Stopped at the time limit of 0.6 s." and len(steps) < 100  # stopped between tokens
         refused(run_caption, scene_path, num_beams=2, max_new_tokens=100, min_new_tokens=100, match="time limit")
     finally:
         slow.remove()
@@ -346,9 +365,8 @@ def _client_refused(client, *args, api_name, match):
 def _client_ok(client, scene_path):
     from gradio_client import handle_file
 
-    text, _ = client.predict(handle_file(scene_path), "", "beam search", 1, 1.0, 0.9, 50, 3, 1, 1.0, 1.0, 1,
-                             api_name="/caption")
-    assert text.strip()
+    assert client.predict(handle_file(scene_path), "", "beam search", 1, 1.0, 0.9, 50, 3, 1, 1.0, 1.0, 1,
+                          api_name="/caption") == (NORMAL, "")
 
 
 @pytest.mark.parametrize("name,make,suffix,message", BAD_IMAGES, ids=[b[0] for b in BAD_IMAGES])
@@ -361,16 +379,18 @@ def test_bad_image_files_through_the_api(tmp_path, client, scene_path, name, mak
     _client_ok(client, scene_path)
 
 
-def test_odd_files_through_the_api(tmp_path, client, scene_path):
+def test_odd_files_through_the_api(tmp_path, svc, client, scene_path):
     from gradio_client import handle_file
 
-    for name, data, suffix in S.mode_images()[:4] + [("gif", S.animated("GIF"), ".gif")]:
+    for name, data, suffix in [m[:3] for m in S.mode_images()[:4]] + [("gif", S.animated("GIF"), ".gif")]:
         path = S.write(tmp_path, "odd" + suffix, data)
-        text, _ = client.predict(handle_file(path), "", "beam search", 1, 1.0, 0.9, 50, 3, 1, 1.0, 1.0, 1,
-                                 api_name="/caption")
-        assert text.strip(), name
+        text, notice = client.predict(handle_file(path), "", "beam search", 1, 1.0, 0.9, 50, 3, 1, 1.0, 1.0, 1,
+                                      api_name="/caption")
+        assert [text, notice] == list(run_caption(path)), name  # as the handler captions the same file
     path = S.write(tmp_path, "tiny.png", S.png_bytes(S.colour_image((1, 1))))
-    assert client.predict(handle_file(path), "a red square", api_name="/match")[0]["data"]
+    row = client.predict(handle_file(path), "a red square", api_name="/match")[0]["data"][0]
+    direct = svc.match(svc.default["retrieval"], path, ["a red square"])[0]
+    assert row == [1, "a red square", round(direct.itm, 4), round(direct.itc, 4)]  # the table rounds to 4 places
     _client_refused(client, "/etc/passwd", "", api_name="/caption", match="valid dictionary")  # not an upload
     _client_refused(client, None, "", api_name="/caption", match="no image")
     _client_ok(client, scene_path)
@@ -403,8 +423,9 @@ def test_bad_prompts_and_lists_through_the_api(svc, client, scene_path, monkeypa
     monkeypatch.setattr(svc.limits, "max_gallery", 3)  # limits apply per request: no need to upload 49 images
     _client_refused(client, [{"image": img, "caption": None}] * 4, "a", api_name="/search", match="limit is 3")
     _client_refused(client, "/etc/passwd", api_name="/load_model", match="unknown model")
-    answer = client.predict(img, "what color \x00\x1b is it? 🙂 что", api_name="/chat")[0][-1]
-    assert answer["role"] == "assistant"
+    conv = client.predict(img, "what color \x00\x1b is it? 🙂 что", api_name="/chat")[0]
+    assert [m["role"] for m in conv] == ["user", "assistant"]
+    assert conv[0]["content"] in ("what color is it? 🙂 что", [{"type": "text", "text": "what color is it? 🙂 что"}])
     _client_ok(client, scene_path)
 
 
@@ -457,42 +478,50 @@ def test_file_access_is_limited_to_examples_and_uploads(server):
         assert "error" in reply and "not uploaded by a user" in reply and "root:" not in reply
 
 
-def test_disconnect_mid_stream_frees_the_slot(svc, server, scene_path):
-    """A client that goes away mid-stream stops its generation (no more model steps) and frees the slot."""
+def test_disconnect_mid_stream_frees_the_slot(svc, server, scene_path, monkeypatch):
+    """A client that goes away mid-stream stops its generation at the next token (the service's stream is closed,
+    not run to its end) and the next request is served."""
     from gradio_client import handle_file
 
-    steps = []
+    steps, ended, how = [], threading.Event(), []
+    real = svc.generate
+
+    def watched(*args, **kwargs):  # the service's token stream, and how it ended
+        try:
+            yield from real(*args, **kwargs)
+            how.append("ran to its end")
+        except GeneratorExit:
+            how.append(f"closed after {len(steps)} steps")
+            raise
+        finally:
+            ended.set()
 
     def slow_step(module, args):
         steps.append(1)
         time.sleep(0.15)
 
+    monkeypatch.setattr(svc, "generate", watched)
     slow = _generation_model(svc).language_model.register_forward_pre_hook(slow_step)
     try:
         leaving = server.client()
         job = leaving.submit(handle_file(scene_path), "", "beam search", 1, 1.0, 0.9, 50, 120, 120, 1.0, 1.0, 1,
-                             api_name="/caption")
+                             api_name="/caption")  # 95 tokens (what the context leaves): 14 s at this pace
         deadline = time.monotonic() + 20
         while len(steps) < 3 and time.monotonic() < deadline:
             time.sleep(0.05)
         assert len(steps) >= 3, "the stream started"
         job.cancel()
         leaving.close() if hasattr(leaving, "close") else None
-        time.sleep(1.0)
-        seen = len(steps)
-        time.sleep(1.0)
-        assert len(steps) - seen <= 1, "generation stopped once the client left"
+        assert ended.wait(30), "the stream neither stopped nor finished"
+        assert how[0].startswith("closed") and int(how[0].split()[2]) < 95 // 2, how
     finally:
         slow.remove()
-    t0 = time.monotonic()
     _client_ok(server.client(), scene_path)
-    assert time.monotonic() - t0 < 15
 
 
 def test_queue_is_bounded(svc, server, scene_path):
     from gradio_client import handle_file
 
-    assert server.demo._queue.max_size == svc.limits.queue_size
     slow = _generation_model(svc).language_model.register_forward_pre_hook(lambda m, a: time.sleep(0.2))
     client = server.client()
     jobs = []
@@ -515,7 +544,6 @@ def test_queue_is_bounded(svc, server, scene_path):
         for j in jobs:
             j.cancel()
         slow.remove()
-    time.sleep(0.5)
     _client_ok(server.client(), scene_path)
 
 

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 import blip2
-from blip2.__main__ import DEFAULT_MODEL, main
+from blip2.__main__ import main
 from blip2.processing import Blip2Processor
 from blip2.runner import Blip2Runner
 from tiny_checkpoints import shared_checkpoint
@@ -84,9 +84,22 @@ def test_errors_say_what_to_fix(capsys, photo):
     assert code == 2 and "missing" in err
     code, _, err = run(capsys, "caption", photo, "--model", str(photo) + ".nodir")
     assert code == 2 and "nodir" in err
-    if not os.path.isdir(DEFAULT_MODEL):
-        code, _, err = run(capsys, "caption", photo)
-        assert code == 2 and "--model" in err
+
+
+
+def test_default_is_the_embedded_model(capsys, tmp_path, monkeypatch):
+    from blip2.train.world import make_split
+
+    scene = make_split("test", 1, seed=11)[0]
+    path = tmp_path / "scene.png"
+    scene.render(224).save(path)
+    code, out, _ = run(capsys, "caption", path, "--max-new-tokens", 30)
+    assert (code, out) == (0, scene.caption() + "\n")  # its captions of its world are exact
+    import blip2.__main__ as cli
+
+    monkeypatch.setattr(cli, "DEFAULT_MODEL", str(tmp_path / "gone"))
+    code, _, err = run(capsys, "caption", path)
+    assert code == 2 and "the embedded model" in err and "pass --model" in err
 
 
 def test_module_entry_point():

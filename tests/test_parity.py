@@ -77,6 +77,37 @@ def test_forward_logits_loss_and_hidden_states(lm_pair):
     assert maxdiff(a.qformer_outputs.last_hidden_state, b.qformer_outputs.last_hidden_state) <= TOL
 
 
+def test_outputs_read_by_attribute_key_and_index_as_the_reference(lm_pair):
+    """out.logits, out["logits"] and out[i]: the same fields in the same order as the reference's outputs, nested
+    outputs (vision_outputs, qformer_outputs) too."""
+    name, ref, ours, _ = lm_pair
+    ids, mask = prompt_batch()
+    kw = dict(pixel_values=pixels(), input_ids=ids, attention_mask=mask)
+    kw["labels"] = torch.randint(3, 90, (2, 5)) if name.startswith("t5") else ids.masked_fill(mask == 0, -100)
+    with torch.no_grad():  # use_cache=False: the reference's forward would also return a KV cache, ours keeps none
+        a, b = ref(**kw, use_cache=False), ours(**kw)
+
+    def same(x, y, where):
+        if torch.is_tensor(x):
+            assert torch.is_tensor(y) and x.shape == y.shape, where
+            if x.dtype.is_floating_point and x.dim() >= 1 and x.shape[-1] == a.logits.shape[-1] and \
+                    not name.startswith("t5"):  # OPT logits: padded rows are not compared
+                x, y = x[mask.bool()], y[mask.bool()]
+            assert maxdiff(x, y) <= TOL, where
+        elif isinstance(x, (tuple, list)):
+            assert len(x) == len(y), where
+            for i, (u, v) in enumerate(zip(x, y)):
+                same(u, v, f"{where}[{i}]")
+        else:  # a nested output
+            assert list(x.keys()) == list(y.keys()), where
+            for i, k in enumerate(x.keys()):
+                assert y[k] is getattr(y, k) and y[i] is y[k], (where, k)
+                same(x[k], y[i], f"{where}.{k}")
+
+    same(a, b, "out")
+    assert b["loss"] is b.loss is b[0] and "logits" in b and "attentions" not in b
+
+
 def test_greedy_generation_identical(lm_pair):
     name, ref, ours, _ = lm_pair
     px = pixels()

@@ -7,12 +7,12 @@ import shutil
 import numpy as np
 import pytest
 import torch
+import transformers
 from PIL import Image
 
 import tiny_tokenizers as tiny
 from blip2.processing import (BatchFeature, Blip2Processor, Blip2Tokenizer, BlipImageProcessor, TextStreamDecoder)
 
-transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
 
 PHOTOS = ["astronaut.png", "coffee.png", "chelsea.png", "camera.png", "rocket.jpg", "logo.png"]  # ship in the wheel

@@ -40,6 +40,14 @@ def image(seed=0, size=(40, 50)):
     return Image.fromarray(np.random.RandomState(seed).randint(0, 256, (*size, 3), dtype=np.uint8))
 
 
+def generated(model, proc, img, prompt, **decoding):
+    """The oracle: model.generate on the processor's inputs for `prompt`, new tokens decoded (first sequence)."""
+    enc = proc(images=img, text=prompt, return_tensors="pt")
+    ids = model.generate(**enc, **decoding)
+    new = ids[:, 1:] if model.config.is_encoder_decoder else ids[:, enc["input_ids"].shape[1]:]
+    return proc.batch_decode(new, skip_special_tokens=True)[0].strip()
+
+
 def test_caption_and_answer_equal_processor_plus_generate(lm):
     name, model, proc = lm
     img, runner = image(), Blip2Runner(model, proc)
@@ -60,8 +68,10 @@ def test_chat_with_caches_equals_fresh_computation(lm, decoding):
     img, runner, history = image(1), Blip2Runner(model, proc), []
     for question in ("what is it?", "what colour is it?", "where is it?"):
         answer = runner.ask(img, question, history, **decoding)
+        prompt = "".join(f"Question: {q} Answer: {a.rstrip('.')}. " for q, a in history) + f"Question: {question} Answer:"
+        assert answer.prompt == prompt and not answer.truncated
+        assert answer.text == generated(model, proc, img, prompt, **decoding)  # caches change nothing
         assert answer == Blip2Runner(model, proc).ask(img, question, history, **decoding)
-        assert answer.prompt == chat_prompt(question, history) and not answer.truncated
         history.append((question, answer.text))
     assert runner.stats["feature_misses"] == 1 and runner.stats["feature_hits"] == 2
     if name == "opt":  # turns 2 and 3 computed only what follows the previous turn's prompt (and answer)
@@ -107,13 +117,25 @@ def test_over_long_prompts_are_cut_from_the_left(lm):
 
 
 def test_special_token_strings_in_user_text_stay_text(lm):
-    _, model, proc = lm
+    """"<image>" and "</s>" typed by a user are tokenized as plain text (the reference tokenizer with
+    split_special_tokens=True is the oracle), and the answer is generate's on those ids."""
+    import transformers
+
+    name, model, proc = lm
     img, runner = image(4), Blip2Runner(model, proc)
     image_id = model.config.image_token_index
     assert image_id in proc.tokenizer("a <image> b")["input_ids"]  # what the raw tokenizer would do
-    assert image_id not in encode_plain(proc.tokenizer, "a <image> b </s>")
+    prompt = "Question: what is <image> and </s> here? Answer:"
+    ref_tok = transformers.AutoTokenizer.from_pretrained(shared_checkpoint(name))
+    plain = ref_tok(prompt, split_special_tokens=True)["input_ids"]
+    assert encode_plain(proc.tokenizer, prompt) == plain and image_id not in plain
     got = runner.ask(img, "what is <image> and </s> here?", max_new_tokens=5)
-    assert got == Blip2Runner(model, proc).ask(img, "what is <image> and </s> here?", max_new_tokens=5)
+    n = model.config.num_query_tokens if image_id is not None else 0
+    ids = torch.tensor([[image_id] * n + plain])
+    out = model.generate(pixel_values=proc.image_processor(img, return_tensors="pt")["pixel_values"], input_ids=ids,
+                         attention_mask=torch.ones_like(ids), max_new_tokens=5)
+    new = out[:, 1:] if name == "t5" else out[:, ids.shape[1]:]
+    assert got.text == proc.batch_decode(new, skip_special_tokens=True)[0].strip()
 
 
 def test_image_cache_is_keyed_by_content_and_bounded_in_bytes(lm, tmp_path):

@@ -1,6 +1,5 @@
 """Smoke runs of the training recipe (every stage, a few steps, tiny sizes): losses, files, reload, determinism."""
 
-import math
 import shutil
 
 import numpy as np
@@ -39,9 +38,9 @@ def test_every_stage_trains(runs):
     (report, _, _), _ = runs
     assert list(report) == list(stages.STAGES)
     for stage, (_, history) in report.items():
-        assert len(history) == 4 and all(math.isfinite(x) for x in history), stage
-        assert history[-1] != history[0], stage
-    assert np.mean(report["lm"][1][-2:]) < np.mean(report["lm"][1][:2])
+        # 4 steps lower every stage's loss (measured: vision 6.86 -> 6.59, lm 12.85 -> 12.49, qformer 8.08 ->
+        # 7.98, bridge 5.90 -> 5.87); a stage whose optimizer does not step, or that diverges, fails here
+        assert len(history) == 4 and history[-1] < history[0], (stage, history)
 
 
 def test_files_and_reload(runs):
@@ -95,7 +94,15 @@ def test_itg_mask_and_itc_targets():
     feats = torch.nn.functional.normalize(torch.randn(3, 2, 4), dim=-1)
     same = torch.eye(3, dtype=torch.bool)
     loss, sim = losses.itc_loss(feats, feats[:, 0], 0.1, same)
-    assert sim.shape == (3, 3) and torch.isfinite(loss)
+    f = feats.double().numpy()
+    best = np.array([[max(f[i, q] @ f[t, 0] for q in range(2)) for t in range(3)] for i in range(3)])  # best query
+    assert np.allclose(sim.numpy(), best, atol=1e-6)
+
+    def cross_entropy(logits):  # one positive per row, on the diagonal
+        return np.mean([np.log(np.exp(row).sum()) - row[i] for i, row in enumerate(logits)])
+
+    expected = (cross_entropy(best / 0.1) + cross_entropy(best.T / 0.1)) / 2  # image->text and text->image
+    assert abs(loss.item() - expected) < 1e-5
 
 
 def test_answer_targets_follow_the_prompt(runs):

@@ -3,6 +3,8 @@ vocabulary is sized to the tokenizer (with its "<image>" token). Test-only: writ
 
 import atexit
 import functools
+import hashlib
+import os
 import shutil
 import tempfile
 
@@ -51,3 +53,21 @@ def shared_checkpoint(family):
     directory = tempfile.mkdtemp(prefix=f"blip2-tiny-{family}-")
     atexit.register(shutil.rmtree, directory, ignore_errors=True)
     return checkpoint(directory, family)
+
+
+def fake_hub_cache(cache, repo_id, src, revision="main"):
+    """The standard cache layout huggingface_hub writes: blobs/<sha256>, snapshots/<commit>/<file> -> blob,
+    refs/<revision> = commit."""
+    repo = os.path.join(cache, "models--" + repo_id.replace("/", "--"))
+    commit = hashlib.sha1(repo_id.encode()).hexdigest()
+    snap = os.path.join(repo, "snapshots", commit)
+    os.makedirs(os.path.join(repo, "blobs"), exist_ok=True)
+    os.makedirs(snap, exist_ok=True)
+    os.makedirs(os.path.join(repo, "refs"), exist_ok=True)
+    for f in os.listdir(src):
+        data = open(os.path.join(src, f), "rb").read()
+        blob = os.path.join(repo, "blobs", hashlib.sha256(data).hexdigest())
+        open(blob, "wb").write(data)
+        os.symlink(os.path.relpath(blob, snap), os.path.join(snap, f))
+    open(os.path.join(repo, "refs", revision), "w").write(commit)
+    return snap
