@@ -45,7 +45,10 @@ def test_find_images(tmp_path):
     for name in ("a/x.png", "a/y.JPG", "a/notes.md", "z.png"):
         (tmp_path / name).write_bytes(b"")
     (tmp_path / "list.txt").write_text("# two files\na/x.png\n\nz.png\n")
-    abs_ = lambda *n: [str(tmp_path / x) for x in n]
+
+    def abs_(*names):
+        return [str(tmp_path / x) for x in names]
+
     assert find_images([tmp_path / "a"]) == abs_("a/x.png", "a/y.JPG")
     assert find_images([str(tmp_path / "*.png"), tmp_path / "a" / "x.png"]) == abs_("a/x.png", "z.png")
     assert find_images([tmp_path / "list.txt"]) == abs_("a/x.png", "z.png")
@@ -87,8 +90,11 @@ def test_a_failing_batch_fails_only_its_bad_items():
 def test_left_padded_batches_equal_one_by_one(collection, family):
     """Prompts of different lengths in one batch (left padding), greedy with penalties and beam search."""
     path = GEN if family == "embedded" else shared_checkpoint(family)
-    make = lambda: Blip2Runner(blip2.Blip2ForConditionalGeneration.from_pretrained(path),
-                               Blip2Processor.from_pretrained(path))
+
+    def make():
+        model = blip2.Blip2ForConditionalGeneration.from_pretrained(path)
+        return Blip2Runner(model, Blip2Processor.from_pretrained(path))
+
     batched, images = make(), collection[1][:12]
     prompts = ["", "a photo of", "Question: how many shapes are there? Answer:"] * 4
     for decoding in ({"max_new_tokens": 12, "repetition_penalty": 1.3, "no_repeat_ngram_size": 3},
