@@ -14,6 +14,7 @@ Hugging Face Space, set them in the Space's settings):
                                        stops the startup)
     --threads      BLIP2_THREADS       torch CPU threads (default: 1 for tiny models, else torch's choice)
     --no-warm-up   BLIP2_NO_WARM_UP    load the models on first use instead of at startup
+    --index        BLIP2_INDEX         an image index (python -m blip2 index) the Search tab searches
 Limits: BLIP2_MAX_UPLOAD_MB, BLIP2_TIME_LIMIT_S, BLIP2_QUEUE_SIZE, ... (see app/service.py, Limits).
 """
 
@@ -22,7 +23,6 @@ import logging
 import os
 import sys
 import time
-
 
 TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
@@ -60,6 +60,9 @@ def parse_args(argv=None):
                         "slow down; torch's default otherwise)")
     p.add_argument("--no-warm-up", action="store_true", default=env_flag(p, "BLIP2_NO_WARM_UP"),
                    help="load the models on first use instead of at startup (BLIP2_NO_WARM_UP)")
+    p.add_argument("--index", default=env("BLIP2_INDEX") or None, metavar="INDEX_DIR",
+                   help="an image index built with python -m blip2 index: the Search tab searches it (with the "
+                        "retrieval model it was built with) beside its upload-a-gallery mode")
     return p.parse_args(argv)
 
 
@@ -106,8 +109,14 @@ def main(argv=None):
                              device_map=args.device_map)
     try:
         svc = Service(generation=args.model, retrieval=args.itm_model, settings=settings)
+        if args.index:
+            from app.collection import attach
+
+            collection = attach(svc, args.index)
         if not args.no_warm_up:
             svc.warm_up()
+            if args.index:
+                svc.get(collection.key, "retrieval")
     except Exception as e:  # a startup model that cannot load: say why and stop
         print(f"error: {e}", file=sys.stderr)
         return 2

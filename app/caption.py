@@ -7,8 +7,16 @@ import gradio as gr
 from blip2.runner import CAPTION_DECODING
 
 from . import examples
-from .common import (BEAM, decoding_controls, decoding_from, model_event, progress_callback, service, session_models,
-                     user_errors)
+from .common import (
+    BEAM,
+    decoding_controls,
+    decoding_from,
+    model_event,
+    progress_callback,
+    service,
+    session_models,
+    user_errors,
+)
 from .service import Decoding
 
 DEFAULTS = Decoding(mode=BEAM, num_beams=1, num_captions=1, **CAPTION_DECODING)  # the CLI's defaults too
@@ -57,6 +65,7 @@ def build(session: gr.State):
             gr.Examples(photos, inputs=[image, prompt], label=examples.PHOTOS_LABEL, examples_per_page=4)
     inputs = [image, prompt, *controls, session]
     model_event([run.click, prompt.submit], caption, inputs, [output, notice], api_name="caption", notice=notice,
+                session=session,
                 api_description="Caption an image (streamed). Returns the caption (numbered lines when several) "
                                 "and a notice.")
     image.change(lambda: ("", ""), None, [output, notice], api_visibility="private", queue=False)  # no stale caption

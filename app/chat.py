@@ -12,8 +12,16 @@ import gradio as gr
 from blip2.runner import ANSWER_DECODING
 
 from . import examples
-from .common import (BEAM, decoding_controls, decoding_from, model_event, progress_callback, service, session_models,
-                     user_errors)
+from .common import (
+    BEAM,
+    decoding_controls,
+    decoding_from,
+    model_event,
+    progress_callback,
+    service,
+    session_models,
+    user_errors,
+)
 from .service import Decoding, load_image
 
 DEFAULTS = Decoding(mode=BEAM, num_beams=1, **ANSWER_DECODING)  # the CLI's defaults too
@@ -111,7 +119,7 @@ def build(session: gr.State):
             gr.Examples(scenes, inputs=[image, question], label=examples.SCENES_LABEL, examples_per_page=4)
             gr.Examples(photos, inputs=[image, question], label=examples.PHOTOS_LABEL, examples_per_page=4)
     event = model_event([ask.click, question.submit], chat, [image, question, *controls, history, session],
-                        [chatbot, notice, history], api_name="chat", notice=notice,
+                        [chatbot, notice, history], api_name="chat", notice=notice, session=session,
                         api_description="Ask a question about the image; the session's earlier turns are part of "
                                         "the prompt. Streams (conversation, notice).")
     event.success(lambda: "", None, question, api_visibility="private", queue=False)

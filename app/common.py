@@ -151,17 +151,17 @@ def decoding_controls(defaults: Decoding, captions=False):
     return controls + ([n] if captions else [])
 
 
-def model_event(triggers, fn, inputs, outputs, api_name, notice=None, **kwargs):
+def model_event(triggers, fn, inputs, outputs, api_name, notice=None, session=None, **kwargs):
     """Wire an event that runs a model: shared concurrency group, raw payloads (validation is the service's:
     a script sending a wrong type gets the same message as the browser). When it fails, `notice` (a Markdown of
-    the tab; the session state must be the last input) shows the reason until the next action, and the other
+    the tab) shows the reason kept in `session` (the session's gr.State) until the next action, and the other
     outputs keep their values."""
     triggers = triggers if isinstance(triggers, (list, tuple)) else [triggers]
     event = gr.on(triggers, fn, inputs, outputs, api_name=api_name, concurrency_id=MODEL_CONCURRENCY_ID,
                   concurrency_limit=service().limits.concurrency, preprocess=False, **kwargs)
     if notice is not None:
         others = [o for o in outputs if o is not notice]
-        event.failure(lambda session: (error_notice(session), *[gr.update() for _ in others]), inputs[-1:],
+        event.failure(lambda state: (error_notice(state), *[gr.update() for _ in others]), [session],
                       [notice, *others], api_visibility="private", queue=False)
     return event
 

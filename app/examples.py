@@ -34,7 +34,8 @@ def scenes():
 
 def caption_examples():
     """(scenes, photographs): [image, prompt] rows."""
-    return [[path(s["file"]), ""] for s in scenes()[:4]], [[path(name), prompt] for name, (prompt, _, _) in PHOTOS.items()]
+    photos = [[path(name), prompt] for name, (prompt, _, _) in PHOTOS.items()]
+    return [[path(s["file"]), ""] for s in scenes()[:4]], photos
 
 
 def chat_examples():

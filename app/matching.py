@@ -86,7 +86,8 @@ def build(session: gr.State):
                                   interactive=False, wrap=True, elem_id="match-table",
                                   column_widths=["64px", "50%", "120px", "100px"])  # a phone scrolls the table
             with gr.Row(equal_height=False):
-                itm_bars = gr.BarPlot(x="ITM probability", y="rank", x_lim=[0, 1], y_title="rank", x_title="probability",
+                itm_bars = gr.BarPlot(x="ITM probability", y="rank", x_lim=[0, 1], y_title="rank",
+                                      x_title="probability",
                                       tooltip=["rank", "text", "ITM probability"], x_axis_format=".1f",
                                       label="ITM probability (0 to 1)", min_width=260,
                                       elem_id="match-chart-itm")
@@ -105,11 +106,12 @@ def build(session: gr.State):
                     heat = gr.Image(label="Heat map", type="pil", interactive=False, height=260,
                                     elem_id="match-heatmap", format="png")
     event = model_event(run.click, match, [image, texts, session], [ranked, itm_bars, itc_bars, heat, notice],
-                        api_name="match", notice=notice,
+                        api_name="match", notice=notice, session=session,
                         api_description="Score candidate texts (one per line) against an image with ITM and ITC, "
                                         "ranked; with a heat map for the best match.")
     event.success(heatmap_choices, [ranked], [which], api_visibility="private", queue=False)
     model_event(which.input, heatmap, [image, which, session], [heat, notice], api_name="heatmap", notice=notice,
+                session=session,
                 api_description="Heat map over the image of where the Q-Former looks for one text.")
     image.change(lambda: (None, None, None, None, "", gr.update(choices=[], value=None)), None,
                  [ranked, itm_bars, itc_bars, heat, notice, which], api_visibility="private", queue=False)

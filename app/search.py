@@ -6,43 +6,69 @@ gallery only embeds the text), then the top-k are re-ranked by ITM log-odds + IT
 
 from __future__ import annotations
 
+import os
+
 import gradio as gr
 import pandas as pd
 
 from . import examples
+from .collection import attached
 from .common import model_event, progress_callback, service, session_models, user_errors
 
 COLUMNS = ["rank", "image", "ITM probability", "ITC cosine"]
 NOT_RERANKED = "not re-ranked"  # the ITM cell of an image below the re-rank depth (ranked by ITC alone)
+GALLERY = "the gallery"
+INDEX_HITS = 24  # results shown from a prebuilt index
+
+
+def in_index(collection):
+    return f"the index ({len(collection)} images)"
 
 
 def _name(checked, i):
     src = checked.source
     if isinstance(src, str):
-        import os
-
         return os.path.basename(src)
     return f"image {i}"
 
 
 @user_errors
-def search(gallery, query, rerank_k=None, session=None, progress=gr.Progress(track_tqdm=True)):
-    """Rank gallery images for a text. Returns (ranked gallery [(image, caption)], table, notice)."""
+def search(gallery, query, rerank_k=None, session=None, where=GALLERY, progress=gr.Progress(track_tqdm=True)):
+    """Rank gallery images for a text, or search the prebuilt index (python app.py --index; `where`).
+    Returns (ranked gallery [(image, caption)], table, notice)."""
     svc = service()
+    collection = attached(svc)
+    if collection is not None and where != GALLERY:
+        return search_index(collection, query, rerank_k)
     key = session_models(session)["retrieval"]
     ranked, skipped = svc.search(key, gallery, query, rerank_k, progress=progress_callback(progress))
-    items, rows = [], []
-    for rank, (img, itc, itm) in enumerate(ranked, 1):
-        shown = img.source if isinstance(img.source, str) else img.image
-        itm_text = NOT_RERANKED if itm is None else f"ITM {itm:.2f}"
-        items.append((shown, f"#{rank} · {itm_text} · ITC {itc:.2f}"))
-        rows.append([rank, _name(img, rank), NOT_RERANKED if itm is None else round(itm, 4), round(itc, 4)])
+    shown = [(img.source if isinstance(img.source, str) else img.image, _name(img, rank), itc, itm)
+             for rank, (img, itc, itm) in enumerate(ranked, 1)]
+    items, table = results(shown)
     notice = f"Ranked {len(ranked)} image{'s' if len(ranked) != 1 else ''}."
     if skipped:
         notice += " Skipped: " + "; ".join(reason for _, reason in skipped[:5])
     caveat = svc.world_caveat(key, [img for img, _, _ in ranked])
     notice += f" {caveat}" if caveat else ""
-    return items, pd.DataFrame(rows, columns=COLUMNS), notice
+    return items, table, notice
+
+
+def search_index(collection, query, rerank_k):
+    shown, notice = collection.search(query, INDEX_HITS, service().limits.search_rerank_k if rerank_k is None
+                                      else rerank_k)
+    items, table = results([(thumb, os.path.basename(h.path), h.itc, h.itm, h.caption) for thumb, h in shown])
+    return items, table, notice
+
+
+def results(hits) -> tuple[list, pd.DataFrame]:
+    """(image, name, ITC, ITM or None[, caption]) best first -> gallery items captioned with rank, ITM (or "not
+    re-ranked") and ITC, and the score table."""
+    items, rows = [], []
+    for rank, (image, name, itc, itm, *caption) in enumerate(hits, 1):
+        itm_text = NOT_RERANKED if itm is None else f"ITM {itm:.2f}"
+        items.append((image, " · ".join([f"#{rank}", itm_text, f"ITC {itc:.2f}", *[c for c in caption if c]])))
+        rows.append([rank, name, NOT_RERANKED if itm is None else round(itm, 4), round(itc, 4)])
+    return items, pd.DataFrame(rows, columns=COLUMNS)
 
 
 def example_gallery():
@@ -51,12 +77,16 @@ def example_gallery():
 
 def build(session: gr.State):
     limits = service().limits
+    collection = attached(service())
     with gr.Row(equal_height=False):
         with gr.Column(scale=1):
+            where = None if collection is None else gr.Radio(
+                [in_index(collection), GALLERY], value=in_index(collection), label="Search in", elem_id="search-where",
+                info="the prebuilt index of the server's images (python app.py --index), or a gallery you upload")
             gallery = gr.Gallery(label=f"Images to search (upload up to {limits.max_gallery})", columns=4,
                                  height=300, interactive=True, type="filepath", elem_id="search-gallery",
-                                 object_fit="cover", file_types=["image"])
-            load = gr.Button("Use the example images", size="sm", elem_id="search-examples")
+                                 object_fit="cover", file_types=["image"], visible=where is None)
+            load = gr.Button("Use the example images", size="sm", elem_id="search-examples", visible=where is None)
             query = gr.Textbox(label="Search for", placeholder="e.g. a large purple square in the top left",
                                max_length=limits.max_prompt_chars, elem_id="search-query")
             rerank = gr.Slider(0, 20, value=limits.search_rerank_k, step=1, label="Re-rank the top-k by ITM",
@@ -74,7 +104,11 @@ def build(session: gr.State):
             gr.Examples(photos, inputs=[query], label="Example queries for photographs (a real checkpoint)",
                         examples_per_page=3)
     load.click(example_gallery, None, gallery, api_visibility="private", queue=False)
-    model_event([run.click, query.submit], search, [gallery, query, rerank, session], [results, ranking, notice],
-                api_name="search", notice=notice,
+    if where is not None:  # the upload area only when the gallery is searched
+        where.change(lambda w: [gr.update(visible=w == GALLERY)] * 2, where, [gallery, load],
+                     api_visibility="private", queue=False)
+    inputs = [gallery, query, rerank, session] + ([where] if where is not None else [])
+    model_event([run.click, query.submit], search, inputs, [results, ranking, notice],
+                api_name="search", notice=notice, session=session,
                 api_description="Rank gallery images for a text: ITC over all, ITM re-ranking of the top-k.")
     return gallery

@@ -35,6 +35,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from blip2.runner import match_score  # the ranking score, ITM log-odds + ITC cosine (also blip2's index search)
+
 from .errors import RequestError
 from .files import request_file
 from .paths import EMBEDDED_GENERATION, EMBEDDED_RETRIEVAL, EXAMPLES_DIR, ROOT  # noqa: F401 (re-exported)
@@ -668,11 +670,6 @@ class MatchRow:
     def score(self):
         """The ranking score: ITM log-odds + ITC cosine, as LAVIS re-ranks retrieval (ITM logit + ITC)."""
         return match_score(self.itm, self.itc)
-
-
-def match_score(itm_prob, itc):
-    p = min(max(float(itm_prob), 1e-6), 1 - 1e-6)
-    return math.log(p / (1 - p)) + float(itc)
 
 
 class Service:

@@ -5,8 +5,7 @@ from __future__ import annotations
 import gradio as gr
 
 from . import caption, chat, matching, search
-from .common import (error_notice, model_event, progress_callback, service, session_models, set_service,
-                     user_errors)
+from .common import error_notice, model_event, progress_callback, service, session_models, set_service, user_errors
 from .service import EMBEDDED, EXAMPLES_DIR, GENERATION, RETRIEVAL, Service
 
 TITLE = "BLIP-2 Studio"
@@ -118,8 +117,9 @@ def about(svc: Service, session, demo: gr.Blocks):
 "Use via API" at the foot of the page lists every parameter.""")
     snippet = gr.Markdown(api_snippet("http://127.0.0.1:7860/"), elem_id="about-snippet")
     demo.load(served_address, None, snippet, api_visibility="private", queue=False)
-    gr.Markdown(f"""**Limits of this server**: uploads up to {limits.max_upload_mb:g} MB and {limits.max_image_pixels / 1e6:g}
-megapixels (aspect ratio up to {limits.max_aspect_ratio:g}:1; animated images use their first frame),
+    gr.Markdown(f"""**Limits of this server**: uploads up to {limits.max_upload_mb:g} MB and
+{limits.max_image_pixels / 1e6:g} megapixels (aspect ratio up to {limits.max_aspect_ratio:g}:1; animated images use
+their first frame),
 prompts up to {limits.max_prompt_chars} characters, {limits.max_candidates} candidate texts,
 {limits.max_gallery} images per search, {limits.max_new_tokens} new tokens, {limits.max_beams} beams,
 beams x tokens up to {limits.max_beam_tokens}, {limits.time_limit_s:g} s per request,

@@ -1,8 +1,11 @@
-"""Command line: python -m blip2 caption IMAGE... | ask IMAGE QUESTION | match IMAGE TEXT...
+"""Command line: python -m blip2 caption IMAGE... | ask IMAGE QUESTION | match IMAGE TEXT... | index | search
 
   python -m blip2 caption photo.jpg --num-beams 5 --max-new-tokens 30
   python -m blip2 ask photo.jpg "what is on the table?" --model Salesforce/blip2-opt-2.7b --dtype bfloat16
   python -m blip2 match photo.jpg "a cat" "a dog" --itm-model Salesforce/blip2-itm-vit-g --json
+  python -m blip2 caption photos/ "more/*.jpg" list.txt --out captions.parquet [--ray [ADDRESS]]
+  python -m blip2 index photos/ --out photos.index [--captions] [--ray [ADDRESS]]
+  python -m blip2 search photos.index "a red circle on the left" -k 10 --rerank 20
 """
 
 import argparse
@@ -35,26 +38,38 @@ def parser():
                                 "matching from the command line.")
     sub = p.add_subparsers(dest="command", required=True)
 
-    def common(cmd, itm=False):
+    def common(cmd, itm=False, gen=True):
         if itm:
             cmd.add_argument("--itm-model", default=DEFAULT_ITM_MODEL,
                              help="retrieval checkpoint (directory or hub id; default: the embedded tiny one)")
-        else:
+        if gen:
             cmd.add_argument("--model", default=DEFAULT_MODEL,
                              help="captioning checkpoint (directory or hub id; default: the embedded tiny one)")
         cmd.add_argument("--dtype", default=None, help="float32 (default), float16, bfloat16 or auto")
         cmd.add_argument("--quantize", choices=("8bit", "4bit"), help="quantize the language model (bitsandbytes)")
         cmd.add_argument("--json", action="store_true", help="print JSON")
-        if not itm:
+        if gen:
             for flag, kind, help_ in DECODING:
                 cmd.add_argument(flag, type=kind, help=help_)
             cmd.add_argument("--do-sample", action="store_true", help="sample instead of greedy / beam search")
 
-    caption = sub.add_parser("caption", help="describe images")
-    caption.add_argument("images", nargs="+", metavar="IMAGE")
+    def bulk(cmd):
+        cmd.add_argument("--batch-size", type=int, default=16, help="images per model pass (default 16)")
+        cmd.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                         help="run on Ray: a local Ray, or ADDRESS of a running cluster ('auto' after ray start)")
+        cmd.add_argument("--concurrency", type=int, default=1, help="Ray actors, one model each (default 1)")
+        cmd.add_argument("--cpus-per-actor", type=float, default=1.0, help="CPUs (and threads) per Ray actor")
+        cmd.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    caption = sub.add_parser("caption", help="describe images (a whole collection with --out)")
+    caption.add_argument("images", nargs="+", metavar="IMAGE",
+                         help="image files; with --out also folders, glob patterns and .txt lists of paths")
     caption.add_argument("--prompt", default="", help="text the caption continues")
+    caption.add_argument("--out", help="write rows to this .parquet or .jsonl (resumable: a rerun skips what it "
+                                       "holds) instead of printing")
     common(caption)
     caption.set_defaults(**CAPTION_DECODING)
+    bulk(caption)
     ask = sub.add_parser("ask", help="answer a question about an image")
     ask.add_argument("image", metavar="IMAGE")
     ask.add_argument("question")
@@ -63,19 +78,92 @@ def parser():
     match = sub.add_parser("match", help="image-text matching scores (ITM probability, ITC cosine)")
     match.add_argument("image", metavar="IMAGE")
     match.add_argument("texts", nargs="+", metavar="TEXT")
-    common(match, itm=True)
+    common(match, itm=True, gen=False)
+    index = sub.add_parser("index", help="index a collection for text search (ITC embeddings, faiss)")
+    index.add_argument("images", nargs="+", metavar="PATH", help="image files, folders, glob patterns, .txt lists")
+    index.add_argument("--out", required=True, metavar="INDEX_DIR", help="index folder (updated incrementally)")
+    index.add_argument("--captions", action="store_true", help="also caption every image (--model)")
+    index.add_argument("--prompt", default="", help="text the captions continue")
+    common(index, itm=True)
+    bulk(index)
+    search = sub.add_parser("search", help="search an index by text: ITC through faiss, then ITM re-ranking")
+    search.add_argument("index", metavar="INDEX_DIR")
+    search.add_argument("text")
+    search.add_argument("-k", type=int, default=10, help="results (default 10)")
+    search.add_argument("--rerank", type=int, default=0, metavar="N",
+                        help="re-rank the N best by ITM log-odds + ITC cosine, as the app ranks (default 0: ITC)")
+    search.add_argument("--approx", action="store_true",
+                        help="approximate search (IVF over pooled embeddings, exact re-score); prints its recall")
+    search.add_argument("--candidates", type=int, default=200, help="--approx: images re-scored exactly")
+    search.add_argument("--nprobe", type=int, default=16, help="--approx: IVF lists searched")
+    search.add_argument("--itm-model", help="retrieval checkpoint (default: the one the index was built with)")
+    search.add_argument("--dtype", default=None, help="float32 (default), float16, bfloat16 or auto")
+    search.add_argument("--json", action="store_true", help="print JSON")
     return p
 
 
 def load(cls, path, args, flag):
-    from .loading import resolve_checkpoint
-    from .processing import Blip2Processor
+    from .bulk import pretrained
 
     if path in (DEFAULT_MODEL, DEFAULT_ITM_MODEL) and not os.path.isdir(path):
         raise FileNotFoundError(f"the embedded model {path} is not there; pass {flag} DIRECTORY_OR_HUB_ID")
-    path = resolve_checkpoint(path)
-    model = cls.from_pretrained(path, dtype=args.dtype, quantization=args.quantize)
-    return model, Blip2Processor.from_pretrained(path)
+    return pretrained(cls, path, args.dtype, getattr(args, "quantize", None))
+
+
+def decoding_of(args) -> dict:
+    names = [flag[2:].replace("-", "_") for flag, _, _ in DECODING]
+    decoding = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+    if args.do_sample:
+        decoding["do_sample"] = True
+    return decoding
+
+
+def run_collection(args):
+    """caption --out, index and search."""
+    import blip2
+
+    from .runner import Blip2Runner
+
+    if args.command == "search":
+        from .config import read_json
+        from .index import META, search_command
+
+        meta_path = os.path.join(args.index, META)
+        if args.itm_model is None and not os.path.exists(meta_path):
+            raise FileNotFoundError(f"{args.index} is not an index (no {META}): build it with python -m blip2 index")
+        args.itm_model = args.itm_model or read_json(meta_path)["model"]
+        runner = Blip2Runner(None, None, *load(blip2.Blip2ForImageTextRetrieval, args.itm_model, args, "--itm-model"))
+        hits, note = search_command(runner, args.index, args.text, args.k, args.rerank, args.approx, args.candidates,
+                                    args.nprobe)
+        lines = [f"{i:>3}  itc {h.itc:+.4f}" + (f"  itm {h.itm:.4f}  score {h.score:+.3f}" if h.itm is not None else "")
+                 + f"  {h.path}" + (f"  ({h.caption})" if h.caption else "") for i, h in enumerate(hits, 1)]
+        print(note, file=sys.stderr)
+        return [vars(h) for h in hits], "\n".join(lines)
+    ray = None
+    captions = args.command == "caption" or args.captions
+    if args.ray is not None:
+        from .distributed import RaySettings
+
+        ray = RaySettings(None if args.ray == "local" else args.ray, args.concurrency, args.cpus_per_actor,
+                          args.model if captions else None, args.itm_model if args.command == "index" else None,
+                          args.dtype, args.quantize)
+        runner = None
+    else:
+        gen = load(blip2.Blip2ForConditionalGeneration, args.model, args, "--model") if captions else (None, None)
+        itm = load(blip2.Blip2ForImageTextRetrieval, args.itm_model, args, "--itm-model") \
+            if args.command == "index" else (None, None)
+        runner = Blip2Runner(*gen, *itm)
+    common = {"batch_size": args.batch_size, "prompt": args.prompt, "decoding": decoding_of(args),
+              "progress": not args.no_progress, "ray": ray}
+    if args.command == "caption":
+        from .bulk import caption_job
+
+        summary = caption_job(runner, args.images, args.out, **common)
+    else:
+        from .index import index_job
+
+        summary = index_job(runner, args.images, args.out, args.itm_model, captions=args.captions, **common)
+    return vars(summary), f"{args.out}: {summary}"
 
 
 def run(args):
@@ -83,16 +171,18 @@ def run(args):
 
     from .runner import Blip2Runner
 
+    if args.command in ("index", "search") or (args.command == "caption" and args.out):
+        return run_collection(args)
+    folders = [p for p in getattr(args, "images", []) if os.path.isdir(p)]
+    if folders:
+        raise ValueError(f"{folders[0]} is a folder: caption a whole collection with --out FILE.parquet")
     if args.command == "match":
         model, processor = load(blip2.Blip2ForImageTextRetrieval, args.itm_model, args, "--itm-model")
         matches = Blip2Runner(itm_model=model, itm_processor=processor).match(args.image, args.texts)
         return [vars(m) for m in matches], "\n".join(f"itm {m.itm:.4f}  itc {m.itc:+.4f}  {m.text}" for m in matches)
     model, processor = load(blip2.Blip2ForConditionalGeneration, args.model, args, "--model")
     runner = Blip2Runner(model, processor)
-    names = [flag[2:].replace("-", "_") for flag, _, _ in DECODING]
-    decoding = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
-    if args.do_sample:
-        decoding["do_sample"] = True
+    decoding = decoding_of(args)
     if args.command == "ask":
         images, results = [args.image], [runner.ask(args.image, args.question, **decoding)]
     else:

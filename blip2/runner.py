@@ -12,6 +12,7 @@ in user text (a literal "<image>", "</s>") are plain text.
 """
 
 import hashlib
+import math
 import os
 import threading
 from collections import Counter, OrderedDict
@@ -149,6 +150,12 @@ class Match:
     itm: float  # image-text matching probability (ITM head)
     itc: float  # image-text contrastive cosine similarity (best query)
     truncated: bool  # the text was cut to the Q-Former's positions
+
+
+def match_score(itm_prob: float, itc: float) -> float:
+    """The ranking score of an image-text pair: ITM log-odds + ITC cosine (as LAVIS re-ranks retrieval)."""
+    p = min(max(float(itm_prob), 1e-6), 1 - 1e-6)
+    return math.log(p / (1 - p)) + float(itc)
 
 
 class Blip2Runner:
@@ -306,6 +313,34 @@ class Blip2Runner:
         """Describe an image (optionally continuing `prompt`). `decoding`: generate's settings."""
         return self._generate(image, [prompt], decoding)
 
+    def caption_batch(self, images, prompt: str | list = "", **decoding) -> list:
+        """Describe several images at once: one vision pass for the batch, then the language model over every
+        prompt left-padded to the longest. Greedy decoding and beam search give what `caption` gives each image
+        alone; sampling draws the whole batch from one generator. Returns one Generated per image."""
+        if self.model is None:
+            raise ValueError("this runner has no captioning model")
+        images = [load_image(i) for i in images]
+        prompts = [prompt] * len(images) if isinstance(prompt, str) else list(prompt)
+        if len(prompts) != len(images):
+            raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
+        if not images:
+            return []
+        m, new_tokens = self.model, decoding.get("max_new_tokens") or DEFAULT_NEW_TOKENS
+        rows = [self._prompt_ids([p], new_tokens) for p in prompts]  # [(ids (1, T_i), text, truncated)]
+        width = max(ids.shape[1] for ids, _, _ in rows)
+        pad = self.processor.tokenizer.pad_token_id or 0
+        ids = torch.cat([torch.nn.functional.pad(r, (width - r.shape[1], 0), value=pad) for r, _, _ in rows])
+        mask = torch.stack([torch.arange(width, device=ids.device) >= width - r.shape[1] for r, _, _ in rows]).long()
+        with torch.inference_mode():
+            pixels = self.processor.image_processor(images, return_tensors="pt")["pixel_values"]
+            embeds = m.get_image_features(pixels.to(ids.device)).pooler_output  # (B, Q, D_t)
+            run = Decoding(m.language_model, *m.generation_inputs(input_ids=ids, attention_mask=mask,
+                                                                  image_embeds=embeds), **decoding)
+            run.run()
+        texts, n = [t.strip() for t in self._decode_texts(run)], run.cfg.num_return_sequences  # (B * n,)
+        return [Generated(texts[i * n], texts[i * n:(i + 1) * n], text, truncated)
+                for i, (_, text, truncated) in enumerate(rows)]
+
     def caption_stream(self, image, prompt="", **decoding) -> TextStream:
         return self._stream(image, [prompt], decoding)
 
@@ -354,6 +389,15 @@ class Blip2Runner:
             txt = m.itc_text_embeds(ids, mask)[0]  # (T, E)
             itc = (img[0].float() @ txt.float().t()).amax(0)  # (T,): best query per text
         return [Match(t, float(a), float(c), cut) for t, a, c, cut in zip(texts, itm, itc, truncated)]
+
+    def itc_image_batch(self, images):
+        """(B, Q, E) normalised ITC embeddings of images in one vision pass (not cached: for collections)."""
+        if self.itm_model is None:
+            raise ValueError("this runner has no image-text matching model")
+        m = self.itm_model
+        images = [load_image(i) for i in images]
+        with torch.inference_mode():
+            return m.itc_image_embeds(m.vision_model(self._pixels(m, self.itm_processor, images)).last_hidden_state)
 
     def image_text_embeddings(self, images=(), texts=()):
         """Normalised ITC embeddings for search: images (I, Q, E) and texts (T, E), each cached by content.

@@ -1,0 +1,85 @@
+"""Caption and index jobs on Ray Data: `map_batches` over the file paths with a pool of actors, each holding one
+model (Blip2Runner), computing the same rows as the local job (bulk.caption_rows, index.index_rows), which the
+driver writes to the same resumable output.
+
+  ray start --head                      # on the head node; `ray start --address HEAD:6379` on the others
+  python -m blip2 caption photos/ --out captions.parquet --ray auto --concurrency 8
+
+Without an address a local Ray is started (and stopped at the end). The blip2 package travels to the workers
+(`py_modules`); the model paths must be readable on every node (or be hub ids). Ray is an optional extra:
+`pip install -r requirements-scale.txt`.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+
+from .bulk import need
+
+
+@dataclass
+class RaySettings:
+    address: str | None = None  # None: a local Ray; "auto": the running cluster; "ray://host:10001": a remote one
+    concurrency: int = 1  # actors, each with its own model
+    cpus_per_actor: float = 1.0  # also its torch threads
+    model: str | None = None  # captioning checkpoint (caption jobs, index --captions)
+    itm_model: str | None = None  # retrieval checkpoint (index jobs)
+    dtype: str | None = None
+    quantize: str | None = None
+    init: dict = field(default_factory=dict)  # more ray.init arguments (e.g. num_cpus for a local Ray)
+
+
+class _Worker:
+    """One Ray actor: loads the models once, then turns batches of paths into pickled rows."""
+
+    def __init__(self, job: str, settings: dict, kwargs: dict):
+        import torch
+
+        from .bulk import load_runner
+
+        torch.set_num_threads(max(1, int(settings["cpus_per_actor"])))
+        s = RaySettings(**settings)
+        self.runner = load_runner(s.model if (job == "caption" or kwargs.get("captions")) else None,
+                                  s.itm_model if job == "index" else None, s.dtype, s.quantize)
+        self.job, self.kwargs = job, kwargs
+
+    def __call__(self, batch):
+        import numpy as np
+
+        from .bulk import caption_rows
+        from .index import index_rows
+
+        paths = [str(p) for p in batch["path"]]
+        rows = caption_rows(self.runner, paths, **self.kwargs) if self.job == "caption" else \
+            index_rows(self.runner, paths, **self.kwargs)
+        return {"row": np.array([pickle.dumps(r) for r in rows], dtype=object)}
+
+
+def ray_rows(settings: RaySettings, job: str, paths: list[str], batch_size: int, **kwargs) -> Iterator[list[dict]]:
+    """Rows of `job` ("caption" or "index") for `paths`, computed by Ray actors, yielded as batches arrive."""
+    if not paths:
+        return
+    ray = need("ray")
+    need("ray.data")
+    started = not ray.is_initialized()
+    if started:
+        import blip2
+
+        ray.init(address=settings.address, include_dashboard=False, log_to_driver=False,
+                 runtime_env={"py_modules": [os.path.dirname(blip2.__file__)]}, **settings.init)
+    try:
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = False  # the job's own bar counts the rows
+        ds = ray.data.from_items([{"path": p} for p in paths])
+        ds = ds.map_batches(_Worker, fn_constructor_kwargs={"job": job, "settings": asdict(settings),
+                                                            "kwargs": kwargs},
+                            batch_size=batch_size, concurrency=settings.concurrency,
+                            num_cpus=settings.cpus_per_actor, batch_format="numpy")
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            yield [pickle.loads(r) for r in batch["row"]]
+    finally:
+        if started:
+            ray.shutdown()

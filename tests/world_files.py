@@ -1,0 +1,29 @@
+"""Scenes of the embedded model's world written as image files, for the collection jobs (caption, index, search)."""
+
+import os
+
+import app_support
+import pytest
+
+from blip2.train import world
+
+GEN, ITM = "assets/blip2-tiny", "assets/blip2-tiny-itm"
+
+
+def write_scenes(directory, n, seed=20, size=96):
+    """Render n test-split scenes to directory/sNNN.png (every third one in a sub-folder) -> (paths, scenes)."""
+    os.makedirs(os.path.join(directory, "sub"), exist_ok=True)
+    scenes = world.make_split("test", n, seed=seed)
+    paths = []
+    for i, s in enumerate(scenes):
+        path = os.path.join(directory, "sub" if i % 3 == 0 else "", f"s{i:03d}.png")
+        s.render(size).save(path)
+        paths.append(os.path.abspath(path))
+    return paths, scenes
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """torch on one thread for a test module (import it there): the tiny models run fastest on one."""
+    with app_support.one_thread():
+        yield
