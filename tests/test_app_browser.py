@@ -208,6 +208,9 @@ def test_example_gallery_and_about(page):
     page.wait_for_function("() => document.querySelectorAll('#search-gallery img').length >= 8")
     tab(page, "About")
     page.get_by_text("/caption").first.wait_for()
+    snippet = page.locator("#about-snippet")
+    snippet.get_by_text(f'Client("{S.get_server().url}")', exact=False).wait_for()  # the address it was served from
+    assert page.locator("footer").get_by_text("Use via API", exact=False).is_visible()
     shot(page, "about.png")
 
 
