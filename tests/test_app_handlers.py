@@ -243,3 +243,11 @@ def test_special_token_strings_are_plain_text_in_match_search_and_heatmap(svc, s
         assert len(seen) >= 2 and all(ids == plain for ids in seen), (op, seen, plain)  # ITM and ITC both
         special |= {reference.cls_token_id, reference.sep_token_id}
         assert not special & set(plain[1:-1]) and special & set(reference(text)["input_ids"][1:-1]), op  # raw: not
+
+
+def test_the_chat_placeholder_follows_the_image(scenes):
+    """No image: say to upload one; an image: say to ask. Either way the conversation starts over."""
+    empty, notice, history = chat.new_image(None, {"digest": "x", "turns": [["q", "a"]]})
+    assert empty["placeholder"] == chat.NO_IMAGE and empty["value"] == [] and history == chat.new_history()
+    loaded, _, _ = chat.new_image(scenes[0][1])
+    assert loaded["placeholder"] == chat.READY != chat.NO_IMAGE

@@ -106,3 +106,17 @@ def test_module_entry_point():
     out = subprocess.run([sys.executable, "-m", "blip2", "caption", "--help"], capture_output=True, text=True,
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), timeout=120)
     assert out.returncode == 0 and "--num-beams" in out.stdout and "--quantize" in out.stdout
+
+
+def test_decoding_defaults_are_the_apps():
+    """A caption from `python -m blip2 caption` and from the app's Caption tab get the same settings (30 new
+    tokens, at least 1); an answer those of the Chat tab (20)."""
+    from app import caption, chat
+    from blip2.__main__ import parser
+
+    for command, tab in ((["caption", "x.png"], caption), (["ask", "x.png", "what?"], chat)):
+        args = parser().parse_args(command)
+        defaults = tab.DEFAULTS
+        assert (args.max_new_tokens, args.min_new_tokens) == (defaults.max_new_tokens, defaults.min_new_tokens)
+        assert tab.DEFAULTS.generate_kwargs()["max_new_tokens"] == args.max_new_tokens
+    assert parser().parse_args(["caption", "x.png"]).max_new_tokens == 30
