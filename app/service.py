@@ -32,9 +32,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from blip2.explain import relevance_grid
 from blip2.runner import match_score  # the ranking score, ITM log-odds + ITC cosine (also blip2's index search)
 
 from .errors import RequestError
@@ -1079,39 +1079,20 @@ class Service:
         return sorted(rows, key=lambda r: -r.score)
 
     def heatmap(self, ret_key, image, text, progress=None):
-        """Where the Q-Former looks for `text`: Grad-CAM (LAVIS' recipe: attention x positive gradient, summed
-        over layers, heads and queries) of both match scores with respect to the queries' cross-attention maps:
-        the ITM logit (joint pass of queries and text) and the ITC similarity (queries alone), each normalised,
-        then added. Falls back to plain cross-attention when no gradient reaches the maps (e.g. quantized).
-        Returns (overlay image, (h, w) relevance grid, method)."""
+        """Where the Q-Former looks for `text` (blip2.explain: Grad-CAM of the ITM and ITC scores over the queries'
+        cross-attention maps), drawn over the image. Returns (overlay image, (h, w) relevance grid, method)."""
         loaded = self.get(ret_key, RETRIEVAL, progress)
         img = image if isinstance(image, CheckedImage) else load_image(image, self.limits)
         text = clean_text(text, "the text", self.limits.max_candidate_chars)
         with self.request(loaded):
             states = self.vision_states(loaded, [img])
             ids, mask = self._text_inputs(loaded, [text])
-        states = states.clone()  # a tensor autograd may use (the cached one was made without autograd)
-        with loaded.lock, deadline_scope(time.monotonic() + self.limits.time_limit_s), torch.enable_grad():
-            cams, plain = [], []
-            for target, maps in _match_targets(loaded.model, states, ids, mask):
-                plain.append(sum(m.detach().float().mean(1)[0] for m in maps))
-                try:
-                    grads = torch.autograd.grad(target, maps, allow_unused=True)
-                except RuntimeError:
-                    continue
-                cam = sum((m * g.clamp(min=0)).detach().float().mean(1)[0] for m, g in zip(maps, grads)
-                          if g is not None)
-                if torch.is_tensor(cam) and float(cam[:, 1:].sum()) > 0:
-                    cams.append(cam[:, 1:].sum(0) / cam[:, 1:].sum())  # (N,) patches, [CLS] dropped
-            if cams:
-                relevance, method = sum(cams), "Grad-CAM"
-            else:
-                relevance, method = sum(p[:, 1:].sum(0) for p in plain), "cross-attention"
-        relevance = relevance.cpu().numpy()
-        side = int(round(math.sqrt(relevance.size)))
-        if side * side != relevance.size:
-            raise RequestError(f"cannot lay {relevance.size} image patches out on a square grid")
-        grid = relevance.reshape(side, side)
+        with loaded.lock, deadline_scope(time.monotonic() + self.limits.time_limit_s):
+            try:
+                relevance, method = relevance_grid(loaded.model, states, ids, mask)
+            except ValueError as e:
+                raise RequestError(str(e)) from None
+        grid = relevance.cpu().numpy()
         return overlay_heatmap(img.image, grid), grid, method
 
     def search(self, ret_key, images, query, rerank_k=None, progress=None):
@@ -1207,17 +1188,6 @@ class _LazyImage(CheckedImage):
 
 # ----------------------------------------------------------------------------------------------------
 # helpers
-
-
-def _match_targets(model, states, ids, mask):
-    """The two match scores of one image and one text, each with the cross-attention maps it came through:
-    (ITM match logit, maps of the joint pass), (ITC best-query cosine, maps of the queries-only pass)."""
-    logits, joint = model.itm_logits(states, ids, mask, output_attentions=True)
-    yield logits[0, 1], [m for m in joint.cross_attentions if m is not None]
-    q = model.query_features(states, output_attentions=True)
-    image = F.normalize(model.vision_projection(q.last_hidden_state.to(model.vision_projection.weight.dtype)), dim=-1)
-    text, _ = model.itc_text_embeds(ids, mask)
-    yield (image[0] @ text[0]).max(), [m for m in q.cross_attentions if m is not None]
 
 
 def _vision_dtype(model):
