@@ -1,0 +1,287 @@
+"""Weight-only int8 / int4 linears for the CPU, on PyTorch's own packed kernels, quantized while loading.
+
+int8: one symmetric scale per output channel, `torch.ops.aten._weight_int8pack_mm`.
+int4: asymmetric groups of `group_size` inputs (scale and zero per group and output channel, torchao's
+"float zero point" scheme: w = (q - 8) * scale + zero), `torch.ops.aten._weight_int4pack_mm_for_cpu`.
+Activations stay in the model's dtype (bfloat16 on the real checkpoints); only the weights shrink, and a
+decoding step, which streams every weight once, reads 2x (int8) or ~3.5x (int4) fewer bytes than bf16.
+
+Which layers: every linear of the language model, lm_head included (its 50304 x 2560 matrix is 5% of a
+decoding step's bytes: it pays like any other; an OPT lm_head tied to the input embeddings gets a quantized copy,
+the embedding table stays as it is); T5's feed-forward output `wo` stays as it is (as bitsandbytes keeps it).
+`include_vision=True` also quantizes the vision tower, the Q-Former and language_projection (off by default:
+their passes have hundreds of rows, where these kernels are slower than a bf16 matmul).
+A layer int4 cannot take (out_features not a multiple of 16, in_features not a multiple of the group size)
+falls back to int8 per channel: `WeightOnlyConfig.fallbacks` lists them.
+
+The int4 kernel's packed layout depends on the CPU's instruction set (a block of 64 output rows on AVX-512, 32 on
+AVX2, row pairs otherwise). A saved checkpoint records the layout it was packed in; loading it on a CPU with
+another layout repacks it (slower, same values), else the packed bytes are used as they are on disk.
+"""
+
+import logging
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn as nn
+
+from .ops import Linear
+from .quantization import QuantizationError
+
+log = logging.getLogger(__name__)
+METHOD = "blip2_weight_only"  # config.json's quantization_config.quant_method for checkpoints saved quantized
+NAMES = {"int8_weight_only": 8, "int8": 8, "int4_weight_only": 4, "int4": 4}
+GROUP_SIZES = (32, 64, 128, 256)  # what _weight_int4pack_mm_for_cpu accepts
+CHUNK_ROWS = 2048  # rows quantized at a time: bounds the float temporaries (a multiple of every packing block)
+
+
+@dataclass
+class WeightOnlyConfig:
+    bits: int = 4  # 8 (per output channel) or 4 (per group)
+    group_size: int = 64  # int4: inputs sharing a scale and zero (32, 64, 128 or 256)
+    include_lm_head: bool = True
+    include_vision: bool = False  # also the vision tower, the Q-Former and language_projection
+    fallbacks: list = field(default_factory=list, compare=False)  # int4 layers kept in int8 (shape), filled on load
+
+    def __post_init__(self):
+        if self.bits not in (4, 8):
+            raise QuantizationError(f"weight-only bits={self.bits!r}: choose 8 (int8_weight_only) or 4 "
+                                    f"(int4_weight_only)")
+        if self.group_size not in GROUP_SIZES:
+            raise QuantizationError(f"group_size={self.group_size!r}: the int4 CPU kernel takes "
+                                    f"{', '.join(map(str, GROUP_SIZES))}")
+
+    @property
+    def name(self) -> str:
+        return f"int{self.bits}_weight_only"
+
+    def to_dict(self, layout: int) -> dict:
+        d = asdict(self)
+        d.pop("fallbacks")
+        return {"quant_method": METHOD, **d, "int4_layout": layout}
+
+    @classmethod
+    def coerce(cls, q) -> "WeightOnlyConfig | None":
+        """A weight-only config from "int8_weight_only" / "int4_weight_only" ("int8", "int4"), a dict, a
+        WeightOnlyConfig, or the reference's TorchAoConfig (read by attribute: quant_type, a name or an
+        Int4WeightOnlyConfig-like object with group_size; include_input_output_embeddings quantizes lm_head, as
+        there). None for anything else (bitsandbytes' names)."""
+        if q is None or isinstance(q, cls):
+            return q
+        if isinstance(q, dict):
+            if q.get("quant_method") not in (None, METHOD):
+                return None
+            keys = {"bits", "group_size", "include_lm_head", "include_vision"}
+            return cls(**{k: v for k, v in q.items() if k in keys})
+        if hasattr(q, "quant_type"):  # transformers.TorchAoConfig
+            kind, kwargs = q.quant_type, dict(getattr(q, "quant_type_kwargs", None) or {})
+            if not isinstance(kind, str):  # torchao's Int4WeightOnlyConfig / Int8WeightOnlyConfig object
+                kwargs.setdefault("group_size", getattr(kind, "group_size", None))
+                kind = {"Int4WeightOnlyConfig": "int4", "Int8WeightOnlyConfig": "int8"}.get(type(kind).__name__, kind)
+            if kind not in NAMES:
+                raise QuantizationError(f"TorchAoConfig quant_type={q.quant_type!r}: blip2 runs int8_weight_only "
+                                        f"and int4_weight_only")
+            skip = set(getattr(q, "modules_to_not_convert", None) or ())
+            head = bool(getattr(q, "include_input_output_embeddings", False)) and "lm_head" not in skip
+            return cls(bits=NAMES[kind], include_lm_head=head,
+                       **({"group_size": kwargs["group_size"]} if kwargs.get("group_size") else {}))
+        key = str(q).lower()
+        return cls(bits=NAMES[key]) if key in NAMES else None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the int4 kernel's packed layout
+
+
+def int4_layout() -> int:
+    """This CPU's packing: 1 = blocks of 64 rows, low nibbles rows 0-31, high 32-63 (AVX-512); 2 = blocks of 32,
+    halves of 16 (AVX2); 3 = row pairs (no vector unit). Found by packing a probe, so never out of step with
+    the kernel torch dispatches to."""
+    global _layout
+    if _layout is None:
+        probe = torch.zeros(64, 2, dtype=torch.int32)
+        probe[32], probe[16], probe[1] = 1, 2, 3  # the row whose value lands in byte 0's high nibble says which
+        _layout = int(torch.ops.aten._convert_weight_to_int4pack_for_cpu(probe, 1)[0, 0]) >> 4
+    return _layout
+
+
+_layout = None
+BLOCKS = {1: (64, True), 2: (32, True), 3: (32, False)}  # layout -> (rows per block, halves (True) or pairs)
+
+
+def unpack_int4(packed: torch.Tensor, layout: int) -> torch.Tensor:
+    """(N, K/2) uint8 in `layout` -> (N, K) int32 values 0..15 (the inverse of _convert_weight_to_int4pack)."""
+    n, k = packed.shape[0], packed.shape[1] * 2
+    block, halves = BLOCKS[layout]
+    out = torch.empty(n, k, dtype=torch.int32)
+    for start in range(0, n, block):  # each block: (K, rows/2) bytes
+        rows = min(block, n - start)
+        b = packed[start:start + rows].reshape(k, rows // 2).int()
+        if rows == block and halves:  # low nibble = row d, high = row d + rows/2
+            out[start:start + rows] = torch.cat([b & 15, b >> 4], -1).t()
+        else:  # low nibble = row 2i, high = row 2i + 1
+            out[start:start + rows] = torch.stack([b & 15, b >> 4], -1).reshape(k, rows).t()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# quantizing
+
+
+def quantize_int8(w: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, K) float -> int8 (N, K), scales (N,) in `dtype` (the scale is rounded first, the values from it)."""
+    n = w.shape[0]
+    q, scales = torch.empty(w.shape, dtype=torch.int8), torch.empty(n, dtype=dtype)
+    for i in range(0, n, CHUNK_ROWS):
+        c = w[i:i + CHUNK_ROWS].float()
+        s = (c.abs().amax(1) / 127).clamp(min=1e-12).to(dtype)
+        scales[i:i + CHUNK_ROWS] = s
+        q[i:i + CHUNK_ROWS] = (c / s.float()[:, None]).round_().clamp_(-128, 127)
+    return q, scales
+
+
+def quantize_int4(w: torch.Tensor, group_size: int, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, K) float -> packed uint8 (N, K/2) in this CPU's layout, scales_and_zeros (K/group, N, 2) in `dtype`."""
+    n, k = w.shape
+    packed = torch.empty(n, k // 2, dtype=torch.uint8)
+    sz = torch.empty(k // group_size, n, 2, dtype=dtype)
+    for i in range(0, n, CHUNK_ROWS):
+        c = w[i:i + CHUNK_ROWS].float().reshape(-1, k // group_size, group_size)  # (rows, groups, group)
+        lo, hi = c.amin(-1), c.amax(-1)
+        scale = ((hi - lo) / 15).clamp_(min=1e-6).to(dtype)
+        zero = (lo + 8 * scale.float()).to(dtype)  # the value of code 8
+        q = ((c - zero.float()[..., None]) / scale.float()[..., None]).add_(8).round_().clamp_(0, 15)
+        packed[i:i + CHUNK_ROWS] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.int().reshape(-1, k), 1)
+        sz[:, i:i + CHUNK_ROWS] = torch.stack([scale, zero], -1).transpose(0, 1)
+    return packed, sz
+
+
+def fits_int4(out_features: int, in_features: int, group_size: int) -> bool:
+    return out_features % 16 == 0 and in_features % group_size == 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the layers
+
+
+class WeightOnlyLinear(nn.Module):
+    """y = x W^T + b with W in int8 (per output channel) or int4 (per group). Parameters, as saved:
+    weight (int8 (N, K) | packed uint8 (N, K/2)), scales (N,) | scales_and_zeros (K/group, N, 2), bias (N,)."""
+
+    def __init__(self, in_features, out_features, bias, bits, group_size, dtype, device="meta"):
+        super().__init__()
+        self.in_features, self.out_features, self.bits, self.group_size = in_features, out_features, bits, group_size
+        if bits == 8:
+            self.weight = frozen(torch.empty(out_features, in_features, dtype=torch.int8, device=device))
+            self.scales = frozen(torch.empty(out_features, dtype=dtype, device=device))
+        else:
+            self.weight = frozen(torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device))
+            self.scales_and_zeros = frozen(torch.empty(in_features // group_size, out_features, 2, dtype=dtype,
+                                                       device=device))
+        self.bias = frozen(torch.empty(out_features, dtype=dtype, device=device)) if bias else None
+
+    @property
+    def dtype(self):
+        return (self.scales if self.bits == 8 else self.scales_and_zeros).dtype
+
+    def extra_repr(self):
+        group = f", group_size={self.group_size}" if self.bits == 4 else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, int{self.bits}{group}"
+
+    def load(self, attr: str, t: torch.Tensor, layout: int | None = None):
+        """Set parameter `attr` from a freshly read tensor (the kernels want their own 64-byte aligned memory, never
+        a view into a mapped file). A float (N, K) weight is quantized; a saved int8 / packed int4 weight is taken
+        as it is (an int4 one packed in another CPU's `layout` is repacked for this one)."""
+        if attr != "weight":
+            setattr(self, attr, frozen(t))
+        elif t.is_floating_point():
+            if self.bits == 8:
+                self.weight, self.scales = map(frozen, quantize_int8(t, self.dtype))
+            else:
+                self.weight, self.scales_and_zeros = map(frozen, quantize_int4(t, self.group_size, self.dtype))
+        elif self.bits == 4 and layout not in (None, int4_layout()):
+            self.weight = frozen(torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_int4(t, layout), 1))
+        else:
+            self.weight = frozen(t)
+
+    def dequantize(self) -> torch.Tensor:
+        """The weight as the kernels see it, (N, K) float32."""
+        if self.bits == 8:
+            return self.weight.float() * self.scales.float()[:, None]
+        sz = self.scales_and_zeros.float()  # (G, N, 2)
+        q = unpack_int4(self.weight, int4_layout()).float().reshape(self.out_features, -1, self.group_size)
+        w = (q - 8) * sz[..., 0].t()[..., None] + sz[..., 1].t()[..., None]
+        return w.reshape(self.out_features, self.in_features)
+
+    def forward(self, x):
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1]).to(self.dtype).contiguous()  # (M, K)
+        if self.bits == 8:
+            y = torch.ops.aten._weight_int8pack_mm(x2, self.weight, self.scales)
+        else:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.weight, self.group_size, self.scales_and_zeros)
+        y = y.reshape(*shape[:-1], self.out_features)
+        return (y if self.bias is None else y + self.bias).to(x.dtype)
+
+
+def frozen(t):
+    return nn.Parameter(t, requires_grad=False)
+
+
+def is_weight_only(module) -> bool:
+    return isinstance(module, WeightOnlyLinear)
+
+
+def eligible(name: str, q: WeightOnlyConfig) -> bool:
+    """Linear layers (by module name) this config quantizes."""
+    if name.split(".")[-1] == "wo":
+        return False
+    if name.endswith("lm_head"):
+        return q.include_lm_head
+    if name.startswith("language_model."):
+        return True
+    return q.include_vision and name.startswith(("vision_model.", "qformer.", "language_projection"))
+
+
+def replace_linears(model: nn.Module, q: WeightOnlyConfig) -> list:
+    """Swap the eligible linears of a meta-device model for WeightOnlyLinear (scales in the dtype each weight
+    had). An lm_head tied to the input embeddings is untied (it gets its own quantized weight). Returns the names.
+    """
+    names = [n for n, m in model.named_modules() if type(m) in (nn.Linear, Linear) and eligible(n, q)]
+    for n in names:
+        lin = model.get_submodule(n)
+        bits = 4 if q.bits == 4 and fits_int4(lin.out_features, lin.in_features, q.group_size) else 8
+        if bits != q.bits:
+            q.fallbacks.append(f"{n} ({lin.out_features}x{lin.in_features})")
+        dtype = lin.weight.dtype if lin.weight.is_floating_point() else torch.float32
+        model.set_submodule(n, WeightOnlyLinear(lin.in_features, lin.out_features, lin.bias is not None, bits,
+                                                q.group_size, dtype))
+        if n.endswith("lm_head"):
+            text = getattr(model.config, "text_config", model.config)
+            text.tie_word_embeddings = False  # from now on its own tensor, also in a saved checkpoint
+    if q.fallbacks:
+        log.info("int4 weight-only: %d layer(s) do not fit groups of %d, kept in int8: %s", len(q.fallbacks),
+                 q.group_size, ", ".join(q.fallbacks[:4]) + (" ..." if len(q.fallbacks) > 4 else ""))
+    return names
+
+
+def check_device(device_map: dict):
+    """The kernels here are CPU kernels."""
+    devices = set(device_map.values()) - {"cpu"}
+    if devices:
+        raise QuantizationError(f"weight-only int8/int4 runs on the CPU, and this load puts the model on "
+                                f"{', '.join(sorted(devices))}. Fix: device='cpu', or quantization='8bit'/'4bit' "
+                                f"(bitsandbytes) on a GPU")
+
+
+def saved_config(raw: dict) -> tuple["WeightOnlyConfig | None", int | None]:
+    """The weight-only config (and the int4 layout) a checkpoint was saved with, from its config.json."""
+    qc = (raw or {}).get("quantization_config")
+    if not isinstance(qc, dict) or qc.get("quant_method") != METHOD:
+        return None, None
+    return WeightOnlyConfig.coerce(qc), qc.get("int4_layout")
+
+
+def mark_config(model, q: WeightOnlyConfig):
+    """Record the quantization in model.config, so that save_pretrained writes it to config.json."""
+    model.config.extra["quantization_config"] = q.to_dict(int4_layout())
