@@ -495,14 +495,22 @@ KNOWN_CHECKPOINTS = [
 
 @dataclass
 class ModelSettings:
-    dtype: str | None = None  # None/auto: float32 on CPU, float16 (bfloat16 for Flan-T5) on GPU
-    quantize: str | None = None  # "8bit" | "4bit"
+    dtype: str | None = None  # None/auto: CPU: bfloat16 for real checkpoints where it runs natively, else float32;
+    # GPU: float16 (bfloat16 for Flan-T5)
+    quantize: str | None = None  # "int8" | "int4" (weight-only, CPU) | "8bit" | "4bit" (bitsandbytes)
     device_map: str | None = None  # e.g. "auto", "cpu", "cuda:0"
 
-    def resolved_dtype(self, is_t5: bool, device: str) -> str:
+    def resolved_dtype(self, is_t5: bool, device: str, large: bool = False) -> str:
+        """`large`: a real checkpoint (not the embedded model), which runs in bfloat16 on a CPU that supports it."""
         dtype = (self.dtype or "auto").lower()
-        if dtype == "auto":
-            dtype = "float32" if device == "cpu" else ("bfloat16" if is_t5 else "float16")
+        if dtype == "auto" and device == "cpu":
+            from blip2.weight_only import cpu_supports_bf16
+
+            dtype = "bfloat16" if large and cpu_supports_bf16() else "float32"
+            log.info("--dtype auto on the CPU: %s (%s)", dtype, "the embedded model" if not large else
+                     "this CPU runs bfloat16 natively" if dtype == "bfloat16" else "this CPU has no native bfloat16")
+        elif dtype == "auto":
+            dtype = "bfloat16" if is_t5 else "float16"
         dtype = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16"}.get(dtype, dtype)
         if dtype not in ("float32", "float16", "bfloat16"):
             raise RequestError(f"dtype {self.dtype!r} is not supported: float32, float16, bfloat16 or auto")
@@ -800,14 +808,16 @@ class Service:
             directory = self._resolve(source, say)
             say(0.5, f"Loading the weights of {c.key}")
             is_t5 = _config_is_t5(directory)
-            dtype = self.settings.resolved_dtype(is_t5, self.device)
+            dtype = self.settings.resolved_dtype(is_t5, self.device, _checkpoint_bytes(directory) > 2**30)
             kwargs = {"dtype": getattr(torch, dtype)}
             if self.settings.device_map:
                 kwargs["device_map"] = self.settings.device_map
             elif self.device != "cpu":
                 kwargs["device"] = self.device
             if self.settings.quantize:
-                kwargs["quantization"] = self.settings.quantize
+                from blip2.weight_only import quantization_flag
+
+                kwargs["quantization"] = quantization_flag(self.settings.quantize)
             model = cls.from_pretrained(directory, **kwargs)
             say(0.9, f"Loading the processor of {c.key}")
             processor = Blip2Processor.from_pretrained(directory)
@@ -1211,6 +1221,10 @@ def _match_targets(model, states, ids, mask):
     image = F.normalize(model.vision_projection(q.last_hidden_state.to(model.vision_projection.weight.dtype)), dim=-1)
     text, _ = model.itc_text_embeds(ids, mask)
     yield (image[0] @ text[0]).max(), [m for m in q.cross_attentions if m is not None]
+
+
+def _checkpoint_bytes(directory) -> int:
+    return sum(os.path.getsize(os.path.join(directory, f)) for f in os.listdir(directory) if f.endswith(".safetensors"))
 
 
 def _vision_dtype(model):

@@ -41,7 +41,9 @@ def parser():
             cmd.add_argument("--model", default=DEFAULT_MODEL,
                              help="captioning checkpoint (directory or hub id; default: the embedded tiny one)")
         cmd.add_argument("--dtype", default=None, help="float32 (default), float16, bfloat16 or auto")
-        cmd.add_argument("--quantize", choices=("8bit", "4bit"), help="quantize the language model (bitsandbytes)")
+        cmd.add_argument("--quantize", choices=("int8", "int4", "8bit", "4bit"),
+                         help="quantize the language model: int8 / int4 weight-only (CPU kernels; use with --dtype "
+                              "bfloat16), 8bit / 4bit (bitsandbytes)")
         cmd.add_argument("--json", action="store_true", help="print JSON")
         if not itm:
             for flag, kind, help_ in DECODING:
@@ -66,11 +68,12 @@ def parser():
 def load(cls, path, args, flag):
     from .loading import resolve_checkpoint
     from .processing import Blip2Processor
+    from .weight_only import quantization_flag
 
     if path in (DEFAULT_MODEL, DEFAULT_ITM_MODEL) and not os.path.isdir(path):
         raise FileNotFoundError(f"the embedded model {path} is not there; pass {flag} DIRECTORY_OR_HUB_ID")
     path = resolve_checkpoint(path)
-    model = cls.from_pretrained(path, dtype=args.dtype, quantization=args.quantize)
+    model = cls.from_pretrained(path, dtype=args.dtype, quantization=quantization_flag(args.quantize))
     return model, Blip2Processor.from_pretrained(path)
 
 

@@ -30,7 +30,8 @@ from .quantization import QuantizationError
 
 log = logging.getLogger(__name__)
 METHOD = "blip2_weight_only"  # config.json's quantization_config.quant_method for checkpoints saved quantized
-NAMES = {"int8_weight_only": 8, "int8": 8, "int4_weight_only": 4, "int4": 4}
+NAMES = {"int8_weight_only": 8, "int4_weight_only": 4}  # torchao's names ("int8" alone means bitsandbytes' 8bit)
+FLAGS = {"int8": "int8_weight_only", "int4": "int4_weight_only", "8bit": "8bit", "4bit": "4bit"}  # --quantize
 GROUP_SIZES = (32, 64, 128, 256)  # what _weight_int4pack_mm_for_cpu accepts
 CHUNK_ROWS = 2048  # rows quantized at a time: bounds the float temporaries (a multiple of every packing block)
 
@@ -62,7 +63,7 @@ class WeightOnlyConfig:
 
     @classmethod
     def coerce(cls, q) -> "WeightOnlyConfig | None":
-        """A weight-only config from "int8_weight_only" / "int4_weight_only" ("int8", "int4"), a dict, a
+        """A weight-only config from "int8_weight_only" / "int4_weight_only", a dict, a
         WeightOnlyConfig, or the reference's TorchAoConfig (read by attribute: quant_type, a name or an
         Int4WeightOnlyConfig-like object with group_size; include_input_output_embeddings quantizes lm_head, as
         there). None for anything else (bitsandbytes' names)."""
@@ -78,6 +79,7 @@ class WeightOnlyConfig:
             if not isinstance(kind, str):  # torchao's Int4WeightOnlyConfig / Int8WeightOnlyConfig object
                 kwargs.setdefault("group_size", getattr(kind, "group_size", None))
                 kind = {"Int4WeightOnlyConfig": "int4", "Int8WeightOnlyConfig": "int8"}.get(type(kind).__name__, kind)
+            kind = FLAGS.get(kind, kind)
             if kind not in NAMES:
                 raise QuantizationError(f"TorchAoConfig quant_type={q.quant_type!r}: blip2 runs int8_weight_only "
                                         f"and int4_weight_only")
@@ -87,6 +89,21 @@ class WeightOnlyConfig:
                        **({"group_size": kwargs["group_size"]} if kwargs.get("group_size") else {}))
         key = str(q).lower()
         return cls(bits=NAMES[key]) if key in NAMES else None
+
+
+def quantization_flag(flag: str | None) -> str | None:
+    """The `quantization=` of a --quantize flag: int8 / int4 (weight-only, CPU), 8bit / 4bit (bitsandbytes)."""
+    if flag is None:
+        return None
+    if flag not in FLAGS:
+        raise QuantizationError(f"--quantize {flag!r}: choose {', '.join(FLAGS)}")
+    return FLAGS[flag]
+
+
+def cpu_supports_bf16() -> bool:
+    """Whether this CPU runs bfloat16 matmuls natively in oneDNN (AVX-512 BF16 / AMX, or AVX-512 with conversion):
+    then bf16 halves the bytes a decoding step streams at no loss of speed elsewhere."""
+    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 # ---------------------------------------------------------------------------------------------------------------
