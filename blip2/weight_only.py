@@ -74,7 +74,7 @@ class WeightOnlyConfig:
                 return None
             keys = {"bits", "group_size", "include_lm_head", "include_vision"}
             return cls(**{k: v for k, v in q.items() if k in keys})
-        if hasattr(q, "quant_type"):  # transformers.TorchAoConfig
+        if str(getattr(q, "quant_method", "")).lower().endswith("torchao"):  # transformers.TorchAoConfig
             kind, kwargs = q.quant_type, dict(getattr(q, "quant_type_kwargs", None) or {})
             if not isinstance(kind, str):  # torchao's Int4WeightOnlyConfig / Int8WeightOnlyConfig object
                 kwargs.setdefault("group_size", getattr(kind, "group_size", None))
