@@ -35,6 +35,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .zerogpu import gpu
+
 log = logging.getLogger("blip2.app")
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -1028,6 +1030,7 @@ class Service:
         return capped, (f"Max new tokens lowered to {room}: the model has {self.context_size(loaded)} positions and "
                         "the image and prompt take the rest.")
 
+    @gpu
     def caption(self, gen_key, image, prompt="", decoding: Decoding | None = None, stream=True, progress=None):
         """Yield CaptionResult(captions, notice) as the caption(s) grow."""
         loaded = self.get(gen_key, GENERATION, progress)
@@ -1055,6 +1058,7 @@ class Service:
         raise RequestError(f"the question is too long for this model's context of {context} tokens "
                            f"({self.prompt_length(loaded, last)} tokens with the image); shorten it")
 
+    @gpu
     def chat(self, gen_key, image, question, history, decoding: Decoding | None = None, stream=True, progress=None):
         """One chat turn. Yields (answer so far, notice); history is [(q, a), ...] of earlier turns."""
         loaded = self.get(gen_key, GENERATION, progress)
@@ -1072,6 +1076,7 @@ class Service:
         for texts, notice in self.generate(loaded, img, prompt.text, decoding, stream):
             yield clean_answer(texts[0]), " ".join(notes + ([notice] if notice else []))
 
+    @gpu
     def match(self, ret_key, image, texts, progress=None) -> list[MatchRow]:
         """ITM probability and ITC cosine of every text against one image (encoded once), best first."""
         loaded = self.get(ret_key, RETRIEVAL, progress)
@@ -1082,6 +1087,7 @@ class Service:
             rows = [MatchRow(m.text, m.itm, m.itc) for m in loaded.runner.match(img.image, texts)]
         return sorted(rows, key=lambda r: -r.score)
 
+    @gpu
     def heatmap(self, ret_key, image, text, progress=None):
         """Where the Q-Former looks for `text`: Grad-CAM (LAVIS' recipe: attention x positive gradient, summed
         over layers, heads and queries) of both match scores with respect to the queries' cross-attention maps:
@@ -1118,6 +1124,7 @@ class Service:
         grid = relevance.reshape(side, side)
         return overlay_heatmap(img.image, grid), grid, method
 
+    @gpu
     def search(self, ret_key, images, query, rerank_k=None, progress=None):
         """Rank a gallery for a text: ITC over every image (embeddings cached by content), then the top `rerank_k`
         are re-ranked by ITM log-odds + ITC cosine (as LAVIS re-ranks).

@@ -27,7 +27,7 @@ QUANT_TOL = {8: 0.02, 4: 0.15}
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("bits,group", [(8, 64), (4, 32), (4, 64), (4, 128)])
 def test_layer_matches_a_float_matmul(bits, group, dtype):
-    for n, k, m in [(48, 128, 1), (160, 256, 7), (1024, 384, 33)]:
+    for n, k, m in [(48, 128, 1), (160, 256, 7), (1024, 384, 33), (256, 128, 100)]:  # 100 rows: int8's dense path
         w, b, x = torch.randn(n, k) * 0.05, torch.randn(n) * 0.1, torch.randn(2, m, k).to(dtype)
         lin = WeightOnlyLinear(k, n, True, bits, group, dtype, device="cpu")
         lin.load("weight", w.to(dtype))
