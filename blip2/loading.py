@@ -463,7 +463,7 @@ def weight_only_config(quantization, raw):
     asked = weight_only.WeightOnlyConfig.coerce(quantization)
     if saved and asked and asked != saved:
         raise weight_only.QuantizationError(
-            f"this checkpoint was saved quantized {saved.name} ({saved}); it loads as it is: drop "
+            f"this checkpoint was saved quantized {saved.name} (group size {saved.group_size}); it loads as it is: drop "
             f"quantization={quantization!r}, or quantize the original float checkpoint instead")
     q = saved or asked
     return (replace(q, fallbacks=[]) if q else None), (layout if saved else None)
