@@ -17,7 +17,7 @@ import os
 import re
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -412,7 +412,7 @@ def plan_load(cls, path, dtype=None, device=None, device_map=None, max_memory=No
         model.tie_weights()
     for name, p in model.named_parameters():  # final dtypes on meta: the device map sees the real sizes
         p.data = p.data.to(param_dtype(name, model, dtype))
-    wq, layout = weight_only_config(quantization, raw)
+    wq, layout = weight_only.plan_config(quantization, raw)
     if layout is not None:  # saved quantized: the checkpoint holds the quantized tensors themselves
         weight_only.replace_linears(model, wq)
     params = dict(model.named_parameters(remove_duplicate=False))
@@ -455,18 +455,6 @@ def plan_load(cls, path, dtype=None, device=None, device_map=None, max_memory=No
         weight_only.check_device(dm)
         weight_only.mark_config(model, wq)
     return Plan(model, dtype, sources, ties, dm, q, path, wq, layout)
-
-
-def weight_only_config(quantization, raw):
-    """(config, saved int4 layout) when this load is weight-only: asked for, or the checkpoint was saved so."""
-    saved, layout = weight_only.saved_config(raw)
-    asked = weight_only.WeightOnlyConfig.coerce(quantization)
-    if saved and asked and asked != saved:
-        raise weight_only.QuantizationError(
-            f"this checkpoint was saved quantized {saved.name} (group size {saved.group_size}); it loads as it is: drop "
-            f"quantization={quantization!r}, or quantize the original float checkpoint instead")
-    q = saved or asked
-    return (replace(q, fallbacks=[]) if q else None), (layout if saved else None)
 
 
 def norm_device(d) -> str:

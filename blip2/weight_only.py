@@ -20,7 +20,7 @@ another layout repacks it (slower, same values), else the packed bytes are used 
 """
 
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 import torch.nn as nn
@@ -301,12 +301,19 @@ def check_device(device_map: dict):
                                 f"(bitsandbytes) on a GPU")
 
 
-def saved_config(raw: dict) -> tuple["WeightOnlyConfig | None", int | None]:
-    """The weight-only config (and the int4 layout) a checkpoint was saved with, from its config.json."""
+def plan_config(quantization, raw: dict) -> tuple["WeightOnlyConfig | None", int | None]:
+    """(config, int4 layout of a saved checkpoint) when a load is weight-only: asked for with `quantization`, or
+    the checkpoint was saved quantized (its config.json `raw` says so; the layout is None for a float checkpoint).
+    """
     qc = (raw or {}).get("quantization_config")
-    if not isinstance(qc, dict) or qc.get("quant_method") != METHOD:
-        return None, None
-    return WeightOnlyConfig.coerce(qc), qc.get("int4_layout")
+    saved = WeightOnlyConfig.coerce(qc) if isinstance(qc, dict) and qc.get("quant_method") == METHOD else None
+    asked = WeightOnlyConfig.coerce(quantization)
+    if saved and asked and asked != saved:
+        raise QuantizationError(f"this checkpoint was saved quantized {saved.name} (group size {saved.group_size}); "
+                                f"it loads as it is: drop quantization={quantization!r}, or quantize the original "
+                                f"float checkpoint instead")
+    q = saved or asked
+    return (replace(q, fallbacks=[]) if q else None), (qc.get("int4_layout") if saved else None)
 
 
 def mark_config(model, q: WeightOnlyConfig):
