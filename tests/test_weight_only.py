@@ -183,3 +183,13 @@ def test_the_app_serves_an_int4_model(tmp_path):
             result = list(svc.caption(svc.default[GENERATION], path, stream=False))[-1]
             right += caption_matches(scene, result.captions[0])["objects"][0]["color"]
     assert right >= len(scenes) - 1, f"{right}/{len(scenes)} captions named the right colour"
+
+
+def test_memory_report_before_loading_matches_the_loaded_model(opt64):
+    from blip2 import memory_report, model_memory
+
+    path, _ = opt64
+    for name in ("int8_weight_only", "int4_weight_only"):
+        before = memory_report(path, dtype="bfloat16", quantization=name).total
+        model = Blip2ForConditionalGeneration.from_pretrained(path, dtype=torch.bfloat16, quantization=name)
+        assert before == model_memory(model).total
