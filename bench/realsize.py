@@ -3,6 +3,7 @@
     python -m bench.realsize                      # every setting, 2 rounds (about 15 min on 2 cores)
     python -m bench.realsize --runs blip2-int4,hf-bf16 --repeat 1 --tokens 10   # a quick look
     python -m bench.realsize --cache DIR          # where the 7.5 GB checkpoint is written once
+    python -m bench.realsize --kernels            # only the packed kernels against bf16, per row count
 
 The checkpoint: the Hub config.json of Salesforce/blip2-opt-2.7b (ViT-g/14 39 x 1408, Q-Former 12 x 768 with 32
 queries, OPT-2.7b 32 x 2560, vocabulary 50304; 3.745 B parameters), random N(0, 0.02) weights (layer norms 1,
@@ -15,7 +16,7 @@ interleaved A B C A B C so that the neighbours' load hits them alike: load, firs
 `--tokens` new tokens, forced with min_new_tokens), encode (vision + Q-Former + projection), decode seconds per
 token ((caption - a 1-token caption) / (tokens - 1)), the last prompt position's logits relative to blip2 bf16's.
 "blip2-int4-saved" reloads the int4 model that the blip2-int4 run saved (load s, RSS). A floors process measures
-in the same run the read bandwidth (sum of a 1 GiB bf16 tensor) and the bf16 matmul throughput; the floors: encode
+in the same run the read bandwidth (sum of a 1 GiB float32 tensor) and the bf16 matmul throughput; the floors: encode
 FLOPs / matmul rate, the 33-token prompt's FLOPs / matmul rate, a decoding step's weight bytes / bandwidth.
 The CPUs are shared with other engineers: the load average (`uptime`) is printed beside the table.
 """
@@ -168,18 +169,46 @@ def child(name: str, path: str, saved: str, tokens: int, threads: int, out: str)
 
 
 def floors(threads: int) -> dict:
-    """Read bandwidth (bytes/s: sum of a 1 GiB bf16 tensor, median and best of 9) and bf16 matmul FLOP/s
+    """Read bandwidth (bytes/s: sum of a 1 GiB float32 tensor, median and best of 9) and bf16 matmul FLOP/s
     (an encoder-sized 1024 x 2560 @ 2560 x 10240, best of 10)."""
     import torch
 
     torch.set_num_threads(threads)
-    x = torch.empty(2**29, dtype=torch.bfloat16).normal_()
+    x = torch.empty(2**28, dtype=torch.float32).normal_()  # float32: a bf16 sum is bound by its conversions
     x.sum()
-    reads = [x.numel() * 2 / best_time(lambda: x.sum(), 1) for _ in range(9)]
+    reads = [x.numel() * 4 / best_time(lambda: x.sum(), 1) for _ in range(9)]
     a, b = torch.randn(1024, 2560).bfloat16(), torch.randn(2560, 10240).bfloat16()
     a @ b
     flops = 2 * 1024 * 2560 * 10240 / best_time(lambda: a @ b, 10)
     return dict(name="floors", bandwidth=statistics.median(reads), bandwidth_best=max(reads), flops=flops)
+
+
+def kernels(threads: int, repeat: int = 15):
+    """Per row count M: one OPT-2.7b FFN matrix (10240 x 2560) in bf16 (F.linear), int8 and int4 (groups of 32, 64,
+    128) through the layers blip2 runs (int8 from 64 rows: its dense path), best of `repeat`, interleaved."""
+    import torch
+
+    from blip2.weight_only import WeightOnlyLinear
+
+    torch.set_num_threads(threads)
+    w = torch.empty(10240, 2560, dtype=torch.bfloat16).normal_(0, 0.02, generator=torch.Generator().manual_seed(0))
+    layers = {"bf16": lambda x: torch.nn.functional.linear(x, w)}
+    for bits, group in ((8, 64), (4, 32), (4, 64), (4, 128)):
+        lin = WeightOnlyLinear(2560, 10240, False, bits, group, torch.bfloat16, device="cpu")
+        lin.load("weight", w)
+        layers[f"int{bits}" + (f" g{group}" if bits == 4 else "")] = lin
+    print(f"one 10240 x 2560 matrix, {threads} threads, best of {repeat} (ms); load average {load_average()}")
+    print("| rows M | " + " | ".join(layers) + " |\n|---|" + "---|" * len(layers))
+    for m in (1, 2, 4, 8, 16, 33, 64, 128, 257):
+        x = torch.randn(m, 2560, dtype=torch.bfloat16)
+        times = {k: [] for k in layers}
+        with torch.no_grad():
+            for _ in range(repeat):
+                for k, f in layers.items():
+                    t = time.perf_counter()
+                    f(x)
+                    times[k].append(time.perf_counter() - t)
+        print(f"| {m} | " + " | ".join(f"{min(v) * 1e3:.2f}" for v in times.values()) + " |", flush=True)
 
 
 def encode_flops(vision=(1408, 6144, 39, 257, 14), qformer=(768, 3072, 12, 32, 2)) -> float:
@@ -219,8 +248,12 @@ def main(argv=None):
     ap.add_argument("--tokens", type=int, default=20, help="new tokens per caption")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--cache", default=CACHE, help="where the checkpoint (and the saved int4 copy) live")
+    ap.add_argument("--kernels", action="store_true", help="only time the packed kernels against bf16 per row count")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.kernels:
+        kernels(args.threads)
+        return 0
     path, saved = os.path.join(args.cache, "blip2-opt-2.7b-random"), os.path.join(args.cache, "blip2-opt-2.7b-int4")
     if args.child:
         result = floors(args.threads) if args.child == "floors" else \
