@@ -323,6 +323,9 @@ def report(results, names, args, loads):
         print(f"| {name} | {r['load_s']:.1f} s | {r['first']:.2f} s | {r['warm']:.2f} s | {r['encode']:.2f} s | "
               f"{r['decode']:.3f} s | {floor:.3f} s ({r['stream'] / 1e9:.2f} GB) | {r['decode'] / floor:.1f}x | "
               f"{cap_floor:.2f} s | {r['hwm'] / gib:.2f} GiB | {err} |")
+    a, b = best.get("blip2-int4", {}), best.get("blip2-int4-saved", {})
+    if "ids" in a and "ids" in b:
+        print(f"\nthe saved int4 copy generates the same ids as the int4 model: {'yes' if a['ids'] == b['ids'] else 'NO'}")
     hf = best.get("hf-bf16")
     if hf and "error" not in hf:
         print("\ncaption speed-up over transformers bf16: " + ", ".join(
