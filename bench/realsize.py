@@ -164,7 +164,8 @@ def child(name: str, path: str, saved: str, tokens: int, threads: int, out: str)
         model.save_pretrained(saved + ".tmp", max_shard_size="2GB")
         os.rename(saved + ".tmp", saved)
     return dict(name=name, load_s=load_s, load_rss=load_rss, first=first, warm=warm, one=one, encode=encode,
-                decode=(warm - one) / max(tokens - 1, 1), hwm=status("VmHWM"), stream=stream_bytes(model.language_model),
+                decode=(warm - one) / max(tokens - 1, 1), hwm=status("VmHWM"),
+                stream=stream_bytes(model.language_model),
                 ids=first_ids[0, PROMPT:].tolist())
 
 
@@ -325,7 +326,8 @@ def report(results, names, args, loads):
               f"{cap_floor:.2f} s | {r['hwm'] / gib:.2f} GiB | {err} |")
     a, b = best.get("blip2-int4", {}), best.get("blip2-int4-saved", {})
     if "ids" in a and "ids" in b:
-        print(f"\nthe saved int4 copy generates the same ids as the int4 model: {'yes' if a['ids'] == b['ids'] else 'NO'}")
+        same = "yes" if a["ids"] == b["ids"] else "NO"
+        print(f"\nthe saved int4 copy generates the same ids as the int4 model: {same}")
     hf = best.get("hf-bf16")
     if hf and "error" not in hf:
         print("\ncaption speed-up over transformers bf16: " + ", ".join(

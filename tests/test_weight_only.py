@@ -67,8 +67,9 @@ def test_names_flags_and_torchao_configs():
     assert quantization_flag("int4") == "int4_weight_only" and quantization_flag("8bit") == "8bit"
     with pytest.raises(QuantizationError, match="--quantize 'int2'"):
         quantization_flag("int2")
-    ao = types.SimpleNamespace(quant_method="torchao", quant_type="int4_weight_only", quant_type_kwargs={"group_size": 128},
-                               include_input_output_embeddings=False, modules_to_not_convert=None)
+    ao = types.SimpleNamespace(quant_method="torchao", quant_type="int4_weight_only",
+                               quant_type_kwargs={"group_size": 128}, include_input_output_embeddings=False,
+                               modules_to_not_convert=None)
     assert WeightOnlyConfig.coerce(ao) == WeightOnlyConfig(bits=4, group_size=128, include_lm_head=False)
 
     class Int8WeightOnlyConfig:  # torchao's config object, read by its class name
