@@ -1,4 +1,4 @@
-"""BLIP-2 Studio: `python app.py [--model ID_OR_DIR] [--itm-model ID_OR_DIR] [--dtype ...] [--quantize 8bit|4bit]`.
+"""BLIP-2 Studio: `python app.py [--model ID_OR_DIR] [--itm-model ID_OR_DIR] [--dtype ...] [--quantize ...]`.
 
 Starts on the embedded tiny model, offline, in seconds. Every flag has an environment variable (for a
 Hugging Face Space, set them in the Space's settings):
@@ -6,7 +6,7 @@ Hugging Face Space, set them in the Space's settings):
     --model        BLIP2_MODEL         image-to-text checkpoint (hub id or local directory)
     --itm-model    BLIP2_ITM_MODEL     image-text matching checkpoint (hub id or local directory)
     --dtype        BLIP2_DTYPE         auto | float32 | float16 | bfloat16
-    --quantize     BLIP2_QUANTIZE      8bit | 4bit (bitsandbytes)
+    --quantize     BLIP2_QUANTIZE      int8 | int4 (weight-only, CPU) | 8bit | 4bit (bitsandbytes)
     --device-map   BLIP2_DEVICE_MAP    e.g. auto
     --host         HOST or GRADIO_SERVER_NAME (default 127.0.0.1; 0.0.0.0 inside a Space)
     --port         PORT or GRADIO_SERVER_PORT (default 7860)
@@ -49,7 +49,7 @@ def parse_args(argv=None):
                    help="image-text matching checkpoint, e.g. Salesforce/blip2-itm-vit-g (default: embedded)")
     p.add_argument("--dtype", default=env("BLIP2_DTYPE", "auto"),
                    choices=["auto", "float32", "float16", "bfloat16", "fp32", "fp16", "bf16"])
-    p.add_argument("--quantize", default=env("BLIP2_QUANTIZE") or None, choices=[None, "8bit", "4bit"])
+    p.add_argument("--quantize", default=env("BLIP2_QUANTIZE") or None, choices=[None, "int8", "int4", "8bit", "4bit"])
     p.add_argument("--device-map", default=env("BLIP2_DEVICE_MAP") or None)
     p.add_argument("--host", default=env("HOST") or env("GRADIO_SERVER_NAME") or "127.0.0.1")
     p.add_argument("--port", type=int, default=int(env("PORT") or env("GRADIO_SERVER_PORT") or 7860))

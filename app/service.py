@@ -40,6 +40,7 @@ from blip2.runner import match_score  # the ranking score, ITM log-odds + ITC co
 from .errors import RequestError
 from .files import request_file
 from .paths import EMBEDDED_GENERATION, EMBEDDED_RETRIEVAL, EXAMPLES_DIR, ROOT  # noqa: F401 (re-exported)
+from .zerogpu import gpu
 
 log = logging.getLogger("blip2.app")
 
@@ -491,14 +492,22 @@ KNOWN_CHECKPOINTS = [
 
 @dataclass
 class ModelSettings:
-    dtype: str | None = None  # None/auto: float32 on CPU, float16 (bfloat16 for Flan-T5) on GPU
-    quantize: str | None = None  # "8bit" | "4bit"
+    dtype: str | None = None  # None/auto: CPU: bfloat16 for real checkpoints where it runs natively, else float32;
+    # GPU: float16 (bfloat16 for Flan-T5)
+    quantize: str | None = None  # "int8" | "int4" (weight-only, CPU) | "8bit" | "4bit" (bitsandbytes)
     device_map: str | None = None  # e.g. "auto", "cpu", "cuda:0"
 
-    def resolved_dtype(self, is_t5: bool, device: str) -> str:
+    def resolved_dtype(self, is_t5: bool, device: str, large: bool = False) -> str:
+        """`large`: a real checkpoint (not the embedded model), which runs in bfloat16 on a CPU that supports it."""
         dtype = (self.dtype or "auto").lower()
-        if dtype == "auto":
-            dtype = "float32" if device == "cpu" else ("bfloat16" if is_t5 else "float16")
+        if dtype == "auto" and device == "cpu":
+            from blip2.weight_only import cpu_supports_bf16
+
+            dtype = "bfloat16" if large and cpu_supports_bf16() else "float32"
+            log.info("--dtype auto on the CPU: %s (%s)", dtype, "the embedded model" if not large else
+                     "this CPU runs bfloat16 natively" if dtype == "bfloat16" else "this CPU has no native bfloat16")
+        elif dtype == "auto":
+            dtype = "bfloat16" if is_t5 else "float16"
         dtype = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16"}.get(dtype, dtype)
         if dtype not in ("float32", "float16", "bfloat16"):
             raise RequestError(f"dtype {self.dtype!r} is not supported: float32, float16, bfloat16 or auto")
@@ -791,14 +800,16 @@ class Service:
             directory = self._resolve(source, say)
             say(0.5, f"Loading the weights of {c.key}")
             is_t5 = _config_is_t5(directory)
-            dtype = self.settings.resolved_dtype(is_t5, self.device)
+            dtype = self.settings.resolved_dtype(is_t5, self.device, _checkpoint_bytes(directory) > 2**30)
             kwargs = {"dtype": getattr(torch, dtype)}
             if self.settings.device_map:
                 kwargs["device_map"] = self.settings.device_map
             elif self.device != "cpu":
                 kwargs["device"] = self.device
             if self.settings.quantize:
-                kwargs["quantization"] = self.settings.quantize
+                from blip2.weight_only import quantization_flag
+
+                kwargs["quantization"] = quantization_flag(self.settings.quantize)
             model = cls.from_pretrained(directory, **kwargs)
             say(0.9, f"Loading the processor of {c.key}")
             processor = Blip2Processor.from_pretrained(directory)
@@ -1024,6 +1035,7 @@ class Service:
                 "shapes on plain backgrounds, so its results are about shapes. For photographs, pick a Salesforce "
                 "checkpoint in the Model picker (e.g. Salesforce/blip2-opt-2.7b) and press Load model.")
 
+    @gpu
     def caption(self, gen_key, image, prompt="", decoding: Decoding | None = None, stream=True, progress=None):
         """Yield CaptionResult(captions, notice) as the caption(s) grow."""
         loaded = self.get(gen_key, GENERATION, progress)
@@ -1051,6 +1063,7 @@ class Service:
         raise RequestError(f"the question is too long for this model's context of {context} tokens "
                            f"({self.prompt_length(loaded, last)} tokens with the image); shorten it")
 
+    @gpu
     def chat(self, gen_key, image, question, history, decoding: Decoding | None = None, stream=True, progress=None):
         """One chat turn. Yields (answer so far, notice); history is [(q, a), ...] of earlier turns."""
         loaded = self.get(gen_key, GENERATION, progress)
@@ -1068,6 +1081,7 @@ class Service:
         for texts, notice in self.generate(loaded, img, prompt.text, decoding, stream):
             yield clean_answer(texts[0]), " ".join(notes + ([notice] if notice else []))
 
+    @gpu
     def match(self, ret_key, image, texts, progress=None) -> list[MatchRow]:
         """ITM probability and ITC cosine of every text against one image (encoded once), best first."""
         loaded = self.get(ret_key, RETRIEVAL, progress)
@@ -1078,6 +1092,7 @@ class Service:
             rows = [MatchRow(m.text, m.itm, m.itc) for m in loaded.runner.match(img.image, texts)]
         return sorted(rows, key=lambda r: -r.score)
 
+    @gpu
     def heatmap(self, ret_key, image, text, progress=None):
         """Where the Q-Former looks for `text` (blip2.explain: Grad-CAM of the ITM and ITC scores over the queries'
         cross-attention maps), drawn over the image. Returns (overlay image, (h, w) relevance grid, method)."""
@@ -1095,6 +1110,7 @@ class Service:
         grid = relevance.cpu().numpy()
         return overlay_heatmap(img.image, grid), grid, method
 
+    @gpu
     def search(self, ret_key, images, query, rerank_k=None, progress=None):
         """Rank a gallery for a text: ITC over every image (embeddings cached by content), then the top `rerank_k`
         are re-ranked by ITM log-odds + ITC cosine (as LAVIS re-ranks).
@@ -1188,6 +1204,10 @@ class _LazyImage(CheckedImage):
 
 # ----------------------------------------------------------------------------------------------------
 # helpers
+
+
+def _checkpoint_bytes(directory) -> int:
+    return sum(os.path.getsize(os.path.join(directory, f)) for f in os.listdir(directory) if f.endswith(".safetensors"))
 
 
 def _vision_dtype(model):

@@ -46,7 +46,9 @@ def parser():
             cmd.add_argument("--model", default=DEFAULT_MODEL,
                              help="captioning checkpoint (directory or hub id; default: the embedded tiny one)")
         cmd.add_argument("--dtype", default=None, help="float32 (default), float16, bfloat16 or auto")
-        cmd.add_argument("--quantize", choices=("8bit", "4bit"), help="quantize the language model (bitsandbytes)")
+        cmd.add_argument("--quantize", choices=("int8", "int4", "8bit", "4bit"),
+                         help="quantize the language model: int8 / int4 weight-only (CPU kernels; use with --dtype "
+                              "bfloat16), 8bit / 4bit (bitsandbytes)")
         cmd.add_argument("--json", action="store_true", help="print JSON")
         if gen:
             for flag, kind, help_ in DECODING:

@@ -40,12 +40,15 @@ def need(module: str):
 
 
 def pretrained(cls, path: str, dtype: str | None = None, quantize: str | None = None):
-    """(model, processor) of a checkpoint directory or hub id."""
+    """(model, processor) of a checkpoint directory or hub id; `quantize` a --quantize flag (int8 / int4
+    weight-only, 8bit / 4bit bitsandbytes)."""
     from .loading import resolve_checkpoint
     from .processing import Blip2Processor
+    from .weight_only import quantization_flag
 
     path = resolve_checkpoint(path)
-    return cls.from_pretrained(path, dtype=dtype, quantization=quantize), Blip2Processor.from_pretrained(path)
+    model = cls.from_pretrained(path, dtype=dtype, quantization=quantization_flag(quantize))
+    return model, Blip2Processor.from_pretrained(path)
 
 
 def load_runner(model: str | None = None, itm_model: str | None = None, dtype: str | None = None,

@@ -26,6 +26,8 @@ from safetensors.torch import save_file
 from .config import Blip2Config, Blip2QFormerConfig, Blip2VisionConfig, ConfigError, read_json
 from .quantization import QuantizationConfig, check_backend, is_quantized, replace_linears
 from .quantization import set_quantized_weight
+from . import weight_only
+from .weight_only import WeightOnlyConfig
 
 SINGLE, INDEX = "model.safetensors", "model.safetensors.index.json"
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
@@ -366,6 +368,8 @@ class Plan:
     device_map: dict  # module name -> device string, or "disk"
     quantization: QuantizationConfig | None
     path: str
+    weight_only: WeightOnlyConfig | None = None  # int8 / int4 weight-only (CPU), see weight_only.py
+    int4_layout: int | None = None  # the packing of a checkpoint saved in int4 (None: quantized while loading)
 
 
 def tied_names(model, files, prefix) -> set:
@@ -408,6 +412,9 @@ def plan_load(cls, path, dtype=None, device=None, device_map=None, max_memory=No
         model.tie_weights()
     for name, p in model.named_parameters():  # final dtypes on meta: the device map sees the real sizes
         p.data = p.data.to(param_dtype(name, model, dtype))
+    wq, layout = weight_only.plan_config(quantization, raw)
+    if layout is not None:  # saved quantized: the checkpoint holds the quantized tensors themselves
+        weight_only.replace_linears(model, wq)
     params = dict(model.named_parameters(remove_duplicate=False))
     first = {}
     for name, p in params.items():
@@ -430,9 +437,13 @@ def plan_load(cls, path, dtype=None, device=None, device_map=None, max_memory=No
         where = sorted({i.file for i in files.values()})[0] if files else path
         raise CheckpointError(f"checkpoint {where} lacks {len(missing)} tensor(s): {shown}")
 
-    q = QuantizationConfig.coerce(quantization)
+    q = None if wq else QuantizationConfig.coerce(quantization)
     if device is not None and device_map is not None:
         raise ValueError("pass device or device_map, not both")
+    if wq and layout is None:
+        for n in weight_only.replace_linears(model, wq):  # each reads its float weight (a tied lm_head: the table)
+            if n + ".weight" in ties:
+                sources[n + ".weight"] = sources[ties.pop(n + ".weight")]
     if q is not None and not replace_linears(model, q, dtype):
         warnings.warn(f"quantization={q.name}: {cls.__name__} has no language-model linear layers, nothing is "
                       f"quantized (QuantizationConfig(include_vision=True) quantizes the vision tower)")
@@ -440,7 +451,10 @@ def plan_load(cls, path, dtype=None, device=None, device_map=None, max_memory=No
     if q is not None:
         check_backend(q, main_device(dm))
         unquantize_offloaded(model, dm, dtype)
-    return Plan(model, dtype, sources, ties, dm, q, path)
+    if wq:
+        weight_only.check_device(dm)
+        weight_only.mark_config(model, wq)
+    return Plan(model, dtype, sources, ties, dm, q, path, wq, layout)
 
 
 def norm_device(d) -> str:
@@ -625,6 +639,11 @@ def place_weights(plan, offload_folder, written) -> dict:
             module = model.get_submodule(mod_name)
             target = module._parameters[attr]
             quant = is_quantized(module) and attr == "weight"
+            if weight_only.is_weight_only(module):  # a float weight quantized here, or saved tensors read as they are
+                fh = handles.get(info.file) or handles.setdefault(info.file, open(info.file, "rb", buffering=0))
+                module.load(attr, read_tensor(info, module.dtype, fh, buffer), plan.int4_layout)
+                trim_heap()
+                continue
             dtype = target.dtype
             if quant:  # LLM.int8() quantizes from fp16: read straight into it; 4-bit keeps the model's dtype
                 dtype = torch.float16 if plan.quantization.bits == 8 else plan.dtype

@@ -123,6 +123,10 @@ def memory_report(path_or_id, model_class=None, dtype=None, quantization=None, d
             entries.append((name, p.numel(), 0, "", dev, plan.ties[name]))
             continue
         mod_name, _, attr = name.rpartition(".")
+        if name not in plan.sources or p.dtype in (torch.int8, torch.uint8):  # weight-only: the meta tensor's size
+            entries.append((name, p.numel() * (2 if p.dtype == torch.uint8 else 1), p.numel() * p.element_size(),
+                            str(p.dtype)[6:], dev, ""))
+            continue
         info = plan.sources[name]
         if is_quantized(plan.model.get_submodule(mod_name)) and attr == "weight":
             q = plan.quantization
@@ -130,7 +134,8 @@ def memory_report(path_or_id, model_class=None, dtype=None, quantization=None, d
                             dev, ""))
         else:
             entries.append((name, info.numel, info.numel * p.element_size(), str(p.dtype)[6:], dev, ""))
-    what = f"{str(plan.dtype)[6:]}" + (f", {plan.quantization.name}" if plan.quantization else "")
+    quant = plan.quantization or plan.weight_only
+    what = f"{str(plan.dtype)[6:]}" + (f", {quant.name}" if quant else "")
     return build(f"{path_or_id} ({what}), before loading, from the safetensors headers", entries)
 
 

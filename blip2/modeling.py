@@ -313,25 +313,44 @@ class Blip2ForImageTextRetrieval(_Blip2Retrieval):
                 output_attentions=False, output_hidden_states=False, return_dict=True, **_):
         if input_ids is None:
             raise ValueError("input_ids are required")
-        vision = self.vision_model(pixel_values, output_attentions=output_attentions,
+        rows = pixel_values.shape[0]
+        once = rows > 1 and repeated_rows(pixel_values)  # one image against many texts: its tower runs once
+        vision = self.vision_model(pixel_values[:1] if once else pixel_values, output_attentions=output_attentions,
                                    output_hidden_states=output_hidden_states)
-        image_embeds = vision.last_hidden_state
+        image_embeds = vision.last_hidden_state  # (1 if once else B_i, 1+N, D_v)
+        if once:
+            vision = expand_rows(vision, rows)
         if use_image_text_matching_head:
             input_ids, attention_mask = self.strip_image_tokens(input_ids, attention_mask)
-            if image_embeds.shape[0] != input_ids.shape[0]:
-                raise ValueError(f"image-text matching pairs rows: {image_embeds.shape[0]} images but "
-                                 f"{input_ids.shape[0]} texts")
+            if rows not in (1, input_ids.shape[0]):
+                raise ValueError(f"image-text matching pairs rows: {rows} images but {input_ids.shape[0]} texts")
             logits, text_out = self.itm_logits(image_embeds, input_ids, attention_mask, output_attentions)
-            text_embeds, img = text_out.last_hidden_state, image_embeds
+            text_embeds, img = text_out.last_hidden_state, vision.last_hidden_state
         else:
             input_ids, attention_mask = self.strip_image_tokens(input_ids, attention_mask)
             img = self.itc_image_embeds(image_embeds)  # (B_i, Q, E)
+            img = img.expand(rows, -1, -1) if once else img
             text_embeds, text_out = self.itc_text_embeds(input_ids, attention_mask)  # (B_t, E)
             logits = torch.einsum("iqe,te->iqt", img, text_embeds).amax(1)  # (B_i, B_t): best query per pair
         res = Blip2ImageTextMatchingModelOutput(logits_per_image=logits, logits_per_text=logits.t(),
                                                 text_embeds=text_embeds, image_embeds=img,
                                                 text_model_output=text_out, vision_model_output=vision)
         return res if return_dict else res.to_tuple()
+
+
+def repeated_rows(x: torch.Tensor) -> bool:
+    """Whether every row of a batch is the first one (an image expanded or repeated against several texts)."""
+    return x.stride(0) == 0 or bool((x == x[:1]).all())
+
+
+def expand_rows(out, rows):
+    """A batch-1 output's tensors (and tuples of them) seen as `rows` identical rows (views, no copies)."""
+    for k, v in out.items():
+        if isinstance(v, torch.Tensor):
+            setattr(out, k, v.expand(rows, *v.shape[1:]))
+        elif isinstance(v, tuple):
+            setattr(out, k, tuple(t.expand(rows, *t.shape[1:]) for t in v))
+    return out
 
 
 class Blip2TextModelWithProjection(_Blip2Retrieval):

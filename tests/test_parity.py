@@ -284,6 +284,31 @@ def test_itm_one_image_broadcast_equals_repeated(itm_pair):
     assert maxdiff(once, repeated) <= 1e-6
 
 
+def test_one_image_against_many_texts_runs_its_tower_once(itm_pair):
+    """The reference's way to match one image against N texts (the image repeated N times) gives the reference's
+    outputs, with one vision forward of batch 1."""
+    token, ref, ours, _ = itm_pair
+    ids, mask = itm_text(token)
+    ids, mask = ids.repeat(2, 1), mask.repeat(2, 1)  # 4 texts
+    px = pixels(1).expand(4, -1, -1, -1)
+    calls = []
+    hook = ours.vision_model.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
+    try:
+        for itm in (True, False):
+            kw = dict(pixel_values=px, input_ids=ids, attention_mask=mask, use_image_text_matching_head=itm)
+            with torch.no_grad():
+                a, b = ref(**kw), ours(**kw)
+            for name in ("logits_per_image", "logits_per_text", "image_embeds", "text_embeds"):
+                assert getattr(a, name).shape == getattr(b, name).shape, name
+                assert maxdiff(getattr(a, name), getattr(b, name)) <= TOL, name
+            va, vb = a.vision_model_output, b.vision_model_output
+            assert maxdiff(va.last_hidden_state, vb.last_hidden_state) <= TOL
+            assert maxdiff(va.pooler_output, vb.pooler_output) <= TOL
+    finally:
+        hook.remove()
+    assert calls == [1, 1]
+
+
 def test_projection_models(itm_pair):
     import transformers
 

@@ -8,6 +8,8 @@ python -m blip2.train.evaluate --model assets/blip2-tiny --itm-model assets/blip
 - ITC: recall@1 image->text and text->image in galleries of 100 images
 - with --detail, VQA accuracy per question form ("what color is the SHAPE?") and per number of objects: which
   references the answers resolve
+- with --quantize int8 / int4 (--group-size), the captioning model's language model runs weight-only quantized
+  (blip2/weight_only.py); the retrieval model has no language model and is unchanged
 """
 
 import argparse
@@ -18,6 +20,7 @@ import numpy as np
 import torch
 
 from blip2 import Blip2ForConditionalGeneration, Blip2ForImageTextRetrieval
+from blip2.weight_only import WeightOnlyConfig
 from blip2.processing import Blip2Processor
 from blip2.train import data, world
 
@@ -114,10 +117,10 @@ def retrieval_scores(model, processor, scenes, images, gallery=100, batch=100):
     return scores
 
 
-def evaluate(model_dir, itm_dir, n, split="test", show=0, detail=False):
+def evaluate(model_dir, itm_dir, n, split="test", show=0, detail=False, quantization=None):
     scores = {}
     if model_dir:
-        model = Blip2ForConditionalGeneration.from_pretrained(model_dir).eval()
+        model = Blip2ForConditionalGeneration.from_pretrained(model_dir, quantization=quantization).eval()
         processor = Blip2Processor.from_pretrained(model_dir)
         scenes, images = data.load_split(split, n, model.config.vision_config.image_size)
         gen, captions = generation_scores(model, processor, scenes, images, detail=detail)
@@ -140,9 +143,13 @@ def main():
     parser.add_argument("--split", default="test", choices=world.SPLITS)
     parser.add_argument("--show", type=int, default=3, help="print this many captions")
     parser.add_argument("--detail", action="store_true", help="VQA accuracy per question form and scene size too")
+    parser.add_argument("--quantize", choices=("int8", "int4"), help="weight-only quantized language model")
+    parser.add_argument("--group-size", type=int, default=WeightOnlyConfig.group_size, help="int4 group size")
     args = parser.parse_args()
     torch.set_num_threads(2)
-    for name, value in evaluate(args.model, args.itm_model, args.n, args.split, args.show, args.detail).items():
+    quant = args.quantize and WeightOnlyConfig(bits=int(args.quantize[3:]), group_size=args.group_size)
+    for name, value in evaluate(args.model, args.itm_model, args.n, args.split, args.show, args.detail,
+                                quant or None).items():
         print(f"{name:24s} {100 * value:6.2f}%")
 
 

@@ -1,0 +1,321 @@
+"""Weight-only int8 / int4 linears for the CPU, on PyTorch's own packed kernels, quantized while loading.
+
+int8: one symmetric scale per output channel, `torch.ops.aten._weight_int8pack_mm`.
+int4: asymmetric groups of `group_size` inputs (scale and zero per group and output channel, torchao's
+"float zero point" scheme: w = (q - 8) * scale + zero), `torch.ops.aten._weight_int4pack_mm_for_cpu`.
+Activations stay in the model's dtype (bfloat16 on the real checkpoints); only the weights shrink, and a
+decoding step, which streams every weight once, reads 2x (int8) or ~3.5x (int4) fewer bytes than bf16.
+
+Which layers: every linear of the language model, lm_head included (its 50304 x 2560 matrix is 5% of a
+decoding step's bytes: it pays like any other; an OPT lm_head tied to the input embeddings gets a quantized copy,
+the embedding table stays as it is); T5's feed-forward output `wo` stays as it is (as bitsandbytes keeps it).
+`include_vision=True` also quantizes the vision tower, the Q-Former and language_projection (off by default:
+their passes have hundreds of rows, where these kernels are slower than a bf16 matmul).
+A layer int4 cannot take (out_features not a multiple of 16, in_features not a multiple of the group size)
+falls back to int8 per channel: `WeightOnlyConfig.fallbacks` lists them.
+
+The int4 kernel's packed layout depends on the CPU's instruction set (a block of 64 output rows on AVX-512, 32 on
+AVX2, row pairs otherwise). A saved checkpoint records the layout it was packed in; loading it on a CPU with
+another layout repacks it (slower, same values), else the packed bytes are used as they are on disk.
+"""
+
+import logging
+from dataclasses import asdict, dataclass, field, replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .ops import Linear
+from .quantization import QuantizationError
+
+log = logging.getLogger(__name__)
+METHOD = "blip2_weight_only"  # config.json's quantization_config.quant_method for checkpoints saved quantized
+NAMES = {"int8_weight_only": 8, "int4_weight_only": 4}  # torchao's names ("int8" alone means bitsandbytes' 8bit)
+FLAGS = {"int8": "int8_weight_only", "int4": "int4_weight_only", "8bit": "8bit", "4bit": "4bit"}  # --quantize
+GROUP_SIZES = (32, 64, 128, 256)  # what _weight_int4pack_mm_for_cpu accepts
+# int8 from this many rows up: the weight cast to the activations' dtype and a dense matmul (exact: |q| <= 128; the
+# scales applied to the output) beat the kernel. Measured on one 6144 x 1408 matrix, 1 thread, bf16, best of 15:
+# 33 rows kernel 7.5 ms / cast 8.9 ms, 128 rows 121 / 30 ms, 257 rows 302 / 48 ms. The int4 kernel has no such
+# rival (unpacking and scaling in torch ops: 1.4 s at 257 rows against the kernel's 0.19 s).
+DENSE_ROWS = 64
+CHUNK_ROWS = 2048  # rows quantized at a time: bounds the float temporaries (a multiple of every packing block)
+
+
+@dataclass
+class WeightOnlyConfig:
+    bits: int = 4  # 8 (per output channel) or 4 (per group)
+    group_size: int = 64  # int4: inputs sharing a scale and zero (32, 64, 128 or 256)
+    include_lm_head: bool = True
+    include_vision: bool = False  # also the vision tower, the Q-Former and language_projection
+    fallbacks: list = field(default_factory=list, compare=False)  # int4 layers kept in int8 (shape), filled on load
+
+    def __post_init__(self):
+        if self.bits not in (4, 8):
+            raise QuantizationError(f"weight-only bits={self.bits!r}: choose 8 (int8_weight_only) or 4 "
+                                    f"(int4_weight_only)")
+        if self.group_size not in GROUP_SIZES:
+            raise QuantizationError(f"group_size={self.group_size!r}: the int4 CPU kernel takes "
+                                    f"{', '.join(map(str, GROUP_SIZES))}")
+
+    @property
+    def name(self) -> str:
+        return f"int{self.bits}_weight_only"
+
+    def to_dict(self, layout: int) -> dict:
+        d = asdict(self)
+        d.pop("fallbacks")
+        return {"quant_method": METHOD, **d, "int4_layout": layout}
+
+    @classmethod
+    def coerce(cls, q) -> "WeightOnlyConfig | None":
+        """A weight-only config from "int8_weight_only" / "int4_weight_only", a dict, a
+        WeightOnlyConfig, or the reference's TorchAoConfig (read by attribute: quant_type, a name or an
+        Int4WeightOnlyConfig-like object with group_size; include_input_output_embeddings quantizes lm_head, as
+        there). None for anything else (bitsandbytes' names)."""
+        if q is None or isinstance(q, cls):
+            return q
+        if isinstance(q, dict):
+            if q.get("quant_method") not in (None, METHOD):
+                return None
+            keys = {"bits", "group_size", "include_lm_head", "include_vision"}
+            return cls(**{k: v for k, v in q.items() if k in keys})
+        if str(getattr(q, "quant_method", "")).lower().endswith("torchao"):  # transformers.TorchAoConfig
+            kind, kwargs = q.quant_type, dict(getattr(q, "quant_type_kwargs", None) or {})
+            if not isinstance(kind, str):  # torchao's Int4WeightOnlyConfig / Int8WeightOnlyConfig object
+                kwargs.setdefault("group_size", getattr(kind, "group_size", None))
+                kind = {"Int4WeightOnlyConfig": "int4", "Int8WeightOnlyConfig": "int8"}.get(type(kind).__name__, kind)
+            kind = FLAGS.get(kind, kind)
+            if kind not in NAMES:
+                raise QuantizationError(f"TorchAoConfig quant_type={q.quant_type!r}: blip2 runs int8_weight_only "
+                                        f"and int4_weight_only")
+            skip = set(getattr(q, "modules_to_not_convert", None) or ())
+            head = bool(getattr(q, "include_input_output_embeddings", False)) and "lm_head" not in skip
+            return cls(bits=NAMES[kind], include_lm_head=head,
+                       **({"group_size": kwargs["group_size"]} if kwargs.get("group_size") else {}))
+        key = str(q).lower()
+        return cls(bits=NAMES[key]) if key in NAMES else None
+
+
+def quantization_flag(flag: str | None) -> str | None:
+    """The `quantization=` of a --quantize flag: int8 / int4 (weight-only, CPU), 8bit / 4bit (bitsandbytes)."""
+    if flag is None:
+        return None
+    if flag not in FLAGS:
+        raise QuantizationError(f"--quantize {flag!r}: choose {', '.join(FLAGS)}")
+    return FLAGS[flag]
+
+
+def cpu_supports_bf16() -> bool:
+    """Whether this CPU runs bfloat16 matmuls natively in oneDNN (AVX-512 BF16 / AMX, or AVX-512 with conversion):
+    then bf16 halves the bytes a decoding step streams at no loss of speed elsewhere."""
+    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the int4 kernel's packed layout
+
+
+def int4_layout() -> int:
+    """This CPU's packing: 1 = blocks of 64 rows, low nibbles rows 0-31, high 32-63 (AVX-512); 2 = blocks of 32,
+    halves of 16 (AVX2); 3 = row pairs (no vector unit). Found by packing a probe, so never out of step with
+    the kernel torch dispatches to."""
+    global _layout
+    if _layout is None:
+        probe = torch.zeros(64, 2, dtype=torch.int32)
+        probe[32], probe[16], probe[1] = 1, 2, 3  # the row whose value lands in byte 0's high nibble says which
+        _layout = int(torch.ops.aten._convert_weight_to_int4pack_for_cpu(probe, 1)[0, 0]) >> 4
+    return _layout
+
+
+_layout = None
+BLOCKS = {1: (64, True), 2: (32, True), 3: (32, False)}  # layout -> (rows per block, halves (True) or pairs)
+
+
+def unpack_int4(packed: torch.Tensor, layout: int) -> torch.Tensor:
+    """(N, K/2) uint8 in `layout` -> (N, K) int32 values 0..15 (the inverse of _convert_weight_to_int4pack)."""
+    n, k = packed.shape[0], packed.shape[1] * 2
+    block, halves = BLOCKS[layout]
+    full = n // block * block
+    out = torch.empty(n, k, dtype=torch.int32)
+    if full:  # blocks of (K, block/2) bytes
+        b = packed[:full].reshape(full // block, k, block // 2).int()
+        nibbles = [b & 15, b >> 4]  # halves: low nibble = row d, high = row d + block/2; else rows 2i and 2i + 1
+        b = torch.cat(nibbles, -1) if halves else torch.stack(nibbles, -1).reshape(full // block, k, block)
+        out[:full] = b.transpose(1, 2).reshape(full, k)
+    if full < n:  # the last, partial block: row pairs
+        b = packed[full:].reshape(k, (n - full) // 2).int()
+        out[full:] = torch.stack([b & 15, b >> 4], -1).reshape(k, n - full).t()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# quantizing
+
+
+def quantize_int8(w: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, K) float -> int8 (N, K), scales (N,) in `dtype` (the scale is rounded first, the values from it)."""
+    n = w.shape[0]
+    q, scales = torch.empty(w.shape, dtype=torch.int8), torch.empty(n, dtype=dtype)
+    for i in range(0, n, CHUNK_ROWS):
+        c = w[i:i + CHUNK_ROWS].float()
+        s = (c.abs().amax(1) / 127).clamp(min=1e-12).to(dtype)
+        scales[i:i + CHUNK_ROWS] = s
+        q[i:i + CHUNK_ROWS] = (c / s.float()[:, None]).round_().clamp_(-128, 127)
+    return q, scales
+
+
+def quantize_int4(w: torch.Tensor, group_size: int, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, K) float -> packed uint8 (N, K/2) in this CPU's layout, scales_and_zeros (K/group, N, 2) in `dtype`."""
+    n, k = w.shape
+    packed = torch.empty(n, k // 2, dtype=torch.uint8)
+    sz = torch.empty(k // group_size, n, 2, dtype=dtype)
+    for i in range(0, n, CHUNK_ROWS):
+        c = w[i:i + CHUNK_ROWS].float().reshape(-1, k // group_size, group_size)  # (rows, groups, group)
+        lo, hi = c.amin(-1), c.amax(-1)
+        scale = ((hi - lo) / 15).clamp_(min=1e-6).to(dtype)
+        zero = (lo + 8 * scale.float()).to(dtype)  # the value of code 8
+        q = ((c - zero.float()[..., None]) / scale.float()[..., None]).add_(8).round_().clamp_(0, 15)
+        packed[i:i + CHUNK_ROWS] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.int().reshape(-1, k), 1)
+        sz[:, i:i + CHUNK_ROWS] = torch.stack([scale, zero], -1).transpose(0, 1)
+    return packed, sz
+
+
+def fits_int4(out_features: int, in_features: int, group_size: int) -> bool:
+    return out_features % 16 == 0 and in_features % group_size == 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the layers
+
+
+class WeightOnlyLinear(nn.Module):
+    """y = x W^T + b with W in int8 (per output channel) or int4 (per group). Parameters, as saved:
+    weight (int8 (N, K) | packed uint8 (N, K/2)), scales (N,) | scales_and_zeros (K/group, N, 2), bias (N,)."""
+
+    def __init__(self, in_features, out_features, bias, bits, group_size, dtype, device="meta"):
+        super().__init__()
+        self.in_features, self.out_features, self.bits, self.group_size = in_features, out_features, bits, group_size
+        if bits == 8:
+            self.weight = frozen(torch.empty(out_features, in_features, dtype=torch.int8, device=device))
+            self.scales = frozen(torch.empty(out_features, dtype=dtype, device=device))
+        else:
+            self.weight = frozen(torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device))
+            self.scales_and_zeros = frozen(torch.empty(in_features // group_size, out_features, 2, dtype=dtype,
+                                                       device=device))
+        self.bias = frozen(torch.empty(out_features, dtype=dtype, device=device)) if bias else None
+
+    @property
+    def dtype(self):
+        return (self.scales if self.bits == 8 else self.scales_and_zeros).dtype
+
+    def extra_repr(self):
+        group = f", group_size={self.group_size}" if self.bits == 4 else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, int{self.bits}{group}"
+
+    def load(self, attr: str, t: torch.Tensor, layout: int | None = None):
+        """Set parameter `attr` from a freshly read tensor (the kernels want their own 64-byte aligned memory, never
+        a view into a mapped file). A float (N, K) weight is quantized; a saved int8 / packed int4 weight is taken
+        as it is (an int4 one packed in another CPU's `layout` is repacked for this one)."""
+        if attr != "weight":
+            setattr(self, attr, frozen(t))
+        elif t.is_floating_point():
+            if self.bits == 8:
+                self.weight, self.scales = map(frozen, quantize_int8(t, self.dtype))
+            else:
+                self.weight, self.scales_and_zeros = map(frozen, quantize_int4(t, self.group_size, self.dtype))
+        elif self.bits == 4 and layout not in (None, int4_layout()):
+            self.weight = frozen(torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_int4(t, layout), 1))
+        else:
+            self.weight = frozen(t)
+
+    def dequantize(self) -> torch.Tensor:
+        """The weight as the kernels see it, (N, K) float32."""
+        if self.bits == 8:
+            return self.weight.float() * self.scales.float()[:, None]
+        sz = self.scales_and_zeros.float()  # (G, N, 2)
+        q = unpack_int4(self.weight, int4_layout()).float().reshape(self.out_features, -1, self.group_size)
+        w = (q - 8) * sz[..., 0].t()[..., None] + sz[..., 1].t()[..., None]
+        return w.reshape(self.out_features, self.in_features)
+
+    def forward(self, x):
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1]).to(self.dtype).contiguous()  # (M, K)
+        if self.bits == 8 and x2.shape[0] >= DENSE_ROWS:
+            y = F.linear(x2, self.weight.to(x2.dtype)) * self.scales
+        elif self.bits == 8:
+            y = torch.ops.aten._weight_int8pack_mm(x2, self.weight, self.scales)
+        else:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.weight, self.group_size, self.scales_and_zeros)
+        y = y.reshape(*shape[:-1], self.out_features)
+        return (y if self.bias is None else y + self.bias).to(x.dtype)
+
+
+def frozen(t):
+    return nn.Parameter(t, requires_grad=False)
+
+
+def is_weight_only(module) -> bool:
+    return isinstance(module, WeightOnlyLinear)
+
+
+def eligible(name: str, q: WeightOnlyConfig) -> bool:
+    """Linear layers (by module name) this config quantizes."""
+    if name.split(".")[-1] == "wo":
+        return False
+    if name.endswith("lm_head"):
+        return q.include_lm_head
+    if name.startswith("language_model."):
+        return True
+    return q.include_vision and name.startswith(("vision_model.", "qformer.", "language_projection"))
+
+
+def replace_linears(model: nn.Module, q: WeightOnlyConfig) -> list:
+    """Swap the eligible linears of a meta-device model for WeightOnlyLinear (scales in the dtype each weight
+    had). An lm_head tied to the input embeddings is untied (it gets its own quantized weight). Returns the names.
+    """
+    names = [n for n, m in model.named_modules() if type(m) in (nn.Linear, Linear) and eligible(n, q)]
+    for n in names:
+        lin = model.get_submodule(n)
+        bits = 4 if q.bits == 4 and fits_int4(lin.out_features, lin.in_features, q.group_size) else 8
+        if bits != q.bits:
+            q.fallbacks.append(f"{n} ({lin.out_features}x{lin.in_features})")
+        dtype = lin.weight.dtype if lin.weight.is_floating_point() else torch.float32
+        model.set_submodule(n, WeightOnlyLinear(lin.in_features, lin.out_features, lin.bias is not None, bits,
+                                                q.group_size, dtype))
+        if n.endswith("lm_head"):
+            text = getattr(model.config, "text_config", model.config)
+            text.tie_word_embeddings = False  # from now on its own tensor, also in a saved checkpoint
+    if q.fallbacks:
+        log.info("int4 weight-only: %d layer(s) do not fit groups of %d, kept in int8: %s", len(q.fallbacks),
+                 q.group_size, ", ".join(q.fallbacks[:4]) + (" ..." if len(q.fallbacks) > 4 else ""))
+    return names
+
+
+def check_device(device_map: dict):
+    """The kernels here are CPU kernels."""
+    devices = set(device_map.values()) - {"cpu"}
+    if devices:
+        raise QuantizationError(f"weight-only int8/int4 runs on the CPU, and this load puts the model on "
+                                f"{', '.join(sorted(devices))}. Fix: device='cpu', or quantization='8bit'/'4bit' "
+                                f"(bitsandbytes) on a GPU")
+
+
+def plan_config(quantization, raw: dict) -> tuple["WeightOnlyConfig | None", int | None]:
+    """(config, int4 layout of a saved checkpoint) when a load is weight-only: asked for with `quantization`, or
+    the checkpoint was saved quantized (its config.json `raw` says so; the layout is None for a float checkpoint).
+    """
+    qc = (raw or {}).get("quantization_config")
+    saved = WeightOnlyConfig.coerce(qc) if isinstance(qc, dict) and qc.get("quant_method") == METHOD else None
+    asked = WeightOnlyConfig.coerce(quantization)
+    if saved and asked and asked != saved:
+        raise QuantizationError(f"this checkpoint was saved quantized {saved.name} (group size {saved.group_size}); "
+                                f"it loads as it is: drop quantization={quantization!r}, or quantize the original "
+                                f"float checkpoint instead")
+    q = saved or asked
+    return (replace(q, fallbacks=[]) if q else None), (qc.get("int4_layout") if saved else None)
+
+
+def mark_config(model, q: WeightOnlyConfig):
+    """Record the quantization in model.config, so that save_pretrained writes it to config.json."""
+    model.config.extra["quantization_config"] = q.to_dict(int4_layout())
