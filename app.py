@@ -102,7 +102,7 @@ def main(argv=None):
     tune_malloc()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
-    from app.service import ModelSettings, Service
+    from app.service import RETRIEVAL, ModelSettings, Service
 
     t0 = time.perf_counter()
     settings = ModelSettings(dtype=None if args.dtype == "auto" else args.dtype, quantize=args.quantize,
@@ -116,7 +116,7 @@ def main(argv=None):
         if not args.no_warm_up:
             svc.warm_up()
             if args.index:
-                svc.get(collection.key, "retrieval")
+                svc.get(collection.key, RETRIEVAL)
     except Exception as e:  # a startup model that cannot load: say why and stop
         print(f"error: {e}", file=sys.stderr)
         return 2

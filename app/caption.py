@@ -17,7 +17,7 @@ from .common import (
     session_models,
     user_errors,
 )
-from .service import Decoding
+from .service import GENERATION, Decoding
 
 DEFAULTS = Decoding(mode=BEAM, num_beams=1, num_captions=1, **CAPTION_DECODING)  # the CLI's defaults too
 
@@ -38,7 +38,7 @@ def caption(image, prompt="", mode=DEFAULTS.mode, num_beams=DEFAULTS.num_beams, 
     decoding = decoding_from(mode, num_beams, temperature, top_p, top_k, max_new_tokens, min_new_tokens,
                              repetition_penalty, length_penalty, num_captions)
     models = session_models(session)
-    for result in service().caption(models["generation"], image, prompt, decoding, stream=True,
+    for result in service().caption(models[GENERATION], image, prompt, decoding, stream=True,
                                     progress=progress_callback(progress)):
         yield format_captions(result.captions), result.notice
 

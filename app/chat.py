@@ -22,7 +22,7 @@ from .common import (
     session_models,
     user_errors,
 )
-from .service import Decoding, load_image
+from .service import GENERATION, Decoding, load_image
 
 DEFAULTS = Decoding(mode=BEAM, num_beams=1, **ANSWER_DECODING)  # the CLI's defaults too
 DEFAULT_QUESTION = "what is in this picture?"  # asked when an API call leaves the question out
@@ -70,7 +70,7 @@ def chat(image, question=None, mode=DEFAULTS.mode, num_beams=DEFAULTS.num_beams,
     turns = state["turns"][-svc.limits.max_chat_turns:]
     models = session_models(session)
     answer, notice = "", ""
-    for answer, notice in svc.chat(models["generation"], img, question, [tuple(t) for t in turns], decoding,
+    for answer, notice in svc.chat(models[GENERATION], img, question, [tuple(t) for t in turns], decoding,
                                    stream=True, progress=progress_callback(progress)):
         yield messages(turns, (_shown(question), answer)), " ".join(notes + [notice]).strip(), state
     answer = answer or "(no answer)"

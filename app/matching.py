@@ -13,7 +13,7 @@ import pandas as pd
 
 from . import examples
 from .common import model_event, progress_callback, service, session_models, user_errors
-from .service import load_image, parse_texts
+from .service import RETRIEVAL, load_image, parse_texts
 
 COLUMNS = ["rank", "text", "ITM probability", "ITC cosine"]
 
@@ -39,7 +39,7 @@ def match(image, texts, session=None, progress=gr.Progress(track_tqdm=True)):
     svc = service()
     img = load_image(image, svc.limits)
     candidates = parse_texts(texts, svc.limits)
-    key = session_models(session)["retrieval"]
+    key = session_models(session)[RETRIEVAL]
     rows = svc.match(key, img, candidates, progress=progress_callback(progress))
     heat, _, method = svc.heatmap(key, img, rows[0].text)
     notice = (f"Best match: **{rows[0].text}** (ITM {rows[0].itm:.3f}). Heat map: {method} for the best match; "
@@ -59,7 +59,7 @@ def heatmap_choices(ranking):
 def heatmap(image, text, session=None, progress=gr.Progress(track_tqdm=True)):
     """Heat map over the image of where the Q-Former looks for `text`. Returns (image, notice)."""
     svc = service()
-    key = session_models(session)["retrieval"]
+    key = session_models(session)[RETRIEVAL]
     img = load_image(image, svc.limits)
     heat, _, method = svc.heatmap(key, img, text, progress=progress_callback(progress))
     notice = f"Heat map ({method}) for: **{text if isinstance(text, str) else ''}**"

@@ -14,6 +14,7 @@ import pandas as pd
 from . import examples
 from .collection import attached
 from .common import model_event, progress_callback, service, session_models, user_errors
+from .service import RETRIEVAL
 
 COLUMNS = ["rank", "image", "ITM probability", "ITC cosine"]
 NOT_RERANKED = "not re-ranked"  # the ITM cell of an image below the re-rank depth (ranked by ITC alone)
@@ -40,7 +41,7 @@ def search(gallery, query, rerank_k=None, session=None, where=GALLERY, progress=
     collection = attached(svc)
     if collection is not None and where != GALLERY:
         return search_index(collection, query, rerank_k)
-    key = session_models(session)["retrieval"]
+    key = session_models(session)[RETRIEVAL]
     ranked, skipped = svc.search(key, gallery, query, rerank_k, progress=progress_callback(progress))
     shown = [(img.source if isinstance(img.source, str) else img.image, _name(img, rank), itc, itm)
              for rank, (img, itc, itm) in enumerate(ranked, 1)]

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from blip2.catalogue import CHECKPOINTS, GENERATION, RETRIEVAL
 from blip2.explain import relevance_grid
 from blip2.runner import match_score  # the ranking score, ITM log-odds + ITC cosine (also blip2's index search)
 
@@ -453,9 +454,6 @@ def parse_decoding(limits: Limits, mode=BEAM, num_beams=1, temperature=1.0, top_
 # ----------------------------------------------------------------------------------------------------
 # checkpoints
 
-GENERATION, RETRIEVAL = "generation", "retrieval"
-
-
 @dataclass(frozen=True)
 class Checkpoint:
     """An entry of the model picker. `sources` maps a role to a hub id or a local directory."""
@@ -473,21 +471,7 @@ class Checkpoint:
         return tuple(r for r, _ in self.sources)
 
 
-def _hub(repo, role, params_b, note):
-    return Checkpoint(repo, ((role, repo),), params_b, note)
-
-
-KNOWN_CHECKPOINTS = [
-    _hub("Salesforce/blip2-opt-2.7b", GENERATION, 3.9, "OPT-2.7b, pre-trained"),
-    _hub("Salesforce/blip2-opt-6.7b", GENERATION, 7.8, "OPT-6.7b, pre-trained"),
-    _hub("Salesforce/blip2-opt-2.7b-coco", GENERATION, 3.9, "OPT-2.7b, fine-tuned on COCO captions"),
-    _hub("Salesforce/blip2-opt-6.7b-coco", GENERATION, 7.8, "OPT-6.7b, fine-tuned on COCO captions"),
-    _hub("Salesforce/blip2-flan-t5-xl", GENERATION, 3.9, "Flan-T5-XL, pre-trained"),
-    _hub("Salesforce/blip2-flan-t5-xl-coco", GENERATION, 3.9, "Flan-T5-XL, fine-tuned on COCO captions"),
-    _hub("Salesforce/blip2-flan-t5-xxl", GENERATION, 12.2, "Flan-T5-XXL, pre-trained"),
-    _hub("Salesforce/blip2-itm-vit-g", RETRIEVAL, 1.2, "image-text matching / retrieval (ITM + ITC)"),
-    _hub("Salesforce/blip2-itm-vit-g-coco", RETRIEVAL, 1.2, "image-text matching / retrieval, COCO"),
-]
+KNOWN_CHECKPOINTS = [Checkpoint(k.repo_id, ((k.task, k.repo_id),), k.params_b, k.note) for k in CHECKPOINTS]
 
 
 @dataclass
