@@ -36,6 +36,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from blip2.catalogue import CHECKPOINTS, GENERATION, RETRIEVAL
 from blip2.explain import relevance_grid
+from blip2.loading import dtype_name, resolve_dtype
 from blip2.runner import match_score  # the ranking score, ITM log-odds + ITC cosine (also blip2's index search)
 
 from .errors import RequestError
@@ -492,9 +493,10 @@ class ModelSettings:
                      "this CPU runs bfloat16 natively" if dtype == "bfloat16" else "this CPU has no native bfloat16")
         elif dtype == "auto":
             dtype = "bfloat16" if is_t5 else "float16"
-        dtype = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16"}.get(dtype, dtype)
-        if dtype not in ("float32", "float16", "bfloat16"):
-            raise RequestError(f"dtype {self.dtype!r} is not supported: float32, float16, bfloat16 or auto")
+        try:  # the library's one table of names (fp16, bf16, half, ...)
+            dtype = dtype_name(resolve_dtype(dtype))
+        except ValueError:
+            raise RequestError(f"dtype {self.dtype!r} is not supported: float32, float16, bfloat16 or auto") from None
         if is_t5 and dtype == "float16":
             dtype = "bfloat16"  # Flan-T5 overflows in float16
         return dtype
