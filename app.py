@@ -74,8 +74,9 @@ def set_threads(svc, threads):
     if threads > 0:
         torch.set_num_threads(threads)
         return
-    params = sum(p.numel() for m in svc._loaded.values() for p in m.model.parameters())
-    if svc._loaded and params < 50_000_000 and svc.device == "cpu":
+    models = svc.loaded_models()
+    params = sum(p.numel() for m in models for p in m.model.parameters())
+    if models and params < 50_000_000 and svc.device == "cpu":
         torch.set_num_threads(1)
 
 

@@ -43,7 +43,6 @@ class Collection:
         query = clean_text(query, "the search text", self.svc.limits.max_prompt_chars)
         rerank_k = _number(rerank_k, "re-rank top-k", 0, 100, integer=True)
         loaded = self.svc.get(self.key, RETRIEVAL)
-        self.svc.stats["requests"] += 1
         with self.svc.request(loaded):
             start = time.perf_counter()
             ids, itc = self.index.search(text_embedding(loaded.runner, query), max(k, rerank_k))

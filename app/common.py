@@ -45,7 +45,6 @@ def _to_gr_error(e: Exception) -> gr.Error:
     if isinstance(e, TimeLimitReached):
         return gr.Error(f"The request passed the time limit of {service().limits.time_limit_s:g} s.",
                         print_exception=False)
-    service().stats["errors"] += 1
     log.error("request failed:\n%s", traceback.format_exc())
     return gr.Error(f"The model failed on this request ({type(e).__name__}: {str(e)[:300]}). "
                     "Nothing was changed: the next request will run normally.")

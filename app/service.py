@@ -693,7 +693,6 @@ class Service:
         self._itc_images = LRU(2048)  # (model, image hash) -> normalised ITC query embeddings (Q, E)
         self._itc_texts = LRU(2048)  # (model, text) -> normalised ITC text embedding (E,)
         self._file_digests = LRU(4096)  # (path, size, mtime) -> content hash, so a gallery is not re-read
-        self.stats = {"requests": 0, "errors": 0}
 
     # --- catalogue
 
@@ -730,6 +729,11 @@ class Service:
     def _cache_key(self, source, role):
         s = self.settings
         return (source, role, s.dtype, s.quantize, s.device_map)
+
+    def loaded_models(self) -> list[Loaded]:
+        """Every model loaded now, for every role."""
+        with self._registry_lock:
+            return list(self._loaded.values())
 
     def loaded(self, key, role) -> Loaded | None:
         c = self.catalogue.get(key)
@@ -952,7 +956,6 @@ class Service:
         chat's KV-cache prefix reused): the text grows token by token when `stream` and the settings allow it;
         otherwise one final yield. At the time limit a stream stops cleanly, keeping what was generated."""
         deadline = time.monotonic() + self.limits.time_limit_s
-        self.stats["requests"] += 1
         decoding, capped = self.fit_new_tokens(loaded, prompt, decoding)
         runner, kwargs = loaded.runner, decoding.generate_kwargs()
         shortened = "The prompt was shortened from the left to fit the model's context."
@@ -1073,7 +1076,6 @@ class Service:
         loaded = self.get(ret_key, RETRIEVAL, progress)
         img = image if isinstance(image, CheckedImage) else load_image(image, self.limits)
         texts = parse_texts(texts, self.limits)
-        self.stats["requests"] += 1
         with self.request(loaded):
             rows = [MatchRow(m.text, m.itm, m.itc) for m in loaded.runner.match(img.image, texts)]
         return sorted(rows, key=lambda r: -r.score)
@@ -1120,7 +1122,6 @@ class Service:
                 skipped.append((name, str(e)))
         if not checked:
             raise RequestError("no usable image in the gallery: " + "; ".join(r for _, r in skipped[:3]))
-        self.stats["requests"] += 1
         try:
             with self.request(loaded):
                 img_emb = self.itc_image(loaded, checked)  # (B, Q, E)
@@ -1198,10 +1199,6 @@ def _checkpoint_bytes(directory) -> int:
 
 def _vision_dtype(model):
     return model.vision_model.embeddings.patch_embedding.weight.dtype
-
-
-def _model_bytes(model):
-    return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
 def _config_is_t5(directory):
