@@ -37,7 +37,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from blip2.catalogue import CHECKPOINTS, GENERATION, RETRIEVAL
 from blip2.explain import relevance_grid
 from blip2.loading import dtype_name, resolve_dtype
-from blip2.runner import match_score  # the ranking score, ITM log-odds + ITC cosine (also blip2's index search)
+from blip2.runner import chat_prompt, match_score  # the chat template and the ranking score, as the CLI's
 
 from .errors import RequestError
 from .files import request_file
@@ -602,11 +602,6 @@ class ChatPrompt:
     max_new_tokens: int
 
 
-def chat_turn_text(question, answer):
-    answer = answer.strip()
-    return f"Question: {question} Answer: {answer}{'' if answer.endswith(('.', '!', '?')) else '.'}"
-
-
 def clean_answer(text: str) -> str:
     """Cut a generated answer at the first line break or at a new "Question:" the model starts by itself."""
     text = text.replace("\r", "\n").split("\n")[0]
@@ -1040,14 +1035,13 @@ class Service:
     def chat_prompt(self, loaded: Loaded, history, question, max_new_tokens) -> ChatPrompt:
         """The prompt over past turns ("Question: q Answer: a." ...), dropping the oldest turns (and, as a last
         resort, lowering max_new_tokens) to fit the model's context."""
-        context = self.context_size(loaded)
-        last = f"Question: {question} {'Short answer' if loaded.is_t5 else 'Answer'}:"
-        turns = [chat_turn_text(q, a) for q, a in history]
-        for dropped in range(len(turns) + 1):
-            text = " ".join(turns[dropped:] + [last])
+        context, history = self.context_size(loaded), list(history)
+        last = chat_prompt(question, (), loaded.is_t5)
+        for dropped in range(len(history) + 1):
+            text = chat_prompt(question, history[dropped:], loaded.is_t5)  # blip2's one template (the CLI's too)
             used = self.prompt_length(loaded, text)
             room = context - used
-            if room >= max_new_tokens or (dropped == len(turns) and room >= min(8, max_new_tokens)):
+            if room >= max_new_tokens or (dropped == len(history) and room >= min(8, max_new_tokens)):
                 return ChatPrompt(text, dropped, min(max_new_tokens, room))
         raise RequestError(f"the question is too long for this model's context of {context} tokens "
                            f"({self.prompt_length(loaded, last)} tokens with the image); shorten it")

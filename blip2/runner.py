@@ -117,10 +117,18 @@ def truncate_left(ids, special, limit):
     return ids[:head] + ids[len(ids) - tail - keep:len(ids) - tail] + ids[len(ids) - tail:]
 
 
-def chat_prompt(question, history=()):
-    """The BLIP-2 paper's VQA template over a chat: "Question: q Answer: a." per turn, then "Question: q Answer:"."""
-    turns = [f"Question: {q} Answer: {a.strip().rstrip('.')}." for q, a in history]
-    return " ".join(turns + [f"Question: {question} Answer:"])
+def chat_turn(question: str, answer: str) -> str:
+    """One past turn: "Question: q Answer: a." (an answer that already ends in . ! or ? keeps its own stop)."""
+    answer = answer.strip()
+    return f"Question: {question} Answer: {answer}{'' if answer.endswith(('.', '!', '?')) else '.'}"
+
+
+def chat_prompt(question: str, history=(), short_answer: bool = False) -> str:
+    """The BLIP-2 paper's VQA template over a chat: a `chat_turn` per past (q, a), then "Question: q Answer:", or
+    "Question: q Short answer:" for Flan-T5 (`short_answer`) as the paper prompts it. The app and the CLI both
+    build their prompts here."""
+    turns = [chat_turn(q, a) for q, a in history]
+    return " ".join(turns + [f"Question: {question} {'Short answer' if short_answer else 'Answer'}:"])
 
 
 @dataclass
@@ -351,10 +359,10 @@ class Blip2Runner:
     def ask_stream(self, image, question, history=(), **decoding) -> TextStream:
         return self._stream(image, self._chat_texts(question, history), decoding)
 
-    @staticmethod
-    def _chat_texts(question, history):
-        history = list(history)
-        return [chat_prompt(question, history[i:]) for i in range(len(history) + 1)]
+    def _chat_texts(self, question, history):
+        """The chat prompt with all past turns, then without the oldest ones (to fit the context, first first)."""
+        history, short = list(history), bool(getattr(self.model.config, "is_encoder_decoder", False))
+        return [chat_prompt(question, history[i:], short) for i in range(len(history) + 1)]
 
     # ---- matching ----------------------------------------------------------------------------------------
 

@@ -400,3 +400,26 @@ def test_flan_t5_chat_asks_for_a_short_answer(scene_path, own_service):
     ids = loaded.model.generate(**enc, **Decoding().generate_kwargs())  # the service's default decoding
     expected = clean_answer(loaded.processor.batch_decode(ids[:, 1:], skip_special_tokens=True)[0].strip())
     assert answer == expected  # what generate answers to the Short answer prompt
+
+
+@pytest.mark.parametrize("family", ["opt", "t5"])
+def test_the_app_and_the_cli_answer_a_chat_alike(scene_path, own_service, family):
+    """One chat template (blip2.runner.chat_prompt): the app's Chat tab and `python -m blip2 ask` (Blip2Runner.ask)
+    build the same prompt for the same history, "?" and "!" answers included, and answer alike."""
+    from app.service import clean_answer
+    from blip2.runner import Blip2Runner
+
+    svc = Service(generation=shared_checkpoint(family), limits=Limits())
+    loaded = svc.get(svc.default[GENERATION], GENERATION)
+    history = [("is it red?", "yes!"), ("what is it", "a cat?"), ("where", "on the left")]
+    prompt = svc.chat_prompt(loaded, history, "and now?", 8).text
+    tail = "Short answer:" if family == "t5" else "Answer:"
+    assert prompt == ("Question: is it red? Answer: yes! Question: what is it Answer: a cat? Question: where Answer: "
+                      f"on the left. Question: and now? {tail}")
+    runner = Blip2Runner(loaded.model, loaded.processor)
+    image = load_image(scene_path, svc.limits).image
+    cli = runner.ask(image, "and now?", history, **Decoding(max_new_tokens=8).generate_kwargs())
+    assert cli.prompt == prompt
+    app, _ = last(svc.chat(svc.default[GENERATION], scene_path, "and now?", history, Decoding(max_new_tokens=8),
+                           stream=False))
+    assert app == clean_answer(cli.text)
