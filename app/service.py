@@ -1082,7 +1082,7 @@ class Service:
         img = image if isinstance(image, CheckedImage) else load_image(image, self.limits)
         text = clean_text(text, "the text", self.limits.max_candidate_chars)
         with self.request(loaded):
-            states = self.vision_states(loaded, [img])
+            states = loaded.runner.vision_states(img.image)  # the runner's cache, filled by a match before
             ids, mask = self._text_inputs(loaded, [text])
         with loaded.lock, deadline_scope(time.monotonic() + self.limits.time_limit_s):
             try:

@@ -210,6 +210,11 @@ class Blip2Runner:
         return self._cached(("vision", key), lambda: m.vision_model(self._pixels(m, self.itm_processor, image))
                             .last_hidden_state), key
 
+    def vision_states(self, image) -> torch.Tensor:
+        """(1, 1+N, D_v) patch embeddings of the retrieval model for an image, from the cache `match` fills (a heat
+        map after a match reuses them)."""
+        return self._vision(image)[0]
+
     # ---- generation --------------------------------------------------------------------------------------
 
     def _prompt_ids(self, texts, new_tokens):

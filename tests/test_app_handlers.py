@@ -251,3 +251,16 @@ def test_the_chat_placeholder_follows_the_image(scenes):
     assert empty["placeholder"] == chat.NO_IMAGE and empty["value"] == [] and history == chat.new_history()
     loaded, _, _ = chat.new_image(scenes[0][1])
     assert loaded["placeholder"] == chat.READY != chat.NO_IMAGE
+
+
+def test_the_first_match_runs_the_vision_tower_once(svc):
+    """The ranking and the heat map of a new image share one vision pass (the runner's cache)."""
+    scene, im = S.scene(7, seed=23)  # an image no other test has shown the model
+    model = svc.get(svc.default[RETRIEVAL], RETRIEVAL).model
+    calls = []
+    handle = model.vision_model.register_forward_pre_hook(lambda m, a: calls.append(1))
+    try:
+        table, _, _, heat, _ = matching.match(im, f"{scene.caption()}\na large white cross in the top right")
+    finally:
+        handle.remove()
+    assert calls == [1] and table["text"][0] == scene.caption() and heat.size == (224, 224)
