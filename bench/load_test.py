@@ -302,7 +302,8 @@ def main(argv=None):
                 rss_start_mib=rss_start / 2**20, rss_end_mib=rss_end / 2**20,
                 rss_growth_pct=100.0 * (rss_end - rss_start) / rss_start if rss_start else float("nan"),
                 rss_peak_mib=max([m for *_, m in timeline] + [rss_end / 2**20]), timeline=timeline,
-                startup_s=t_ready, errors=[f"{e}: {m}" for e, m in sorted(stats.errors, key=lambda x: x[1].startswith("not sent"))[:5]],
+                startup_s=t_ready,
+                errors=[f"{e}: {m}" for e, m in sorted(stats.errors, key=lambda x: x[1].startswith("not sent"))[:5]],
                 error_count=len(stats.errors))
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -94,7 +94,8 @@ def child(name, path, threads):
     gen_s = time.perf_counter() - t
     parts = report["parts"]
     print(json.dumps(dict(
-        name=name, load_s=load_s, load_cpu=load_cpu, peak_load=peak_load, peak_total=maxrss() - base, import_rss=base - base_torch,
+        name=name, load_s=load_s, load_cpu=load_cpu, peak_load=peak_load, peak_total=maxrss() - base,
+        import_rss=base - base_torch,
         weights=report["total_bytes"], lm_layers=parts["language_model.layers"]["bytes"],
         lm=sum(v["bytes"] for k, v in parts.items() if k.startswith("language_model")),
         gen_s=gen_s, new_tokens=int(ids.shape[1]) - 33)))

@@ -12,7 +12,7 @@ from .modeling import (
     Blip2TextModelWithProjection,
     Blip2VisionModelWithProjection,
 )
-from .processing import BatchFeature, BlipImageProcessor, Blip2Processor, Blip2Tokenizer, TextStreamDecoder
+from .processing import BatchFeature, Blip2Processor, Blip2Tokenizer, BlipImageProcessor, TextStreamDecoder
 from .qformer import Blip2QFormerModel
 from .quantization import QuantizationConfig, QuantizationError
 from .runner import Blip2Runner

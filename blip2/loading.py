@@ -23,10 +23,9 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save_file
 
-from .config import Blip2Config, Blip2QFormerConfig, Blip2VisionConfig, ConfigError, read_json
-from .quantization import QuantizationConfig, check_backend, is_quantized, replace_linears
-from .quantization import set_quantized_weight
 from . import weight_only
+from .config import Blip2Config, Blip2QFormerConfig, Blip2VisionConfig, ConfigError, read_json
+from .quantization import QuantizationConfig, check_backend, is_quantized, replace_linears, set_quantized_weight
 from .weight_only import WeightOnlyConfig
 
 SINGLE, INDEX = "model.safetensors", "model.safetensors.index.json"
@@ -151,8 +150,14 @@ def resolve_checkpoint(path_or_id, revision=None, cache_dir=None, token=None, lo
         raise CheckpointNotFoundError(f"checkpoint directory {path} not found")
 
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (GatedRepoError, HFValidationError, HfHubHTTPError, LocalEntryNotFoundError,
-                                        RepositoryNotFoundError, RevisionNotFoundError)
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        HFValidationError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     offline = is_offline() if local_files_only is None else bool(local_files_only)
     cache = hub_cache_dir(cache_dir)

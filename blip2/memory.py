@@ -144,8 +144,18 @@ def local_or_remote(path_or_id, revision, cache_dir, token, local_files_only):
     safetensors headers read with huggingface_hub.get_safetensors_metadata: no weights are downloaded)."""
     import os
 
-    from .loading import MODEL_FILES, CheckpointNotFoundError, TensorInfo, hub_cache_dir, is_offline, looks_local
-    from .loading import INDEX, SINGLE, ST_DTYPES, resolve_checkpoint
+    from .loading import (
+        INDEX,
+        MODEL_FILES,
+        SINGLE,
+        ST_DTYPES,
+        CheckpointNotFoundError,
+        TensorInfo,
+        hub_cache_dir,
+        is_offline,
+        looks_local,
+        resolve_checkpoint,
+    )
 
     offline = is_offline() if local_files_only is None else local_files_only
     try:

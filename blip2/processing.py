@@ -391,7 +391,8 @@ class Blip2Tokenizer:
     def from_pretrained(cls, directory):
         """Read tokenizer.json (or vocab.json + merges.txt, or vocab.txt) and tokenizer_config.json,
         special_tokens_map.json and added_tokens.json the way transformers 5.24 does."""
-        path = lambda name: os.path.join(directory, name)
+        def path(name):
+            return os.path.join(directory, name)
         config = _read_json(path("tokenizer_config.json"), {})
         has_json = os.path.isfile(path("tokenizer.json"))
         if has_json:  # transformers ignores these when tokenizer.json exists: its template decides

@@ -134,7 +134,8 @@ class Blip2QFormerModel(PretrainedMixin, nn.Module):
                 return_dict=True, **_):
         """query_embeds (B, L, D): the first `query_length` positions are queries (default: all L), the rest
         text. attention_mask: (B, L) keys to keep, or (B, L, L) which key each position may see (training's
-        image-grounded generation uses a causal text part). encoder_attention_mask is accepted for compatibility; BLIP-2 never masks image tokens."""
+        image-grounded generation uses a causal text part). encoder_attention_mask is accepted for compatibility;
+        BLIP-2 never masks image tokens."""
         if query_length is None:
             query_length = query_embeds.shape[1]
         mask_dtype = query_embeds.dtype  # the reference takes the mask's min value from the incoming dtype

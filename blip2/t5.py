@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from .cache import KVCache
 from .config import T5Config
-from .ops import BaseModelOutput, Seq2SeqLMOutput, Linear, activation, attention, causal_mask, padding_mask
+from .ops import BaseModelOutput, Linear, Seq2SeqLMOutput, activation, attention, causal_mask, padding_mask
 
 
 class T5LayerNorm(nn.Module):

@@ -3,10 +3,10 @@
 import os
 import time
 
+import app_support as S
 import pytest
 from PIL import Image
 
-import app_support as S
 from app import caption as caption_tab
 from app import examples
 from app.service import match_score

@@ -4,11 +4,9 @@ each to tests/screenshots/ (BLIP2_SCREENSHOTS=docs/screenshots refreshes the one
 import os
 import shutil
 
+import app_support as S
 import pytest
 from PIL import Image
-
-import app_support as S
-
 
 CHROMIUM = os.environ.get("CHROMIUM_PATH") or shutil.which("chromium") or "/usr/bin/chromium"
 SHOTS = os.path.join(S.ROOT, os.environ.get("BLIP2_SCREENSHOTS", os.path.join("tests", "screenshots")))

@@ -3,17 +3,17 @@ its upload-a-gallery mode."""
 
 import os
 
+import app_support as S
 import gradio as gr
 import pytest
+from app_support import get_service, one_thread
 from PIL import Image
+from world_files import ITM, write_scenes
 
 from app import search
 from app.collection import attach
-import app_support as S
-from app_support import get_service, one_thread
 from blip2.bulk import load_runner
 from blip2.index import index_job
-from world_files import ITM, write_scenes
 
 
 @pytest.fixture(scope="module")

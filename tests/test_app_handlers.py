@@ -3,10 +3,10 @@ of generated scenes of the model's world."""
 
 import os
 
+import app_support as S
 import numpy as np
 import pytest
 
-import app_support as S
 from app import caption, chat, matching, search
 from app.service import GENERATION, RETRIEVAL, Decoding, match_score
 
@@ -229,7 +229,8 @@ def test_special_token_strings_are_plain_text_in_match_search_and_heatmap(svc, s
     monkeypatch.setattr(loaded.model, "itm_logits", recording("itm_logits", 1))
     monkeypatch.setattr(loaded.model, "itc_text_embeds", recording("itc_text_embeds", 0))
     _, path = scenes[0]
-    texts = {"match": "a <image> circle [CLS] here", "search": "a </s> star [CLS] <image>", "heatmap": "[CLS] a </s> cross"}
+    texts = {"match": "a <image> circle [CLS] here", "search": "a </s> star [CLS] <image>",
+             "heatmap": "[CLS] a </s> cross"}
     for op, text in texts.items():
         seen.clear()
         if op == "match":

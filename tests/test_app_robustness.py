@@ -8,12 +8,12 @@ import math
 import threading
 import time
 
+import app_support as S
 import gradio as gr
 import httpx
 import pytest
 from PIL import Image
 
-import app_support as S
 from app import caption, chat, matching, search
 from app.service import Limits, RequestError, clean_text, load_image, parse_decoding
 

@@ -5,17 +5,28 @@ registry (eviction, the memory refusal, load progress from the hub cache) and Fl
 import dataclasses
 import time
 
+import app_support as S
 import gradio as gr
 import pytest
 import torch
 from PIL import Image
+from tiny_checkpoints import fake_hub_cache, shared_checkpoint
 
-import app_support as S
 import app.common
 from app import caption, chat, matching, search
-from app.service import (EMBEDDED, GENERATION, KNOWN_CHECKPOINTS, RETRIEVAL, Checkpoint, Decoding, Limits,
-                         ModelSettings, RequestError, Service, load_image)
-from tiny_checkpoints import fake_hub_cache, shared_checkpoint
+from app.service import (
+    EMBEDDED,
+    GENERATION,
+    KNOWN_CHECKPOINTS,
+    RETRIEVAL,
+    Checkpoint,
+    Decoding,
+    Limits,
+    ModelSettings,
+    RequestError,
+    Service,
+    load_image,
+)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -201,7 +212,8 @@ def _rerank(svc, limits, scene_path, tmp_path):
 LIMIT_CASES = {  # field: (BLIP2_<FIELD> value, check that it took effect)
     "max_upload_mb": ("0.002", _upload), "max_image_pixels": ("100", _pixels), "max_aspect_ratio": ("2", _aspect),
     "work_side": ("32", _work_side), "max_prompt_chars": ("10", _prompt_chars), "max_candidates": ("2", _candidates),
-    "max_candidate_chars": ("5", _candidate_chars), "max_gallery": ("1", _gallery), "max_new_tokens": ("5", _new_tokens),
+    "max_candidate_chars": ("5", _candidate_chars), "max_gallery": ("1", _gallery),
+    "max_new_tokens": ("5", _new_tokens),
     "max_beams": ("2", _beams), "max_captions": ("1", _captions), "max_beam_tokens": ("10", _beam_tokens),
     "time_limit_s": ("0.5", _time_limit), "queue_size": ("3", _queue_size), "concurrency": ("3", _concurrency),
     "max_chat_turns": ("1", _chat_turns), "max_loaded_models": ("1", _loaded_models),
@@ -351,8 +363,9 @@ def test_a_model_too_large_for_memory_is_refused_and_the_session_keeps_its_model
     session = svc.session_defaults()
     with pytest.raises(gr.Error) as e:
         load_model("org/huge", session)
-    assert e.value.message.startswith(f"Org/huge needs about {100_000e9 * 4 / 2**30:.1f} GB of memory at 32-bit "
-                                      f"precision, but only ") and "still serving the model loaded before" in e.value.message
+    message = e.value.message
+    assert message.startswith(f"Org/huge needs about {100_000e9 * 4 / 2**30:.1f} GB of memory at 32-bit "
+                               f"precision, but only ") and "still serving the model loaded before" in message
     assert abs(float(e.value.message.split("only ")[1].split(" GB")[0]) - free) < 0.5  # /proc/meminfo's figure
     assert svc.loaded("org/huge", GENERATION) is None and session[GENERATION] == EMBEDDED
 

@@ -8,14 +8,14 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from tiny_checkpoints import shared_checkpoint
+from world_files import GEN, ITM, one_thread, write_scenes  # noqa: F401 (one_thread: autouse)
 
 import blip2
 from blip2.__main__ import main
 from blip2.bulk import Rows, caption_job, caption_rows, caption_schema, each_or_alone, find_images, load_runner
 from blip2.processing import Blip2Processor
 from blip2.runner import Blip2Runner
-from tiny_checkpoints import shared_checkpoint
-from world_files import GEN, ITM, one_thread, write_scenes  # noqa: F401 (one_thread: autouse)
 
 
 @pytest.fixture(scope="module")

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tiny_checkpoints import shared_checkpoint
 
 import blip2
 from blip2.__main__ import main
 from blip2.processing import Blip2Processor
 from blip2.runner import Blip2Runner
-from tiny_checkpoints import shared_checkpoint
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -1,10 +1,10 @@
 """blip2.explain: Grad-CAM of the embedded retrieval model peaks on the object a text names; without gradients
 (a quantized model) the plain cross-attention stands in."""
 
+import app_support as S
 import numpy as np
 import torch
 
-import app_support as S
 from blip2 import Blip2ForImageTextRetrieval, Blip2Processor
 from blip2.explain import relevance_grid
 from blip2.train.world import POSITIONS

@@ -5,11 +5,11 @@ import types
 
 import pytest
 import torch
+from tiny_models import IMAGE_TOKEN, NUM_QUERY, OPT, T5, config, reference_model
 
 import blip2
 from blip2 import generation
 from blip2.cache import KVCache
-from tiny_models import IMAGE_TOKEN, NUM_QUERY, OPT, T5, config, reference_model
 
 # eos ids that these tiny models really produce, so that rows and beams finish at different steps
 EOS = {"opt": [21, [7, 30], [67, 84, 13]], "t5": [46, [13, 95], [45, 6]]}
@@ -207,8 +207,9 @@ class ScriptedLM(torch.nn.Module):
 
 
 def test_text_stream_holds_back_split_characters(tmp_path):
-    from blip2.processing import Blip2Processor
     from tiny_tokenizers import opt_tokenizer_dir
+
+    from blip2.processing import Blip2Processor
 
     tok = Blip2Processor.from_pretrained(opt_tokenizer_dir(tmp_path)).tokenizer
     text = " a café in 東京 🙂🚀 done"

@@ -8,12 +8,12 @@ import shutil
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from world_files import GEN, ITM, one_thread, write_scenes  # noqa: F401 (one_thread: autouse)
 
 from blip2.__main__ import main
 from blip2.bulk import load_runner
 from blip2.config import read_json
 from blip2.index import ImageIndex, best_query_scores, index_job, recall, rerank, text_embedding, top_k
-from world_files import GEN, ITM, one_thread, write_scenes  # noqa: F401 (one_thread: autouse)
 
 N = 200
 

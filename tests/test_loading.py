@@ -12,14 +12,14 @@ import pytest
 import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
+from tiny_checkpoints import fake_hub_cache
+from tiny_models import IMAGE_TOKEN, NUM_QUERY, OPT, T5, config, randomize, reference_model
 
 import blip2
 from blip2.loading import CheckpointError, CheckpointNotFoundError, DeviceMapError, resolve_checkpoint
 from blip2.memory import memory_report, model_memory
 from blip2.ops import Linear
 from blip2.quantization import QuantizationConfig, QuantizationError
-from tiny_checkpoints import fake_hub_cache
-from tiny_models import IMAGE_TOKEN, NUM_QUERY, OPT, T5, config, randomize, reference_model
 
 Model = blip2.Blip2ForConditionalGeneration
 LAYER1 = "language_model.model.decoder.layers.1"

@@ -6,9 +6,9 @@ import os
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from tiny_models import IMAGE_TOKEN, NUM_QUERY, OPT, T5, config, reference_model
 
 import blip2
-from tiny_models import IMAGE_TOKEN, NUM_QUERY, OPT, T5, config, reference_model
 
 
 @pytest.fixture(scope="module")

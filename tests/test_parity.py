@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from tiny_models import IMAGE_TOKEN, NUM_QUERY, OPT, QFORMER, T5, config, itm_config, reference_model
 
 import blip2
-from tiny_models import IMAGE_TOKEN, NUM_QUERY, OPT, QFORMER, T5, config, itm_config, reference_model
 
 TOL = 1e-4
 

@@ -6,12 +6,12 @@ import shutil
 
 import numpy as np
 import pytest
+import tiny_tokenizers as tiny
 import torch
 import transformers
 from PIL import Image
 
-import tiny_tokenizers as tiny
-from blip2.processing import (BatchFeature, Blip2Processor, Blip2Tokenizer, BlipImageProcessor, TextStreamDecoder)
+from blip2.processing import BatchFeature, Blip2Processor, Blip2Tokenizer, BlipImageProcessor, TextStreamDecoder
 
 transformers.logging.set_verbosity_error()
 
@@ -257,7 +257,8 @@ def test_tokenizer_attributes_match(dirs, family):
     assert [ours.encode(t) for t in TEXTS] == [ref.encode(t) for t in TEXTS]
     assert ours.convert_tokens_to_ids(["a", "</s>", "[SEP]", "no-such-token"]) == ref.convert_tokens_to_ids(
         ["a", "</s>", "[SEP]", "no-such-token"])
-    flags = lambda tokens: {i: (t.content, t.special, t.normalized, t.lstrip, t.rstrip) for i, t in tokens.items()}
+    def flags(tokens):
+        return {i: (t.content, t.special, t.normalized, t.lstrip, t.rstrip) for i, t in tokens.items()}
     assert flags(ours.backend.get_added_tokens_decoder()) == flags(ref.added_tokens_decoder)
 
 

@@ -3,9 +3,9 @@ OPT-2.7B 2560/32 heads/ffn 10240) with one or two layers each, so real dimension
 
 import pytest
 import torch
+from tiny_models import randomize
 
 import blip2
-from tiny_models import randomize
 
 VISION = dict(hidden_size=1408, intermediate_size=6144, num_hidden_layers=1, num_attention_heads=16, image_size=224,
               patch_size=14)

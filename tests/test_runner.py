@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tiny_checkpoints import shared_checkpoint
 
 import blip2
 from blip2.processing import Blip2Processor
-from blip2.runner import ByteLRU, Blip2Runner, chat_prompt, encode_plain
-from tiny_checkpoints import shared_checkpoint
+from blip2.runner import Blip2Runner, ByteLRU, chat_prompt, encode_plain
 
 DECODINGS = [dict(max_new_tokens=6), dict(max_new_tokens=5, num_beams=3),
              dict(max_new_tokens=6, do_sample=True, temperature=2.0, seed=4)]

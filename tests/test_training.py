@@ -63,7 +63,8 @@ def test_files_and_reload(runs):
     retrieval = Blip2ForImageTextRetrieval.from_pretrained(itm)
     keys = load_file(itm / "model.safetensors").keys()
     assert any(".intermediate." in k for k in keys) and "itm_head.weight" in keys
-    assert torch.equal(retrieval.vision_model.embeddings.position_embedding, model.vision_model.embeddings.position_embedding)
+    position = model.vision_model.embeddings.position_embedding
+    assert torch.equal(retrieval.vision_model.embeddings.position_embedding, position)
 
 
 def test_deterministic(runs):
@@ -110,7 +111,7 @@ def test_answer_targets_follow_the_prompt(runs):
     text = data.OptText(Blip2Processor.from_pretrained(out / "blip2-tiny").tokenizer)
     chat = [("Question: what color is the circle? Answer:", " red"), (". Question: is it large? Answer:", " yes")]
     ids, mask, labels = text.vlm_batch([chat[:1], chat], 3)
-    kept = [[i for i, l in zip(row.tolist(), lab.tolist()) if l != -100] for row, lab in zip(ids, labels)]
+    kept = [[i for i, y in zip(row.tolist(), lab.tolist()) if y != -100] for row, lab in zip(ids, labels)]
     assert [text.tok.decode(k) for k in kept] == [" red\n", " red yes\n"]  # the answers, never the questions
     assert ids[0, :3].tolist() == [text.image] * 3 and ids[0, 3] == text.bos
     assert text.tok.decode(ids[1, 3:][mask[1, 3:] == 1].tolist()) == "</s>" + "".join(p + t for p, t in chat) + "\n"

@@ -8,11 +8,11 @@ import sys
 import types
 
 import pytest
-import torch
-
 import tiny_checkpoints
 import tiny_models
 import tiny_tokenizers
+import torch
+
 from blip2 import Blip2ForConditionalGeneration, QuantizationError
 from blip2.weight_only import WeightOnlyConfig, WeightOnlyLinear, int4_layout, quantization_flag
 
@@ -170,6 +170,7 @@ def test_the_app_serves_an_int4_model(tmp_path):
     colours as the float model does (test_app_handlers: all but one of 6). The embedded model's lm_head (423 words)
     does not fit int4's blocks of 16: it runs int8, its other language-model linears int4."""
     import app_support as S
+
     from app.service import GENERATION, Limits, ModelSettings, Service
     from blip2.train.world import caption_matches
 

@@ -9,8 +9,23 @@ from tokenizers import Tokenizer
 
 from blip2.train import world
 from blip2.train.tokenizer_training import train_bert_tokenizer, train_opt_tokenizer
-from blip2.train.world import (COLORS, KINDS, NUMBERS, PLURALS, POSITION_PHRASES, POSITIONS, RGB, SHAPES, SIZES,
-                               Obj, Scene, caption_matches, hard_negative_caption, make_split, parse_caption)
+from blip2.train.world import (
+    COLORS,
+    KINDS,
+    NUMBERS,
+    PLURALS,
+    POSITION_PHRASES,
+    POSITIONS,
+    RGB,
+    SHAPES,
+    SIZES,
+    Obj,
+    Scene,
+    caption_matches,
+    hard_negative_caption,
+    make_split,
+    parse_caption,
+)
 
 SCENES = make_split("train", 300) + make_split("val", 100) + make_split("test", 100)
 
@@ -73,7 +88,8 @@ def the_one(ref, scene):
 
 def answer(question, scene):
     objs = scene.objects
-    yes_no = lambda b: "yes" if b else "no"
+    def yes_no(b):
+        return "yes" if b else "no"
     if question == "how many shapes are there?":
         return NUMBERS[len(objs)]
     if m := re.fullmatch(r"how many (\w+) shapes are there\?", question):

@@ -4,8 +4,15 @@ import pytest
 from PIL import Image, ImageDraw
 
 from blip2.train.world import RGB, make_split
-from blip2.train.world_check import (SKIMAGE_PHOTOS, THRESHOLD, example_images, in_world, jpeg, skimage_images,
-                                     world_likeness)
+from blip2.train.world_check import (
+    SKIMAGE_PHOTOS,
+    THRESHOLD,
+    example_images,
+    in_world,
+    jpeg,
+    skimage_images,
+    world_likeness,
+)
 
 # seed 1: not the sample the threshold was chosen on (seed 0)
 SCENES = make_split("test", 200, seed=1)

@@ -101,7 +101,8 @@ def vqa_pair(qa):
 
 
 def two_turn_pair(first, second):
-    return f"Question: {first.question} Answer: {first.answer}. Question: {second.question} Answer:", " " + second.answer
+    prompt = f"Question: {first.question} Answer: {first.answer}. Question: {second.question} Answer:"
+    return prompt, " " + second.answer
 
 
 def sample_text(scene, rng, captions=0.3, photo=0.4, turns=4):

@@ -20,10 +20,9 @@ import numpy as np
 import torch
 
 from blip2 import Blip2ForConditionalGeneration, Blip2ForImageTextRetrieval
-from blip2.weight_only import WeightOnlyConfig
 from blip2.processing import Blip2Processor
 from blip2.train import data, world
-
+from blip2.weight_only import WeightOnlyConfig
 
 _FORM_WORDS = [(re.compile(r"\b(" + "|".join(values) + r")\b"), name) for values, name in (
     (world.COLORS, "COLOR"), ((*world.SHAPES, *world.PLURALS.values()), "SHAPE"), (world.SIZES, "SIZE"),

@@ -138,7 +138,8 @@ def train(module, loss_fn, steps, lr, desc, lr_scale=None, every=0, check=None):
     and at the end. Returns the loss of every step."""
     lr_scale = lr_scale or {}
     named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
-    scale_of = lambda n: next((v for k, v in lr_scale.items() if n.startswith(k)), 1.0)
+    def scale_of(n):
+        return next((v for k, v in lr_scale.items() if n.startswith(k)), 1.0)
     groups = {}
     for n, p in named:
         groups.setdefault(scale_of(n), []).append(p)
@@ -214,7 +215,8 @@ def train_vision(work: Path, r: Recipe):
         h = vision(data.pixels(images[idx.numpy()])).last_hidden_state[:, 1:]  # (B, P, D) patch tokens
         logits = head(h).split(splits, dim=-1)
         y = labels[idx]
-        return sum(nn.functional.cross_entropy(lg.flatten(0, 1), y[..., k].flatten()) for k, lg in enumerate(logits)), {}
+        loss = sum(nn.functional.cross_entropy(lg.flatten(0, 1), y[..., k].flatten()) for k, lg in enumerate(logits))
+        return loss, {}
 
     val_scenes, val_images = data.load_split("val", r.n_val, r.image_size, r.seed)
     val_labels = data.patch_labels(val_scenes, grid)
@@ -323,7 +325,8 @@ def train_qformer(work: Path, out: Path, r: Recipe):
         text_of = torch.cat([neg_text[:h], image_of[h:]])
         hard_ids, hard_mask = data.bert_batch(tok, [world.hard_negative_caption(scenes[i], rng) for i in idx[:n]])
         t = max(ids.shape[1], hard_ids.shape[1])
-        pad = lambda x: nn.functional.pad(x, (0, t - x.shape[1]))
+        def pad(x):
+            return nn.functional.pad(x, (0, t - x.shape[1]))
         itm_ids = torch.cat([pad(ids[:n]), pad(ids[text_of]), pad(hard_ids)])
         itm_mask = torch.cat([pad(mask[:n]), pad(mask[text_of]), pad(hard_mask)])
         itm_img = torch.cat([img[:n], img[torch.cat([image_of[:h], neg_image[h:n]])], img[:n]])
