@@ -28,6 +28,7 @@ import unicodedata
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -50,7 +51,7 @@ EMBEDDED = "blip2-tiny (embedded)"
 
 
 class TimeLimitReached(RuntimeError):
-    """Raised inside a model forward pass once the request's time limit has passed."""
+    """Raised between tokens (generation's `stop`) or between image batches once the request's time limit passed."""
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -541,20 +542,21 @@ def _available_memory_bytes(device: str):
 
 
 # ----------------------------------------------------------------------------------------------------
-# time limits: a forward pre-hook on the language model stops generation between tokens
+# time limits: generation's `stop` callback between tokens; a deadline in scope for loops over many images
 
 _request = threading.local()
 
 
-def _deadline_hook(module, args):
-    deadline = getattr(_request, "deadline", None)
-    if deadline is not None and time.monotonic() > deadline:
+def _stop_after(deadline: float):
+    """Generation's `stop` callback (checked between tokens): the request's time limit."""
+    if time.monotonic() > deadline:
         raise TimeLimitReached()
 
 
 @contextlib.contextmanager
 def deadline_scope(deadline):
-    """Within this block (in this thread), model forward passes fail with TimeLimitReached after `deadline`."""
+    """Within this block (in this thread), loops over many images (`itc_image`) stop with TimeLimitReached after
+    `deadline`."""
     old = getattr(_request, "deadline", None)
     _request.deadline = deadline
     try:
@@ -809,8 +811,6 @@ class Service:
         if role == GENERATION and not hasattr(model, "language_model"):
             raise RequestError(f"{c.key} is not an image-to-text checkpoint")
         model.eval()
-        if hasattr(model, "language_model"):
-            model.language_model.register_forward_pre_hook(_deadline_hook)
         device = model.device
         from blip2.runner import Blip2Runner
 
@@ -952,7 +952,7 @@ class Service:
         otherwise one final yield. At the time limit a stream stops cleanly, keeping what was generated."""
         deadline = time.monotonic() + self.limits.time_limit_s
         decoding, capped = self.fit_new_tokens(loaded, prompt, decoding)
-        runner, kwargs = loaded.runner, decoding.generate_kwargs()
+        runner, kwargs = loaded.runner, decoding.generate_kwargs() | {"stop": partial(_stop_after, deadline)}
         shortened = "The prompt was shortened from the left to fit the model's context."
         if capped:
             shortened = capped
@@ -962,9 +962,7 @@ class Service:
                 with self.request(loaded, deadline):
                     out = runner.caption_stream(img.image, prompt, **kwargs)
                     pieces = iter(out)
-                while True:
-                    if time.monotonic() > deadline:  # the stopping criterion, checked between tokens
-                        raise TimeLimitReached()
+                while True:  # generation's `stop` ends it between tokens at the deadline
                     with self.request(loaded, deadline):
                         piece = next(pieces, None)
                     if piece is None:
@@ -1084,7 +1082,7 @@ class Service:
         with self.request(loaded):
             states = loaded.runner.vision_states(img.image)  # the runner's cache, filled by a match before
             ids, mask = self._text_inputs(loaded, [text])
-        with loaded.lock, deadline_scope(time.monotonic() + self.limits.time_limit_s):
+        with loaded.lock:  # one backward pass: nothing to stop in between
             try:
                 relevance, method = relevance_grid(loaded.model, states, ids, mask)
             except ValueError as e:

@@ -9,6 +9,7 @@ eos_token_id[0], as the reference fills its beams).
 """
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 
 import torch
@@ -150,9 +151,13 @@ class Decoding:
     yields nothing until it is done); `sequences` then holds what generate returns.
 
     `past_key_values`: a KVCache (decoder-only) already holding the first `length` positions of this prompt (a
-    reused prefix); only the rest is computed. It is extended (and reordered) in place."""
+    reused prefix); only the rest is computed. It is extended (and reordered) in place.
+    `stop`: called between tokens (before each step of the language model); it ends the decoding by raising (the
+    app's time limit, a client that went away). The exception reaches the caller; nothing half-done is returned."""
 
-    def __init__(self, lm, inputs_embeds, attention_mask=None, input_ids=None, past_key_values=None, **kwargs):
+    def __init__(self, lm, inputs_embeds, attention_mask=None, input_ids=None, past_key_values=None,
+                 stop: Callable[[], None] | None = None, **kwargs):
+        self.stop = stop or (lambda: None)
         cfg = self.cfg = GenerationConfig.build(lm.config, **kwargs)
         b, t, device = inputs_embeds.shape[0], inputs_embeds.shape[1], inputs_embeds.device
         if attention_mask is None:
@@ -267,6 +272,7 @@ class Decoding:
                 unfinished &= ~torch.isin(token, self.eos)
             if cur >= self.max_length or not bool(unfinished.any()):
                 break
+            self.stop()
             logits = model.step(token)
         self.sequences = seq[:, :cur]
 
@@ -295,6 +301,7 @@ class Decoding:
         cur = n
         while True:
             if cur > n:
+                self.stop()
                 logits = model.step(running[:, :, cur - 1].flatten())
             log_probs = self._process(running[:, :, :cur].flatten(0, 1), F.log_softmax(logits.float(), dim=-1))
             v = log_probs.shape[-1]

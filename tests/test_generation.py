@@ -254,3 +254,24 @@ def test_reused_prompt_prefix_equals_fresh(pair):
         cache.crop(NUM_QUERY + 4)  # the shorter prompt's positions: a prefix of the longer prompt
         assert_same(fresh, ours.generate(image_embeds=embeds, input_ids=ids, max_new_tokens=8, past_key_values=cache,
                                          **kw))
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(num_beams=3)], ids=["greedy", "beams"])
+def test_stop_ends_decoding_between_tokens(pair, kw):
+    """`stop` runs between tokens (before each step after the first token); what it raises ends the decoding."""
+    _, _, ours = pair
+    settings = dict(max_new_tokens=12, min_new_tokens=12) | kw
+    full = ours.generate(**inputs(False), **settings)
+    calls = []
+    assert torch.equal(ours.generate(**inputs(False), stop=lambda: calls.append(1), **settings), full)
+    assert len(calls) == 11  # a stop that never fires changes nothing; it ran before each of the 11 later steps
+
+    def stop():
+        calls.append(1)
+        if len(calls) == 3:
+            raise TimeoutError("time is up")
+
+    calls.clear()
+    with pytest.raises(TimeoutError, match="time is up"):
+        ours.generate(**inputs(False), stop=stop, **settings)
+    assert len(calls) == 3
