@@ -17,9 +17,9 @@ from .common import (
     session_models,
     user_errors,
 )
-from .service import GENERATION, Decoding
+from .service import GENERATION, DecodingSettings
 
-DEFAULTS = Decoding(mode=BEAM, num_beams=1, num_captions=1, **CAPTION_DECODING)  # the CLI's defaults too
+DEFAULTS = DecodingSettings(mode=BEAM, num_beams=1, num_captions=1, **CAPTION_DECODING)  # the CLI's defaults too
 
 
 def format_captions(captions):

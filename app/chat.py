@@ -22,9 +22,9 @@ from .common import (
     session_models,
     user_errors,
 )
-from .service import GENERATION, Decoding, load_image
+from .service import GENERATION, DecodingSettings, load_image
 
-DEFAULTS = Decoding(mode=BEAM, num_beams=1, **ANSWER_DECODING)  # the CLI's defaults too
+DEFAULTS = DecodingSettings(mode=BEAM, num_beams=1, **ANSWER_DECODING)  # the CLI's defaults too
 DEFAULT_QUESTION = "what is in this picture?"  # asked when an API call leaves the question out
 
 

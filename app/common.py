@@ -9,7 +9,7 @@ import traceback
 
 import gradio as gr
 
-from .service import BEAM, MODES, SAMPLING, Decoding, RequestError, Service, TimeLimitReached, parse_decoding
+from .service import BEAM, MODES, SAMPLING, DecodingSettings, RequestError, Service, TimeLimitReached, parse_decoding
 
 log = logging.getLogger("blip2.app")
 
@@ -101,7 +101,7 @@ def error_notice(session) -> str:
 
 
 def decoding_from(mode, num_beams, temperature, top_p, top_k, max_new_tokens, min_new_tokens, repetition_penalty,
-                  length_penalty, num_captions=1) -> Decoding:
+                  length_penalty, num_captions=1) -> DecodingSettings:
     return parse_decoding(service().limits, mode, num_beams, temperature, top_p, top_k, max_new_tokens,
                           min_new_tokens, repetition_penalty, length_penalty, num_captions)
 
@@ -118,7 +118,7 @@ def progress_callback(progress):
     return say
 
 
-def decoding_controls(defaults: Decoding, captions=False):
+def decoding_controls(defaults: DecodingSettings, captions=False):
     """The decoding settings the best BLIP-2 demos offer, in an accordion. Returns the components in the order
     the handlers take them."""
     limits = service().limits

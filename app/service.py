@@ -363,7 +363,10 @@ _MODE_ALIASES = {"beam search": BEAM, "beam": BEAM, "greedy": BEAM, "beam_search
 
 
 @dataclass
-class Decoding:
+class DecodingSettings:
+    """A request's decoding settings as the app offers them (not blip2.generation.Decoding, the decoding run):
+    `generate_kwargs()` turns them into generate's keywords."""
+
     mode: str = BEAM
     num_beams: int = 1
     temperature: float = 1.0
@@ -425,11 +428,11 @@ def _number(value, name, lo, hi, integer=False):
 
 
 def parse_decoding(limits: Limits, mode=BEAM, num_beams=1, temperature=1.0, top_p=0.9, top_k=50, max_new_tokens=30,
-                   min_new_tokens=1, repetition_penalty=1.0, length_penalty=1.0, num_captions=1) -> Decoding:
+                   min_new_tokens=1, repetition_penalty=1.0, length_penalty=1.0, num_captions=1) -> DecodingSettings:
     """Decoding settings from a request, each checked: type, range, and the beams x tokens budget."""
     if not isinstance(mode, str) or mode.strip().lower() not in _MODE_ALIASES:
         raise RequestError(f"decoding mode must be {BEAM!r} or {SAMPLING!r}, got {mode!r}")
-    d = Decoding(
+    d = DecodingSettings(
         mode=_MODE_ALIASES[mode.strip().lower()],
         num_beams=_number(num_beams, "beams", 1, limits.max_beams, integer=True),
         temperature=_number(temperature, "temperature", 0.01, 5.0),
@@ -946,7 +949,7 @@ class Service:
 
         return len(encode_plain(loaded.processor.tokenizer, prompt)) + loaded.model.config.num_query_tokens
 
-    def generate(self, loaded: Loaded, img: CheckedImage, prompt: str, decoding: Decoding, stream: bool):
+    def generate(self, loaded: Loaded, img: CheckedImage, prompt: str, decoding: DecodingSettings, stream: bool):
         """Yield (texts, notice) as generation goes, through the model's Blip2Runner (cached image features, a
         chat's KV-cache prefix reused): the text grows token by token when `stream` and the settings allow it;
         otherwise one final yield. At the time limit a stream stops cleanly, keeping what was generated."""
@@ -986,7 +989,7 @@ class Service:
                                "beams, fewer captions or fewer new tokens") from None
         yield out.texts, shortened if out.truncated else ""
 
-    def fit_new_tokens(self, loaded: Loaded, prompt: str, decoding: Decoding):
+    def fit_new_tokens(self, loaded: Loaded, prompt: str, decoding: DecodingSettings):
         """A decoder-only model has a fixed number of positions: max_new_tokens is lowered to what the prompt
         leaves (with a note), or the request is refused when nothing is left."""
         if loaded.is_t5:
@@ -1018,12 +1021,12 @@ class Service:
                 "checkpoint in the Model picker (e.g. Salesforce/blip2-opt-2.7b) and press Load model.")
 
     @gpu
-    def caption(self, gen_key, image, prompt="", decoding: Decoding | None = None, stream=True, progress=None):
+    def caption(self, gen_key, image, prompt="", decoding: DecodingSettings | None = None, stream=True, progress=None):
         """Yield CaptionResult(captions, notice) as the caption(s) grow."""
         loaded = self.get(gen_key, GENERATION, progress)
         img = image if isinstance(image, CheckedImage) else load_image(image, self.limits)
         prefix = clean_text(prompt, "the prompt", self.limits.max_prompt_chars, allow_empty=True)
-        decoding = decoding or Decoding()
+        decoding = decoding or DecodingSettings()
         notes = " ".join(img.notes + [self.world_caveat(gen_key, [img])])
         for texts, notice in self.generate(loaded, img, prefix, decoding, stream):
             if prefix and not loaded.is_t5:
@@ -1045,12 +1048,13 @@ class Service:
                            f"({self.prompt_length(loaded, last)} tokens with the image); shorten it")
 
     @gpu
-    def chat(self, gen_key, image, question, history, decoding: Decoding | None = None, stream=True, progress=None):
+    def chat(self, gen_key, image, question, history, decoding: DecodingSettings | None = None, stream=True,
+             progress=None):
         """One chat turn. Yields (answer so far, notice); history is [(q, a), ...] of earlier turns."""
         loaded = self.get(gen_key, GENERATION, progress)
         img = image if isinstance(image, CheckedImage) else load_image(image, self.limits)
         question = clean_text(question, "the question", self.limits.max_prompt_chars)
-        decoding = dataclasses.replace(decoding or Decoding(), num_captions=1)
+        decoding = dataclasses.replace(decoding or DecodingSettings(), num_captions=1)
         prompt = self.chat_prompt(loaded, history, question, decoding.max_new_tokens)
         decoding = dataclasses.replace(decoding, max_new_tokens=prompt.max_new_tokens,
                                        min_new_tokens=min(decoding.min_new_tokens, prompt.max_new_tokens))

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from app import caption, chat, matching, search
-from app.service import GENERATION, RETRIEVAL, Decoding, match_score
+from app.service import GENERATION, RETRIEVAL, DecodingSettings, match_score
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -201,9 +201,9 @@ def test_search_reuses_cached_image_embeddings(svc, scenes):
 
 def test_decoding_defaults(svc):
     assert caption.DEFAULTS.streams and chat.DEFAULTS.streams
-    assert Decoding().generate_kwargs() == dict(max_new_tokens=30, min_new_tokens=1, repetition_penalty=1.0,
+    assert DecodingSettings().generate_kwargs() == dict(max_new_tokens=30, min_new_tokens=1, repetition_penalty=1.0,
                                                 num_return_sequences=1, do_sample=False, num_beams=1)
-    assert Decoding(mode="nucleus sampling", num_captions=2, temperature=0.7).generate_kwargs() == dict(
+    assert DecodingSettings(mode="nucleus sampling", num_captions=2, temperature=0.7).generate_kwargs() == dict(
         max_new_tokens=30, min_new_tokens=1, repetition_penalty=1.0, num_return_sequences=2, do_sample=True,
         num_beams=1, temperature=0.7, top_p=0.9, top_k=50)
 

@@ -20,7 +20,7 @@ from app.service import (
     KNOWN_CHECKPOINTS,
     RETRIEVAL,
     Checkpoint,
-    Decoding,
+    DecodingSettings,
     Limits,
     ModelSettings,
     RequestError,
@@ -410,7 +410,7 @@ def test_flan_t5_chat_asks_for_a_short_answer(scene_path, own_service):
                               stream=False))
     image = load_image(scene_path, svc.limits).image
     enc = loaded.processor(images=image, text=prompt, return_tensors="pt")
-    ids = loaded.model.generate(**enc, **Decoding().generate_kwargs())  # the service's default decoding
+    ids = loaded.model.generate(**enc, **DecodingSettings().generate_kwargs())  # the service's default decoding
     expected = clean_answer(loaded.processor.batch_decode(ids[:, 1:], skip_special_tokens=True)[0].strip())
     assert answer == expected  # what generate answers to the Short answer prompt
 
@@ -431,8 +431,8 @@ def test_the_app_and_the_cli_answer_a_chat_alike(scene_path, own_service, family
                       f"on the left. Question: and now? {tail}")
     runner = Blip2Runner(loaded.model, loaded.processor)
     image = load_image(scene_path, svc.limits).image
-    cli = runner.ask(image, "and now?", history, **Decoding(max_new_tokens=8).generate_kwargs())
+    cli = runner.ask(image, "and now?", history, **DecodingSettings(max_new_tokens=8).generate_kwargs())
     assert cli.prompt == prompt
-    app, _ = last(svc.chat(svc.default[GENERATION], scene_path, "and now?", history, Decoding(max_new_tokens=8),
+    app, _ = last(svc.chat(svc.default[GENERATION], scene_path, "and now?", history, DecodingSettings(max_new_tokens=8),
                            stream=False))
     assert app == clean_answer(cli.text)
