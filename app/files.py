@@ -33,9 +33,10 @@ def upload_folder() -> str:
     return get_upload_folder()
 
 
-def readable_roots() -> list[str]:
-    """The folders whose files a request may name, resolved and case-normalised."""
-    return [_norm(os.path.realpath(p)) for p in (upload_folder(), EXAMPLES_DIR)]
+def readable_roots(folders=None) -> list[str]:
+    """The folders whose files a request may name (default: the upload folder and the examples), resolved and
+    case-normalised."""
+    return [_norm(os.path.realpath(p)) for p in folders or (upload_folder(), EXAMPLES_DIR)]
 
 
 def _norm(path: str) -> str:
@@ -58,10 +59,10 @@ def request_file(path: str | os.PathLike) -> Path:
         raise NotUploaded() from None
     if not isinstance(raw, str) or not raw or "\x00" in raw:
         raise NotUploaded()
-    roots = readable_roots()
+    folders = (upload_folder(), EXAMPLES_DIR)
+    roots = readable_roots(folders)
     lexical = _norm(os.path.abspath(raw))
-    unresolved_roots = roots + [_norm(os.path.abspath(p)) for p in (upload_folder(), EXAMPLES_DIR)]
-    if not _inside(lexical, unresolved_roots):
+    if not _inside(lexical, roots + [_norm(os.path.abspath(p)) for p in folders]):  # as written, or resolved
         raise NotUploaded()
     real = os.path.realpath(lexical)
     if not _inside(_norm(real), roots) or not os.path.isfile(real):

@@ -45,7 +45,7 @@ def search(gallery, query, rerank_k=None, session=None, where=GALLERY, progress=
     ranked, skipped = svc.search(key, gallery, query, rerank_k, progress=progress_callback(progress))
     shown = [(img.source if isinstance(img.source, str) else img.image, _name(img, rank), itc, itm)
              for rank, (img, itc, itm) in enumerate(ranked, 1)]
-    items, table = results(shown)
+    items, table = ranked_results(shown)
     notice = f"Ranked {len(ranked)} image{'s' if len(ranked) != 1 else ''}."
     if skipped:
         notice += " Skipped: " + "; ".join(reason for _, reason in skipped[:5])
@@ -57,11 +57,11 @@ def search(gallery, query, rerank_k=None, session=None, where=GALLERY, progress=
 def search_index(collection, query, rerank_k):
     shown, notice = collection.search(query, INDEX_HITS, service().limits.search_rerank_k if rerank_k is None
                                       else rerank_k)
-    items, table = results([(thumb, os.path.basename(h.path), h.itc, h.itm, h.caption) for thumb, h in shown])
+    items, table = ranked_results([(thumb, os.path.basename(h.path), h.itc, h.itm, h.caption) for thumb, h in shown])
     return items, table, notice
 
 
-def results(hits) -> tuple[list, pd.DataFrame]:
+def ranked_results(hits) -> tuple[list, pd.DataFrame]:
     """(image, name, ITC, ITM or None[, caption]) best first -> gallery items captioned with rank, ITM (or "not
     re-ranked") and ITC, and the score table."""
     items, rows = [], []

@@ -693,6 +693,7 @@ class Service:
         self._itc_images = LRU(2048)  # (model, image hash) -> normalised ITC query embeddings (Q, E)
         self._itc_texts = LRU(2048)  # (model, text) -> normalised ITC text embedding (E,)
         self._file_digests = LRU(4096)  # (path, size, mtime) -> content hash, so a gallery is not re-read
+        self._in_world = LRU(4096)  # image content hash -> the embedded model's world rule's verdict
 
     # --- catalogue
 
@@ -1012,7 +1013,13 @@ class Service:
             return ""
         from blip2.train.world_check import in_world
 
-        outside = sum(not in_world(img.image) for img in images)
+        outside = 0
+        for img in images:  # by content hash: a cached gallery image is not decoded again for its verdict
+            verdict = self._in_world.get(img.digest)
+            if verdict is None:
+                verdict = in_world(img.image)
+                self._in_world.put(img.digest, verdict)
+            outside += not verdict
         if not outside:
             return ""
         what = "This image looks" if len(images) == 1 else f"{outside} of these {len(images)} images look"

@@ -186,17 +186,22 @@ def test_search_ranks_the_right_scene_first(svc, scenes):
         assert (table["ITM probability"] != search.NOT_RERANKED).sum() == 3  # the top 3 re-ranked by ITM
 
 
-def test_search_reuses_cached_image_embeddings(svc, scenes):
+def test_search_reuses_cached_image_embeddings(svc, scenes, monkeypatch):
+    """A second query over the same gallery embeds only the text: no vision pass, and no image is decoded again
+    for the world caveat's verdict (cached by content hash)."""
+    from blip2.train import world_check
+
     paths = [p for _, p in scenes]
     search.search(paths, "a red circle", 0)
     model = svc.get(svc.default[RETRIEVAL], RETRIEVAL).model
-    calls = []
+    calls, verdicts = [], []
+    monkeypatch.setattr(world_check, "in_world", lambda im: verdicts.append(1) or True)
     handle = model.vision_model.register_forward_pre_hook(lambda m, a: calls.append(1))
     try:
         items, table, notice = search.search(paths, "a blue star in the center", 0)
     finally:
         handle.remove()
-    assert calls == [] and len(items) == len(paths)
+    assert calls == [] and verdicts == [] and len(items) == len(paths)
 
 
 def test_decoding_defaults(svc):
