@@ -46,3 +46,11 @@ def pytest_terminal_summary(terminalreporter):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="module")
+def svc():
+    """The app's service on the embedded model, built once per process (tests/app_support.py)."""
+    import app_support
+
+    return app_support.get_service()

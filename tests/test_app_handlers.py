@@ -20,11 +20,6 @@ SCENES = 6
 
 
 @pytest.fixture(scope="module")
-def svc():
-    return S.get_service()
-
-
-@pytest.fixture(scope="module")
 def scenes(svc, tmp_path_factory):
     """One-object scenes with different colours and shapes, saved as PNG uploads."""
     d = tmp_path_factory.mktemp("handler-scenes")

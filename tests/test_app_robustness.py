@@ -25,11 +25,6 @@ def _one_thread():
 
 
 @pytest.fixture(scope="module")
-def svc():
-    return S.get_service()
-
-
-@pytest.fixture(scope="module")
 def server(svc):
     return S.get_server()
 

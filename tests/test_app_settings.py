@@ -35,11 +35,6 @@ def _one_thread():
         yield
 
 
-@pytest.fixture(scope="module")
-def svc():
-    return S.get_service()
-
-
 @pytest.fixture
 def own_service():
     """Tests that build their own Service (or run app.py's main) put the shared one back afterwards."""
