@@ -36,8 +36,8 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from blip2.catalogue import CHECKPOINTS, GENERATION, RETRIEVAL
+from blip2.dtypes import dtype_name, resolve_dtype
 from blip2.explain import relevance_grid
-from blip2.loading import dtype_name, resolve_dtype
 from blip2.runner import chat_prompt, match_score  # the chat template and the ranking score, as the CLI's
 
 from .errors import RequestError
@@ -830,7 +830,7 @@ class Service:
         tqdm bars of the download reach gr.Progress)."""
         if os.path.isdir(source):
             return source
-        from blip2.loading import resolve_checkpoint
+        from blip2.io.hub import resolve_checkpoint
 
         say(0.1, f"Fetching {source} (downloads show their progress here)")
         try:

@@ -45,7 +45,7 @@ def make_checkpoint(path, config, shard_bytes=2 * 2**30, seed=0):
     from safetensors.torch import save_file
 
     from blip2 import Blip2Config, Blip2ForConditionalGeneration
-    from blip2.loading import empty_init
+    from blip2.io.load import empty_init
 
     cfg = Blip2Config.from_dict(config)
     with empty_init():

@@ -2,7 +2,8 @@
 
 from .config import Blip2Config, Blip2QFormerConfig, Blip2VisionConfig, ConfigError, OPTConfig, T5Config
 from .generation import GenerationConfig
-from .loading import CheckpointError, CheckpointNotFoundError, DeviceMapError, resolve_checkpoint
+from .io.errors import CheckpointError, CheckpointNotFoundError, DeviceMapError
+from .io.hub import resolve_checkpoint
 from .memory import memory_report, model_memory
 from .modeling import (
     Blip2ForConditionalGeneration,

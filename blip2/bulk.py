@@ -42,7 +42,7 @@ def need(module: str):
 def pretrained(cls, path: str, dtype: str | None = None, quantize: str | None = None):
     """(model, processor) of a checkpoint directory or hub id; `quantize` a --quantize flag (int8 / int4
     weight-only, 8bit / 4bit bitsandbytes)."""
-    from .loading import resolve_checkpoint
+    from .io.hub import resolve_checkpoint
     from .processing import Blip2Processor
     from .weight_only import quantization_flag
 

@@ -91,7 +91,7 @@ def _dims(runner: Blip2Runner | None, model_name: str) -> dict:
         cfg = runner.itm_model.config
     else:
         from .config import Blip2Config
-        from .loading import resolve_checkpoint
+        from .io.hub import resolve_checkpoint
 
         cfg = Blip2Config.from_pretrained(resolve_checkpoint(model_name))
     return {"num_query_tokens": cfg.num_query_tokens, "dim": cfg.image_text_hidden_size}

@@ -6,19 +6,23 @@ model_memory(model): AFTER loading, from the model's parameters (quantization sc
 weights counted under "disk"). Both return a MemoryReport: `.as_dict()`, `.table()` (also `str(report)`).
 """
 
+import os
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn as nn
+
+from .dtypes import dtype_name
+from .io.hub import local_or_remote
+from .io.load import plan_load
+from .io.placement import module_device
+from .io.safetensors import checkpoint_tensors
+from .modeling import Blip2ForConditionalGeneration
+from .quantization import is_quantized, quantized_param_bytes, weight_bytes
+from .units import human
 
 PARTS = ("vision_model", "qformer", "language_projection", "language_model.embeddings", "language_model.layers",
          "language_model.lm_head", "language_model.other", "other")
-
-
-def human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
 
 
 def part_of(name: str) -> str:
@@ -88,7 +92,7 @@ class MemoryReport:
     __str__ = table
 
 
-def build(title, entries) -> MemoryReport:
+def build(title: str, entries: list[tuple]) -> MemoryReport:
     """entries: (name, numel, bytes, dtype name, device, tied_to or "")."""
     rows = {}
     for name, numel, nbytes, dtype, device, tied_to in entries:
@@ -103,14 +107,13 @@ def build(title, entries) -> MemoryReport:
     return MemoryReport(title, {p: rows[p] for p in PARTS if p in rows})
 
 
-def memory_report(path_or_id, model_class=None, dtype=None, quantization=None, device=None, device_map=None,
-                  max_memory=None, revision=None, cache_dir=None, token=None, local_files_only=None) -> MemoryReport:
+def memory_report(path_or_id: str | os.PathLike, model_class: type[nn.Module] | None = None,
+                  dtype: str | torch.dtype | None = None, quantization=None, device: str | None = None,
+                  device_map: str | dict | None = None, max_memory: dict | None = None, revision: str | None = None,
+                  cache_dir: str | None = None, token: str | bool | None = None,
+                  local_files_only: bool | None = None) -> MemoryReport:
     """The bytes each part of the model will take once loaded with these settings, per device, from the
     safetensors headers (a hub id that is not cached is read remotely: headers only, no weights)."""
-    from .loading import checkpoint_tensors, module_device, plan_load
-    from .modeling import Blip2ForConditionalGeneration
-    from .quantization import is_quantized, weight_bytes
-
     cls = model_class or Blip2ForConditionalGeneration
     path, tensors = local_or_remote(path_or_id, revision, cache_dir, token, local_files_only)
     if tensors is None:
@@ -125,7 +128,7 @@ def memory_report(path_or_id, model_class=None, dtype=None, quantization=None, d
         mod_name, _, attr = name.rpartition(".")
         if name not in plan.sources or p.dtype in (torch.int8, torch.uint8):  # weight-only: the meta tensor's size
             entries.append((name, p.numel() * (2 if p.dtype == torch.uint8 else 1), p.numel() * p.element_size(),
-                            str(p.dtype)[6:], dev, ""))
+                            dtype_name(p.dtype), dev, ""))
             continue
         info = plan.sources[name]
         if is_quantized(plan.model.get_submodule(mod_name)) and attr == "weight":
@@ -133,56 +136,14 @@ def memory_report(path_or_id, model_class=None, dtype=None, quantization=None, d
             entries.append((name, info.numel, weight_bytes(info.shape, q), "int8" if q.bits == 8 else q.quant_type,
                             dev, ""))
         else:
-            entries.append((name, info.numel, info.numel * p.element_size(), str(p.dtype)[6:], dev, ""))
+            entries.append((name, info.numel, info.numel * p.element_size(), dtype_name(p.dtype), dev, ""))
     quant = plan.quantization or plan.weight_only
-    what = f"{str(plan.dtype)[6:]}" + (f", {quant.name}" if quant else "")
+    what = dtype_name(plan.dtype) + (f", {quant.name}" if quant else "")
     return build(f"{path_or_id} ({what}), before loading, from the safetensors headers", entries)
 
 
-def local_or_remote(path_or_id, revision, cache_dir, token, local_files_only):
-    """(local dir, None) when the checkpoint is here or cached; else (the cached config.json's dir, the remote
-    safetensors headers read with huggingface_hub.get_safetensors_metadata: no weights are downloaded)."""
-    import os
-
-    from .loading import (
-        INDEX,
-        MODEL_FILES,
-        SINGLE,
-        ST_DTYPES,
-        CheckpointNotFoundError,
-        TensorInfo,
-        hub_cache_dir,
-        is_offline,
-        looks_local,
-        resolve_checkpoint,
-    )
-
-    offline = is_offline() if local_files_only is None else local_files_only
-    try:
-        path = resolve_checkpoint(path_or_id, revision, cache_dir, token, True, MODEL_FILES)
-        if offline or any(os.path.isfile(os.path.join(path, f)) for f in (SINGLE, INDEX)):
-            return path, None  # (a cached snapshot may hold only the config.json of an earlier report)
-    except CheckpointNotFoundError:
-        if offline or looks_local(os.fspath(path_or_id)):
-            raise
-    import huggingface_hub
-
-    repo = os.fspath(path_or_id)
-    cfg = huggingface_hub.hf_hub_download(repo, "config.json", revision=revision, cache_dir=hub_cache_dir(cache_dir),
-                                          token=token)
-    meta = huggingface_hub.get_safetensors_metadata(repo, revision=revision, token=token)
-    tensors = {}
-    for fname, fm in meta.files_metadata.items():
-        for key, t in fm.tensors.items():
-            tensors[key] = TensorInfo(f"{repo}/{fname}", key, ST_DTYPES[t.dtype], tuple(t.shape), *t.data_offsets)
-    return os.path.dirname(cfg), tensors
-
-
-def model_memory(model) -> MemoryReport:
+def model_memory(model: nn.Module) -> MemoryReport:
     """The bytes the loaded model's parameters take, per part and per device ("disk" for offloaded weights)."""
-    from .loading import module_device
-    from .quantization import quantized_param_bytes
-
     device_map = getattr(model, "hf_device_map", None)
     owner = {id(m.weight): m for m in model.modules() if isinstance(getattr(m, "weight", None), torch.Tensor)}
     first, entries = {}, []
@@ -195,5 +156,5 @@ def model_memory(model) -> MemoryReport:
         quantized = p.dtype in (torch.int8, torch.uint8)
         nbytes = quantized_param_bytes(p, owner.get(id(p))) if quantized else p.numel() * p.element_size()
         numel = p.numel() * (2 if p.dtype == torch.uint8 and getattr(p, "quant_state", None) is not None else 1)
-        entries.append((name, numel, nbytes, str(p.dtype)[6:], dev, ""))
+        entries.append((name, numel, nbytes, dtype_name(p.dtype), dev, ""))
     return build(f"{type(model).__name__}, after loading", entries)

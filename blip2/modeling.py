@@ -13,9 +13,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import Blip2Config
-from .loading import PretrainedMixin
 from .ops import BaseModelOutputWithPooling, ModelOutput
 from .opt import OPTForCausalLM
+from .pretrained import PretrainedMixin
 from .qformer import Blip2QFormerModel, Blip2TextEmbeddings
 from .t5 import T5ForConditionalGeneration
 from .vision import Blip2VisionModel

@@ -607,7 +607,7 @@ class Blip2Processor:
     def from_pretrained(cls, directory, **hub_kwargs):
         """A local directory or a hub id (revision=, cache_dir=, token=, local_files_only=): only the processor
         and tokenizer files are fetched."""
-        from .loading import PROCESSOR_FILES, resolve_checkpoint
+        from .io.hub import PROCESSOR_FILES, resolve_checkpoint
 
         directory = resolve_checkpoint(directory, allow_patterns=PROCESSOR_FILES + ["config.json"], **hub_kwargs)
         config = _read_json(os.path.join(directory, "processor_config.json"), {})

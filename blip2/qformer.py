@@ -5,8 +5,8 @@ import torch
 import torch.nn as nn
 
 from .config import Blip2QFormerConfig
-from .loading import PretrainedMixin
 from .ops import BaseModelOutputWithPoolingAndCrossAttentions, activation, attention, padding_mask
+from .pretrained import PretrainedMixin
 
 
 class Blip2QFormerMultiHeadAttention(nn.Module):

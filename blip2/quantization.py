@@ -1,4 +1,4 @@
-"""8-bit and 4-bit weights with bitsandbytes, quantized while loading (see loading.py).
+"""8-bit and 4-bit weights with bitsandbytes, quantized while loading (see io/load.py).
 
 Which layers: every nn.Linear of the language model except its output head (lm_head) and, for T5, the
 feed-forward output layers `wo` (they overflow in low precision; the reference keeps them unquantized too).
@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from .dtypes import resolve_dtype
 from .ops import Linear
 
 
@@ -35,10 +36,12 @@ class QuantizationConfig:
             raise QuantizationError(f"bits={self.bits!r}: bitsandbytes quantizes to 8 or 4 bits")
         if self.quant_type not in ("nf4", "fp4"):
             raise QuantizationError(f"quant_type={self.quant_type!r}: choose 'nf4' or 'fp4'")
-        if isinstance(self.compute_dtype, str):
-            self.compute_dtype = getattr(torch, self.compute_dtype.removeprefix("torch."), None)
-        if self.compute_dtype not in (None, torch.float32, torch.float16, torch.bfloat16):
-            raise QuantizationError(f"compute_dtype={self.compute_dtype!r}: choose float32, float16 or bfloat16")
+        if self.compute_dtype is not None:
+            try:
+                self.compute_dtype = resolve_dtype(self.compute_dtype)
+            except ValueError:
+                raise QuantizationError(f"compute_dtype={self.compute_dtype!r}: choose float32, float16 or "
+                                        f"bfloat16") from None
 
     @property
     def name(self):

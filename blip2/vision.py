@@ -5,8 +5,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import Blip2VisionConfig
-from .loading import PretrainedMixin
 from .ops import BaseModelOutputWithPooling, activation, attention
+from .pretrained import PretrainedMixin
 
 
 class Blip2VisionEmbeddings(nn.Module):

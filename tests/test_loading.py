@@ -16,7 +16,8 @@ from tiny_checkpoints import fake_hub_cache
 from tiny_models import IMAGE_TOKEN, NUM_QUERY, OPT, T5, config, randomize, reference_model
 
 import blip2
-from blip2.loading import CheckpointError, CheckpointNotFoundError, DeviceMapError, resolve_checkpoint
+from blip2.io.errors import CheckpointError, CheckpointNotFoundError, DeviceMapError
+from blip2.io.hub import resolve_checkpoint
 from blip2.memory import memory_report, model_memory
 from blip2.ops import Linear
 from blip2.quantization import QuantizationConfig, QuantizationError
@@ -249,7 +250,7 @@ def test_tied_weights_must_share_a_device(ckpts):
 
 
 def test_nothing_half_loaded_stays_behind(ckpts, plain, tmp_path, monkeypatch):
-    import blip2.loading as loading
+    import blip2.io.load as loading
 
     calls, seen = [], []
     last = len(dict(plain["opt"].named_parameters()))  # tensors read by a load
@@ -424,7 +425,7 @@ def test_memory_report_of_a_hub_id_reads_remote_headers_only(ckpts, tmp_path, mo
     get_safetensors_metadata, HTTP range requests) -- no weights are downloaded."""
     import huggingface_hub
 
-    from blip2.loading import read_header
+    from blip2.io.safetensors import read_header
 
     def headers(repo, **kw):
         files = {}
