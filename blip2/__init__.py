@@ -1,7 +1,9 @@
 """BLIP-2 in plain PyTorch, drop-in with the reference `transformers` classes and checkpoints."""
 
 from .config import Blip2Config, Blip2QFormerConfig, Blip2VisionConfig, ConfigError, OPTConfig, T5Config
+from .features import BatchFeature
 from .generation import GenerationConfig
+from .image_processing import BlipImageProcessor
 from .io.errors import CheckpointError, CheckpointNotFoundError, DeviceMapError
 from .io.hub import resolve_checkpoint
 from .memory import memory_report, model_memory
@@ -13,10 +15,11 @@ from .modeling import (
     Blip2TextModelWithProjection,
     Blip2VisionModelWithProjection,
 )
-from .processing import BatchFeature, Blip2Processor, Blip2Tokenizer, BlipImageProcessor, TextStreamDecoder
+from .processing import Blip2Processor
 from .qformer import Blip2QFormerModel
 from .quantization import QuantizationConfig, QuantizationError
 from .runner import Blip2Runner
+from .tokenizer import Blip2Tokenizer, TextStreamDecoder
 from .vision import Blip2VisionModel
 
 __all__ = [

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .cache import KVCache
+from .tokenizer import TextStreamDecoder
 
 DEFAULT_NEW_TOKENS = 20  # the reference's default max_length, counted on top of the prompt
 
@@ -410,8 +411,6 @@ def stream(lm, tokenizer, inputs_embeds, attention_mask=None, input_ids=None, pa
 def text_pieces(run: Decoding, tokenizer, skip_special_tokens=True):
     """Drive `run` and yield its new text as it completes: characters split across tokens come out whole, beam
     search yields its finished text at the end. Closing the iterator stops the decoding."""
-    from .processing import TextStreamDecoder
-
     if run.rows != 1:
         raise ValueError(f"text streaming needs one sequence, got {run.rows} (batch x num_return_sequences)")
 

@@ -11,7 +11,10 @@ import torch
 import transformers
 from PIL import Image
 
-from blip2.processing import BatchFeature, Blip2Processor, Blip2Tokenizer, BlipImageProcessor, TextStreamDecoder
+from blip2.features import BatchFeature
+from blip2.image_processing import BlipImageProcessor
+from blip2.processing import Blip2Processor
+from blip2.tokenizer import Blip2Tokenizer, TextStreamDecoder
 
 transformers.logging.set_verbosity_error()
 

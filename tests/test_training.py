@@ -9,7 +9,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from blip2 import Blip2ForConditionalGeneration, Blip2ForImageTextRetrieval
-from blip2.processing import Blip2Processor, BlipImageProcessor
+from blip2.image_processing import BlipImageProcessor
+from blip2.processing import Blip2Processor
 from blip2.train import data, evaluate, losses, probe, stages, world
 
 TINY = stages.Recipe(image_size=32, patch_size=8, vision_hidden=32, vision_layers=1, qformer_hidden=32,

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from blip2.processing import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from blip2.image_processing import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from blip2.train import world
 
 CACHE = Path(os.environ.get("BLIP2_WORLD_CACHE", "/tmp/blip2-world-cache"))

@@ -25,8 +25,10 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from blip2 import Blip2Config, Blip2ForConditionalGeneration, Blip2ForImageTextRetrieval, Blip2VisionModel, OPTConfig
+from blip2.image_processing import BlipImageProcessor
 from blip2.opt import OPTForCausalLM, causal_lm_loss
-from blip2.processing import Blip2Processor, Blip2Tokenizer, BlipImageProcessor
+from blip2.processing import Blip2Processor
+from blip2.tokenizer import Blip2Tokenizer
 from blip2.train import data, losses, world
 from blip2.train.tokenizer_training import train_bert_tokenizer, train_opt_tokenizer
 
