@@ -13,7 +13,12 @@ import json
 import os
 import sys
 
-from .runner import ANSWER_DECODING, CAPTION_DECODING
+from .bulk import caption_job, pretrained
+from .config import read_json
+from .distributed import RaySettings
+from .index import META, index_job, search_command
+from .modeling import Blip2ForConditionalGeneration, Blip2ForImageTextRetrieval
+from .runner import ANSWER_DECODING, CAPTION_DECODING, Blip2Runner
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_MODEL = os.path.join(ROOT, "assets", "blip2-tiny")
@@ -105,8 +110,6 @@ def parser():
 
 
 def load(cls, path, args, flag):
-    from .bulk import pretrained
-
     if path in (DEFAULT_MODEL, DEFAULT_ITM_MODEL) and not os.path.isdir(path):
         raise FileNotFoundError(f"the embedded model {path} is not there; pass {flag} DIRECTORY_OR_HUB_ID")
     return pretrained(cls, path, args.dtype, getattr(args, "quantize", None))
@@ -122,19 +125,12 @@ def decoding_of(args) -> dict:
 
 def run_collection(args):
     """caption --out, index and search."""
-    import blip2
-
-    from .runner import Blip2Runner
-
     if args.command == "search":
-        from .config import read_json
-        from .index import META, search_command
-
         meta_path = os.path.join(args.index, META)
         if args.itm_model is None and not os.path.exists(meta_path):
             raise FileNotFoundError(f"{args.index} is not an index (no {META}): build it with python -m blip2 index")
         args.itm_model = args.itm_model or read_json(meta_path)["model"]
-        runner = Blip2Runner(None, None, *load(blip2.Blip2ForImageTextRetrieval, args.itm_model, args, "--itm-model"))
+        runner = Blip2Runner(None, None, *load(Blip2ForImageTextRetrieval, args.itm_model, args, "--itm-model"))
         hits, note = search_command(runner, args.index, args.text, args.k, args.rerank, args.approx, args.candidates,
                                     args.nprobe)
         lines = [f"{i:>3}  itc {h.itc:+.4f}" + (f"  itm {h.itm:.4f}  score {h.score:+.3f}" if h.itm is not None else "")
@@ -144,45 +140,35 @@ def run_collection(args):
     ray = None
     captions = args.command == "caption" or args.captions
     if args.ray is not None:
-        from .distributed import RaySettings
-
         ray = RaySettings(None if args.ray == "local" else args.ray, args.concurrency, args.cpus_per_actor,
                           args.model if captions else None, args.itm_model if args.command == "index" else None,
                           args.dtype, args.quantize)
         runner = None
     else:
-        gen = load(blip2.Blip2ForConditionalGeneration, args.model, args, "--model") if captions else (None, None)
-        itm = load(blip2.Blip2ForImageTextRetrieval, args.itm_model, args, "--itm-model") \
+        gen = load(Blip2ForConditionalGeneration, args.model, args, "--model") if captions else (None, None)
+        itm = load(Blip2ForImageTextRetrieval, args.itm_model, args, "--itm-model") \
             if args.command == "index" else (None, None)
         runner = Blip2Runner(*gen, *itm)
     common = {"batch_size": args.batch_size, "prompt": args.prompt, "decoding": decoding_of(args),
               "progress": not args.no_progress, "ray": ray}
     if args.command == "caption":
-        from .bulk import caption_job
-
         summary = caption_job(runner, args.images, args.out, **common)
     else:
-        from .index import index_job
-
         summary = index_job(runner, args.images, args.out, args.itm_model, captions=args.captions, **common)
     return vars(summary), f"{args.out}: {summary}"
 
 
 def run(args):
-    import blip2
-
-    from .runner import Blip2Runner
-
     if args.command in ("index", "search") or (args.command == "caption" and args.out):
         return run_collection(args)
     folders = [p for p in getattr(args, "images", []) if os.path.isdir(p)]
     if folders:
         raise ValueError(f"{folders[0]} is a folder: caption a whole collection with --out FILE.parquet")
     if args.command == "match":
-        model, processor = load(blip2.Blip2ForImageTextRetrieval, args.itm_model, args, "--itm-model")
+        model, processor = load(Blip2ForImageTextRetrieval, args.itm_model, args, "--itm-model")
         matches = Blip2Runner(itm_model=model, itm_processor=processor).match(args.image, args.texts)
         return [vars(m) for m in matches], "\n".join(f"itm {m.itm:.4f}  itc {m.itc:+.4f}  {m.text}" for m in matches)
-    model, processor = load(blip2.Blip2ForConditionalGeneration, args.model, args, "--model")
+    model, processor = load(Blip2ForConditionalGeneration, args.model, args, "--model")
     runner = Blip2Runner(model, processor)
     decoding = decoding_of(args)
     if args.command == "ask":

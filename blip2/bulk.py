@@ -18,45 +18,35 @@ import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from functools import partial
 
-if TYPE_CHECKING:
-    from .distributed import RaySettings
-    from .runner import Blip2Runner
+import torch.nn as nn
+
+from .distributed import RaySettings, ray_rows
+from .extras import need
+from .generation import GenerationConfig
+from .io.hub import resolve_checkpoint
+from .modeling import Blip2ForConditionalGeneration, Blip2ForImageTextRetrieval
+from .processing import Blip2Processor
+from .runner import Blip2Runner, load_image
+from .weight_only import quantization_flag
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
 LIST_SUFFIXES = (".txt", ".lst")
-SCALE_INSTALL = "pip install -r requirements-scale.txt"
 
 
-def need(module: str):
-    """Import an optional extra (faiss, pyarrow, ray) or say how to install it."""
-    import importlib
-
-    try:
-        return importlib.import_module(module)
-    except ImportError as e:
-        raise ImportError(f"{module} is needed for this (an optional extra): {SCALE_INSTALL}") from e
-
-
-def pretrained(cls, path: str, dtype: str | None = None, quantize: str | None = None):
+def pretrained(cls: type[nn.Module], path: str, dtype: str | None = None,
+               quantize: str | None = None) -> tuple[nn.Module, Blip2Processor]:
     """(model, processor) of a checkpoint directory or hub id; `quantize` a --quantize flag (int8 / int4
     weight-only, 8bit / 4bit bitsandbytes)."""
-    from .io.hub import resolve_checkpoint
-    from .processing import Blip2Processor
-    from .weight_only import quantization_flag
-
     path = resolve_checkpoint(path)
     model = cls.from_pretrained(path, dtype=dtype, quantization=quantization_flag(quantize))
     return model, Blip2Processor.from_pretrained(path)
 
 
 def load_runner(model: str | None = None, itm_model: str | None = None, dtype: str | None = None,
-                quantize: str | None = None):
+                quantize: str | None = None) -> Blip2Runner:
     """A Blip2Runner holding the captioning checkpoint `model` and / or the retrieval checkpoint `itm_model`."""
-    from .modeling import Blip2ForConditionalGeneration, Blip2ForImageTextRetrieval
-    from .runner import Blip2Runner
-
     gen = pretrained(Blip2ForConditionalGeneration, model, dtype, quantize) if model else (None, None)
     itm = pretrained(Blip2ForImageTextRetrieval, itm_model, dtype, quantize) if itm_model else (None, None)
     return Blip2Runner(*gen, *itm)
@@ -189,8 +179,6 @@ class Rows:
 
 def open_images(paths: list[str]) -> tuple[list, list[dict]]:
     """Load each file -> (loaded [(path, PIL image)], failed rows [{"path", "error"}])."""
-    from .runner import load_image
-
     loaded, failed = [], []
     for p in paths:
         try:
@@ -290,17 +278,14 @@ def caption_job(runner: Blip2Runner | None, paths: Iterable[str], out: str, batc
                 decoding: dict | None = None, progress=True, ray: RaySettings | None = None) -> Summary:
     """Caption every image `paths` name into `out` (.parquet or .jsonl), skipping what `out` holds.
     `ray`: a distributed.RaySettings to run the batches on Ray actors instead of `runner`."""
-    from .generation import GenerationConfig
-
     GenerationConfig.build(None, **(decoding or {}))  # bad settings fail here, not as an error on every row
     files = find_images(paths)
     rows = Rows(out, caption_schema() if out.endswith(".parquet") else None)
     done = rows.done()
     todo = [f for f in files if f not in done]
     if ray is not None:
-        from .distributed import ray_rows
-
-        results = ray_rows(ray, "caption", todo, batch_size, prompt=prompt, decoding=decoding or {})
+        load = partial(load_runner, ray.model, None, ray.dtype, ray.quantize)
+        results = ray_rows(ray, caption_rows, todo, batch_size, load, prompt=prompt, decoding=decoding or {})
     else:
         results = (caption_rows(runner, b, prompt, decoding, opened)
                    for b, opened in prefetched(todo, batch_size, open_images))

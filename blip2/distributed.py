@@ -14,10 +14,19 @@ from __future__ import annotations
 
 import os
 import pickle
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from .bulk import need
+import numpy as np
+import torch
+
+from .extras import need
+
+if TYPE_CHECKING:
+    from .runner import Blip2Runner
+
+PACKAGE = os.path.dirname(os.path.abspath(__file__))  # blip2/ itself, shipped to the workers
 
 
 @dataclass
@@ -33,48 +42,37 @@ class RaySettings:
 
 
 class _Worker:
-    """One Ray actor: loads the models once, then turns batches of paths into pickled rows."""
+    """One Ray actor: builds its runner once with `load()`, then turns batches of paths into pickled rows."""
 
-    def __init__(self, job: str, settings: dict, kwargs: dict):
-        import torch
+    def __init__(self, load: Callable[[], Blip2Runner], rows: Callable[..., list[dict]], threads: int,
+                 kwargs: dict):
+        torch.set_num_threads(max(1, threads))
+        self.runner, self.rows, self.kwargs = load(), rows, kwargs
 
-        from .bulk import load_runner
-
-        torch.set_num_threads(max(1, int(settings["cpus_per_actor"])))
-        s = RaySettings(**settings)
-        self.runner = load_runner(s.model if (job == "caption" or kwargs.get("captions")) else None,
-                                  s.itm_model if job == "index" else None, s.dtype, s.quantize)
-        self.job, self.kwargs = job, kwargs
-
-    def __call__(self, batch):
-        import numpy as np
-
-        from .bulk import caption_rows
-        from .index import index_rows
-
-        paths = [str(p) for p in batch["path"]]
-        rows = caption_rows(self.runner, paths, **self.kwargs) if self.job == "caption" else \
-            index_rows(self.runner, paths, **self.kwargs)
+    def __call__(self, batch: dict) -> dict:
+        rows = self.rows(self.runner, [str(p) for p in batch["path"]], **self.kwargs)
         return {"row": np.array([pickle.dumps(r) for r in rows], dtype=object)}
 
 
-def ray_rows(settings: RaySettings, job: str, paths: list[str], batch_size: int, **kwargs) -> Iterator[list[dict]]:
-    """Rows of `job` ("caption" or "index") for `paths`, computed by Ray actors, yielded as batches arrive."""
+def ray_rows(settings: RaySettings, rows: Callable[..., list[dict]], paths: list[str], batch_size: int,
+             load: Callable[[], Blip2Runner] | None = None, **kwargs) -> Iterator[list[dict]]:
+    """`rows(runner, batch_of_paths, **kwargs)` (bulk.caption_rows, index.index_rows) for `paths`, computed by Ray
+    actors that each build their runner once with `load()` (a picklable callable, e.g. a functools.partial of
+    bulk.load_runner), yielded as batches arrive."""
     if not paths:
         return
     ray = need("ray")
     need("ray.data")
     started = not ray.is_initialized()
     if started:
-        import blip2
-
         ray.init(address=settings.address, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"py_modules": [os.path.dirname(blip2.__file__)]}, **settings.init)
+                 runtime_env={"py_modules": [PACKAGE]}, **settings.init)
     try:
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False  # the job's own bar counts the rows
         ds = ray.data.from_items([{"path": p} for p in paths])
-        ds = ds.map_batches(_Worker, fn_constructor_kwargs={"job": job, "settings": asdict(settings),
+        ds = ds.map_batches(_Worker, fn_constructor_kwargs={"load": load, "rows": rows,
+                                                            "threads": int(settings.cpus_per_actor),
                                                             "kwargs": kwargs},
                             batch_size=batch_size, concurrency=settings.concurrency,
                             num_cpus=settings.cpus_per_actor, batch_format="numpy")

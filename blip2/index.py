@@ -23,16 +23,16 @@ import os
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from functools import partial
 
 import numpy as np
 
-from .bulk import Rows, Summary, drive, each_or_alone, find_images, need, open_images, prefetched
-from .config import read_json
-
-if TYPE_CHECKING:
-    from .distributed import RaySettings
-    from .runner import Blip2Runner
+from .bulk import Rows, Summary, drive, each_or_alone, find_images, load_runner, open_images, prefetched
+from .config import Blip2Config, read_json
+from .distributed import RaySettings, ray_rows
+from .extras import need
+from .io.hub import resolve_checkpoint
+from .runner import Blip2Runner, match_score
 
 ROWS, FLAT, APPROX, META = "images.parquet", "index.faiss", "approx.faiss", "meta.json"
 
@@ -90,9 +90,6 @@ def _dims(runner: Blip2Runner | None, model_name: str) -> dict:
     if runner is not None:
         cfg = runner.itm_model.config
     else:
-        from .config import Blip2Config
-        from .io.hub import resolve_checkpoint
-
         cfg = Blip2Config.from_pretrained(resolve_checkpoint(model_name))
     return {"num_query_tokens": cfg.num_query_tokens, "dim": cfg.image_text_hidden_size}
 
@@ -141,9 +138,9 @@ def index_job(runner: Blip2Runner | None, paths: Iterable[str], out: str, model_
         table = rows.table()
         rows.add([{**table.slice(i, 1).to_pylist()[0], **facts} for i, facts in copies])
     if ray is not None:
-        from .distributed import ray_rows
-
-        results = ray_rows(ray, "index", todo, batch_size, captions=captions, prompt=prompt, decoding=decoding or {})
+        load = partial(load_runner, ray.model if captions else None, ray.itm_model, ray.dtype, ray.quantize)
+        results = ray_rows(ray, index_rows, todo, batch_size, load, captions=captions, prompt=prompt,
+                           decoding=decoding or {})
     else:
         results = (index_rows(runner, b, captions, prompt, decoding, opened)
                    for b, opened in prefetched(todo, batch_size, read_files))
@@ -299,8 +296,6 @@ def text_embedding(runner: Blip2Runner, text: str) -> np.ndarray:
 def rerank(runner: Blip2Runner, index: ImageIndex, ids, itc, text: str, top: int) -> list[Hit]:
     """Hits for ranked ids: the first `top` re-ranked by ITM log-odds + ITC cosine (the app's ranking, from
     Blip2Runner.match on the image file), the rest in ITC order."""
-    from .runner import match_score
-
     hits = [Hit(index.paths[i], float(s), caption=index.captions[i]) for i, s in zip(ids, itc)]
     for h in hits[:top]:
         h.itm = runner.match(h.path, [text])[0].itm

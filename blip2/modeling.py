@@ -13,8 +13,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import Blip2Config
+from .generation import generate, stream
 from .ops import BaseModelOutputWithPooling, ModelOutput
-from .opt import OPTForCausalLM
+from .opt import OPTForCausalLM, causal_lm_loss
 from .pretrained import PretrainedMixin
 from .qformer import Blip2QFormerModel, Blip2TextEmbeddings
 from .t5 import T5ForConditionalGeneration
@@ -153,7 +154,6 @@ class _Blip2WithLanguageModel(Blip2PreTrainedModel):
             out = self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)
             logits, loss = out.logits, None
             if labels is not None:
-                from .opt import causal_lm_loss
                 logits = logits[:, -labels.shape[1]:]
                 loss = causal_lm_loss(logits, labels)
             return loss, logits, out
@@ -231,8 +231,6 @@ class Blip2ForConditionalGeneration(_Blip2WithLanguageModel):
         """Generate text about images. Returns token ids as the reference does: for OPT the whole sequence
         (prompt included), for T5 the decoder sequence starting with decoder_start_token_id. Decoding settings:
         see generation.GenerationConfig."""
-        from .generation import generate
-
         inputs = self.generation_inputs(pixel_values, input_ids, attention_mask, inputs_embeds,
                                         interpolate_pos_encoding, image_embeds)
         return generate(self.language_model, *inputs, streamer=streamer, **generate_kwargs)
@@ -240,8 +238,6 @@ class Blip2ForConditionalGeneration(_Blip2WithLanguageModel):
     def generate_stream(self, tokenizer, pixel_values=None, input_ids=None, attention_mask=None, inputs_embeds=None,
                         interpolate_pos_encoding=False, image_embeds=None, **generate_kwargs):
         """Like generate for one sequence, but yields the new text piece by piece as the tokens arrive."""
-        from .generation import stream
-
         with torch.no_grad():
             inputs = self.generation_inputs(pixel_values, input_ids, attention_mask, inputs_embeds,
                                             interpolate_pos_encoding, image_embeds)

@@ -154,4 +154,4 @@ def test_missing_extras_name_the_install_command(monkeypatch, tmp_path, capsys):
     from blip2.distributed import ray_rows
 
     with pytest.raises(ImportError, match="requirements-scale.txt"):
-        next(ray_rows(None, "caption", ["x.png"], 1))
+        next(ray_rows(None, caption_rows, ["x.png"], 1))

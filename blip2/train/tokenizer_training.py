@@ -15,6 +15,8 @@ from pathlib import Path
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
+from blip2.train.world import corpus
+
 OPT_SPECIALS = ["<s>", "<pad>", "</s>", "<unk>"]  # ids 0..3, as in facebook/opt-*
 BERT_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]  # ids 0..4
 
@@ -87,8 +89,6 @@ def train_bert_tokenizer(texts, out_dir, vocab_size=1000):
 
 
 if __name__ == "__main__":
-    from blip2.train.world import corpus
-
     texts = list(corpus())
     out = Path(sys.argv[1])
     train_opt_tokenizer(texts, out / "opt")

@@ -44,7 +44,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from blip2.train.world import RGB
+from blip2.train.world import RGB, make_split
 
 SIZE = 224  # the side the model sees (the processor resizes every image to 224 x 224, bicubic)
 FLAT_WINDOW = 5  # side of the box whose mean a flat pixel is close to
@@ -138,7 +138,7 @@ def _to_image(array: np.ndarray) -> Image.Image:
 def skimage_images(names) -> dict[str, Image.Image]:
     """name -> image for scikit-image's shipped data (a dev dependency); stereo_motorcycle gives its left and right
     views, lfw_subset its 200 face crops (25 x 25 px) as lfw_subset/0..199."""
-    from skimage import data
+    from skimage import data  # scikit-image: a dev dependency, needed by this report only (the app never calls it)
 
     images = {}
     for name in names:
@@ -171,9 +171,7 @@ def _row(kind: str, name: str, image: Image.Image) -> str:
 
 
 def main():
-    from skimage import data
-
-    from blip2.train.world import make_split
+    from skimage import data  # scikit-image: a dev dependency, needed by this report only
 
     parser = argparse.ArgumentParser(description="How often world_check flags world scenes and photographs.")
     parser.add_argument("--n", type=int, default=1000, help="test-split scenes")
