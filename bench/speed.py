@@ -44,8 +44,7 @@ def make_checkpoints():
         return lm, itm
     import transformers
 
-    sys.path.insert(0, os.path.join(ROOT, "tests"))
-    from tiny_tokenizers import bert_tokenizer_dir, opt_tokenizer_dir
+    from bench.tiny_tokenizers import bert_tokenizer_dir, opt_tokenizer_dir
 
     torch.manual_seed(0)
     for path, tokenizer in ((lm, opt_tokenizer_dir), (itm, bert_tokenizer_dir)):

@@ -5,7 +5,7 @@ non-ASCII text, so byte-level BPE splits multi-byte characters across tokens) an
 transformers' own tokenizer classes, so the files are exactly what transformers writes.
 Every function writes into `directory` and returns it as a str; the directory also gets a
 preprocessor_config.json and a processor_config.json, so `transformers.Blip2Processor.from_pretrained`
-works on it. Test-only: imports transformers.
+works on it. Used by the tests and bench.speed (which never imports tests/); imports transformers, as both do.
 """
 
 import json

@@ -207,8 +207,7 @@ class ScriptedLM(torch.nn.Module):
 
 
 def test_text_stream_holds_back_split_characters(tmp_path):
-    from tiny_tokenizers import opt_tokenizer_dir
-
+    from bench.tiny_tokenizers import opt_tokenizer_dir
     from blip2.processing import Blip2Processor
 
     tok = Blip2Processor.from_pretrained(opt_tokenizer_dir(tmp_path)).tokenizer

@@ -6,11 +6,11 @@ import shutil
 
 import numpy as np
 import pytest
-import tiny_tokenizers as tiny
 import torch
 import transformers
 from PIL import Image
 
+from bench import tiny_tokenizers as tiny
 from blip2.features import BatchFeature
 from blip2.image_processing import BlipImageProcessor
 from blip2.processing import Blip2Processor

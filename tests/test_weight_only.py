@@ -10,9 +10,9 @@ import types
 import pytest
 import tiny_checkpoints
 import tiny_models
-import tiny_tokenizers
 import torch
 
+from bench import tiny_tokenizers
 from blip2 import Blip2ForConditionalGeneration, QuantizationError
 from blip2.weight_only import WeightOnlyConfig, WeightOnlyLinear, int4_layout, quantization_flag
 

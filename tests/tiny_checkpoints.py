@@ -8,8 +8,9 @@ import os
 import shutil
 import tempfile
 
-import tiny_tokenizers
 from tiny_models import NUM_QUERY, OPT, QFORMER, T5, VISION, config, reference_model
+
+from bench import tiny_tokenizers
 
 IMAGE_SIZE = 32  # tiny_tokenizers' preprocessor size
 TOKENIZERS = {"opt": tiny_tokenizers.opt_tokenizer_dir, "t5": tiny_tokenizers.t5_tokenizer_dir,
