@@ -212,21 +212,6 @@ def kernels(threads: int, repeat: int = 15):
         print(f"| {m} | " + " | ".join(f"{min(v) * 1e3:.2f}" for v in times.values()) + " |", flush=True)
 
 
-def encode_flops(vision=(1408, 6144, 39, 257, 14), qformer=(768, 3072, 12, 32, 2)) -> float:
-    """FLOPs of one image through the ViT-g (width, mlp, layers, tokens, patch) and the Q-Former (width, ffn,
-    layers, queries, cross-attention every n layers): linear layers and attention products."""
-    d, f, n, t, p = vision
-    out = 2 * (t - 1) * 3 * p * p * d + n * (2 * t * (4 * d * d + 2 * d * f) + 4 * t * t * d)
-    dq, fq, nq, q, every = qformer
-    out += nq * 2 * q * (4 * dq * dq + 2 * dq * fq)
-    out += (nq // every) * (2 * q * 2 * dq * dq + 2 * t * 2 * d * dq)  # cross-attention: q/o on queries, k/v on patches
-    return out
-
-
-def prompt_flops(width=2560, ffn=10240, layers=32, tokens=PROMPT) -> float:
-    return 2 * tokens * layers * (4 * width * width + 2 * width * ffn)
-
-
 def run(*args) -> dict:
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error", TQDM_DISABLE="1")
     p = subprocess.run([sys.executable, "-m", "bench.realsize", *args], env=env, capture_output=True, text=True,
@@ -285,10 +270,16 @@ def main(argv=None):
 def report(results, names, args, loads):
     import torch
 
+    from bench.flops import encode_flops, meta_model, prompt_flops
+    from blip2 import Blip2Config
+
+    model = meta_model(Blip2Config.from_dict(CONFIG))  # FLOPs counted on the meta device
+    encode_gflop, prompt_gflop = encode_flops(model) / 1e9, prompt_flops(model, PROMPT) / 1e9
+
     fl = [r for r in results["floors"] if "error" not in r]
     bandwidth = statistics.median(r["bandwidth"] for r in fl)
     flops = max(r["flops"] for r in fl)
-    enc_floor, prompt_floor = encode_flops() / flops, prompt_flops() / flops
+    enc_floor, prompt_floor = encode_gflop * 1e9 / flops, prompt_gflop * 1e9 / flops
     best = {}
     for name in names:
         ok = [r for r in results[name] if "error" not in r]
@@ -304,7 +295,7 @@ def report(results, names, args, loads):
           f"load average during the runs: {loads[0]} .. {loads[-1]} (1, 5, 15 min)")
     print(f"floors (same run): read bandwidth {bandwidth / 1e9:.1f} GB/s (median; best "
           f"{max(r['bandwidth_best'] for r in fl) / 1e9:.1f}), bf16 matmul {flops / 1e9:.0f} GFLOP/s; encode "
-          f"{encode_flops() / 1e9:.1f} GFLOP -> {enc_floor:.2f} s, {PROMPT}-token prompt {prompt_flops() / 1e9:.0f} "
+          f"{encode_gflop:.1f} GFLOP -> {enc_floor:.2f} s, {PROMPT}-token prompt {prompt_gflop:.0f} "
           f"GFLOP -> {prompt_floor:.2f} s")
     print(f"| setting | load s | first caption | {args.tokens}-token caption | encode | decode / token | "
           f"decode floor | x floor | caption floor | peak RSS (VmHWM) | logits rel. err. vs blip2 bf16 |")

@@ -117,23 +117,18 @@ def timed(fns, repeat):
 
 def floor_seconds(model, new_tokens, prompt_len):
     """The caption's lower bound on this machine: every LM weight read once per new token at the measured
-    bandwidth, plus the vision, Q-Former and prompt FLOPs at the measured matmul throughput."""
+    bandwidth, plus the image encoding and prompt FLOPs (counted by FlopCounterMode) at the measured matmul
+    throughput."""
+    from bench.flops import encode_flops, meta_model, prompt_flops
+
     x = torch.empty(64 * 2**20, dtype=torch.float32).normal_()  # 256 MiB, far beyond the caches
     bandwidth = max(x.numel() * 4 / min(_time(lambda: x.sum()) for _ in range(5)), 1.0)
     a, b = torch.randn(256, 768), torch.randn(768, 3072)
     flops = 2 * 256 * 768 * 3072 / min(_time(lambda: a @ b) for _ in range(20))
     lm = model.language_model
     weights = sum(p.numel() * p.element_size() for n, p in lm.named_parameters() if "embed_positions" not in n)
-    v, q = model.config.vision_config, model.config.qformer_config
-    n = (v.image_size // v.patch_size) ** 2 + 1
-    vision = v.num_hidden_layers * (2 * n * (4 * v.hidden_size**2 + 2 * v.hidden_size * v.intermediate_size)
-                                    + 4 * n * n * v.hidden_size) + 2 * (n - 1) * 3 * v.patch_size**2 * v.hidden_size
-    nq, d = model.config.num_query_tokens, q.hidden_size
-    qformer = q.num_hidden_layers * 2 * nq * (4 * d * d + 2 * d * q.intermediate_size)
-    qformer += (q.num_hidden_layers // q.cross_attention_frequency) * 2 * (2 * nq * d * d + 2 * n * v.hidden_size * d)
-    decoder = sum(p.numel() for n_, p in lm.named_parameters() if ".layers." in n_)
-    prompt = 2 * prompt_len * decoder
-    compute = vision + qformer + prompt
+    meta = meta_model(model.config)
+    compute = encode_flops(meta) + prompt_flops(meta, prompt_len)
     return weights * new_tokens / bandwidth + compute / flops, bandwidth, flops, weights, compute
 
 
