@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 import torch.nn as nn
 
@@ -86,7 +87,7 @@ class Rows:
     """A job's output: rows keyed by `path` in a .parquet or .jsonl file, resumable (see the module doc).
     `schema`: a pyarrow schema for Parquet output (None for JSON lines)."""
 
-    def __init__(self, out: str, schema=None):
+    def __init__(self, out: str, schema: Any = None):  # a pyarrow.Schema
         if not out.endswith((".parquet", ".jsonl")):
             raise ValueError(f"the output must end in .parquet or .jsonl, got {out!r}")
         self.out, self.schema, self.parquet = out, schema, out.endswith(".parquet")
@@ -95,7 +96,7 @@ class Rows:
             need("pyarrow")
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
 
-    def table(self, columns: list[str] | None = None):
+    def table(self, columns: list[str] | None = None) -> Any:  # a pyarrow.Table, or a list of dicts
         """Every row so far (the output and any journal of an unfinished run), the last row of a path winning,
         sorted by path: a pyarrow Table (Parquet; only `columns`, "path" among them, if given) or a list of dicts
         (JSON lines)."""
@@ -133,7 +134,7 @@ class Rows:
             return {p for p, e in zip(t["path"], t["error"]) if e is None}
         return {r["path"] for r in t if r.get("error") is None}
 
-    def add(self, rows: list[dict]):
+    def add(self, rows: list[dict]) -> None:
         if not rows:
             return
         if not self.parquet:
@@ -148,7 +149,7 @@ class Rows:
         pq.write_table(pa.Table.from_pylist(rows, schema=self.schema), name + ".tmp")
         os.replace(name + ".tmp", name)  # a part is there whole or not at all
 
-    def finish(self, keep: Callable[[str], bool] | None = None):
+    def finish(self, keep: Callable[[str], bool] | None = None) -> Any:
         """Write the output whole (sorted by path, one row per path, only paths `keep` keeps) and drop the
         journal."""
         table = self.table()
@@ -199,7 +200,7 @@ def each_or_alone(items: list, work: Callable[[list], list[dict]]) -> list[dict]
 
 
 def caption_rows(runner: Blip2Runner, paths: list[str], prompt: str = "", decoding: dict | None = None,
-                 opened=None) -> list[dict]:
+                 opened: tuple[list, list[dict]] | None = None) -> list[dict]:
     """Caption rows of a batch of files: one vision pass and one batched generation (Blip2Runner.caption_batch).
     `opened`: open_images(paths), if already done."""
     loaded, failed = opened or open_images(paths)
@@ -212,7 +213,7 @@ def caption_rows(runner: Blip2Runner, paths: list[str], prompt: str = "", decodi
     return (each_or_alone(loaded, work) if loaded else []) + failed
 
 
-def caption_schema():
+def caption_schema() -> Any:  # a pyarrow.Schema
     pa = need("pyarrow")
     return pa.schema([("path", pa.string()), ("caption", pa.string()), ("captions", pa.list_(pa.string())),
                       ("width", pa.int32()), ("height", pa.int32()), ("error", pa.string())])
@@ -255,7 +256,7 @@ def prefetched(paths: list[str], size: int, read: Callable[[list[str]], object])
             yield pending[0], pending[1].result()
 
 
-def drive(results: Iterable[list[dict]], rows: Rows, total: int, skipped: int, desc: str, progress=True,
+def drive(results: Iterable[list[dict]], rows: Rows, total: int, skipped: int, desc: str, progress: bool = True,
           keep: Callable[[str], bool] | None = None) -> Summary:
     """Write each batch of result rows as it comes, with a progress bar (images/s and ETA); then finish."""
     from tqdm.auto import tqdm
@@ -275,7 +276,7 @@ def drive(results: Iterable[list[dict]], rows: Rows, total: int, skipped: int, d
 
 
 def caption_job(runner: Blip2Runner | None, paths: Iterable[str], out: str, batch_size: int = 16, prompt: str = "",
-                decoding: dict | None = None, progress=True, ray: RaySettings | None = None) -> Summary:
+                decoding: dict | None = None, progress: bool = True, ray: RaySettings | None = None) -> Summary:
     """Caption every image `paths` name into `out` (.parquet or .jsonl), skipping what `out` holds.
     `ray`: a distributed.RaySettings to run the batches on Ray actors instead of `runner`."""
     GenerationConfig.build(None, **(decoding or {}))  # bad settings fail here, not as an error on every row

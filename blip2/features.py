@@ -2,19 +2,20 @@
 
 import json
 import os
+from typing import Any
 
 import numpy as np
 import torch
 
 
-def load_json(path, default=None):
+def load_json(path: str, default: Any = None) -> Any:
     if not os.path.isfile(path):
         return default
     with open(path, encoding="utf-8") as f:
         return json.load(f)
 
 
-def dump_json(path, obj):
+def dump_json(path: str, obj: Any) -> None:
     with open(path, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=2, sort_keys=True, ensure_ascii=False)
         f.write("\n")
@@ -29,7 +30,7 @@ class BatchFeature(dict):
         except KeyError:
             raise AttributeError(name) from None
 
-    def convert(self, return_tensors):
+    def convert(self, return_tensors: str | None) -> "BatchFeature":
         """Turn list values into "pt" tensors or "np" arrays in place (None: leave them)."""
         if return_tensors not in (None, "pt", "np"):
             raise ValueError(f"return_tensors must be None, 'pt' or 'np', got {return_tensors!r}")
@@ -46,7 +47,7 @@ class BatchFeature(dict):
             self[key] = torch.from_numpy(array) if return_tensors == "pt" else array
         return self
 
-    def to(self, *args, **kwargs):
+    def to(self, *args: Any, **kwargs: Any) -> "BatchFeature":
         """Move every tensor to a device; a dtype casts only the floating-point tensors (pixel_values)."""
         device = kwargs.get("device")
         if device is None and args and not isinstance(args[0], torch.dtype):

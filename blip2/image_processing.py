@@ -2,6 +2,8 @@
 BlipImageProcessorPil: convert to RGB, resize with PIL, rescale, normalise)."""
 
 import os
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -11,9 +13,11 @@ from .features import BatchFeature, dump_json, load_json
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# one image or a list: PIL, (H, W[, C]) / (C, H, W) arrays or tensors
+Images = Image.Image | np.ndarray | torch.Tensor | Sequence["Images"]
 
 
-def convert_to_rgb(image):
+def convert_to_rgb(image: Image.Image) -> np.ndarray:
     """PIL image of any mode -> (H, W, 3) uint8, compositing transparency onto white (transformers 5.24)."""
     if "A" in image.getbands() or image.info.get("transparency") is not None:
         rgba = image.convert("RGBA")
@@ -120,8 +124,10 @@ class BlipImageProcessor:
     KEYS = ("do_resize", "size", "resample", "do_rescale", "rescale_factor", "do_normalize", "image_mean",
             "image_std", "do_convert_rgb")
 
-    def __init__(self, do_resize=True, size=None, resample=3, do_rescale=True, rescale_factor=1 / 255,
-                 do_normalize=True, image_mean=OPENAI_CLIP_MEAN, image_std=OPENAI_CLIP_STD, do_convert_rgb=True):
+    def __init__(self, do_resize: bool = True, size: int | dict | None = None, resample: int = 3,
+                 do_rescale: bool = True, rescale_factor: float = 1 / 255, do_normalize: bool = True,
+                 image_mean: float | Sequence[float] = OPENAI_CLIP_MEAN,
+                 image_std: float | Sequence[float] = OPENAI_CLIP_STD, do_convert_rgb: bool = True):
         self.do_resize = do_resize
         self.size = _size_dict(384 if size is None else size)
         self.resample = int(resample)
@@ -133,25 +139,25 @@ class BlipImageProcessor:
         self.do_convert_rgb = do_convert_rgb
 
     @classmethod
-    def from_dict(cls, config):
+    def from_dict(cls, config: dict) -> "BlipImageProcessor":
         """From a preprocessor_config.json dict, ignoring keys the pipeline does not use (image_processor_type...)."""
         return cls(**{k: v for k, v in config.items() if k in cls.KEYS and v is not None})
 
     @classmethod
-    def from_pretrained(cls, directory):
+    def from_pretrained(cls, directory: str | os.PathLike) -> "BlipImageProcessor":
         path = os.path.join(directory, "preprocessor_config.json")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path} not found")
         return cls.from_dict(load_json(path))
 
-    def to_dict(self):
+    def to_dict(self) -> dict:
         return {k: getattr(self, k) for k in self.KEYS} | {"image_processor_type": "BlipImageProcessor"}
 
-    def save_pretrained(self, directory):
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
         os.makedirs(directory, exist_ok=True)
         dump_json(os.path.join(directory, "preprocessor_config.json"), self.to_dict())
 
-    def __call__(self, images, return_tensors=None, **overrides):
+    def __call__(self, images: Images, return_tensors: str | None = None, **overrides: Any) -> BatchFeature:
         unknown = set(overrides) - set(self.KEYS)
         if unknown:
             raise TypeError(f"unknown image processor argument(s): {sorted(unknown)}; valid: {list(self.KEYS)}")

@@ -8,6 +8,7 @@ weights counted under "disk"). Both return a MemoryReport: `.as_dict()`, `.table
 
 import os
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -108,7 +109,7 @@ def build(title: str, entries: list[tuple]) -> MemoryReport:
 
 
 def memory_report(path_or_id: str | os.PathLike, model_class: type[nn.Module] | None = None,
-                  dtype: str | torch.dtype | None = None, quantization=None, device: str | None = None,
+                  dtype: str | torch.dtype | None = None, quantization: Any = None, device: str | None = None,
                   device_map: str | dict | None = None, max_memory: dict | None = None, revision: str | None = None,
                   cache_dir: str | None = None, token: str | bool | None = None,
                   local_files_only: bool | None = None) -> MemoryReport:

@@ -2,11 +2,12 @@
 Blip2Tokenizer (tokenizer.py), with the "<image>" placeholders BLIP-2 expects prepended to the text."""
 
 import os
+from typing import Any
 
 from tokenizers import AddedToken
 
 from .features import BatchFeature, dump_json, load_json
-from .image_processing import BlipImageProcessor
+from .image_processing import BlipImageProcessor, Images
 from .io.hub import PROCESSOR_FILES, resolve_checkpoint
 from .tokenizer import Blip2Tokenizer
 
@@ -15,7 +16,8 @@ class Blip2Processor:
     """Images -> pixel_values and text -> input_ids / attention_mask, with num_query_tokens "<image>"
     placeholders prepended to every text row when images come with the text (transformers 5.24)."""
 
-    def __init__(self, image_processor, tokenizer, num_query_tokens=None):
+    def __init__(self, image_processor: BlipImageProcessor, tokenizer: Blip2Tokenizer,
+                 num_query_tokens: int | None = None):
         self.image_processor = image_processor
         self.tokenizer = tokenizer
         self.num_query_tokens = num_query_tokens
@@ -26,7 +28,7 @@ class Blip2Processor:
             tokenizer.add_tokens([AddedToken("<image>", normalized=False, special=True)], special_tokens=True)
 
     @classmethod
-    def from_pretrained(cls, directory, **hub_kwargs):
+    def from_pretrained(cls, directory: str | os.PathLike, **hub_kwargs: Any) -> "Blip2Processor":
         """A local directory or a hub id (revision=, cache_dir=, token=, local_files_only=): only the processor
         and tokenizer files are fetched."""
         directory = resolve_checkpoint(directory, allow_patterns=PROCESSOR_FILES + ["config.json"], **hub_kwargs)
@@ -37,7 +39,7 @@ class Blip2Processor:
             image_processor = BlipImageProcessor.from_pretrained(directory)
         return cls(image_processor, Blip2Tokenizer.from_pretrained(directory), config.get("num_query_tokens"))
 
-    def save_pretrained(self, directory):
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Hub layout: preprocessor_config.json, processor_config.json and the tokenizer files."""
         os.makedirs(directory, exist_ok=True)
         dump_json(os.path.join(directory, "preprocessor_config.json"),
@@ -47,7 +49,8 @@ class Blip2Processor:
         self.tokenizer.config["processor_class"] = "Blip2Processor"
         self.tokenizer.save_pretrained(directory)
 
-    def __call__(self, images=None, text=None, return_tensors=None, **kwargs):
+    def __call__(self, images: Images | None = None, text: str | list[str] | None = None,
+                 return_tensors: str | None = None, **kwargs: Any) -> BatchFeature:
         if images is None and text is None:
             raise ValueError("You have to specify either images or text.")
         kwargs |= kwargs.pop("text_kwargs", {}) | kwargs.pop("images_kwargs", {})
@@ -72,8 +75,8 @@ class Blip2Processor:
             out |= self.image_processor(images, **image_kwargs)
         return out.convert(return_tensors)
 
-    def batch_decode(self, *args, **kwargs):
+    def batch_decode(self, *args: Any, **kwargs: Any) -> list[str]:
         return self.tokenizer.batch_decode(*args, **kwargs)
 
-    def decode(self, *args, **kwargs):
+    def decode(self, *args: Any, **kwargs: Any) -> str:
         return self.tokenizer.decode(*args, **kwargs)

@@ -5,6 +5,7 @@ import base64
 import json
 import os
 import threading
+from typing import Any
 
 import numpy as np
 import torch
@@ -14,6 +15,7 @@ from .features import BatchFeature, dump_json, load_json
 
 VERY_LARGE_INTEGER = int(1e30)  # model_max_length of a tokenizer without a limit
 LARGE_INTEGER = int(1e20)
+TokenIds = list[int] | torch.Tensor | np.ndarray  # one sequence of token ids
 
 SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 # the transformers 5.24 classes the BLIP-2 checkpoints name, with their default special tokens
@@ -79,7 +81,7 @@ class Blip2Tokenizer:
     AutoTokenizer: for the GPT2Tokenizer / T5Tokenizer / BertTokenizer classes it sets the normaliser,
     pre-tokeniser, decoder and template exactly as those classes do; any other class uses tokenizer.json as is."""
 
-    def __init__(self, tokenizer_object, **config):
+    def __init__(self, tokenizer_object: Tokenizer, **config: Any):
         self.backend = tokenizer_object
         self.config = config
         self.tokenizer_class = (config.get("tokenizer_class") or "TokenizersBackend").removesuffix("Fast")
@@ -147,7 +149,7 @@ class Blip2Tokenizer:
         self.backend.post_processor = processors.TemplateProcessing(**template)
 
     @classmethod
-    def from_pretrained(cls, directory):
+    def from_pretrained(cls, directory: str | os.PathLike) -> "Blip2Tokenizer":
         """Read tokenizer.json (or vocab.json + merges.txt, or vocab.txt) and tokenizer_config.json,
         special_tokens_map.json and added_tokens.json the way transformers 5.24 does."""
         def path(name):
@@ -183,7 +185,7 @@ class Blip2Tokenizer:
             raise ValueError(f"tokenizer_class {config['tokenizer_class']} needs tokenizer.json in {directory}")
         return cls(backend, **config)
 
-    def save_pretrained(self, directory):
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json (transformers can load them)."""
         os.makedirs(directory, exist_ok=True)
         with self._lock:
@@ -214,35 +216,37 @@ class Blip2Tokenizer:
         return self.backend.get_vocab_size(with_added_tokens=True)
 
     @property
-    def vocab_size(self):
+    def vocab_size(self) -> int:
         return self.backend.get_vocab_size(with_added_tokens=False)
 
-    def get_vocab(self):
+    def get_vocab(self) -> dict[str, int]:
         return self.backend.get_vocab(with_added_tokens=True)
 
     @property
-    def all_special_tokens(self):
+    def all_special_tokens(self) -> list[str]:
         named = [t for k, t in self.special_tokens.items() if t is not None]
         return list(dict.fromkeys(named + self.extra_special_tokens))
 
     @property
-    def all_special_ids(self):
+    def all_special_ids(self) -> list[int]:
         return self.convert_tokens_to_ids(self.all_special_tokens)
 
-    def convert_tokens_to_ids(self, tokens):
+    def convert_tokens_to_ids(self, tokens: str | list[str]) -> int | None | list[int | None]:
         if isinstance(tokens, str):
             index = self.backend.token_to_id(tokens)
             return self.unk_token_id if index is None else index
         return [self.convert_tokens_to_ids(t) for t in tokens]
 
-    def add_tokens(self, tokens, special_tokens=False):
+    def add_tokens(self, tokens: str | AddedToken | list[str | AddedToken], special_tokens: bool = False) -> int:
         """Add tokens (str or AddedToken) not yet in the vocabulary; returns how many were added."""
         tokens = tokens if isinstance(tokens, (list, tuple)) else [tokens]
         return self.backend.add_special_tokens(tokens) if special_tokens else self.backend.add_tokens(tokens)
 
-    def __call__(self, text, add_special_tokens=True, padding=False, truncation=None, max_length=None,
-                 pad_to_multiple_of=None, padding_side=None, return_tensors=None, return_token_type_ids=None,
-                 return_attention_mask=None):
+    def __call__(self, text: str | list[str], add_special_tokens: bool = True, padding: bool | str = False,
+                 truncation: bool | str | None = None, max_length: int | None = None,
+                 pad_to_multiple_of: int | None = None, padding_side: str | None = None,
+                 return_tensors: str | None = None, return_token_type_ids: bool | None = None,
+                 return_attention_mask: bool | None = None) -> BatchFeature:
         batched = isinstance(text, (list, tuple))
         texts = list(text) if batched else [text]
         if not texts or not all(isinstance(t, str) for t in texts):
@@ -294,10 +298,11 @@ class Blip2Tokenizer:
             out = BatchFeature({k: v[0] for k, v in out.items()})
         return out.convert(return_tensors)
 
-    def encode(self, text, add_special_tokens=True):
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self(text, add_special_tokens=add_special_tokens)["input_ids"]
 
-    def decode(self, token_ids, skip_special_tokens=False, clean_up_tokenization_spaces=None):
+    def decode(self, token_ids: TokenIds, skip_special_tokens: bool = False,
+               clean_up_tokenization_spaces: bool | None = None) -> str:
         """ids -> text; a batch of sequences gives a list of texts."""
         ids = _to_list(token_ids)
         ids = [ids] if isinstance(ids, int) else ids
@@ -313,7 +318,8 @@ class Blip2Tokenizer:
             text = _clean_up_tokenization(text)
         return text
 
-    def batch_decode(self, sequences, skip_special_tokens=False, clean_up_tokenization_spaces=None):
+    def batch_decode(self, sequences: TokenIds | list[TokenIds], skip_special_tokens: bool = False,
+                     clean_up_tokenization_spaces: bool | None = None) -> list[str]:
         sequences = _to_list(sequences)
         if len(sequences) and isinstance(sequences[0], int):  # one sequence
             sequences = [sequences]
@@ -324,12 +330,12 @@ class TextStreamDecoder:
     """Incremental detokenizer: put(new_ids) returns only the newly completed text, holding back a tail
     that is an incomplete UTF-8 character (decoded as U+FFFD) until later tokens complete it."""
 
-    def __init__(self, tokenizer, skip_special_tokens=True):
+    def __init__(self, tokenizer: Blip2Tokenizer, skip_special_tokens: bool = True):
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
         self.ids, self.emitted = [], 0
 
-    def put(self, token_ids):
+    def put(self, token_ids: TokenIds) -> str:
         self.ids += torch.as_tensor(token_ids).reshape(-1).tolist()
         text = self.tokenizer.decode(self.ids, skip_special_tokens=self.skip_special_tokens)
         if text.endswith("\ufffd"):
@@ -337,7 +343,7 @@ class TextStreamDecoder:
         new, self.emitted = text[self.emitted:], len(text)
         return new
 
-    def end(self):
+    def end(self) -> str:
         """Flush what is left (an incomplete character stays U+FFFD) and start over."""
         text = self.tokenizer.decode(self.ids, skip_special_tokens=self.skip_special_tokens)[self.emitted:]
         self.ids, self.emitted = [], 0
