@@ -12,12 +12,16 @@ import argparse
 import json
 import os
 import sys
+from typing import Any
+
+import torch.nn as nn
 
 from .bulk import caption_job, pretrained
 from .config import read_json
 from .distributed import RaySettings
 from .index import META, index_job, search_command
 from .modeling import Blip2ForConditionalGeneration, Blip2ForImageTextRetrieval
+from .processing import Blip2Processor
 from .runner import ANSWER_DECODING, CAPTION_DECODING, Blip2Runner
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -38,7 +42,7 @@ DECODING = (  # (flag, type, help): generate() settings
 )
 
 
-def parser():
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m blip2", description="BLIP-2 captions, questions and image-text "
                                 "matching from the command line.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -109,13 +113,13 @@ def parser():
     return p
 
 
-def load(cls, path, args, flag):
+def load(cls: type[nn.Module], path: str, args: argparse.Namespace, flag: str) -> tuple[nn.Module, Blip2Processor]:
     if path in (DEFAULT_MODEL, DEFAULT_ITM_MODEL) and not os.path.isdir(path):
         raise FileNotFoundError(f"the embedded model {path} is not there; pass {flag} DIRECTORY_OR_HUB_ID")
     return pretrained(cls, path, args.dtype, getattr(args, "quantize", None))
 
 
-def decoding_of(args) -> dict:
+def decoding_of(args: argparse.Namespace) -> dict:
     names = [flag[2:].replace("-", "_") for flag, _, _ in DECODING]
     decoding = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
     if args.do_sample:
@@ -123,7 +127,7 @@ def decoding_of(args) -> dict:
     return decoding
 
 
-def run_collection(args):
+def run_collection(args: argparse.Namespace) -> tuple[Any, str]:
     """caption --out, index and search."""
     if args.command == "search":
         meta_path = os.path.join(args.index, META)
@@ -158,7 +162,8 @@ def run_collection(args):
     return vars(summary), f"{args.out}: {summary}"
 
 
-def run(args):
+def run(args: argparse.Namespace) -> tuple[Any, str]:
+    """(the records --json prints, the text printed otherwise) of one command."""
     if args.command in ("index", "search") or (args.command == "caption" and args.out):
         return run_collection(args)
     folders = [p for p in getattr(args, "images", []) if os.path.isdir(p)]
@@ -185,7 +190,7 @@ def run(args):
     return records[0] if args.command == "ask" else records, "\n".join(lines)
 
 
-def main(argv=None):
+def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         records, text = run(args)

@@ -17,11 +17,13 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
 import torch.nn as nn
+from tqdm.auto import tqdm
 
 from .distributed import RaySettings, ray_rows
 from .extras import need
@@ -109,8 +111,7 @@ class Rows:
                             row = json.loads(line)
                             rows[row["path"]] = row
             return [rows[p] for p in sorted(rows)]
-        import pyarrow as pa
-        import pyarrow.parquet as pq
+        pa, pq = need("pyarrow"), need("pyarrow.parquet")
 
         files = ([self.out] if os.path.exists(self.out) else []) + \
             (sorted(os.path.join(self.parts, f) for f in os.listdir(self.parts)) if os.path.isdir(self.parts) else [])
@@ -141,8 +142,7 @@ class Rows:
             with open(self.out, "a", encoding="utf-8") as f:
                 f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
             return
-        import pyarrow as pa
-        import pyarrow.parquet as pq
+        pa, pq = need("pyarrow"), need("pyarrow.parquet")
 
         os.makedirs(self.parts, exist_ok=True)
         name = os.path.join(self.parts, f"part-{time.time_ns():020d}.parquet")
@@ -155,14 +155,12 @@ class Rows:
         table = self.table()
         if keep is not None and table is not None:
             if self.parquet:
-                import pyarrow as pa
-
+                pa = need("pyarrow")
                 table = table.filter(pa.array([keep(p) for p in table["path"].to_pylist()], pa.bool_()))
             else:
                 table = [r for r in table if keep(r["path"])]
         if self.parquet:
-            import pyarrow.parquet as pq
-
+            pq = need("pyarrow.parquet")
             if table is None:
                 table = self.schema.empty_table()
             pq.write_table(table, self.out + ".tmp")
@@ -243,8 +241,6 @@ def batches(paths: list[str], size: int) -> Iterator[list[str]]:
 def prefetched(paths: list[str], size: int, read: Callable[[list[str]], object]) -> Iterator[tuple[list, object]]:
     """(batch, read(batch)) for each batch of `paths`, the next batch read on a thread meanwhile: decoding and
     hashing files (which release the GIL) overlap the model's work on the batch before."""
-    from concurrent.futures import ThreadPoolExecutor
-
     with ThreadPoolExecutor(1) as pool:
         pending = None
         for batch in batches(paths, size):
@@ -259,8 +255,6 @@ def prefetched(paths: list[str], size: int, read: Callable[[list[str]], object])
 def drive(results: Iterable[list[dict]], rows: Rows, total: int, skipped: int, desc: str, progress: bool = True,
           keep: Callable[[str], bool] | None = None) -> Summary:
     """Write each batch of result rows as it comes, with a progress bar (images/s and ETA); then finish."""
-    from tqdm.auto import tqdm
-
     start, done, failed, first = time.perf_counter(), 0, 0, (0, 0.0)
     with tqdm(total=total, desc=desc, unit="img", disable=not progress, dynamic_ncols=True) as bar:
         for batch in results:

@@ -14,7 +14,7 @@ class KVCache:
         self.length = 0  # tokens stored (same for every layer once a forward pass is through)
         self.cross = [None] * num_layers
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Append k/v (B, H, t, hd) to `layer`; return all keys/values so far."""
         start = self.length
         end = start + k.shape[2]
@@ -31,11 +31,11 @@ class KVCache:
         self.v[layer][:, :, start:end] = v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
-    def advance(self, n: int):
+    def advance(self, n: int) -> None:
         """Called by the model once every layer has appended n tokens."""
         self.length += n
 
-    def reorder(self, index: torch.Tensor):
+    def reorder(self, index: torch.Tensor) -> None:
         """Select batch rows (beam search, or repeating a prompt's cache for several samples)."""
         for store in (self.k, self.v):
             for i, t in enumerate(store):
@@ -44,7 +44,7 @@ class KVCache:
         self.cross = [None if c is None else (c[0].index_select(0, index), c[1].index_select(0, index))
                       for c in self.cross]
 
-    def crop(self, length: int):
+    def crop(self, length: int) -> None:
         """Forget everything after the first `length` tokens (reuse of a shared prompt prefix)."""
         self.length = min(self.length, length)
 

@@ -9,11 +9,14 @@ import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 
 class ConfigError(ValueError):
     pass
+
+
+C = TypeVar("C", bound="_Config")
 
 
 @dataclass
@@ -23,7 +26,7 @@ class _Config:
     model_type = ""
 
     @classmethod
-    def from_dict(cls, d: dict, **overrides):
+    def from_dict(cls: type[C], d: dict, **overrides: Any) -> C:
         d = {**d, **overrides}
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         known = {k: v for k, v in d.items() if k in names}
@@ -164,7 +167,7 @@ class T5Config(_Config):
             self.scale_decoder_outputs = raw.get("tie_word_embeddings", True) is not False
 
     @property
-    def hidden_size(self):
+    def hidden_size(self) -> int:
         return self.d_model
 
 
@@ -184,7 +187,7 @@ class Blip2Config(_Config):
     initializer_range: float = 0.02
 
     @classmethod
-    def from_dict(cls, d: dict, **overrides):
+    def from_dict(cls, d: dict, **overrides: Any) -> "Blip2Config":
         d = {**d, **overrides}
         if d.get("model_type", "blip-2") != "blip-2":
             raise ConfigError(f"config model_type is {d['model_type']!r}, expected 'blip-2'")
@@ -219,7 +222,7 @@ class Blip2Config(_Config):
         return self.text_config.is_encoder_decoder
 
     @property
-    def image_token_id(self):
+    def image_token_id(self) -> int | None:
         return self.image_token_index
 
     def to_dict(self) -> dict:
@@ -230,10 +233,11 @@ class Blip2Config(_Config):
         return dict(sorted(d.items()))
 
     @classmethod
-    def from_pretrained(cls, path: str, **overrides):
+    def from_pretrained(cls, path: str | os.PathLike, **overrides: Any) -> "Blip2Config":
         return cls.from_dict(read_json(os.path.join(path, "config.json")), **overrides)
 
-    def save_pretrained(self, path: str, architecture: str | None = None, dtype: str = "float32"):
+    def save_pretrained(self, path: str | os.PathLike, architecture: str | None = None,
+                        dtype: str = "float32") -> None:
         os.makedirs(path, exist_ok=True)
         d = self.to_dict()
         if architecture:

@@ -6,20 +6,26 @@ checkpoints without `image_token_index`). Retrieval: ITM head on the joint [quer
 cosine between projected query outputs and the projected text [CLS].
 """
 
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch import Tensor
 
-from .config import Blip2Config
+from .config import Blip2Config, OPTConfig, T5Config
 from .generation import generate, stream
-from .ops import BaseModelOutputWithPooling, ModelOutput
+from .ops import BaseModelOutputWithPooling, BaseModelOutputWithPoolingAndCrossAttentions, ModelOutput
 from .opt import OPTForCausalLM, causal_lm_loss
 from .pretrained import PretrainedMixin
 from .qformer import Blip2QFormerModel, Blip2TextEmbeddings
 from .t5 import T5ForConditionalGeneration
+from .tokenizer import Blip2Tokenizer
 from .vision import Blip2VisionModel
+
+QFormerOutput = BaseModelOutputWithPoolingAndCrossAttentions
 
 
 @dataclass
@@ -68,7 +74,7 @@ class Blip2VisionModelOutput(ModelOutput):
     attentions: tuple | None = None
 
 
-def language_model_for(text_config):
+def language_model_for(text_config: OPTConfig | T5Config) -> OPTForCausalLM | T5ForConditionalGeneration:
     return (OPTForCausalLM if text_config.model_type == "opt" else T5ForConditionalGeneration)(text_config)
 
 
@@ -76,11 +82,12 @@ class Blip2PreTrainedModel(PretrainedMixin, nn.Module):
     config_class = Blip2Config
     _keep_in_fp32_modules = ("query_tokens", "qformer")  # under fp16 only, as the reference
 
-    def tie_weights(self):
+    def tie_weights(self) -> None:
         if hasattr(self, "language_model") and hasattr(self.language_model, "tie_weights"):
             self.language_model.tie_weights()
 
-    def query_features(self, image_embeds, output_attentions=False, output_hidden_states=False):
+    def query_features(self, image_embeds: Tensor, output_attentions: bool = False,
+                       output_hidden_states: bool = False) -> QFormerOutput:
         """Q-Former pass of the learned queries over image patches (B, 1+N, D_v) -> its output."""
         queries = self.query_tokens.expand(image_embeds.shape[0], -1, -1)
         return self.qformer(queries, encoder_hidden_states=image_embeds, output_attentions=output_attentions,
@@ -99,14 +106,15 @@ class _Blip2WithLanguageModel(Blip2PreTrainedModel):
         self.language_projection = nn.Linear(config.qformer_config.hidden_size, config.text_config.hidden_size)
         self.language_model = language_model_for(config.text_config)
 
-    def get_input_embeddings(self):
+    def get_input_embeddings(self) -> nn.Embedding:
         return self.language_model.get_input_embeddings()
 
-    def get_output_embeddings(self):
+    def get_output_embeddings(self) -> nn.Linear:
         return self.language_model.lm_head
 
-    def image_features(self, pixel_values, interpolate_pos_encoding=False, output_attentions=False,
-                       output_hidden_states=False):
+    def image_features(self, pixel_values: Tensor, interpolate_pos_encoding: bool = False,
+                       output_attentions: bool = False,
+                       output_hidden_states: bool = False) -> BaseModelOutputWithVisionQformerOutputs:
         """pixels -> BaseModelOutputWithVisionQformerOutputs whose pooler_output holds the language-model-ready
         query embeddings (B, Q, D_t)."""
         vision = self.vision_model(pixel_values, interpolate_pos_encoding, output_attentions, output_hidden_states)
@@ -118,7 +126,8 @@ class _Blip2WithLanguageModel(Blip2PreTrainedModel):
             hidden_states=vision.hidden_states, attentions=vision.attentions,
             vision_outputs=vision, qformer_outputs=qformer)
 
-    def merge_image_tokens(self, query_embeds, input_ids, attention_mask, inputs_embeds=None):
+    def merge_image_tokens(self, query_embeds: Tensor, input_ids: Tensor | None, attention_mask: Tensor | None,
+                           inputs_embeds: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Put the projected queries (B, Q, D) into the text embeddings: at the image-token positions, or in
         front of the text when the ids hold none (older checkpoints). Returns (embeds, attention_mask)."""
         if inputs_embeds is None:
@@ -147,8 +156,9 @@ class _Blip2WithLanguageModel(Blip2PreTrainedModel):
         mask = (input_ids == token)[..., None].to(inputs_embeds.device)
         return inputs_embeds.masked_scatter(mask, query_embeds), attention_mask
 
-    def language_forward(self, inputs_embeds, attention_mask, decoder_input_ids, decoder_attention_mask, labels,
-                         **kwargs):
+    def language_forward(self, inputs_embeds: Tensor, attention_mask: Tensor, decoder_input_ids: Tensor | None,
+                         decoder_attention_mask: Tensor | None, labels: Tensor | None,
+                         **kwargs: Any) -> tuple[Tensor | None, Tensor, ModelOutput]:
         """Run the language model; returns (loss, logits, outputs)."""
         if self.config.use_decoder_only_language_model:
             out = self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)
@@ -162,9 +172,12 @@ class _Blip2WithLanguageModel(Blip2PreTrainedModel):
                                   labels=labels, **kwargs)
         return out.loss, out.logits, out
 
-    def forward(self, pixel_values=None, input_ids=None, attention_mask=None, decoder_input_ids=None,
-                decoder_attention_mask=None, labels=None, interpolate_pos_encoding=False, inputs_embeds=None,
-                output_attentions=False, output_hidden_states=False, return_dict=True, **_):
+    def forward(self, pixel_values: Tensor | None = None, input_ids: Tensor | None = None,
+                attention_mask: Tensor | None = None, decoder_input_ids: Tensor | None = None,
+                decoder_attention_mask: Tensor | None = None, labels: Tensor | None = None,
+                interpolate_pos_encoding: bool = False, inputs_embeds: Tensor | None = None,
+                output_attentions: bool = False, output_hidden_states: bool = False, return_dict: bool = True,
+                **_: Any) -> Blip2ForConditionalGenerationModelOutput | tuple:
         feats = self.image_features(pixel_values, interpolate_pos_encoding, output_attentions, output_hidden_states)
         embeds, mask = self.merge_image_tokens(feats.pooler_output, input_ids, attention_mask, inputs_embeds)
         loss, logits, out = self.language_forward(embeds, mask, decoder_input_ids, decoder_attention_mask, labels,
@@ -177,8 +190,10 @@ class _Blip2WithLanguageModel(Blip2PreTrainedModel):
 
 
 class Blip2Model(_Blip2WithLanguageModel):
-    def get_text_features(self, input_ids, attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None,
-                          labels=None, output_attentions=False, output_hidden_states=False, **_):
+    def get_text_features(self, input_ids: Tensor, attention_mask: Tensor | None = None,
+                          decoder_input_ids: Tensor | None = None, decoder_attention_mask: Tensor | None = None,
+                          labels: Tensor | None = None, output_attentions: bool = False,
+                          output_hidden_states: bool = False, **_: Any) -> BaseModelOutputWithPooling:
         """Text-only hidden states: OPT decoder output, or the T5 encoder output."""
         if self.config.use_decoder_only_language_model:
             out = self.language_model.model(input_ids, attention_mask, output_attentions=output_attentions,
@@ -189,21 +204,24 @@ class Blip2Model(_Blip2WithLanguageModel):
         return BaseModelOutputWithPooling(last_hidden_state=out.last_hidden_state, hidden_states=out.hidden_states,
                                           attentions=out.attentions)
 
-    def get_image_features(self, pixel_values, interpolate_pos_encoding=False, output_attentions=False,
-                           output_hidden_states=False, **_):
+    def get_image_features(self, pixel_values: Tensor, interpolate_pos_encoding: bool = False,
+                           output_attentions: bool = False, output_hidden_states: bool = False,
+                           **_: Any) -> BaseModelOutputWithPooling:
         return self.vision_model(pixel_values, interpolate_pos_encoding, output_attentions, output_hidden_states)
 
-    def get_qformer_features(self, pixel_values, interpolate_pos_encoding=False, **_):
+    def get_qformer_features(self, pixel_values: Tensor, interpolate_pos_encoding: bool = False,
+                             **_: Any) -> Tensor:
         image_embeds = self.vision_model(pixel_values, interpolate_pos_encoding).last_hidden_state
         return self.query_features(image_embeds).last_hidden_state  # (B, Q, D_q)
 
 
 class Blip2ForConditionalGeneration(_Blip2WithLanguageModel):
-    def get_image_features(self, pixel_values, interpolate_pos_encoding=False, output_attentions=False,
-                           output_hidden_states=False, **_):
+    def get_image_features(self, pixel_values: Tensor, interpolate_pos_encoding: bool = False,
+                           output_attentions: bool = False, output_hidden_states: bool = False,
+                           **_: Any) -> BaseModelOutputWithVisionQformerOutputs:
         return self.image_features(pixel_values, interpolate_pos_encoding, output_attentions, output_hidden_states)
 
-    def prompt_ids(self, batch_size, device):
+    def prompt_ids(self, batch_size: int, device: str | torch.device) -> Tensor:
         """The default prompt: Q image tokens then BOS ([BOS] alone for checkpoints without image tokens)."""
         tc = self.config.text_config
         bos = tc.bos_token_id if tc.bos_token_id is not None else tc.decoder_start_token_id
@@ -211,8 +229,10 @@ class Blip2ForConditionalGeneration(_Blip2WithLanguageModel):
             [self.config.image_token_index] * self.config.num_query_tokens + [bos]
         return torch.tensor([ids], dtype=torch.long, device=device).repeat(batch_size, 1)
 
-    def generation_inputs(self, pixel_values=None, input_ids=None, attention_mask=None, inputs_embeds=None,
-                          interpolate_pos_encoding=False, image_embeds=None):
+    def generation_inputs(self, pixel_values: Tensor | None = None, input_ids: Tensor | None = None,
+                          attention_mask: Tensor | None = None, inputs_embeds: Tensor | None = None,
+                          interpolate_pos_encoding: bool = False,
+                          image_embeds: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
         """The language model's prompt: (inputs_embeds (B, T, D), attention_mask (B, T), input_ids or None).
         `image_embeds` (B, Q, D_t), from get_image_features(...).pooler_output, skips the image encoders."""
         if image_embeds is None:
@@ -226,8 +246,10 @@ class Blip2ForConditionalGeneration(_Blip2WithLanguageModel):
         return embeds, mask, input_ids
 
     @torch.no_grad()
-    def generate(self, pixel_values=None, input_ids=None, attention_mask=None, inputs_embeds=None,
-                 interpolate_pos_encoding=False, image_embeds=None, streamer=None, **generate_kwargs):
+    def generate(self, pixel_values: Tensor | None = None, input_ids: Tensor | None = None,
+                 attention_mask: Tensor | None = None, inputs_embeds: Tensor | None = None,
+                 interpolate_pos_encoding: bool = False, image_embeds: Tensor | None = None, streamer: Any = None,
+                 **generate_kwargs: Any) -> Tensor:
         """Generate text about images. Returns token ids as the reference does: for OPT the whole sequence
         (prompt included), for T5 the decoder sequence starting with decoder_start_token_id. Decoding settings:
         see generation.GenerationConfig."""
@@ -235,8 +257,10 @@ class Blip2ForConditionalGeneration(_Blip2WithLanguageModel):
                                         interpolate_pos_encoding, image_embeds)
         return generate(self.language_model, *inputs, streamer=streamer, **generate_kwargs)
 
-    def generate_stream(self, tokenizer, pixel_values=None, input_ids=None, attention_mask=None, inputs_embeds=None,
-                        interpolate_pos_encoding=False, image_embeds=None, **generate_kwargs):
+    def generate_stream(self, tokenizer: Blip2Tokenizer, pixel_values: Tensor | None = None,
+                        input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
+                        inputs_embeds: Tensor | None = None, interpolate_pos_encoding: bool = False,
+                        image_embeds: Tensor | None = None, **generate_kwargs: Any) -> Iterator[str]:
         """Like generate for one sequence, but yields the new text piece by piece as the tokens arrive."""
         with torch.no_grad():
             inputs = self.generation_inputs(pixel_values, input_ids, attention_mask, inputs_embeds,
@@ -245,7 +269,7 @@ class Blip2ForConditionalGeneration(_Blip2WithLanguageModel):
 
 
 class _Blip2Retrieval(Blip2PreTrainedModel):
-    def strip_image_tokens(self, input_ids, attention_mask):
+    def strip_image_tokens(self, input_ids: Tensor, attention_mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
         """Drop the Q image tokens that the processor puts in front of the text (when images come too)."""
         q, token = self.config.num_query_tokens, self.config.image_token_index
         if token is not None and input_ids.shape[1] >= q and bool((input_ids[:, :q] == token).all()):
@@ -253,8 +277,9 @@ class _Blip2Retrieval(Blip2PreTrainedModel):
             attention_mask = None if attention_mask is None else attention_mask[:, q:]
         return input_ids, attention_mask
 
-    def text_features(self, input_ids, attention_mask=None, position_ids=None, output_attentions=False,
-                      output_hidden_states=False):
+    def text_features(self, input_ids: Tensor, attention_mask: Tensor | None = None,
+                      position_ids: Tensor | None = None, output_attentions: bool = False,
+                      output_hidden_states: bool = False) -> QFormerOutput:
         """Q-Former text path (no queries, no image): (B, T, D_q)."""
         embeds = self.embeddings(input_ids, position_ids)
         return self.qformer(embeds, query_length=0, attention_mask=attention_mask,
@@ -274,10 +299,11 @@ class Blip2ForImageTextRetrieval(_Blip2Retrieval):
         self.text_projection = nn.Linear(d, config.image_text_hidden_size)
         self.itm_head = nn.Linear(d, 2)
 
-    def get_input_embeddings(self):
+    def get_input_embeddings(self) -> nn.Embedding:
         return self.embeddings.word_embeddings
 
-    def itm_logits(self, image_embeds, input_ids, attention_mask=None, output_attentions=False):
+    def itm_logits(self, image_embeds: Tensor, input_ids: Tensor, attention_mask: Tensor | None = None,
+                   output_attentions: bool = False) -> tuple[Tensor, QFormerOutput]:
         """ITM on paired rows, or one image (batch 1) against every text row. input_ids hold text only.
         image_embeds (B|1, 1+N, D_v) -> logits (B, 2) and the Q-Former output over [queries; text]."""
         b = input_ids.shape[0]
@@ -294,19 +320,21 @@ class Blip2ForImageTextRetrieval(_Blip2Retrieval):
         h = out.last_hidden_state.to(self.itm_head.weight.dtype)
         return self.itm_head(h[:, :q]).mean(1), out  # (B, 2)
 
-    def itc_image_embeds(self, image_embeds):
+    def itc_image_embeds(self, image_embeds: Tensor) -> Tensor:
         """(B, 1+N, D_v) -> normalised projected queries (B, Q, E)."""
         q = self.query_features(image_embeds).last_hidden_state.to(self.vision_projection.weight.dtype)
         return F.normalize(self.vision_projection(q), dim=-1)
 
-    def itc_text_embeds(self, input_ids, attention_mask=None):
+    def itc_text_embeds(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> tuple[Tensor, QFormerOutput]:
         """text -> normalised projected [CLS] (B, E), and the Q-Former text output."""
         out = self.text_features(input_ids, attention_mask)
         h = out.last_hidden_state.to(self.text_projection.weight.dtype)
         return F.normalize(self.text_projection(h[:, 0]), dim=-1), out
 
-    def forward(self, pixel_values=None, input_ids=None, attention_mask=None, use_image_text_matching_head=False,
-                output_attentions=False, output_hidden_states=False, return_dict=True, **_):
+    def forward(self, pixel_values: Tensor | None = None, input_ids: Tensor | None = None,
+                attention_mask: Tensor | None = None, use_image_text_matching_head: bool = False,
+                output_attentions: bool = False, output_hidden_states: bool = False, return_dict: bool = True,
+                **_: Any) -> Blip2ImageTextMatchingModelOutput | tuple:
         if input_ids is None:
             raise ValueError("input_ids are required")
         rows = pixel_values.shape[0]
@@ -339,7 +367,7 @@ def repeated_rows(x: torch.Tensor) -> bool:
     return x.stride(0) == 0 or bool((x == x[:1]).all())
 
 
-def expand_rows(out, rows):
+def expand_rows(out: ModelOutput, rows: int) -> ModelOutput:
     """A batch-1 output's tensors (and tuples of them) seen as `rows` identical rows (views, no copies)."""
     for k, v in out.items():
         if isinstance(v, torch.Tensor):
@@ -359,11 +387,12 @@ class Blip2TextModelWithProjection(_Blip2Retrieval):
         self.qformer = Blip2QFormerModel(config.qformer_config)
         self.text_projection = nn.Linear(d, config.image_text_hidden_size)
 
-    def get_input_embeddings(self):
+    def get_input_embeddings(self) -> nn.Embedding:
         return self.embeddings.word_embeddings
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, output_attentions=False,
-                output_hidden_states=False, return_dict=True, **_):
+    def forward(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
+                position_ids: Tensor | None = None, output_attentions: bool = False,
+                output_hidden_states: bool = False, return_dict: bool = True, **_: Any) -> Blip2TextModelOutput | tuple:
         if input_ids is None:
             raise ValueError("input_ids are required")
         out = self.text_features(input_ids, attention_mask, position_ids, output_attentions, output_hidden_states)
@@ -384,8 +413,9 @@ class Blip2VisionModelWithProjection(Blip2PreTrainedModel):
         self.qformer = Blip2QFormerModel(config.qformer_config)
         self.vision_projection = nn.Linear(d, config.image_text_hidden_size)
 
-    def forward(self, pixel_values=None, output_attentions=False, output_hidden_states=False, return_dict=True,
-                **_):
+    def forward(self, pixel_values: Tensor | None = None, output_attentions: bool = False,
+                output_hidden_states: bool = False, return_dict: bool = True,
+                **_: Any) -> Blip2VisionModelOutput | tuple:
         vision = self.vision_model(pixel_values, output_attentions=output_attentions,
                                    output_hidden_states=output_hidden_states)
         q = self.query_features(vision.last_hidden_state).last_hidden_state.to(self.vision_projection.weight.dtype)

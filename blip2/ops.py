@@ -1,7 +1,9 @@
 """Small pieces shared by every module: output containers, activations, attention, masks."""
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, fields
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -14,7 +16,7 @@ class Linear(nn.Linear):
     this reads the weights about 1.7x faster (`python -m bench.speed`), and every output is the same dot
     product, so the result is bit-identical to F.linear."""
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
         if (x.numel() != x.shape[-1] or w.dtype != torch.float32 or w.device.type != "cpu" or w.shape[0] % 2
                 or not w.is_contiguous() or torch.get_num_threads() < 2):
@@ -28,16 +30,16 @@ class ModelOutput:
     """A dataclass whose fields read as attributes, as keys (`out["logits"]`) and by position among the
     fields that are set (`out[0]`), like the reference's outputs."""
 
-    def keys(self):
+    def keys(self) -> list[str]:
         return [f.name for f in fields(self) if getattr(self, f.name) is not None]
 
-    def values(self):
+    def values(self) -> list[Any]:
         return [getattr(self, k) for k in self.keys()]
 
-    def items(self):
+    def items(self) -> list[tuple[str, Any]]:
         return [(k, getattr(self, k)) for k in self.keys()]
 
-    def to_tuple(self):
+    def to_tuple(self) -> tuple:
         return tuple(self.values())
 
     def __getitem__(self, k):
@@ -104,7 +106,7 @@ class Seq2SeqLMOutput(ModelOutput):
     encoder_attentions: tuple | None = None
 
 
-def gelu_tanh(x):
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
 
 
@@ -119,13 +121,14 @@ ACT2FN = {
 }
 
 
-def activation(name: str):
+def activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
     if name not in ACT2FN:
         raise ValueError(f"activation {name!r} is not supported (supported: {', '.join(ACT2FN)})")
     return ACT2FN[name]
 
 
-def attention(q, k, v, mask=None, scale=None, need_weights=False):
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
+              scale: float | None = None, need_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """q (B, H, Tq, hd), k/v (B, H, Tk, hd), additive float mask broadcastable to (B, H, Tq, Tk).
     Returns (B, Tq, H*hd) and the attention weights when asked (eager path, as the reference's)."""
     if need_weights:
@@ -139,14 +142,14 @@ def attention(q, k, v, mask=None, scale=None, need_weights=False):
     return out.transpose(1, 2).flatten(2), w
 
 
-def padding_mask(attention_mask, dtype):
+def padding_mask(attention_mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     """(B, T) of 1 = keep / 0 = pad -> additive (B, 1, 1, T), or None when nothing is masked."""
     if attention_mask is None or bool(attention_mask.all()):
         return None
     return (1.0 - attention_mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
 
 
-def causal_mask(attention_mask, q_len, dtype):
+def causal_mask(attention_mask: torch.Tensor, q_len: int, dtype: torch.dtype) -> torch.Tensor:
     """(B, Tk) key mask -> additive (B, 1, Tq, Tk) causal + padding mask for the last Tq positions;
     None when the plain causal rule on full rows suffices is not expressible here, so always a tensor."""
     b, k_len = attention_mask.shape

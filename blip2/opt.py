@@ -1,8 +1,11 @@
 """OPT decoder-only language model (blip2-opt-2.7b / 6.7b): OPTForCausalLM."""
 
+from typing import Any
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch import Tensor
 
 from .cache import KVCache
 from .config import OPTConfig
@@ -20,7 +23,8 @@ class OPTAttention(nn.Module):
         self.v_proj = Linear(d, d, bias=bias)
         self.out_proj = Linear(d, d, bias=bias)
 
-    def forward(self, x, mask, cache: KVCache | None, layer: int, need_weights=False):
+    def forward(self, x: Tensor, mask: Tensor | None, cache: KVCache | None, layer: int,
+                need_weights: bool = False) -> tuple[Tensor, Tensor | None]:
         h = self.num_heads
         q = (self.q_proj(x) * self.scaling).unflatten(-1, (h, -1)).transpose(1, 2)  # (B, H, T, hd), pre-scaled
         k = self.k_proj(x).unflatten(-1, (h, -1)).transpose(1, 2)
@@ -43,7 +47,8 @@ class OPTDecoderLayer(nn.Module):
         self.fc2 = Linear(config.ffn_dim, d, bias=config.enable_bias)
         self.final_layer_norm = nn.LayerNorm(d, elementwise_affine=affine)
 
-    def forward(self, x, mask, cache, layer, need_weights=False):
+    def forward(self, x: Tensor, mask: Tensor | None, cache: KVCache | None, layer: int,
+                need_weights: bool = False) -> tuple[Tensor, Tensor | None]:
         a, w = self.self_attn(self.self_attn_layer_norm(x) if self.pre_ln else x, mask, cache, layer, need_weights)
         x = x + a
         if not self.pre_ln:
@@ -68,9 +73,11 @@ class OPTDecoder(nn.Module):
                                  if keep_final else None)
         self.layers = nn.ModuleList(OPTDecoderLayer(config) for _ in range(config.num_hidden_layers))
 
-    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, past_key_values=None,
-                use_cache=False, position_ids=None, output_attentions=False, output_hidden_states=False,
-                return_dict=True, **_):
+    def forward(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
+                inputs_embeds: Tensor | None = None, past_key_values: KVCache | None = None, use_cache: bool = False,
+                position_ids: Tensor | None = None, output_attentions: bool = False,
+                output_hidden_states: bool = False, return_dict: bool = True,
+                **_: Any) -> BaseModelOutputWithPast | tuple:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         if inputs_embeds is None:
@@ -120,7 +127,7 @@ class OPTModel(nn.Module):
         super().__init__()
         self.decoder = OPTDecoder(config)
 
-    def forward(self, *args, **kwargs):
+    def forward(self, *args: Any, **kwargs: Any) -> BaseModelOutputWithPast | tuple:
         return self.decoder(*args, **kwargs)
 
 
@@ -132,24 +139,26 @@ class OPTForCausalLM(nn.Module):
         self.lm_head = Linear(config.word_embed_proj_dim, config.vocab_size, bias=False)
         self.tie_weights()
 
-    def tie_weights(self):
+    def tie_weights(self) -> None:
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.decoder.embed_tokens.weight
 
-    def get_input_embeddings(self):
+    def get_input_embeddings(self) -> nn.Embedding:
         return self.model.decoder.embed_tokens
 
     @property
-    def base_model(self):
+    def base_model(self) -> OPTModel:
         return self.model
 
     @property
-    def num_layers(self):
+    def num_layers(self) -> int:
         return len(self.model.decoder.layers)
 
-    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, past_key_values=None,
-                use_cache=False, labels=None, position_ids=None, output_attentions=False,
-                output_hidden_states=False, return_dict=True, logits_to_keep=0, **_):
+    def forward(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
+                inputs_embeds: Tensor | None = None, past_key_values: KVCache | None = None, use_cache: bool = False,
+                labels: Tensor | None = None, position_ids: Tensor | None = None, output_attentions: bool = False,
+                output_hidden_states: bool = False, return_dict: bool = True, logits_to_keep: int = 0,
+                **_: Any) -> CausalLMOutputWithPast | tuple:
         out = self.model.decoder(input_ids, attention_mask, inputs_embeds, past_key_values, use_cache,
                                  position_ids, output_attentions, output_hidden_states)
         h = out.last_hidden_state
@@ -160,7 +169,7 @@ class OPTForCausalLM(nn.Module):
         return res if return_dict else res.to_tuple()
 
 
-def causal_lm_loss(logits, labels):
+def causal_lm_loss(logits: Tensor, labels: Tensor) -> Tensor:
     """Token t predicts label t+1; -100 is ignored; mean over the counted tokens (fp32, as the reference)."""
     shift = F.pad(labels, (0, 1), value=-100)[:, 1:].to(logits.device)
     return F.cross_entropy(logits.float().flatten(0, 1), shift.flatten(), ignore_index=-100)

@@ -1,8 +1,11 @@
 """The Querying Transformer (a BERT-base encoder whose query positions cross-attend to image patches)
 and its text embeddings."""
 
+from typing import Any
+
 import torch
 import torch.nn as nn
+from torch import Tensor
 
 from .config import Blip2QFormerConfig
 from .ops import BaseModelOutputWithPoolingAndCrossAttentions, activation, attention, padding_mask
@@ -10,7 +13,7 @@ from .pretrained import PretrainedMixin
 
 
 class Blip2QFormerMultiHeadAttention(nn.Module):
-    def __init__(self, config: Blip2QFormerConfig, is_cross_attention=False):
+    def __init__(self, config: Blip2QFormerConfig, is_cross_attention: bool = False):
         super().__init__()
         d, kv = config.hidden_size, config.encoder_hidden_size if is_cross_attention else config.hidden_size
         if d % config.num_attention_heads:
@@ -21,7 +24,8 @@ class Blip2QFormerMultiHeadAttention(nn.Module):
         self.key = nn.Linear(kv, d)
         self.value = nn.Linear(kv, d)
 
-    def forward(self, x, context, mask=None, need_weights=False):
+    def forward(self, x: Tensor, context: Tensor, mask: Tensor | None = None,
+                need_weights: bool = False) -> tuple[Tensor, Tensor | None]:
         """x (B, T, D) attends to context (B', S, D_kv); B' may be 1 and broadcast over B."""
         h = self.num_heads
         q = self.query(x).unflatten(-1, (h, -1)).transpose(1, 2)  # (B, H, T, hd)
@@ -38,17 +42,18 @@ class Blip2QFormerSelfOutput(nn.Module):
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
-    def forward(self, a, residual):
+    def forward(self, a: Tensor, residual: Tensor) -> Tensor:
         return self.LayerNorm(self.dense(a) + residual)
 
 
 class Blip2QFormerAttention(nn.Module):
-    def __init__(self, config: Blip2QFormerConfig, is_cross_attention=False):
+    def __init__(self, config: Blip2QFormerConfig, is_cross_attention: bool = False):
         super().__init__()
         self.attention = Blip2QFormerMultiHeadAttention(config, is_cross_attention)
         self.output = Blip2QFormerSelfOutput(config)
 
-    def forward(self, x, context=None, mask=None, need_weights=False):
+    def forward(self, x: Tensor, context: Tensor | None = None, mask: Tensor | None = None,
+                need_weights: bool = False) -> tuple[Tensor, Tensor | None]:
         a, w = self.attention(x, x if context is None else context, mask, need_weights)
         return self.output(a, x), w
 
@@ -59,7 +64,7 @@ class Blip2QFormerIntermediate(nn.Module):
         self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
         self.act = activation(config.hidden_act)
 
-    def forward(self, x):
+    def forward(self, x: Tensor) -> Tensor:
         return self.act(self.dense(x))
 
 
@@ -69,7 +74,7 @@ class Blip2QFormerOutput(nn.Module):
         self.dense = nn.Linear(config.intermediate_size, config.hidden_size)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
-    def forward(self, h, residual):
+    def forward(self, h: Tensor, residual: Tensor) -> Tensor:
         return self.LayerNorm(self.dense(h) + residual)
 
 
@@ -90,13 +95,14 @@ class Blip2QFormerLayer(nn.Module):
         self.intermediate_query = Blip2QFormerIntermediate(config)
         self.output_query = Blip2QFormerOutput(config)
 
-    def text_ffn(self, x):
+    def text_ffn(self, x: Tensor) -> Tensor:
         if not self.has_text_ffn:
             raise ValueError("this Q-Former has no text feed-forward (use_qformer_text_input=False): "
                              "text input needs a retrieval (ITM) checkpoint")
         return self.output(self.intermediate(x), x)
 
-    def forward(self, x, mask, image_embeds, query_length, need_weights=False):
+    def forward(self, x: Tensor, mask: Tensor | None, image_embeds: Tensor | None, query_length: int,
+                need_weights: bool = False) -> tuple[Tensor, Tensor | None, Tensor | None]:
         x, self_w = self.attention(x, mask=mask, need_weights=need_weights)
         cross_w = None
         if query_length == 0:
@@ -129,9 +135,10 @@ class Blip2QFormerModel(PretrainedMixin, nn.Module):
         self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.encoder = Blip2QFormerEncoder(config)
 
-    def forward(self, query_embeds, query_length=None, attention_mask=None, encoder_hidden_states=None,
-                encoder_attention_mask=None, output_attentions=False, output_hidden_states=False,
-                return_dict=True, **_):
+    def forward(self, query_embeds: Tensor, query_length: int | None = None, attention_mask: Tensor | None = None,
+                encoder_hidden_states: Tensor | None = None, encoder_attention_mask: Tensor | None = None,
+                output_attentions: bool = False, output_hidden_states: bool = False, return_dict: bool = True,
+                **_: Any) -> BaseModelOutputWithPoolingAndCrossAttentions | tuple:
         """query_embeds (B, L, D): the first `query_length` positions are queries (default: all L), the rest
         text. attention_mask: (B, L) keys to keep, or (B, L, L) which key each position may see (training's
         image-grounded generation uses a causal text part). encoder_attention_mask is accepted for compatibility;
@@ -177,7 +184,8 @@ class Blip2TextEmbeddings(nn.Module):
         self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
         self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
 
-    def forward(self, input_ids, position_ids=None, query_embeds=None):
+    def forward(self, input_ids: Tensor, position_ids: Tensor | None = None,
+                query_embeds: Tensor | None = None) -> Tensor:
         t = input_ids.shape[1]
         if position_ids is None:
             if t > self.position_embeddings.num_embeddings:

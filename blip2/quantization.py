@@ -10,6 +10,8 @@ the same here.) Works on CUDA and, with bitsandbytes >= 0.47, on CPU.
 import logging
 import sys
 from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -44,11 +46,11 @@ class QuantizationConfig:
                                         f"bfloat16") from None
 
     @property
-    def name(self):
+    def name(self) -> str:
         return "8bit" if self.bits == 8 else f"4bit-{self.quant_type}"
 
     @classmethod
-    def coerce(cls, q):
+    def coerce(cls, q: Any) -> "QuantizationConfig | None":
         """None, "8bit", "4bit" ("nf4", "fp4", "int8", 8, 4), a dict, a QuantizationConfig, or the reference's
         BitsAndBytesConfig (read by attribute) -> QuantizationConfig or None."""
         if q is None or isinstance(q, cls):
@@ -71,15 +73,15 @@ class QuantizationConfig:
         return cls(**names[key])
 
 
-def quiet_cast_warning(record):
+def quiet_cast_warning(record: logging.LogRecord) -> bool:
     """LLM.int8() logs "inputs will be cast from ... to float16" on every forward whose inputs are not fp16:
     expected here, and noise."""
     return "inputs will be cast from" not in record.getMessage()
 
 
-def import_bnb():
+def import_bnb() -> ModuleType:
     try:
-        import bitsandbytes as bnb
+        import bitsandbytes as bnb  # only 8/4-bit loads pay for its import (seconds)
 
         log = logging.getLogger("bitsandbytes.autograd._functions")
         if quiet_cast_warning not in log.filters:
@@ -91,7 +93,7 @@ def import_bnb():
     return bnb
 
 
-def check_backend(q: QuantizationConfig, device):
+def check_backend(q: QuantizationConfig, device: str | torch.device) -> None:
     """Quantize and run one small layer on `device`; raise QuantizationError naming the cause if that fails."""
     bnb = import_bnb()
     device = torch.device(device)
@@ -120,7 +122,7 @@ def skipped(name: str, q: QuantizationConfig) -> bool:
     return not (q.include_vision and (name.startswith("vision_model.") or name == "language_projection"))
 
 
-def quantized_linear(linear: nn.Linear, q: QuantizationConfig, dtype):
+def quantized_linear(linear: nn.Linear, q: QuantizationConfig, dtype: torch.dtype) -> nn.Module:
     bnb = import_bnb()
     with torch.device("meta"):
         if q.bits == 8:
@@ -138,7 +140,7 @@ def quantized_linear(linear: nn.Linear, q: QuantizationConfig, dtype):
     return new
 
 
-def replace_linears(model: nn.Module, q: QuantizationConfig, dtype) -> list:
+def replace_linears(model: nn.Module, q: QuantizationConfig, dtype: torch.dtype) -> list[str]:
     """Swap the eligible nn.Linear modules of a meta-device model for bitsandbytes ones; returns their names."""
     names = [n for n, m in model.named_modules() if type(m) in (nn.Linear, Linear) and not skipped(n, q)]
     for n in names:
@@ -146,12 +148,12 @@ def replace_linears(model: nn.Module, q: QuantizationConfig, dtype) -> list:
     return names
 
 
-def is_quantized(module) -> bool:
+def is_quantized(module: nn.Module) -> bool:
     bnb = sys.modules.get("bitsandbytes")  # never imported: nothing is quantized (and its import is slow)
     return bnb is not None and isinstance(module, (bnb.nn.Linear8bitLt, bnb.nn.Linear4bit))
 
 
-def set_quantized_weight(module, tensor, device):
+def set_quantized_weight(module: nn.Module, tensor: torch.Tensor, device: str | torch.device) -> None:
     """Quantize `tensor` (out, in) into `module.weight` on `device` (bitsandbytes quantizes on .to(device))."""
     bnb = import_bnb()
     old = module._parameters["weight"]
@@ -160,7 +162,7 @@ def set_quantized_weight(module, tensor, device):
     module._parameters["weight"] = cls(tensor.to("cpu"), requires_grad=False, **kwargs).to(device)
 
 
-def weight_bytes(shape, q: QuantizationConfig) -> int:
+def weight_bytes(shape: tuple[int, ...], q: QuantizationConfig) -> int:
     """Bytes a quantized (out, in) weight takes, scales included (what bitsandbytes allocates)."""
     out_features, n = shape[0], shape[0] * shape[1]
     if q.bits == 8:
@@ -173,7 +175,7 @@ def weight_bytes(shape, q: QuantizationConfig) -> int:
     return packed + blocks + 4 * groups + 4 * 256 + 4 * 16 + 4  # uint8 absmax, fp32 scales, codes, offset
 
 
-def quantized_param_bytes(param, module=None) -> int:
+def quantized_param_bytes(param: torch.Tensor, module: nn.Module | None = None) -> int:
     """Bytes held by a loaded bitsandbytes weight, its scales and quantization state included (after the first
     forward, an 8-bit layer keeps its scales in module.state)."""
     total = param.numel() * param.element_size()

@@ -1,10 +1,12 @@
 """T5 encoder-decoder language model (Flan-T5 in blip2-flan-t5-xl / -xxl): T5ForConditionalGeneration."""
 
 import math
+from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch import Tensor
 
 from .cache import KVCache
 from .config import T5Config
@@ -14,19 +16,19 @@ from .ops import BaseModelOutput, Linear, Seq2SeqLMOutput, activation, attention
 class T5LayerNorm(nn.Module):
     """RMSNorm without bias; the variance is computed in fp32."""
 
-    def __init__(self, d, eps):
+    def __init__(self, d: int, eps: float):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(d))
         self.eps = eps
 
-    def forward(self, x):
+    def forward(self, x: Tensor) -> Tensor:
         x = x * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
         if self.weight.dtype in (torch.float16, torch.bfloat16):
             x = x.to(self.weight.dtype)
         return self.weight * x
 
 
-def relative_position_bucket(rel, bidirectional, num_buckets, max_distance):
+def relative_position_bucket(rel: Tensor, bidirectional: bool, num_buckets: int, max_distance: int) -> Tensor:
     """rel = key_pos - query_pos -> bucket index (T5's log-spaced buckets)."""
     bucket = torch.zeros_like(rel)
     if bidirectional:
@@ -42,7 +44,7 @@ def relative_position_bucket(rel, bidirectional, num_buckets, max_distance):
 
 
 class T5Attention(nn.Module):
-    def __init__(self, config: T5Config, has_relative_attention_bias=False, is_decoder=False):
+    def __init__(self, config: T5Config, has_relative_attention_bias: bool = False, is_decoder: bool = False):
         super().__init__()
         inner = config.num_heads * config.d_kv
         self.num_heads = config.num_heads
@@ -56,17 +58,18 @@ class T5Attention(nn.Module):
         if has_relative_attention_bias:
             self.relative_attention_bias = nn.Embedding(self.num_buckets, config.num_heads)
 
-    def position_bias(self, q_len, k_len, device):
+    def position_bias(self, q_len: int, k_len: int, device: torch.device) -> Tensor:
         """(1, H, q_len, k_len) bias for the last q_len queries against k_len keys."""
         ctx = torch.arange(k_len - q_len, k_len, device=device)[:, None]
         mem = torch.arange(k_len, device=device)[None, :]
         buckets = relative_position_bucket(mem - ctx, not self.is_decoder, self.num_buckets, self.max_distance)
         return self.relative_attention_bias(buckets).permute(2, 0, 1)[None]
 
-    def heads(self, x):
+    def heads(self, x: Tensor) -> Tensor:
         return x.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)  # (B, H, T, d_kv)
 
-    def forward(self, x, bias, cache: KVCache | None = None, layer=0, context=None, need_weights=False):
+    def forward(self, x: Tensor, bias: Tensor | None, cache: KVCache | None = None, layer: int = 0,
+                context: Tensor | None = None, need_weights: bool = False) -> tuple[Tensor, Tensor | None]:
         q = self.heads(self.q(x))
         if context is None:  # self-attention
             k, v = self.heads(self.k(x)), self.heads(self.v(x))
@@ -83,23 +86,25 @@ class T5Attention(nn.Module):
 
 
 class T5LayerSelfAttention(nn.Module):
-    def __init__(self, config, has_relative_attention_bias, is_decoder):
+    def __init__(self, config: T5Config, has_relative_attention_bias: bool, is_decoder: bool):
         super().__init__()
         self.SelfAttention = T5Attention(config, has_relative_attention_bias, is_decoder)
         self.layer_norm = T5LayerNorm(config.d_model, config.layer_norm_epsilon)
 
-    def forward(self, x, bias, cache, layer, need_weights):
+    def forward(self, x: Tensor, bias: Tensor | None, cache: KVCache | None, layer: int,
+                need_weights: bool) -> tuple[Tensor, Tensor | None]:
         a, w = self.SelfAttention(self.layer_norm(x), bias, cache, layer, need_weights=need_weights)
         return x + a, w
 
 
 class T5LayerCrossAttention(nn.Module):
-    def __init__(self, config):
+    def __init__(self, config: T5Config):
         super().__init__()
         self.EncDecAttention = T5Attention(config, is_decoder=True)
         self.layer_norm = T5LayerNorm(config.d_model, config.layer_norm_epsilon)
 
-    def forward(self, x, context, mask, cache, layer, need_weights):
+    def forward(self, x: Tensor, context: Tensor, mask: Tensor | None, cache: KVCache | None, layer: int,
+                need_weights: bool) -> tuple[Tensor, Tensor | None]:
         a, w = self.EncDecAttention(self.layer_norm(x), mask, cache, layer, context, need_weights)
         return x + a, w
 
@@ -118,7 +123,7 @@ class T5DenseReluDense(nn.Module):
         self.wo = Linear(config.d_ff, config.d_model, bias=False)
         self.act = activation(config.dense_act_fn)
 
-    def forward(self, x):
+    def forward(self, x: Tensor) -> Tensor:
         h = self.act(self.wi_0(x)) * self.wi_1(x) if self.gated else self.act(self.wi(x))
         if self.wo.weight.dtype != h.dtype and self.wo.weight.dtype not in (torch.int8, torch.uint8):
             h = h.to(self.wo.weight.dtype)
@@ -126,16 +131,16 @@ class T5DenseReluDense(nn.Module):
 
 
 class T5LayerFF(nn.Module):
-    def __init__(self, config):
+    def __init__(self, config: T5Config):
         super().__init__()
         self.DenseReluDense = T5DenseReluDense(config)
         self.layer_norm = T5LayerNorm(config.d_model, config.layer_norm_epsilon)
 
-    def forward(self, x):
+    def forward(self, x: Tensor) -> Tensor:
         return x + self.DenseReluDense(self.layer_norm(x))
 
 
-def clamp_fp16(x):
+def clamp_fp16(x: Tensor) -> Tensor:
     """The reference keeps fp16 activations finite after every sub-layer."""
     if x.dtype != torch.float16:
         return x
@@ -154,7 +159,9 @@ class T5Block(nn.Module):
         layers.append(T5LayerFF(config))
         self.layer = nn.ModuleList(layers)
 
-    def forward(self, x, bias, context, context_mask, cache, layer, need_weights=False):
+    def forward(self, x: Tensor, bias: Tensor | None, context: Tensor | None, context_mask: Tensor | None,
+                cache: KVCache | None, layer: int,
+                need_weights: bool = False) -> tuple[Tensor, Tensor | None, Tensor | None]:
         x, w = self.layer[0](x, bias, cache, layer, need_weights)
         x = clamp_fp16(x)
         cw = None
@@ -173,9 +180,11 @@ class T5Stack(nn.Module):
         self.block = nn.ModuleList(T5Block(config, i == 0, is_decoder) for i in range(n))
         self.final_layer_norm = T5LayerNorm(config.d_model, config.layer_norm_epsilon)
 
-    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, encoder_hidden_states=None,
-                encoder_attention_mask=None, past_key_values=None, output_attentions=False,
-                output_hidden_states=False, return_dict=True, **_):
+    def forward(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
+                inputs_embeds: Tensor | None = None, encoder_hidden_states: Tensor | None = None,
+                encoder_attention_mask: Tensor | None = None, past_key_values: KVCache | None = None,
+                output_attentions: bool = False, output_hidden_states: bool = False, return_dict: bool = True,
+                **_: Any) -> BaseModelOutput | tuple:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         x = self._embed[0](input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, D)
@@ -220,27 +229,28 @@ class T5ForConditionalGeneration(nn.Module):
         self.decoder = T5Stack(config, self.shared, is_decoder=True)
         self.lm_head = Linear(config.d_model, config.vocab_size, bias=False)
 
-    def tie_weights(self):
+    def tie_weights(self) -> None:
         """The loader ties lm_head to `shared` when the checkpoint has no separate lm_head."""
         self.lm_head.weight = self.shared.weight
 
-    def get_input_embeddings(self):
+    def get_input_embeddings(self) -> nn.Embedding:
         return self.shared
 
-    def get_encoder(self):
+    def get_encoder(self) -> T5Stack:
         return self.encoder
 
     @property
-    def num_layers(self):
+    def num_layers(self) -> int:
         return len(self.decoder.block)
 
-    def shift_right(self, labels):
+    def shift_right(self, labels: Tensor) -> Tensor:
         start = torch.full_like(labels[:, :1], self.config.decoder_start_token_id)
         ids = torch.cat([start, labels[:, :-1]], dim=1)
         return ids.masked_fill(ids == -100, self.config.pad_token_id)
 
-    def decode(self, decoder_input_ids, encoder_hidden_states, attention_mask=None, decoder_attention_mask=None,
-               past_key_values=None, output_attentions=False, output_hidden_states=False):
+    def decode(self, decoder_input_ids: Tensor, encoder_hidden_states: Tensor, attention_mask: Tensor | None = None,
+               decoder_attention_mask: Tensor | None = None, past_key_values: KVCache | None = None,
+               output_attentions: bool = False, output_hidden_states: bool = False) -> tuple[Tensor, BaseModelOutput]:
         """Decoder pass -> (logits (B, T, V), decoder output)."""
         dec = self.decoder(decoder_input_ids, decoder_attention_mask, None, encoder_hidden_states,
                            attention_mask, past_key_values, output_attentions, output_hidden_states)
@@ -249,9 +259,12 @@ class T5ForConditionalGeneration(nn.Module):
             h = h * self.config.d_model**-0.5
         return self.lm_head(h), dec
 
-    def forward(self, input_ids=None, attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None,
-                encoder_outputs=None, inputs_embeds=None, labels=None, past_key_values=None, use_cache=False,
-                output_attentions=False, output_hidden_states=False, return_dict=True, **_):
+    def forward(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
+                decoder_input_ids: Tensor | None = None, decoder_attention_mask: Tensor | None = None,
+                encoder_outputs: BaseModelOutput | tuple | None = None, inputs_embeds: Tensor | None = None,
+                labels: Tensor | None = None, past_key_values: KVCache | None = None, use_cache: bool = False,
+                output_attentions: bool = False, output_hidden_states: bool = False, return_dict: bool = True,
+                **_: Any) -> Seq2SeqLMOutput | tuple:
         if encoder_outputs is None:
             encoder_outputs = self.encoder(input_ids, attention_mask, inputs_embeds,
                                            output_attentions=output_attentions,

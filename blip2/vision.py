@@ -1,8 +1,11 @@
 """The ViT image encoder (EVA-CLIP ViT-g/14 in the real checkpoints): Blip2VisionModel."""
 
+from typing import Any
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch import Tensor
 
 from .config import Blip2VisionConfig
 from .ops import BaseModelOutputWithPooling, activation, attention
@@ -51,7 +54,7 @@ class Blip2Attention(nn.Module):
         self.qkv = nn.Linear(d, 3 * d, bias=config.qkv_bias)  # rows [q | k | v]; bias = [q_bias, 0, v_bias]
         self.projection = nn.Linear(d, d)
 
-    def forward(self, x, need_weights=False):
+    def forward(self, x: Tensor, need_weights: bool = False) -> tuple[Tensor, Tensor | None]:
         b, t, d = x.shape
         q, k, v = self.qkv(x).view(b, t, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
         out, w = attention(q, k, v, need_weights=need_weights)
@@ -65,7 +68,7 @@ class Blip2MLP(nn.Module):
         self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
         self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
 
-    def forward(self, x):
+    def forward(self, x: Tensor) -> Tensor:
         return self.fc2(self.act(self.fc1(x)))
 
 
@@ -77,7 +80,7 @@ class Blip2EncoderLayer(nn.Module):
         self.mlp = Blip2MLP(config)
         self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
-    def forward(self, x, need_weights=False):
+    def forward(self, x: Tensor, need_weights: bool = False) -> tuple[Tensor, Tensor | None]:
         a, w = self.self_attn(self.layer_norm1(x), need_weights)
         x = x + a
         return x + self.mlp(self.layer_norm2(x)), w
@@ -100,8 +103,9 @@ class Blip2VisionModel(PretrainedMixin, nn.Module):
         self.encoder = Blip2Encoder(config)
         self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
-    def forward(self, pixel_values=None, interpolate_pos_encoding=False, output_attentions=False,
-                output_hidden_states=False, return_dict=True, **_):
+    def forward(self, pixel_values: Tensor | None = None, interpolate_pos_encoding: bool = False,
+                output_attentions: bool = False, output_hidden_states: bool = False, return_dict: bool = True,
+                **_: Any) -> BaseModelOutputWithPooling | tuple:
         check_pixel_values(pixel_values, self.config)
         x = self.embeddings(pixel_values, interpolate_pos_encoding)  # (B, 1 + N, D)
         hidden, attns = [], []
@@ -122,7 +126,7 @@ class Blip2VisionModel(PretrainedMixin, nn.Module):
         return out if return_dict else out.to_tuple()
 
 
-def check_pixel_values(pixel_values, config: Blip2VisionConfig):
+def check_pixel_values(pixel_values: Any, config: Blip2VisionConfig) -> None:
     if pixel_values is None:
         raise ValueError("pixel_values is required")
     if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 4 or pixel_values.shape[1] != 3:

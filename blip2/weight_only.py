@@ -21,6 +21,7 @@ another layout repacks it (slower, same values), else the packed bytes are used 
 
 import logging
 from dataclasses import asdict, dataclass, field, replace
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -68,7 +69,7 @@ class WeightOnlyConfig:
         return {"quant_method": METHOD, **d, "int4_layout": layout}
 
     @classmethod
-    def coerce(cls, q) -> "WeightOnlyConfig | None":
+    def coerce(cls, q: Any) -> "WeightOnlyConfig | None":
         """A weight-only config from "int8_weight_only" / "int4_weight_only", a dict, a
         WeightOnlyConfig, or the reference's TorchAoConfig (read by attribute: quant_type, a name or an
         Int4WeightOnlyConfig-like object with group_size; include_input_output_embeddings quantizes lm_head, as
@@ -153,7 +154,7 @@ def unpack_int4(packed: torch.Tensor, layout: int) -> torch.Tensor:
 # quantizing
 
 
-def quantize_int8(w: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_int8(w: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, K) float -> int8 (N, K), scales (N,) in `dtype` (the scale is rounded first, the values from it)."""
     n = w.shape[0]
     q, scales = torch.empty(w.shape, dtype=torch.int8), torch.empty(n, dtype=dtype)
@@ -165,7 +166,7 @@ def quantize_int8(w: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scales
 
 
-def quantize_int4(w: torch.Tensor, group_size: int, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_int4(w: torch.Tensor, group_size: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, K) float -> packed uint8 (N, K/2) in this CPU's layout, scales_and_zeros (K/group, N, 2) in `dtype`."""
     n, k = w.shape
     packed = torch.empty(n, k // 2, dtype=torch.uint8)
@@ -193,7 +194,8 @@ class WeightOnlyLinear(nn.Module):
     """y = x W^T + b with W in int8 (per output channel) or int4 (per group). Parameters, as saved:
     weight (int8 (N, K) | packed uint8 (N, K/2)), scales (N,) | scales_and_zeros (K/group, N, 2), bias (N,)."""
 
-    def __init__(self, in_features, out_features, bias, bits, group_size, dtype, device="meta"):
+    def __init__(self, in_features: int, out_features: int, bias: bool, bits: int, group_size: int,
+                 dtype: torch.dtype, device: str | torch.device = "meta"):
         super().__init__()
         self.in_features, self.out_features, self.bits, self.group_size = in_features, out_features, bits, group_size
         if bits == 8:
@@ -206,14 +208,14 @@ class WeightOnlyLinear(nn.Module):
         self.bias = frozen(torch.empty(out_features, dtype=dtype, device=device)) if bias else None
 
     @property
-    def dtype(self):
+    def dtype(self) -> torch.dtype:
         return (self.scales if self.bits == 8 else self.scales_and_zeros).dtype
 
-    def extra_repr(self):
+    def extra_repr(self) -> str:
         group = f", group_size={self.group_size}" if self.bits == 4 else ""
         return f"in_features={self.in_features}, out_features={self.out_features}, int{self.bits}{group}"
 
-    def load(self, attr: str, t: torch.Tensor, layout: int | None = None):
+    def load(self, attr: str, t: torch.Tensor, layout: int | None = None) -> None:
         """Set parameter `attr` from a freshly read tensor (the kernels want their own 64-byte aligned memory, never
         a view into a mapped file). A float (N, K) weight is quantized; a saved int8 / packed int4 weight is taken
         as it is (an int4 one packed in another CPU's `layout` is repacked for this one)."""
@@ -238,7 +240,7 @@ class WeightOnlyLinear(nn.Module):
         w = (q - 8) * sz[..., 0].t()[..., None] + sz[..., 1].t()[..., None]
         return w.reshape(self.out_features, self.in_features)
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).to(self.dtype).contiguous()  # (M, K)
         if self.bits == 8 and x2.shape[0] >= DENSE_ROWS:
@@ -251,11 +253,11 @@ class WeightOnlyLinear(nn.Module):
         return (y if self.bias is None else y + self.bias).to(x.dtype)
 
 
-def frozen(t):
+def frozen(t: torch.Tensor) -> nn.Parameter:
     return nn.Parameter(t, requires_grad=False)
 
 
-def is_weight_only(module) -> bool:
+def is_weight_only(module: nn.Module) -> bool:
     return isinstance(module, WeightOnlyLinear)
 
 
@@ -270,7 +272,7 @@ def eligible(name: str, q: WeightOnlyConfig) -> bool:
     return q.include_vision and name.startswith(("vision_model.", "qformer.", "language_projection"))
 
 
-def replace_linears(model: nn.Module, q: WeightOnlyConfig) -> list:
+def replace_linears(model: nn.Module, q: WeightOnlyConfig) -> list[str]:
     """Swap the eligible linears of a meta-device model for WeightOnlyLinear (scales in the dtype each weight
     had). An lm_head tied to the input embeddings is untied (it gets its own quantized weight). Returns the names.
     """
@@ -292,7 +294,7 @@ def replace_linears(model: nn.Module, q: WeightOnlyConfig) -> list:
     return names
 
 
-def check_device(device_map: dict):
+def check_device(device_map: dict) -> None:
     """The kernels here are CPU kernels."""
     devices = set(device_map.values()) - {"cpu"}
     if devices:
@@ -301,7 +303,7 @@ def check_device(device_map: dict):
                                 f"(bitsandbytes) on a GPU")
 
 
-def plan_config(quantization, raw: dict) -> tuple["WeightOnlyConfig | None", int | None]:
+def plan_config(quantization: Any, raw: dict) -> tuple["WeightOnlyConfig | None", int | None]:
     """(config, int4 layout of a saved checkpoint) when a load is weight-only: asked for with `quantization`, or
     the checkpoint was saved quantized (its config.json `raw` says so; the layout is None for a float checkpoint).
     """
@@ -316,6 +318,6 @@ def plan_config(quantization, raw: dict) -> tuple["WeightOnlyConfig | None", int
     return (replace(q, fallbacks=[]) if q else None), (qc.get("int4_layout") if saved else None)
 
 
-def mark_config(model, q: WeightOnlyConfig):
+def mark_config(model: nn.Module, q: WeightOnlyConfig) -> None:
     """Record the quantization in model.config, so that save_pretrained writes it to config.json."""
     model.config.extra["quantization_config"] = q.to_dict(int4_layout())

@@ -214,7 +214,7 @@ def place_weights(plan: Plan, offload_folder: str | None, written: list[str]) ->
     """Read every parameter once, in file order, into its final dtype and device. Returns the disk-offload index
     (accelerate's format): weights on disk point into the checkpoint itself when the dtype matches, otherwise
     they are converted and written to offload_folder."""
-    from accelerate.utils import offload_weight, save_offload_index
+    from accelerate.utils import offload_weight, save_offload_index  # only offloading loads need accelerate
 
     model, index, maps = plan.model, {}, {}
     handles, buffer = {}, torch.empty(1 << 22, dtype=torch.uint8)  # one conversion buffer for the whole load

@@ -42,7 +42,7 @@ def probe(form, steps, context="caption", reference=False, work=Path("/tmp/blip2
     text = data.OptText(tok)
     config = stages.text_config(r, tok)
     if reference:
-        import transformers
+        import transformers  # the reference, for this dev comparison only (a test dependency)
         lm = transformers.OPTForCausalLM(transformers.OPTConfig(**config))
     else:
         lm = OPTForCausalLM(OPTConfig.from_dict(config))
