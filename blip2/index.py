@@ -29,6 +29,7 @@ import numpy as np
 
 from .bulk import Rows, Summary, drive, each_or_alone, find_images, need, open_images, prefetched
 from .config import read_json
+from .retrieval import match_score
 
 if TYPE_CHECKING:
     from .distributed import RaySettings
@@ -297,15 +298,15 @@ def text_embedding(runner: Blip2Runner, text: str) -> np.ndarray:
 
 
 def rerank(runner: Blip2Runner, index: ImageIndex, ids, itc, text: str, top: int) -> list[Hit]:
-    """Hits for ranked ids: the first `top` re-ranked by ITM log-odds + ITC cosine (the app's ranking, from
-    Blip2Runner.match on the image file), the rest in ITC order."""
-    from .runner import match_score
-
-    hits = [Hit(index.paths[i], float(s), caption=index.captions[i]) for i, s in zip(ids, itc)]
-    for h in hits[:top]:
-        h.itm = runner.match(h.path, [text])[0].itm
-        h.score = match_score(h.itm, h.itc)
-    return sorted(hits[:top], key=lambda h: -h.score) + hits[top:]
+    """Hits for ranked ids: the first `top` re-ranked by ITM log-odds + ITC cosine on the image files (the app's
+    ranking: Blip2Runner.rerank), the rest in ITC order."""
+    paths = [index.paths[i] for i in ids]
+    hits = []
+    for r in runner.rerank(paths, text, itc, top):
+        i = ids[r.index]
+        score = None if r.itm is None else match_score(r.itm, r.itc)
+        hits.append(Hit(index.paths[i], r.itc, r.itm, score, index.captions[i]))
+    return hits
 
 
 def search_command(runner: Blip2Runner, directory: str, text: str, k: int = 10, top: int = 0, approx=False,
