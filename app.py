@@ -103,7 +103,8 @@ def main(argv=None):
     tune_malloc()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
-    from app.service import RETRIEVAL, ModelSettings, Service
+    from app.registry import RETRIEVAL, ModelSettings
+    from app.service import Service
 
     t0 = time.perf_counter()
     settings = ModelSettings(dtype=None if args.dtype == "auto" else args.dtype, quantize=args.quantize,

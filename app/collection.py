@@ -17,7 +17,9 @@ from PIL import Image
 
 from .errors import RequestError
 from .paths import EMBEDDED_RETRIEVAL
-from .service import EMBEDDED, RETRIEVAL, Service, _number, clean_text
+from .registry import EMBEDDED, RETRIEVAL
+from .service import Service
+from .validation import _number, clean_text
 
 THUMBNAIL = 256  # pixels, longest side
 
@@ -31,7 +33,7 @@ class Collection:
         with open(os.path.join(directory, META)) as f:
             model = json.load(f)["model"]
         same = os.path.isdir(model) and os.path.realpath(model) == os.path.realpath(EMBEDDED_RETRIEVAL)
-        self.key = EMBEDDED if same else svc._add_source(model, RETRIEVAL)
+        self.key = EMBEDDED if same else svc.add_source(model, RETRIEVAL)
 
     def __len__(self):
         return len(self.index)

@@ -13,8 +13,9 @@ import pandas as pd
 
 from . import examples
 from .collection import attached
-from .common import model_event, progress_callback, service, session_models, user_errors
-from .service import RETRIEVAL
+from .common import model_event, progress_callback, session_models, user_errors
+from .registry import RETRIEVAL
+from .service import Service
 
 COLUMNS = ["rank", "image", "ITM probability", "ITC cosine"]
 NOT_RERANKED = "not re-ranked"  # the ITM cell of an image below the re-rank depth (ranked by ITC alone)
@@ -33,30 +34,36 @@ def _name(checked, i):
     return f"image {i}"
 
 
-@user_errors
-def search(gallery, query, rerank_k=None, session=None, where=GALLERY, progress=gr.Progress(track_tqdm=True)):
-    """Rank gallery images for a text, or search the prebuilt index (python app.py --index; `where`).
-    Returns (ranked gallery [(image, caption)], table, notice)."""
-    svc = service()
-    collection = attached(svc)
-    if collection is not None and where != GALLERY:
-        return search_index(collection, query, rerank_k)
-    key = session_models(session)[RETRIEVAL]
-    ranked, skipped = svc.search(key, gallery, query, rerank_k, progress=progress_callback(progress))
-    shown = [(img.source if isinstance(img.source, str) else img.image, _name(img, rank), itc, itm)
-             for rank, (img, itc, itm) in enumerate(ranked, 1)]
-    items, table = ranked_results(shown)
-    notice = f"Ranked {len(ranked)} image{'s' if len(ranked) != 1 else ''}."
-    if skipped:
-        notice += " Skipped: " + "; ".join(reason for _, reason in skipped[:5])
-    caveat = svc.world_caveat(key, [img for img, _, _ in ranked])
-    notice += f" {caveat}" if caveat else ""
-    return items, table, notice
+class SearchTab:
+    """The Search tab's handler over `service` (Gradio reads its signature for the API)."""
+
+    def __init__(self, service: Service):
+        self.service = service
+
+    @user_errors
+    def search(self, gallery, query, rerank_k=None, session=None, where=GALLERY,
+               progress=gr.Progress(track_tqdm=True)):
+        """Rank gallery images for a text, or search the prebuilt index (python app.py --index; `where`).
+        Returns (ranked gallery [(image, caption)], table, notice)."""
+        svc = self.service
+        collection = attached(svc)
+        if collection is not None and where != GALLERY:
+            return search_index(collection, query, svc.limits.search_rerank_k if rerank_k is None else rerank_k)
+        key = session_models(svc, session)[RETRIEVAL]
+        ranked, skipped = svc.search(key, gallery, query, rerank_k, progress=progress_callback(progress))
+        shown = [(img.source if isinstance(img.source, str) else img.image, _name(img, rank), itc, itm)
+                 for rank, (img, itc, itm) in enumerate(ranked, 1)]
+        items, table = ranked_results(shown)
+        notice = f"Ranked {len(ranked)} image{'s' if len(ranked) != 1 else ''}."
+        if skipped:
+            notice += " Skipped: " + "; ".join(reason for _, reason in skipped[:5])
+        caveat = svc.world_caveat(key, [img for img, _, _ in ranked])
+        notice += f" {caveat}" if caveat else ""
+        return items, table, notice
 
 
 def search_index(collection, query, rerank_k):
-    shown, notice = collection.search(query, INDEX_HITS, service().limits.search_rerank_k if rerank_k is None
-                                      else rerank_k)
+    shown, notice = collection.search(query, INDEX_HITS, rerank_k)
     items, table = ranked_results([(thumb, os.path.basename(h.path), h.itc, h.itm, h.caption) for thumb, h in shown])
     return items, table, notice
 
@@ -76,9 +83,9 @@ def example_gallery():
     return examples.gallery()
 
 
-def build(session: gr.State):
-    limits = service().limits
-    collection = attached(service())
+def build(tab: SearchTab, session: gr.State):
+    limits = tab.service.limits
+    collection = attached(tab.service)
     with gr.Row(equal_height=False):
         with gr.Column(scale=1):
             where = None if collection is None else gr.Radio(
@@ -109,7 +116,7 @@ def build(session: gr.State):
         where.change(lambda w: [gr.update(visible=w == GALLERY)] * 2, where, [gallery, load],
                      api_visibility="private", queue=False)
     inputs = [gallery, query, rerank, session] + ([where] if where is not None else [])
-    model_event([run.click, query.submit], search, inputs, [results, ranking, notice],
+    model_event(limits, [run.click, query.submit], tab.search, inputs, [results, ranking, notice],
                 api_name="search", notice=notice, session=session,
                 api_description="Rank gallery images for a text: ITC over all, ITM re-ranking of the top-k.")
     return gallery
