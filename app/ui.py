@@ -8,6 +8,7 @@ from . import caption, chat, matching, search
 from .caption import CaptionTab
 from .chat import ChatTab
 from .common import error_notice, model_event, progress_callback, session_models, user_errors
+from .config import flags_table
 from .matching import MatchingTab
 from .paths import EXAMPLES_DIR
 from .registry import EMBEDDED, GENERATION, RETRIEVAL
@@ -145,6 +146,8 @@ real BLIP-2 models (they need several GB of memory and a download).
 **Example photographs**: public-domain / CC0 pictures from scikit-image (NASA, SpaceX, Rachel Michetti,
 Stefan van der Walt); see `assets/examples/README.md`.
 """)
+    with gr.Accordion("Startup flags and their environment variables", open=False):
+        gr.Markdown(flags_table())
     info = gr.JSON(label="Server information", elem_id="about-info", open=False)
     refresh = gr.Button("Show server information", size="sm")
     refresh.click(app.model_info, [session], info, api_name="model_info",

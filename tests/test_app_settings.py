@@ -266,6 +266,16 @@ def run_main(monkeypatch, argv, env=()):
     return seen
 
 
+def test_the_flags_are_defined_once():
+    """app.py's argparse, the About tab and the README's table all come from app.config.FLAGS."""
+    from app.config import FLAGS, flag_parser, flags_table
+
+    with open(S.ROOT + "/README.md") as f:
+        assert flags_table() in f.read()
+    parsed = {a.option_strings[0] for a in flag_parser()._actions if a.option_strings and a.dest != "help"}
+    assert parsed == {f.flag for f in FLAGS} and len(FLAGS) == 11
+
+
 def test_host_and_port_from_the_environment(monkeypatch, own_service):
     seen = run_main(monkeypatch, ["--no-warm-up"], {"HOST": "0.0.0.0", "PORT": "7999",
                                                      "GRADIO_SERVER_NAME": "10.0.0.1", "GRADIO_SERVER_PORT": "7001"})
