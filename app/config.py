@@ -129,7 +129,7 @@ class Limits:
     search_rerank_k: int = 5  # default number of top ITC hits re-ranked with the ITM head
 
     @classmethod
-    def from_env(cls, **overrides):
+    def from_env(cls, **overrides) -> Limits:
         values = {}
         for f in dataclasses.fields(cls):
             cast = float if isinstance(f.default, float) else int
@@ -139,7 +139,7 @@ class Limits:
         limits.check()
         return limits
 
-    def check(self):
+    def check(self) -> None:
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
@@ -149,5 +149,5 @@ class Limits:
     def max_upload_bytes(self) -> int:
         return int(self.max_upload_mb * 1024 * 1024)
 
-    def as_dict(self):
+    def as_dict(self) -> dict:
         return dataclasses.asdict(self)

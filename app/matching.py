@@ -9,29 +9,13 @@ cross-attention maps).
 from __future__ import annotations
 
 import gradio as gr
-import pandas as pd
 
 from . import examples
 from .common import model_event, progress_callback, session_models, user_errors
 from .registry import RETRIEVAL
+from .render import MATCH_COLUMNS, match_chart, match_table
 from .service import Service
 from .validation import load_image, parse_texts
-
-COLUMNS = ["rank", "text", "ITM probability", "ITC cosine"]
-
-
-def table(rows):
-    return pd.DataFrame([[i, r.text, round(r.itm, 4), round(r.itc, 4)] for i, r in enumerate(rows, 1)],
-                        columns=COLUMNS)
-
-
-def chart(rows):
-    """Bar chart data of both measures, one bar per text labelled by its rank ("# 1", "# 2", ... padded so the
-    chart's alphabetical order is the ranking); the full text shows on hover and in the table."""
-    width = len(str(len(rows)))
-    return pd.DataFrame({"rank": [f"#{i:>{width}}" for i in range(1, len(rows) + 1)],
-                         "text": [r.text for r in rows], "ITM probability": [r.itm for r in rows],
-                         "ITC cosine": [r.itc for r in rows]})
 
 
 class MatchingTab:
@@ -53,8 +37,8 @@ class MatchingTab:
         notice = (f"Best match: **{rows[0].text}** (ITM {rows[0].itm:.3f}). Heat map: {method} for the best match; "
                   "pick another text below to see where the model looks for it.")
         notice = " ".join(img.notes + [notice, svc.world_caveat(key, [img])]).strip()
-        data = chart(rows)
-        return table(rows), data, data, heat, notice
+        data = match_chart(rows)
+        return match_table(rows), data, data, heat, notice
 
     @user_errors
     def heatmap(self, image, text, session=None, progress=gr.Progress(track_tqdm=True)):
@@ -88,8 +72,8 @@ def build(tab: MatchingTab, session: gr.State):
                         "near misses", examples_per_page=4)
             gr.Examples(photos, inputs=[image, texts], label=examples.PHOTOS_LABEL, examples_per_page=4)
         with gr.Column(scale=1):
-            ranked = gr.Dataframe(headers=COLUMNS, label="Ranking by ITM log-odds + ITC cosine (as LAVIS ranks); the "
-                                  "charts below number the texts by this rank (hover a bar for its text)",
+            ranked = gr.Dataframe(headers=MATCH_COLUMNS, label="Ranking by ITM log-odds + ITC cosine (as LAVIS "
+                                  "ranks); the charts below number the texts by this rank (hover a bar for its text)",
                                   interactive=False, wrap=True, elem_id="match-table",
                                   column_widths=["64px", "50%", "120px", "100px"])  # a phone scrolls the table
             with gr.Row(equal_height=False):

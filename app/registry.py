@@ -10,8 +10,8 @@ import os
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable
 
 import psutil
 import torch
@@ -41,11 +41,11 @@ class Checkpoint:
     params_b: float | None = None  # billions of parameters, for the memory check (None: unknown)
     note: str = ""
 
-    def source(self, role):
+    def source(self, role: str) -> str | None:
         return dict(self.sources).get(role)
 
     @property
-    def roles(self):
+    def roles(self) -> tuple[str, ...]:
         return tuple(r for r, _ in self.sources)
 
 
@@ -93,12 +93,12 @@ class Loaded:
     lock: threading.RLock = field(default_factory=threading.RLock)
 
     @property
-    def is_t5(self):
+    def is_t5(self) -> bool:
         cfg = self.model.config
         return bool(getattr(cfg, "is_encoder_decoder", False))
 
     @property
-    def name(self):
+    def name(self) -> str:
         return f"{self.key} [{self.dtype}{', ' + str(self.device) if self.device.type != 'cpu' else ''}]"
 
 
@@ -113,7 +113,8 @@ class Registry:
     """The checkpoints on offer and the models loaded, shared by every session."""
 
     def __init__(self, generation: str | None = None, retrieval: str | None = None,
-                 settings: ModelSettings | None = None, limits: Limits | None = None, extra_checkpoints=()):
+                 settings: ModelSettings | None = None, limits: Limits | None = None,
+                 extra_checkpoints: Sequence[Checkpoint] = ()):
         self.limits = limits or Limits.from_env()
         self.settings = settings or ModelSettings()
         self.catalogue: OrderedDict[str, Checkpoint] = OrderedDict()
@@ -144,16 +145,16 @@ class Registry:
         self.catalogue[key] = Checkpoint(key, ((role, source),), None, f"given on the command line ({role})")
         return key
 
-    def choices(self):
+    def choices(self) -> list[str]:
         return list(self.catalogue)
 
-    def checkpoint(self, key) -> Checkpoint:
+    def checkpoint(self, key: object) -> Checkpoint:
         if not isinstance(key, str) or key not in self.catalogue:
             raise RequestError(f"unknown model {str(key)[:200]!r}: choose one of the listed checkpoints "
                                f"({', '.join(self.catalogue)})")
         return self.catalogue[key]
 
-    def session_defaults(self):
+    def session_defaults(self) -> dict[str, str]:
         return dict(self.default)
 
     # --- loading
@@ -167,12 +168,12 @@ class Registry:
         with self._registry_lock:
             return list(self._loaded.values())
 
-    def loaded(self, key, role) -> Loaded | None:
+    def loaded(self, key: str, role: str) -> Loaded | None:
         c = self.catalogue.get(key)
         source = c.source(role) if c else None
         return self._loaded.get(self._cache_key(source, role)) if source else None
 
-    def get(self, key, role, progress=None) -> Loaded:
+    def get(self, key: str, role: str, progress: Progress | None = None) -> Loaded:
         """The shared model of checkpoint `key` for `role`, loading it (once) if needed."""
         c = self.checkpoint(key)
         source = c.source(role)
@@ -272,7 +273,7 @@ class Registry:
                                f"memory at {bytes_per * 8}-bit precision, but only {free / 2**30:.1f} GB is free; "
                                "still serving the model loaded before (try --dtype float16 or --quantize 8bit)")
 
-    def warm_up(self):
+    def warm_up(self) -> None:
         """Load the startup models (called before the server starts)."""
         for role in (GENERATION, RETRIEVAL):
             self.get(self.default[role], role)

@@ -9,16 +9,14 @@ from __future__ import annotations
 import os
 
 import gradio as gr
-import pandas as pd
 
 from . import examples
 from .collection import attached
 from .common import model_event, progress_callback, session_models, user_errors
 from .registry import RETRIEVAL
+from .render import SEARCH_COLUMNS, ranked_results
 from .service import Service
 
-COLUMNS = ["rank", "image", "ITM probability", "ITC cosine"]
-NOT_RERANKED = "not re-ranked"  # the ITM cell of an image below the re-rank depth (ranked by ITC alone)
 GALLERY = "the gallery"
 INDEX_HITS = 24  # results shown from a prebuilt index
 
@@ -68,17 +66,6 @@ def search_index(collection, query, rerank_k):
     return items, table, notice
 
 
-def ranked_results(hits) -> tuple[list, pd.DataFrame]:
-    """(image, name, ITC, ITM or None[, caption]) best first -> gallery items captioned with rank, ITM (or "not
-    re-ranked") and ITC, and the score table."""
-    items, rows = [], []
-    for rank, (image, name, itc, itm, *caption) in enumerate(hits, 1):
-        itm_text = NOT_RERANKED if itm is None else f"ITM {itm:.2f}"
-        items.append((image, " · ".join([f"#{rank}", itm_text, f"ITC {itc:.2f}", *[c for c in caption if c]])))
-        rows.append([rank, name, NOT_RERANKED if itm is None else round(itm, 4), round(itc, 4)])
-    return items, pd.DataFrame(rows, columns=COLUMNS)
-
-
 def example_gallery():
     return examples.gallery()
 
@@ -104,7 +91,7 @@ def build(tab: SearchTab, session: gr.State):
             results = gr.Gallery(label="Results, best first", columns=2, height=420, interactive=False,
                                  elem_id="search-results", object_fit="contain")
             notice = gr.Markdown(elem_id="search-notice", label="Notice")
-            ranking = gr.Dataframe(headers=COLUMNS, label="Scores", interactive=False, elem_id="search-table",
+            ranking = gr.Dataframe(headers=SEARCH_COLUMNS, label="Scores", interactive=False, elem_id="search-table",
                                    column_widths=["64px", "40%", "120px", "100px"], wrap=True,
                                    max_height=260)
             scenes, photos = examples.search_queries()

@@ -30,9 +30,18 @@ from blip2.train.world_check import in_world
 from .config import Limits
 from .errors import RequestError, TimeLimitReached
 from .files import request_file
-from .registry import EMBEDDED, Loaded, ModelSettings, Registry
+from .registry import EMBEDDED, Checkpoint, Loaded, ModelSettings, Progress, Registry
 from .render import overlay_heatmap
-from .validation import CheckedImage, DecodingSettings, _number, _payload_path, clean_text, load_image, parse_texts
+from .validation import (
+    CheckedImage,
+    DecodingSettings,
+    ImageInput,
+    _number,
+    _payload_path,
+    clean_text,
+    load_image,
+    parse_texts,
+)
 from .zerogpu import gpu
 
 
@@ -98,6 +107,9 @@ class MatchRow:
         return match_score(self.itm, self.itc)
 
 
+Hit = tuple[CheckedImage, float, float | None]  # a ranked gallery image: (image, ITC cosine, ITM probability or None)
+
+
 def _join(*notes: str) -> str:
     return " ".join(n for n in notes if n)
 
@@ -106,7 +118,8 @@ class Service(Registry):
     """The operations of the app over the registry's models, shared by every session."""
 
     def __init__(self, generation: str | None = None, retrieval: str | None = None,
-                 settings: ModelSettings | None = None, limits: Limits | None = None, extra_checkpoints=()):
+                 settings: ModelSettings | None = None, limits: Limits | None = None,
+                 extra_checkpoints: Sequence[Checkpoint] = ()):
         super().__init__(generation, retrieval, settings, limits, extra_checkpoints)
         Image.MAX_IMAGE_PIXELS = self.limits.max_image_pixels  # PIL's own bomb check, at the same limit
         self._file_digests = LRU(4096)  # (path, size, mtime) -> content hash, so a gallery is not re-read
@@ -119,7 +132,7 @@ class Service(Registry):
         with loaded.lock if loaded is not None else contextlib.nullcontext(), torch.no_grad():
             yield deadline
 
-    def _image(self, image) -> CheckedImage:
+    def _image(self, image: ImageInput) -> CheckedImage:
         return image if isinstance(image, CheckedImage) else load_image(image, self.limits)
 
     # --- generation
@@ -204,8 +217,8 @@ class Service(Registry):
                 "checkpoint in the Model picker (e.g. Salesforce/blip2-opt-2.7b) and press Load model.")
 
     @gpu
-    def caption(self, gen_key: str, image, prompt: str = "", decoding: DecodingSettings | None = None,
-                stream: bool = True, progress=None) -> Iterator[CaptionResult]:
+    def caption(self, gen_key: str, image: ImageInput, prompt: str = "", decoding: DecodingSettings | None = None,
+                stream: bool = True, progress: Progress | None = None) -> Iterator[CaptionResult]:
         """Yield CaptionResult(captions, notice) as the caption(s) grow."""
         loaded = self.get(gen_key, GENERATION, progress)
         img = self._image(image)
@@ -217,8 +230,9 @@ class Service(Registry):
             yield CaptionResult(texts, _join(notes, notice))
 
     @gpu
-    def chat(self, gen_key: str, image, question: str, history: Sequence[tuple[str, str]],
-             decoding: DecodingSettings | None = None, stream: bool = True, progress=None) -> Iterator[tuple[str, str]]:
+    def chat(self, gen_key: str, image: ImageInput, question: str, history: Sequence[tuple[str, str]],
+             decoding: DecodingSettings | None = None, stream: bool = True,
+             progress: Progress | None = None) -> Iterator[tuple[str, str]]:
         """One chat turn. Yields (answer so far, notice); history is [(q, a), ...] of earlier turns, the oldest
         left out by the runner when they do not fit."""
         loaded = self.get(gen_key, GENERATION, progress)
@@ -232,7 +246,8 @@ class Service(Registry):
     # --- matching and search
 
     @gpu
-    def match(self, ret_key: str, image, texts, progress=None) -> list[MatchRow]:
+    def match(self, ret_key: str, image: ImageInput, texts: str | Sequence[str],
+              progress: Progress | None = None) -> list[MatchRow]:
         """ITM probability and ITC cosine of every text against one image (encoded once), best first."""
         loaded = self.get(ret_key, RETRIEVAL, progress)
         img = self._image(image)
@@ -242,7 +257,8 @@ class Service(Registry):
         return sorted((MatchRow(m.text, m.itm, m.itc) for m in matches), key=lambda r: -r.score)
 
     @gpu
-    def heatmap(self, ret_key: str, image, text: str, progress=None) -> tuple[Image.Image, np.ndarray, str]:
+    def heatmap(self, ret_key: str, image: ImageInput, text: str,
+                progress: Progress | None = None) -> tuple[Image.Image, np.ndarray, str]:
         """Where the Q-Former looks for `text` (blip2.explain's Grad-CAM, over the vision pass a match cached),
         drawn over the image. Returns (overlay image, (h, w) relevance grid, method)."""
         loaded = self.get(ret_key, RETRIEVAL, progress)
@@ -257,8 +273,8 @@ class Service(Registry):
         return overlay_heatmap(img.image, grid), grid, method
 
     @gpu
-    def search(self, ret_key: str, images, query: str, rerank_k: int | None = None,
-               progress=None) -> tuple[list[tuple[CheckedImage, float, float | None]], list[tuple[str, str]]]:
+    def search(self, ret_key: str, images: ImageInput | Sequence[ImageInput], query: str, rerank_k: int | None = None,
+               progress: Progress | None = None) -> tuple[list[Hit], list[tuple[str, str]]]:
         """Rank a gallery for a text (Blip2Runner.rank: ITC over every image, embeddings cached by content, then
         the top `rerank_k` re-ranked by ITM log-odds + ITC cosine, as LAVIS re-ranks).
         Returns (ranked [(CheckedImage, itc, itm or None)], skipped [(name, reason)])."""

@@ -30,7 +30,8 @@ from .files import request_file
 _KEEP_SPACE = {"\t", "\n", "\r", "\v", "\f", "\x85", "\u2028", "\u2029"}
 
 
-def clean_text(text, what="text", max_chars=1000, allow_empty=False, single_line=True) -> str:
+def clean_text(text: object, what: str = "text", max_chars: int = 1000, allow_empty: bool = False,
+               single_line: bool = True) -> str:
     """A user's text, checked and normalised: NFC, control characters and unpaired surrogates removed,
     whitespace collapsed (newlines too when single_line). Emoji, mixed scripts and combining marks stay."""
     if text is None:
@@ -62,7 +63,7 @@ def clean_text(text, what="text", max_chars=1000, allow_empty=False, single_line
     return text
 
 
-def parse_texts(value, limits: Limits, what="candidate texts") -> list[str]:
+def parse_texts(value: object, limits: Limits, what: str = "candidate texts") -> list[str]:
     """Candidate texts, one per line (a str) or a list of str; blank lines dropped, duplicates kept once."""
     if value is None:
         value = ""
@@ -103,6 +104,10 @@ class CheckedImage:
     notes: list = field(default_factory=list)
 
 
+# what a request may send as an image: a Gradio payload dict, a path, bytes, a PIL image, an array (None: refused)
+ImageInput = CheckedImage | dict | str | Path | bytes | Image.Image | np.ndarray | None
+
+
 def _payload_path(value):
     """A Gradio FileData / ImageData payload (dict) or GalleryImage dict -> file path, or None."""
     if isinstance(value, dict):
@@ -122,7 +127,7 @@ def image_digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()[:32]
 
 
-def decode_image(data: bytes, limits: Limits, name="the image", source=None) -> CheckedImage:
+def decode_image(data: bytes, limits: Limits, name: str = "the image", source: object = None) -> CheckedImage:
     """Bytes of an image file -> CheckedImage, or RequestError saying what is wrong with the file."""
     if len(data) == 0:
         raise RequestError(f"{name} is an empty file (0 bytes): upload it again")
@@ -144,7 +149,8 @@ def decode_image(data: bytes, limits: Limits, name="the image", source=None) -> 
     return check_image(im, limits, name, image_digest(data), source)
 
 
-def check_image(im: Image.Image, limits: Limits, name="the image", digest=None, source=None) -> CheckedImage:
+def check_image(im: Image.Image, limits: Limits, name: str = "the image", digest: str | None = None,
+                source: object = None) -> CheckedImage:
     """An opened (possibly lazy) PIL image -> CheckedImage: size limits, first frame, EXIF, mode, downsizing."""
     w, h = im.size
     if w < 1 or h < 1:
@@ -183,7 +189,7 @@ def check_image(im: Image.Image, limits: Limits, name="the image", digest=None, 
     return CheckedImage(rgb, digest, (w, h), source, notes)
 
 
-def load_image(value, limits: Limits, name="the image") -> CheckedImage:
+def load_image(value: ImageInput, limits: Limits, name: str = "the image") -> CheckedImage:
     """Whatever an event or a direct caller passes as an image -> CheckedImage (RequestError if unusable).
 
     Accepts a Gradio payload dict (preprocess=False), a file path, bytes, a PIL image or a numpy array. A path
@@ -251,20 +257,20 @@ class DecodingSettings:
     num_captions: int = 1
 
     @property
-    def sampling(self):
+    def sampling(self) -> bool:
         return self.mode == SAMPLING
 
     @property
-    def rows(self):
+    def rows(self) -> int:
         """Sequences decoded side by side."""
         return self.num_captions if self.sampling else self.num_beams
 
     @property
-    def streams(self):
+    def streams(self) -> bool:
         """Whether the text can be streamed token by token (one sequence, no beam search)."""
         return self.num_captions == 1 and (self.sampling or self.num_beams == 1)
 
-    def generate_kwargs(self):
+    def generate_kwargs(self) -> dict:
         kw = dict(max_new_tokens=self.max_new_tokens, min_new_tokens=min(self.min_new_tokens, self.max_new_tokens),
                   repetition_penalty=self.repetition_penalty, num_return_sequences=self.num_captions)
         if self.sampling:

@@ -95,7 +95,10 @@ class Keyed:
     load: Callable[[], Image.Image]
 
 
-def keyed(image: "Keyed | Image.Image | str | os.PathLike | np.ndarray") -> Keyed:
+ImageLike = Keyed | Image.Image | str | os.PathLike | np.ndarray  # what the runner's methods take as an image
+
+
+def keyed(image: ImageLike) -> Keyed:
     """Any image the runner accepts -> Keyed (a loaded one is hashed by its pixels)."""
     if isinstance(image, Keyed):
         return image

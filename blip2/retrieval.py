@@ -5,18 +5,25 @@ bytes-bounded LRU. `Blip2Runner` (blip2/runner.py) adds generation on top; the a
 Special-token strings in user text (a literal "<image>", "[CLS]") are plain text in every path.
 """
 
+from __future__ import annotations
+
 import math
 import threading
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .cache import KVCache
 from .explain import relevance_grid
-from .images import Keyed, keyed
+from .images import ImageLike, Keyed, keyed
+
+if TYPE_CHECKING:
+    from .modeling import Blip2ForImageTextRetrieval
+    from .processing import Blip2Processor, Blip2Tokenizer
 
 VISION_BATCH = 8  # images per vision pass when many miss the cache (a stop check runs between passes)
 
@@ -29,20 +36,20 @@ class ByteLRU:
         self.items = OrderedDict()  # key -> (value, bytes)
         self.lock = threading.Lock()
 
-    def get(self, key):
+    def get(self, key: Any) -> Any:
         with self.lock:
             if key not in self.items:
                 return None
             self.items.move_to_end(key)
             return self.items[key][0]
 
-    def pop(self, key):
+    def pop(self, key: Any) -> Any:
         with self.lock:
             value, size = self.items.pop(key, (None, 0))
             self.bytes -= size
             return value
 
-    def put(self, key, value) -> None:
+    def put(self, key: Any, value: Any) -> None:
         size = nbytes(value)
         with self.lock:
             self.bytes -= self.items.pop(key, (None, 0))[1]
@@ -54,7 +61,7 @@ class ByteLRU:
                 self.bytes -= self.items.popitem(last=False)[1][1]
 
 
-def nbytes(value) -> int:
+def nbytes(value: torch.Tensor | KVCache | Sequence) -> int:
     """Bytes held by a tensor, a KVCache, or a sequence of them."""
     if isinstance(value, torch.Tensor):
         return value.numel() * value.element_size()
@@ -63,7 +70,7 @@ def nbytes(value) -> int:
     return sum(nbytes(v) for v in value)
 
 
-def encode_plain(tokenizer, text: str) -> list[int]:
+def encode_plain(tokenizer: Blip2Tokenizer, text: str) -> list[int]:
     """Token ids of user text with the tokenizer's own special tokens around it. Special-token strings inside the
     text stay plain text, so a literal "<image>" cannot change the image-token count nor "</s>" end the prompt."""
     backend = tokenizer.backend
@@ -109,7 +116,8 @@ class Retriever:
     """`itm_model`: a Blip2ForImageTextRetrieval with its `itm_processor` (None: matching is refused). `features`:
     the content-keyed cache of image features and text embeddings; `stats` counts its hits and misses."""
 
-    def __init__(self, itm_model=None, itm_processor=None, features: ByteLRU | None = None,
+    def __init__(self, itm_model: Blip2ForImageTextRetrieval | None = None, itm_processor: Blip2Processor | None = None,
+                 features: ByteLRU | None = None,
                  stats: Counter | None = None):
         self.itm_model, self.itm_processor = itm_model, itm_processor
         self.features = features if features is not None else ByteLRU(256 * 2**20)
@@ -158,12 +166,12 @@ class Retriever:
         return self._many("vision", images, lambda ks: m.vision_model(
             self._pixels(m, self.itm_processor, [k.load() for k in ks])).last_hidden_state, stop)
 
-    def vision_states(self, image) -> torch.Tensor:
+    def vision_states(self, image: ImageLike) -> torch.Tensor:
         """(1, 1+N, D_v) patch embeddings of the retrieval model for an image, cached (a heat map after a match
         reuses the match's vision pass)."""
         return self._vision_states([keyed(image)])[0]
 
-    def itc_images(self, images: Sequence, stop: Callable[[], None] | None = None) -> torch.Tensor:
+    def itc_images(self, images: Sequence[ImageLike], stop: Callable[[], None] | None = None) -> torch.Tensor:
         """(I, Q, E) normalised ITC embeddings of images, each cached by content (the vision pass too)."""
         m, images = self._retrieval(), [keyed(i) for i in images]
         if not images:
@@ -180,12 +188,13 @@ class Retriever:
         return torch.cat([self._cached(("text", t), lambda t=t: m.itc_text_embeds(*self.text_batch([t])[:2])[0])
                           for t in texts])
 
-    def image_text_embeddings(self, images=(), texts=()) -> tuple[torch.Tensor, torch.Tensor]:
+    def image_text_embeddings(self, images: Sequence[ImageLike] = (),
+                              texts: Sequence[str] = ()) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalised ITC embeddings for search: images (I, Q, E) and texts (T, E), each cached by content.
         The similarity of image i and text t is max over q of images[i, q] . texts[t]."""
         return self.itc_images(list(images)), self.itc_texts(list(texts))
 
-    def itc_image_batch(self, images) -> torch.Tensor:
+    def itc_image_batch(self, images: Sequence[ImageLike]) -> torch.Tensor:
         """(B, Q, E) normalised ITC embeddings of images in one vision pass (not cached: for collections)."""
         m = self._retrieval()
         images = [keyed(i).load() for i in images]
@@ -211,7 +220,7 @@ class Retriever:
 
     # ---- tasks -------------------------------------------------------------------------------------------
 
-    def match(self, image, texts: Sequence[str]) -> list[Match]:
+    def match(self, image: ImageLike, texts: Sequence[str]) -> list[Match]:
         """ITM probability and ITC cosine of one image against each text; the image is encoded once (cached)."""
         m, texts = self._retrieval(), list(texts)
         if not texts:
@@ -226,7 +235,7 @@ class Retriever:
             itc = (img[0].float() @ txt.float().t()).amax(0)  # (T,): best query per text
         return [Match(t, float(a), float(c), cut) for t, a, c, cut in zip(texts, itm, itc, truncated)]
 
-    def itm_probs(self, images: Sequence, text: str, stop: Callable[[], None] | None = None) -> list[float]:
+    def itm_probs(self, images: Sequence[ImageLike], text: str, stop: Callable[[], None] | None = None) -> list[float]:
         """ITM match probability of each image with one text (vision passes cached)."""
         m, images = self._retrieval(), [keyed(i) for i in images]
         if not images:
@@ -237,7 +246,7 @@ class Retriever:
             logits = m.itm_logits(states, ids.expand(len(images), -1), mask.expand(len(images), -1))[0]
         return logits.float().softmax(-1)[:, 1].tolist()
 
-    def rerank(self, images: Sequence, text: str, itc: Sequence[float], k: int,
+    def rerank(self, images: Sequence[ImageLike], text: str, itc: Sequence[float], k: int,
                stop: Callable[[], None] | None = None) -> list[Ranked]:
         """Images with their ITC cosines for `text`, best first: the `k` best by ITC re-ranked by ITM log-odds +
         ITC cosine (as LAVIS re-ranks), the rest in ITC order. The app's search and `python -m blip2 search`
@@ -247,7 +256,7 @@ class Retriever:
         itm = dict(zip(top, self.itm_probs([images[i] for i in top], text, stop)))
         return [Ranked(i, itc[i], itm.get(i)) for i in rerank_order(itc, itm)]
 
-    def rank(self, images: Sequence, text: str, rerank_k: int = 0,
+    def rank(self, images: Sequence[ImageLike], text: str, rerank_k: int = 0,
              stop: Callable[[], None] | None = None) -> list[Ranked]:
         """Rank a gallery for a text: ITC over every image (embeddings cached by content, so a new query over the
         same gallery embeds only the text), then `rerank`. `stop()` runs between vision passes (a deadline)."""
@@ -256,7 +265,7 @@ class Retriever:
         itc = (embeds.float() @ text_embed.float()).amax(1)  # (I,): best query per image
         return self.rerank(images, text, itc.tolist(), rerank_k, stop)
 
-    def heatmap(self, image, text: str) -> tuple[torch.Tensor, str]:
+    def heatmap(self, image: ImageLike, text: str) -> tuple[torch.Tensor, str]:
         """Where the Q-Former looks for `text` in the image: blip2.explain.relevance_grid over the cached vision
         states -> ((side, side) relevance, method)."""
         states = self.vision_states(image)

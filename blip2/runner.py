@@ -13,24 +13,32 @@ result says what was done (`dropped_turns`, `truncated`, `max_new_tokens`). Spec
 literal "<image>", "</s>") are plain text. Generation stops between tokens when a `stop` callback raises.
 """
 
+from __future__ import annotations
+
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from .generation import DEFAULT_NEW_TOKENS, Decoding, text_pieces
-from .images import keyed, load_image  # noqa: F401 (load_image: the CLI's loader, blip2.images')
+from .images import ImageLike, keyed, load_image  # noqa: F401 (load_image: the CLI's loader, blip2.images')
 from .retrieval import ByteLRU, Match, Retriever, encode_plain, match_score  # noqa: F401 (the runner's API)
+
+if TYPE_CHECKING:
+    from .modeling import Blip2ForConditionalGeneration, Blip2ForImageTextRetrieval
+    from .processing import Blip2Processor
 
 # The demo's decoding defaults, shared by the app and the CLI: a caption gets room to finish its phrase, an answer
 # is short; at least one new token, so an image never gets an empty text.
 CAPTION_DECODING = {"max_new_tokens": 30, "min_new_tokens": 1}
 ANSWER_DECODING = {"max_new_tokens": 20, "min_new_tokens": 1}
+History = Sequence[tuple[str, str]]  # a chat's past turns: (question, answer), oldest first
 MIN_ANSWER_TOKENS = 8  # with fit_new_tokens, the fewest new tokens an over-long prompt keeps before it is cut
 
 
-def truncate_left(ids, special, limit):
+def truncate_left(ids: list[int], special: list[int], limit: int) -> list[int]:
     """Keep the special tokens the template added (`special` = ids of the empty text, in front of the text or
     after it) and the last text tokens, `limit` ids in all."""
     if len(ids) <= limit:
@@ -47,7 +55,7 @@ def chat_turn(question: str, answer: str) -> str:
     return f"Question: {question} Answer: {answer}{'' if answer.endswith(('.', '!', '?')) else '.'}"
 
 
-def chat_prompt(question: str, history=(), short_answer: bool = False) -> str:
+def chat_prompt(question: str, history: History = (), short_answer: bool = False) -> str:
     """The BLIP-2 paper's VQA template over a chat: a `chat_turn` per past (q, a), then "Question: q Answer:", or
     "Question: q Short answer:" for Flan-T5 (`short_answer`) as the paper prompts it. The app and the CLI both
     build their prompts here."""
@@ -104,13 +112,14 @@ class Blip2Runner(Retriever):
     with its `itm_processor` (matching, search, heat maps: blip2.retrieval.Retriever). Either pair may be None.
     `stats` counts cache hits."""
 
-    def __init__(self, model=None, processor=None, itm_model=None, itm_processor=None,
+    def __init__(self, model: Blip2ForConditionalGeneration | None = None, processor: Blip2Processor | None = None,
+                 itm_model: Blip2ForImageTextRetrieval | None = None, itm_processor: Blip2Processor | None = None,
                  image_cache_bytes: int = 256 * 2**20, prefix_cache_bytes: int = 256 * 2**20):
         super().__init__(itm_model, itm_processor, ByteLRU(image_cache_bytes), Counter())
         self.model, self.processor = model, processor
         self.prefixes = ByteLRU(prefix_cache_bytes)  # image key -> (token ids (T,) held, KVCache)
 
-    def image_embeds(self, image) -> tuple[torch.Tensor, str]:
+    def image_embeds(self, image: ImageLike) -> tuple[torch.Tensor, str]:
         """(1, Q, D_t) language-model-ready query embeddings of an image, cached by content; and the key."""
         image, m = keyed(image), self._generator()
         embeds = self._cached(("lm", image.key), lambda: m.get_image_features(
@@ -164,12 +173,12 @@ class Blip2Runner(Retriever):
         new_tokens = min(max_new_tokens, positions - len(ids)) if fit_new_tokens and decoder else max_new_tokens
         return Prompt(text, ids, dropped, cut, new_tokens)
 
-    def _chat_texts(self, question: str, history: Sequence[tuple[str, str]]) -> list[str]:
+    def _chat_texts(self, question: str, history: History) -> list[str]:
         """The chat prompt with all past turns, then without the oldest ones (to fit the context, first first)."""
         history, short = list(history), bool(self._generator().config.is_encoder_decoder)
         return [chat_prompt(question, history[i:], short) for i in range(len(history) + 1)]
 
-    def fit_chat(self, question: str, history: Sequence[tuple[str, str]], max_new_tokens: int,
+    def fit_chat(self, question: str, history: History, max_new_tokens: int,
                  fit_new_tokens: bool = False) -> Prompt:
         """The chat prompt `ask` uses for this question and history, fitted to the context (see `fit`)."""
         return self.fit(self._chat_texts(question, history), max_new_tokens, fit_new_tokens)
@@ -269,12 +278,12 @@ class Blip2Runner(Retriever):
 
         return TextStream(pieces(), fit)
 
-    def caption(self, image, prompt: str = "", fit_new_tokens: bool = False, **decoding) -> Generated:
+    def caption(self, image: ImageLike, prompt: str = "", fit_new_tokens: bool = False, **decoding) -> Generated:
         """Describe an image (optionally continuing `prompt`). `decoding`: generate's settings (`stop`: a callback
         run between tokens that ends the decoding by raising); `fit_new_tokens`: see `fit`."""
         return self._generate(image, [prompt], decoding, fit_new_tokens)
 
-    def caption_batch(self, images, prompt: str | list = "", **decoding) -> list:
+    def caption_batch(self, images: Sequence[ImageLike], prompt: str | list[str] = "", **decoding) -> list[Generated]:
         """Describe several images at once: one vision pass for the batch, then the language model over every
         prompt left-padded to the longest. Greedy decoding and beam search give what `caption` gives each image
         alone; sampling draws the whole batch from one generator. Returns one Generated per image."""
@@ -302,17 +311,18 @@ class Blip2Runner(Retriever):
         return [Generated(texts[i * n], texts[i * n:(i + 1) * n], f.text, f.truncated, 0, f.max_new_tokens)
                 for i, f in enumerate(fits)]
 
-    def caption_stream(self, image, prompt: str = "", fit_new_tokens: bool = False, **decoding) -> TextStream:
+    def caption_stream(self, image: ImageLike, prompt: str = "", fit_new_tokens: bool = False,
+                       **decoding) -> TextStream:
         """`caption`, its text yielded piece by piece as it is generated."""
         return self._stream(image, [prompt], decoding, fit_new_tokens)
 
-    def ask(self, image, question: str, history: Sequence[tuple[str, str]] = (), fit_new_tokens: bool = False,
+    def ask(self, image: ImageLike, question: str, history: History = (), fit_new_tokens: bool = False,
             **decoding) -> Generated:
         """Answer a question about an image, given the chat so far (a list of (question, answer)); the oldest
         turns are left out when the prompt does not fit (`dropped_turns`)."""
         return self._generate(image, self._chat_texts(question, history), decoding, fit_new_tokens)
 
-    def ask_stream(self, image, question: str, history: Sequence[tuple[str, str]] = (), fit_new_tokens: bool = False,
+    def ask_stream(self, image: ImageLike, question: str, history: History = (), fit_new_tokens: bool = False,
                    **decoding) -> TextStream:
         """`ask`, its answer yielded piece by piece as it is generated."""
         return self._stream(image, self._chat_texts(question, history), decoding, fit_new_tokens)

@@ -7,8 +7,9 @@ import app_support as S
 import numpy as np
 import pytest
 
-from app import caption, chat, search
+from app import caption, chat
 from app.registry import GENERATION, RETRIEVAL
+from app.render import NOT_RERANKED
 from app.validation import DecodingSettings
 from blip2.retrieval import match_score
 
@@ -181,7 +182,7 @@ def test_search_ranks_the_right_scene_first(svc, scenes):
         items, table, notice = S.app().search.search(paths, scene.caption(), 3)
         assert items[0][0] == path and notice == f"Ranked {len(paths)} images."
         assert sorted(table["image"]) == sorted(os.path.basename(p) for p in paths)
-        assert (table["ITM probability"] != search.NOT_RERANKED).sum() == 3  # the top 3 re-ranked by ITM
+        assert (table["ITM probability"] != NOT_RERANKED).sum() == 3  # the top 3 re-ranked by ITM
 
 
 def test_search_reuses_cached_image_embeddings(svc, scenes, monkeypatch):

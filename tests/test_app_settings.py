@@ -14,10 +14,10 @@ from tiny_checkpoints import fake_hub_cache, shared_checkpoint
 
 import app.common
 import app.ui
-from app import search
 from app.config import Limits
 from app.errors import RequestError
 from app.registry import EMBEDDED, GENERATION, KNOWN_CHECKPOINTS, RETRIEVAL, Checkpoint, ModelSettings
+from app.render import NOT_RERANKED
 from app.service import Service
 from app.validation import DecodingSettings, load_image
 
@@ -195,7 +195,7 @@ def _loaded_models(svc, limits, scene_path, tmp_path):
 def _rerank(svc, limits, scene_path, tmp_path):
     items, table, notice = S.app().search.search([scene_path] * 1 + [S.write(tmp_path, "b.png", S.png_bytes(
         S.colour_image((50, 50))))], "a small blue square on the left")
-    assert (table["ITM probability"] != search.NOT_RERANKED).tolist() == [True, False]  # the default re-ranks the top 1
+    assert (table["ITM probability"] != NOT_RERANKED).tolist() == [True, False]  # the default re-ranks the top 1
 
 
 LIMIT_CASES = {  # field: (BLIP2_<FIELD> value, check that it took effect)
