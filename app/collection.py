@@ -19,7 +19,7 @@ from .errors import RequestError
 from .paths import EMBEDDED_RETRIEVAL
 from .registry import EMBEDDED, RETRIEVAL
 from .service import Service
-from .validation import _number, clean_text
+from .validation import clean_text, parse_number
 
 THUMBNAIL = 256  # pixels, longest side
 
@@ -43,7 +43,7 @@ class Collection:
         from blip2.index import rerank, text_embedding
 
         query = clean_text(query, "the search text", self.svc.limits.max_prompt_chars)
-        rerank_k = _number(rerank_k, "re-rank top-k", 0, 100, integer=True)
+        rerank_k = parse_number(rerank_k, "re-rank top-k", 0, 100, integer=True)
         loaded = self.svc.get(self.key, RETRIEVAL)
         with self.svc.request(loaded):
             start = time.perf_counter()

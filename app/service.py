@@ -36,11 +36,11 @@ from .validation import (
     CheckedImage,
     DecodingSettings,
     ImageInput,
-    _number,
-    _payload_path,
     clean_text,
     load_image,
+    parse_number,
     parse_texts,
+    payload_path,
 )
 from .zerogpu import gpu
 
@@ -52,31 +52,26 @@ def _stop_after(deadline: float) -> None:
 
 
 class LRU:
-    """A small thread-safe LRU cache."""
+    """A thread-safe LRU map bounded by its number of entries, for the app's small bookkeeping values (file
+    digests, world verdicts); model features live in the runner's bytes-bounded cache."""
 
-    def __init__(self, capacity):
+    def __init__(self, capacity: int):
         self.capacity, self.data, self.lock = capacity, OrderedDict(), threading.Lock()
 
-    def get(self, key):
+    def get(self, key: object) -> object:
         with self.lock:
             if key in self.data:
                 self.data.move_to_end(key)
                 return self.data[key]
         return None
 
-    def put(self, key, value):
+    def put(self, key: object, value: object) -> None:
         with self.lock:
             self.data[key] = value
             self.data.move_to_end(key)
             while len(self.data) > self.capacity:
                 self.data.popitem(last=False)
 
-    def __len__(self):
-        return len(self.data)
-
-    def clear(self):
-        with self.lock:
-            self.data.clear()
 
 
 def clean_answer(text: str) -> str:
@@ -137,8 +132,10 @@ class Service(Registry):
 
     # --- generation
 
-    def _fit_notes(self, loaded: Loaded, out: Generated | TextStream, decoding: DecodingSettings) -> str:
-        """What the runner's context fitting did, for the user."""
+    def _fit_notes(self, loaded: Loaded, out: Generated | TextStream, decoding: DecodingSettings,
+                   ended_early: bool = False) -> str:
+        """What the runner's context fitting did, for the user (a lowered max_new_tokens only matters when the
+        answer did not end early, at the time limit)."""
         context = loaded.runner.context_size
         notes = []
         if out.dropped_turns:
@@ -146,7 +143,7 @@ class Service(Registry):
             notes.append(f"Note: {turns} left out of the prompt to fit the model's context of {context} tokens.")
         elif out.truncated:
             notes.append("The prompt was shortened from the left to fit the model's context.")
-        if out.max_new_tokens < decoding.max_new_tokens:
+        if out.max_new_tokens < decoding.max_new_tokens and not ended_early:
             notes.append(f"Max new tokens lowered to {out.max_new_tokens}: the model has {context} positions and "
                          "the image and prompt take the rest.")
         return _join(*notes)
@@ -180,12 +177,8 @@ class Service(Registry):
                 with self.request(loaded, deadline):
                     pieces.close()
                     out.close()
-            if stopped:  # the answer ended before any token limit: only a cut prompt is worth a note
-                notes = self._fit_notes(loaded, dataclasses.replace(Generated("", [], out.prompt, out.truncated,
-                                        out.dropped_turns, decoding.max_new_tokens)), decoding)
-                yield [text.strip()], _join(notes, f"Stopped at the time limit of {self.limits.time_limit_s:g} s.")
-            else:
-                yield [text.strip()], self._fit_notes(loaded, out, decoding)
+            stop = f"Stopped at the time limit of {self.limits.time_limit_s:g} s." if stopped else ""
+            yield [text.strip()], _join(self._fit_notes(loaded, out, decoding, ended_early=stopped), stop)
             return
         try:
             with self.request(loaded, deadline):
@@ -286,7 +279,7 @@ class Service(Registry):
             images = [images]
         if len(images) > self.limits.max_gallery:
             raise RequestError(f"{len(images)} images given; the limit is {self.limits.max_gallery} per search")
-        k = _number(self.limits.search_rerank_k if rerank_k is None else rerank_k, "re-rank top-k", 0, 100,
+        k = parse_number(self.limits.search_rerank_k if rerank_k is None else rerank_k, "re-rank top-k", 0, 100,
                     integer=True)
         checked, skipped = [], []
         for i, item in enumerate(images, 1):
@@ -310,7 +303,7 @@ class Service(Registry):
         """Gallery items are re-checked only when their file changed: the digest is cached by path and mtime."""
         if isinstance(item, (tuple, list)) and item:
             item = item[0]
-        path = _payload_path(item) if isinstance(item, dict) else item if isinstance(item, (str, Path)) else None
+        path = payload_path(item) if isinstance(item, dict) else item if isinstance(item, (str, Path)) else None
         if path is not None:
             path = request_file(path)
             st = os.stat(path)

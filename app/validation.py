@@ -108,7 +108,7 @@ class CheckedImage:
 ImageInput = CheckedImage | dict | str | Path | bytes | Image.Image | np.ndarray | None
 
 
-def _payload_path(value):
+def payload_path(value):
     """A Gradio FileData / ImageData payload (dict) or GalleryImage dict -> file path, or None."""
     if isinstance(value, dict):
         if "image" in value and isinstance(value["image"], dict):  # a gallery item
@@ -200,7 +200,7 @@ def load_image(value: ImageInput, limits: Limits, name: str = "the image") -> Ch
     if isinstance(value, CheckedImage):
         return value
     if isinstance(value, dict):
-        path = _payload_path(value)
+        path = payload_path(value)
         if path is None:
             raise RequestError(f"{name}: inline (base64) images are not accepted; upload the file")
         value = path
@@ -282,7 +282,7 @@ class DecodingSettings:
         return kw
 
 
-def _number(value, name, lo, hi, integer=False):
+def parse_number(value: object, name: str, lo: float, hi: float, integer: bool = False) -> int | float:
     """A setting sent by a browser or a script: a number (or numeric string) within [lo, hi]."""
     if isinstance(value, bool) or value is None:
         raise RequestError(f"{name} must be a number, got {value!r}")
@@ -312,15 +312,15 @@ def parse_decoding(limits: Limits, mode=BEAM, num_beams=1, temperature=1.0, top_
         raise RequestError(f"decoding mode must be {BEAM!r} or {SAMPLING!r}, got {mode!r}")
     d = DecodingSettings(
         mode=_MODE_ALIASES[mode.strip().lower()],
-        num_beams=_number(num_beams, "beams", 1, limits.max_beams, integer=True),
-        temperature=_number(temperature, "temperature", 0.01, 5.0),
-        top_p=_number(top_p, "top-p", 0.01, 1.0),
-        top_k=_number(top_k, "top-k", 0, 1000, integer=True),
-        max_new_tokens=_number(max_new_tokens, "max new tokens", 1, limits.max_new_tokens, integer=True),
-        min_new_tokens=_number(min_new_tokens, "min new tokens", 0, limits.max_new_tokens, integer=True),
-        repetition_penalty=_number(repetition_penalty, "repetition penalty", 0.5, 5.0),
-        length_penalty=_number(length_penalty, "length penalty", -5.0, 5.0),
-        num_captions=_number(num_captions, "number of captions", 1, limits.max_captions, integer=True),
+        num_beams=parse_number(num_beams, "beams", 1, limits.max_beams, integer=True),
+        temperature=parse_number(temperature, "temperature", 0.01, 5.0),
+        top_p=parse_number(top_p, "top-p", 0.01, 1.0),
+        top_k=parse_number(top_k, "top-k", 0, 1000, integer=True),
+        max_new_tokens=parse_number(max_new_tokens, "max new tokens", 1, limits.max_new_tokens, integer=True),
+        min_new_tokens=parse_number(min_new_tokens, "min new tokens", 0, limits.max_new_tokens, integer=True),
+        repetition_penalty=parse_number(repetition_penalty, "repetition penalty", 0.5, 5.0),
+        length_penalty=parse_number(length_penalty, "length penalty", -5.0, 5.0),
+        num_captions=parse_number(num_captions, "number of captions", 1, limits.max_captions, integer=True),
     )
     if d.min_new_tokens > d.max_new_tokens:
         raise RequestError(f"min new tokens ({d.min_new_tokens}) cannot exceed max new tokens ({d.max_new_tokens})")
