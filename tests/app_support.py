@@ -23,7 +23,6 @@ TEST_LIMITS = dict(max_upload_mb=2.0, queue_size=8, time_limit_s=30.0)
 
 _lock = threading.Lock()
 _service = None
-_app = None
 _server = None
 
 
@@ -44,14 +43,9 @@ def get_service():
 
 def app():
     """The app's handlers (app.ui.App) over the shared service, as build_demo wires them."""
-    global _app
-    svc = get_service()
-    with _lock:
-        if _app is None:
-            from app.ui import App
+    from app.ui import App
 
-            _app = App(svc)
-        return _app
+    return App(get_service())
 
 
 @contextlib.contextmanager

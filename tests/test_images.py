@@ -1,23 +1,11 @@
 """blip2.images, the one image loader of the CLI, the runner and the app: accepted formats only, EXIF-upright, RGB."""
 
-import io
-
 import numpy as np
 import pytest
+from app_support import exif_rotated_jpeg
 from PIL import Image, UnidentifiedImageError
 
 from blip2.images import Keyed, image_key, keyed, load_image, open_image
-
-
-def exif_rotated_jpeg() -> bytes:
-    """A 60x20 JPEG (left half red, right half blue) with EXIF orientation 6: shown upright it is 20x60."""
-    im = Image.new("RGB", (60, 20), (220, 20, 20))
-    im.paste((20, 20, 220), (30, 0, 60, 20))
-    exif = Image.Exif()
-    exif[0x0112] = 6
-    buf = io.BytesIO()
-    im.save(buf, "JPEG", exif=exif.tobytes(), quality=95)
-    return buf.getvalue()
 
 
 def test_a_file_is_turned_upright_by_its_exif_orientation(tmp_path):
