@@ -36,7 +36,9 @@ from .validation import (
     CheckedImage,
     DecodingSettings,
     ImageInput,
+    LazyImage,
     clean_text,
+    gallery_item_name,
     load_image,
     parse_number,
     parse_texts,
@@ -283,7 +285,7 @@ class Service(Registry):
                     integer=True)
         checked, skipped = [], []
         for i, item in enumerate(images, 1):
-            name = _item_name(item, i)
+            name = gallery_item_name(item, i)
             try:
                 checked.append(self._gallery_image(item, name))
             except RequestError as e:
@@ -310,39 +312,8 @@ class Service(Registry):
             fkey = (str(path), st.st_size, st.st_mtime_ns)
             digest = self._file_digests.get(fkey)
             if digest is not None:
-                return _LazyImage(path, digest, self.limits, name)
+                return LazyImage(path, digest, self.limits, name)
             img = load_image(path, self.limits, name)
             self._file_digests.put(fkey, img.digest)
             return img
         return load_image(item, self.limits, name)
-
-
-class _LazyImage(CheckedImage):
-    """A gallery image whose digest is known: decoded only if a model needs its pixels (cache miss)."""
-
-    def __init__(self, path, digest, limits, name):
-        self._path, self._limits, self._name, self._image = path, limits, name, None
-        self.digest, self.source, self.notes, self.original_size = digest, str(path), [], None
-
-    @property
-    def image(self):
-        if self._image is None:
-            self._image = load_image(self._path, self._limits, self._name).image
-        return self._image
-
-    @image.setter
-    def image(self, value):
-        self._image = value
-
-
-def _item_name(item, i):
-    path = None
-    try:
-        if isinstance(item, dict):
-            inner = item.get("image", item) if isinstance(item.get("image"), dict) else item
-            path = inner.get("orig_name") or inner.get("path")
-        elif isinstance(item, (str, Path)):
-            path = str(item)
-    except Exception:
-        path = None
-    return f"image {i}" + (f" ({os.path.basename(str(path))})" if path else "")

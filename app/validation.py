@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import unicodedata
 import warnings
 from dataclasses import dataclass, field
@@ -228,6 +229,38 @@ def load_image(value: ImageInput, limits: Limits, name: str = "the image") -> Ch
     if isinstance(value, Image.Image):
         return check_image(value, limits, name, source=value)
     raise RequestError(f"{name} must be an image file, got {type(value).__name__}")
+
+
+class LazyImage(CheckedImage):
+    """A gallery image whose digest is known: decoded only if a model needs its pixels (cache miss)."""
+
+    def __init__(self, path: str | Path, digest: str, limits: Limits, name: str):
+        self._path, self._limits, self._name, self._image = path, limits, name, None
+        self.digest, self.source, self.notes, self.original_size = digest, str(path), [], None
+
+    @property
+    def image(self) -> Image.Image:
+        if self._image is None:
+            self._image = load_image(self._path, self._limits, self._name).image
+        return self._image
+
+    @image.setter
+    def image(self, value: Image.Image) -> None:
+        self._image = value
+
+
+def gallery_item_name(item: object, i: int) -> str:
+    """"image i (file name)" for a gallery item, for messages about it."""
+    path = None
+    try:
+        if isinstance(item, dict):
+            inner = item.get("image", item) if isinstance(item.get("image"), dict) else item
+            path = inner.get("orig_name") or inner.get("path")
+        elif isinstance(item, (str, Path)):
+            path = str(item)
+    except Exception:
+        path = None
+    return f"image {i}" + (f" ({os.path.basename(str(path))})" if path else "")
 
 
 # ----------------------------------------------------------------------------------------------------
