@@ -149,7 +149,8 @@ class Blip2Runner(Retriever):
     def fit(self, texts: Sequence[str], max_new_tokens: int, fit_new_tokens: bool = False) -> Prompt:
         """The first of `texts` (candidate prompts, oldest chat turns dropped a step at a time) that fits with
         `max_new_tokens`; else, with `fit_new_tokens`, the last one with max_new_tokens lowered to what it leaves
-        (at least MIN_ANSWER_TOKENS); else the last one cut from the left."""
+        (at least MIN_ANSWER_TOKENS); else the last one cut from the left. ValueError when max_new_tokens leaves
+        no room for a prompt at all."""
         cfg, tok = self._generator().config, self.processor.tokenizer
         decoder = not cfg.is_encoder_decoder
         positions = self.context_size - cfg.num_query_tokens if decoder else None  # for prompt + new tokens
@@ -191,11 +192,13 @@ class Blip2Runner(Retriever):
         placeholders = [cfg.image_token_index] * cfg.num_query_tokens if cfg.image_token_index is not None else []
         return torch.tensor([placeholders + fit.ids], device=next(self.model.parameters()).device)
 
-    def _fit_decoding(self, texts, decoding: dict, fit_new_tokens: bool) -> tuple[Prompt, dict]:
+    def _fit_decoding(self, texts: Sequence[str], decoding: dict, fit_new_tokens: bool) -> tuple[Prompt, dict]:
+        """The fitted prompt, and the decoding settings with max_new_tokens (and min_new_tokens) lowered to it."""
         fit = self.fit(texts, decoding.get("max_new_tokens") or DEFAULT_NEW_TOKENS, fit_new_tokens)
-        if decoding.get("max_new_tokens") is not None and fit.max_new_tokens < decoding["max_new_tokens"]:
-            decoding = decoding | {"max_new_tokens": fit.max_new_tokens,
-                                   "min_new_tokens": min(decoding.get("min_new_tokens") or 0, fit.max_new_tokens)}
+        if fit.max_new_tokens < (decoding.get("max_new_tokens") or DEFAULT_NEW_TOKENS):
+            decoding = decoding | {"max_new_tokens": fit.max_new_tokens}
+            if decoding.get("min_new_tokens") is not None:
+                decoding["min_new_tokens"] = min(decoding["min_new_tokens"], fit.max_new_tokens)
         return fit, decoding
 
     def _start(self, image, texts, decoding: dict, fit_new_tokens: bool):

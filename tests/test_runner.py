@@ -120,6 +120,24 @@ def test_over_long_prompts_are_cut_from_the_left(lm):
             runner.caption(img, max_new_tokens=limit)
 
 
+def test_fitting_reports_dropped_turns_and_lowers_new_tokens_when_asked(lm):
+    """What the app's notes come from: how many turns were left out, and (fit_new_tokens, a decoder's positions)
+    the max_new_tokens the prompt leaves, generated without error."""
+    name, model, proc = lm
+    img, runner = image(3), Blip2Runner(model, proc)
+    history = [(f"question number {i} about the thing", f"answer {i}") for i in range(40)]
+    got = runner.ask(img, "which one?", history, max_new_tokens=4)
+    assert got.dropped_turns > 0 and got.prompt.count("Question:") - 1 + got.dropped_turns == len(history)
+    assert runner.fit_chat("which one?", history, 4).text == got.prompt and got.max_new_tokens == 4
+    if name == "opt":
+        positions = runner.context_size - model.config.num_query_tokens  # prompt + new tokens
+        fit = runner.fit_chat("which one?", [], positions, fit_new_tokens=True)
+        assert not fit.truncated and fit.max_new_tokens == positions - len(fit.ids)
+        assert runner.prompt_length(fit.text) + fit.max_new_tokens == runner.context_size
+        got = runner.caption(img, max_new_tokens=positions, min_new_tokens=positions, fit_new_tokens=True)
+        assert got.max_new_tokens == positions - len(encode_plain(proc.tokenizer, "")) and not got.truncated
+
+
 def test_special_token_strings_in_user_text_stay_text(lm):
     """"<image>" and "</s>" typed by a user are tokenized as plain text (the reference tokenizer with
     split_special_tokens=True is the oracle), and the answer is generate's on those ids."""
