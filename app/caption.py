@@ -7,17 +7,10 @@ import gradio as gr
 from blip2.runner import CAPTION_DECODING
 
 from . import examples
-from .common import (
-    BEAM,
-    decoding_controls,
-    decoding_from,
-    model_event,
-    progress_callback,
-    service,
-    session_models,
-    user_errors,
-)
-from .service import GENERATION, DecodingSettings
+from .common import BEAM, decoding_controls, decoding_from, model_event, progress_callback, session_models, user_errors
+from .registry import GENERATION
+from .service import Service
+from .validation import DecodingSettings
 
 DEFAULTS = DecodingSettings(mode=BEAM, num_beams=1, num_captions=1, **CAPTION_DECODING)  # the CLI's defaults too
 
@@ -28,31 +21,38 @@ def format_captions(captions):
     return "\n".join(f"{i}. {c}" for i, c in enumerate(captions, 1))
 
 
-@user_errors
-def caption(image, prompt="", mode=DEFAULTS.mode, num_beams=DEFAULTS.num_beams, temperature=DEFAULTS.temperature,
-            top_p=DEFAULTS.top_p, top_k=DEFAULTS.top_k, max_new_tokens=DEFAULTS.max_new_tokens,
-            min_new_tokens=DEFAULTS.min_new_tokens, repetition_penalty=DEFAULTS.repetition_penalty,
-            length_penalty=DEFAULTS.length_penalty, num_captions=DEFAULTS.num_captions, session=None,
-            progress=gr.Progress(track_tqdm=True)):
-    """Caption an image. Yields (caption text, notice); several captions come numbered, one per line."""
-    decoding = decoding_from(mode, num_beams, temperature, top_p, top_k, max_new_tokens, min_new_tokens,
-                             repetition_penalty, length_penalty, num_captions)
-    models = session_models(session)
-    for result in service().caption(models[GENERATION], image, prompt, decoding, stream=True,
-                                    progress=progress_callback(progress)):
-        yield format_captions(result.captions), result.notice
+class CaptionTab:
+    """The Caption tab's handlers over `service` (Gradio reads their signatures for the API) and its layout."""
+
+    def __init__(self, service: Service):
+        self.service = service
+
+    @user_errors
+    def caption(self, image, prompt="", mode=DEFAULTS.mode, num_beams=DEFAULTS.num_beams,
+                temperature=DEFAULTS.temperature, top_p=DEFAULTS.top_p, top_k=DEFAULTS.top_k,
+                max_new_tokens=DEFAULTS.max_new_tokens, min_new_tokens=DEFAULTS.min_new_tokens,
+                repetition_penalty=DEFAULTS.repetition_penalty, length_penalty=DEFAULTS.length_penalty,
+                num_captions=DEFAULTS.num_captions, session=None, progress=gr.Progress(track_tqdm=True)):
+        """Caption an image. Yields (caption text, notice); several captions come numbered, one per line."""
+        decoding = decoding_from(self.service.limits, mode, num_beams, temperature, top_p, top_k, max_new_tokens,
+                                 min_new_tokens, repetition_penalty, length_penalty, num_captions)
+        models = session_models(self.service, session)
+        for result in self.service.caption(models[GENERATION], image, prompt, decoding, stream=True,
+                                           progress=progress_callback(progress)):
+            yield format_captions(result.captions), result.notice
 
 
-def build(session: gr.State):
+def build(tab: CaptionTab, session: gr.State):
+    limits = tab.service.limits
     with gr.Row(equal_height=False):
         with gr.Column(scale=1):
             image = gr.Image(type="filepath", label="Image", height=340, sources=["upload", "clipboard"],
                              elem_id="caption-image")
             prompt = gr.Textbox("", label="Prompt prefix (optional)", placeholder="e.g. a photo of",
-                                max_length=service().limits.max_prompt_chars, elem_id="caption-prompt",
+                                max_length=limits.max_prompt_chars, elem_id="caption-prompt",
                                 info="The caption continues this text.")
             run = gr.Button("Caption", variant="primary", elem_id="caption-run")
-            controls = decoding_controls(DEFAULTS, captions=True)
+            controls = decoding_controls(limits, DEFAULTS, captions=True)
         with gr.Column(scale=1):
             output = gr.Textbox(label="Caption", lines=4, interactive=False, elem_id="caption-output",
                                 buttons=["copy"])
@@ -64,8 +64,8 @@ def build(session: gr.State):
             gr.Examples(scenes, inputs=[image, prompt], label=examples.SCENES_LABEL, examples_per_page=4)
             gr.Examples(photos, inputs=[image, prompt], label=examples.PHOTOS_LABEL, examples_per_page=4)
     inputs = [image, prompt, *controls, session]
-    model_event([run.click, prompt.submit], caption, inputs, [output, notice], api_name="caption", notice=notice,
-                session=session,
+    model_event(limits, [run.click, prompt.submit], tab.caption, inputs, [output, notice], api_name="caption",
+                notice=notice, session=session,
                 api_description="Caption an image (streamed). Returns the caption (numbered lines when several) "
                                 "and a notice.")
     image.change(lambda: ("", ""), None, [output, notice], api_visibility="private", queue=False)  # no stale caption

@@ -12,17 +12,10 @@ import gradio as gr
 from blip2.runner import ANSWER_DECODING
 
 from . import examples
-from .common import (
-    BEAM,
-    decoding_controls,
-    decoding_from,
-    model_event,
-    progress_callback,
-    service,
-    session_models,
-    user_errors,
-)
-from .service import GENERATION, DecodingSettings, load_image
+from .common import BEAM, decoding_controls, decoding_from, model_event, progress_callback, session_models, user_errors
+from .registry import GENERATION
+from .service import Service
+from .validation import DecodingSettings, clean_text, load_image
 
 DEFAULTS = DecodingSettings(mode=BEAM, num_beams=1, **ANSWER_DECODING)  # the CLI's defaults too
 DEFAULT_QUESTION = "what is in this picture?"  # asked when an API call leaves the question out
@@ -49,39 +42,43 @@ def _history(state):
     return {"digest": state.get("digest"), "turns": [list(t) for t in state["turns"]]}
 
 
-@user_errors
-def chat(image, question=None, mode=DEFAULTS.mode, num_beams=DEFAULTS.num_beams, temperature=DEFAULTS.temperature,
-         top_p=DEFAULTS.top_p, top_k=DEFAULTS.top_k, max_new_tokens=DEFAULTS.max_new_tokens,
-         min_new_tokens=DEFAULTS.min_new_tokens, repetition_penalty=DEFAULTS.repetition_penalty,
-         length_penalty=DEFAULTS.length_penalty, history=None, session=None, progress=gr.Progress(track_tqdm=True)):
-    """Ask a question about the image (DEFAULT_QUESTION when left out). Yields (chat messages, notice, history
-    state) while the answer streams."""
-    svc = service()
-    question = DEFAULT_QUESTION if question is None else question
-    decoding = decoding_from(mode, num_beams, temperature, top_p, top_k, max_new_tokens, min_new_tokens,
-                             repetition_penalty, length_penalty)
-    img = load_image(image, svc.limits)
-    state = _history(history)
-    notes = []
-    if state["digest"] != img.digest:
-        if state["turns"]:
-            notes.append("New image: the conversation starts over.")
-        state = {"digest": img.digest, "turns": []}
-    turns = state["turns"][-svc.limits.max_chat_turns:]
-    models = session_models(session)
-    answer, notice = "", ""
-    for answer, notice in svc.chat(models[GENERATION], img, question, [tuple(t) for t in turns], decoding,
-                                   stream=True, progress=progress_callback(progress)):
-        yield messages(turns, (_shown(question), answer)), " ".join(notes + [notice]).strip(), state
-    answer = answer or "(no answer)"
-    state["turns"] = (turns + [[_shown(question), answer]])[-svc.limits.max_chat_turns:]
-    yield messages(state["turns"]), " ".join(notes + [notice]).strip(), state
+class ChatTab:
+    """The Chat tab's handler over `service` (Gradio reads its signature for the API)."""
 
+    def __init__(self, service: Service):
+        self.service = service
 
-def _shown(question):
-    from .service import clean_text
+    @user_errors
+    def chat(self, image, question=None, mode=DEFAULTS.mode, num_beams=DEFAULTS.num_beams,
+             temperature=DEFAULTS.temperature, top_p=DEFAULTS.top_p, top_k=DEFAULTS.top_k,
+             max_new_tokens=DEFAULTS.max_new_tokens, min_new_tokens=DEFAULTS.min_new_tokens,
+             repetition_penalty=DEFAULTS.repetition_penalty, length_penalty=DEFAULTS.length_penalty, history=None,
+             session=None, progress=gr.Progress(track_tqdm=True)):
+        """Ask a question about the image (DEFAULT_QUESTION when left out). Yields (chat messages, notice, history
+        state) while the answer streams."""
+        svc = self.service
+        question = DEFAULT_QUESTION if question is None else question
+        decoding = decoding_from(svc.limits, mode, num_beams, temperature, top_p, top_k, max_new_tokens,
+                                 min_new_tokens, repetition_penalty, length_penalty)
+        img = load_image(image, svc.limits)
+        state = _history(history)
+        notes = []
+        if state["digest"] != img.digest:
+            if state["turns"]:
+                notes.append("New image: the conversation starts over.")
+            state = {"digest": img.digest, "turns": []}
+        turns = state["turns"][-svc.limits.max_chat_turns:]
+        models = session_models(svc, session)
+        answer, notice = "", ""
+        for answer, notice in svc.chat(models[GENERATION], img, question, [tuple(t) for t in turns], decoding,
+                                       stream=True, progress=progress_callback(progress)):
+            yield messages(turns, (self._shown(question), answer)), " ".join(notes + [notice]).strip(), state
+        answer = answer or "(no answer)"
+        state["turns"] = (turns + [[self._shown(question), answer]])[-svc.limits.max_chat_turns:]
+        yield messages(state["turns"]), " ".join(notes + [notice]).strip(), state
 
-    return clean_text(question, "the question", service().limits.max_prompt_chars)
+    def _shown(self, question):
+        return clean_text(question, "the question", self.service.limits.max_prompt_chars)
 
 
 def clear(history=None):
@@ -97,7 +94,8 @@ def new_image(image, history=None):
     return gr.update(value=[], placeholder=NO_IMAGE if image is None else READY), "", new_history()
 
 
-def build(session: gr.State):
+def build(tab: ChatTab, session: gr.State):
+    limits = tab.service.limits
     history = gr.State(new_history())
     with gr.Row(equal_height=False):
         with gr.Column(scale=2):
@@ -110,15 +108,15 @@ def build(session: gr.State):
             with gr.Row(equal_height=True):
                 question = gr.Textbox(label="Question", show_label=False, scale=5, container=False,
                                       placeholder="Ask a question about the image", elem_id="chat-question",
-                                      max_length=service().limits.max_prompt_chars)
+                                      max_length=limits.max_prompt_chars)
                 ask = gr.Button("Ask", variant="primary", scale=1, elem_id="chat-ask", min_width=80)
                 clear_btn = gr.Button("Clear", scale=1, elem_id="chat-clear", min_width=80)
             notice = gr.Markdown(elem_id="chat-notice", label="Notice")
-            controls = decoding_controls(DEFAULTS)
+            controls = decoding_controls(limits, DEFAULTS)
             scenes, photos = examples.chat_examples()
             gr.Examples(scenes, inputs=[image, question], label=examples.SCENES_LABEL, examples_per_page=4)
             gr.Examples(photos, inputs=[image, question], label=examples.PHOTOS_LABEL, examples_per_page=4)
-    event = model_event([ask.click, question.submit], chat, [image, question, *controls, history, session],
+    event = model_event(limits, [ask.click, question.submit], tab.chat, [image, question, *controls, history, session],
                         [chatbot, notice, history], api_name="chat", notice=notice, session=session,
                         api_description="Ask a question about the image; the session's earlier turns are part of "
                                         "the prompt. Streams (conversation, notice).")

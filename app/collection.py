@@ -15,33 +15,33 @@ import time
 
 from PIL import Image
 
+from blip2.index import META, ImageIndex, rerank, text_embedding
+
 from .errors import RequestError
 from .paths import EMBEDDED_RETRIEVAL
-from .service import EMBEDDED, RETRIEVAL, Service, _number, clean_text
+from .registry import EMBEDDED, RETRIEVAL
+from .service import Service
+from .validation import clean_text, parse_number
 
 THUMBNAIL = 256  # pixels, longest side
 
 
 class Collection:
     def __init__(self, svc: Service, directory: str):
-        from blip2.index import META, ImageIndex
-
         self.svc, self.directory = svc, directory
         self.index = ImageIndex.load(directory)  # a missing faiss names its install command
         with open(os.path.join(directory, META)) as f:
             model = json.load(f)["model"]
         same = os.path.isdir(model) and os.path.realpath(model) == os.path.realpath(EMBEDDED_RETRIEVAL)
-        self.key = EMBEDDED if same else svc._add_source(model, RETRIEVAL)
+        self.key = EMBEDDED if same else svc.add_source(model, RETRIEVAL)
 
     def __len__(self):
         return len(self.index)
 
     def search(self, query, k: int, rerank_k: int) -> tuple[list, str]:
         """The k best images for a text -> ([(thumbnail, Hit)], notice)."""
-        from blip2.index import rerank, text_embedding
-
         query = clean_text(query, "the search text", self.svc.limits.max_prompt_chars)
-        rerank_k = _number(rerank_k, "re-rank top-k", 0, 100, integer=True)
+        rerank_k = parse_number(rerank_k, "re-rank top-k", 0, 100, integer=True)
         loaded = self.svc.get(self.key, RETRIEVAL)
         with self.svc.request(loaded):
             start = time.perf_counter()

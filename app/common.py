@@ -1,4 +1,5 @@
-"""Gradio-side pieces shared by the tabs: the service singleton, error conversion, decoding controls."""
+"""Gradio-side pieces shared by the tabs: error conversion, session models, decoding controls, model events.
+Nothing here holds the service: each tab's handlers close over the one they are given."""
 
 from __future__ import annotations
 
@@ -9,29 +10,19 @@ import traceback
 
 import gradio as gr
 
-from .service import BEAM, MODES, SAMPLING, DecodingSettings, RequestError, Service, TimeLimitReached, parse_decoding
+from .config import Limits
+from .errors import RequestError, TimeLimitReached
+from .service import Service
+from .validation import BEAM, MODES, SAMPLING, DecodingSettings, parse_decoding
 
 log = logging.getLogger("blip2.app")
 
 MODEL_CONCURRENCY_ID = "model"  # every event that runs a model shares this concurrency group
 
-_service: Service | None = None
 
-
-def set_service(service: Service):
-    global _service
-    _service = service
-
-
-def service() -> Service:
-    if _service is None:
-        raise RuntimeError("the app's service is not set: call app.ui.build_demo(service) or set_service first")
-    return _service
-
-
-def session_models(session):
+def session_models(service: Service, session) -> dict:
     """The models a session uses: its gr.State dict, or the startup defaults."""
-    defaults = service().session_defaults()
+    defaults = service.session_defaults()
     if isinstance(session, dict):
         return {k: session.get(k) or v for k, v in defaults.items()}
     return defaults
@@ -43,8 +34,7 @@ def _to_gr_error(e: Exception) -> gr.Error:
     if isinstance(e, RequestError):
         return gr.Error(_capital(str(e)), print_exception=False)
     if isinstance(e, TimeLimitReached):
-        return gr.Error(f"The request passed the time limit of {service().limits.time_limit_s:g} s.",
-                        print_exception=False)
+        return gr.Error("The request passed its time limit.", print_exception=False)
     log.error("request failed:\n%s", traceback.format_exc())
     return gr.Error(f"The model failed on this request ({type(e).__name__}: {str(e)[:300]}). "
                     "Nothing was changed: the next request will run normally.")
@@ -100,9 +90,9 @@ def error_notice(session) -> str:
     return f"⚠️ **Not done:** {message}" if message else ""
 
 
-def decoding_from(mode, num_beams, temperature, top_p, top_k, max_new_tokens, min_new_tokens, repetition_penalty,
-                  length_penalty, num_captions=1) -> DecodingSettings:
-    return parse_decoding(service().limits, mode, num_beams, temperature, top_p, top_k, max_new_tokens,
+def decoding_from(limits: Limits, mode, num_beams, temperature, top_p, top_k, max_new_tokens, min_new_tokens,
+                  repetition_penalty, length_penalty, num_captions=1) -> DecodingSettings:
+    return parse_decoding(limits, mode, num_beams, temperature, top_p, top_k, max_new_tokens,
                           min_new_tokens, repetition_penalty, length_penalty, num_captions)
 
 
@@ -118,10 +108,9 @@ def progress_callback(progress):
     return say
 
 
-def decoding_controls(defaults: DecodingSettings, captions=False):
+def decoding_controls(limits: Limits, defaults: DecodingSettings, captions=False) -> list:
     """The decoding settings the best BLIP-2 demos offer, in an accordion. Returns the components in the order
     the handlers take them."""
-    limits = service().limits
     with gr.Accordion("Decoding settings", open=False):
         mode = gr.Radio(list(MODES), value=defaults.mode, label="Decoding",
                         info="Beam search: the most likely text (1 beam = greedy, streamed). "
@@ -150,14 +139,14 @@ def decoding_controls(defaults: DecodingSettings, captions=False):
     return controls + ([n] if captions else [])
 
 
-def model_event(triggers, fn, inputs, outputs, api_name, notice=None, session=None, **kwargs):
+def model_event(limits: Limits, triggers, fn, inputs, outputs, api_name, notice=None, session=None, **kwargs):
     """Wire an event that runs a model: shared concurrency group, raw payloads (validation is the service's:
     a script sending a wrong type gets the same message as the browser). When it fails, `notice` (a Markdown of
     the tab) shows the reason kept in `session` (the session's gr.State) until the next action, and the other
     outputs keep their values."""
     triggers = triggers if isinstance(triggers, (list, tuple)) else [triggers]
     event = gr.on(triggers, fn, inputs, outputs, api_name=api_name, concurrency_id=MODEL_CONCURRENCY_ID,
-                  concurrency_limit=service().limits.concurrency, preprocess=False, **kwargs)
+                  concurrency_limit=limits.concurrency, preprocess=False, **kwargs)
     if notice is not None:
         others = [o for o in outputs if o is not notice]
         event.failure(lambda state: (error_notice(state), *[gr.update() for _ in others]), [session],
@@ -165,5 +154,5 @@ def model_event(triggers, fn, inputs, outputs, api_name, notice=None, session=No
     return event
 
 
-__all__ = ["BEAM", "SAMPLING", "service", "set_service", "user_errors", "decoding_controls", "decoding_from",
+__all__ = ["BEAM", "SAMPLING", "user_errors", "decoding_controls", "decoding_from",
            "model_event", "error_notice", "session_models", "progress_callback", "MODEL_CONCURRENCY_ID"]

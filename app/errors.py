@@ -3,3 +3,7 @@
 
 class RequestError(ValueError):
     """A request the app refuses, with a message for the person who sent it."""
+
+
+class TimeLimitReached(RuntimeError):
+    """Raised between tokens (generation's `stop`) or between image batches once the request's time limit passed."""

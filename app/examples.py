@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from functools import lru_cache
 
-from .service import EXAMPLES_DIR
+from .paths import EXAMPLES_DIR
 
 PHOTOS = {  # file -> (caption prompt, chat question, matching candidates)
     "chelsea_cat.jpg": ("a photo of", "what animal is this?",

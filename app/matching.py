@@ -9,44 +9,46 @@ cross-attention maps).
 from __future__ import annotations
 
 import gradio as gr
-import pandas as pd
 
 from . import examples
-from .common import model_event, progress_callback, service, session_models, user_errors
-from .service import RETRIEVAL, load_image, parse_texts
-
-COLUMNS = ["rank", "text", "ITM probability", "ITC cosine"]
-
-
-def table(rows):
-    return pd.DataFrame([[i, r.text, round(r.itm, 4), round(r.itc, 4)] for i, r in enumerate(rows, 1)],
-                        columns=COLUMNS)
+from .common import model_event, progress_callback, session_models, user_errors
+from .registry import RETRIEVAL
+from .render import MATCH_COLUMNS, match_chart, match_table
+from .service import Service
+from .validation import load_image, parse_texts
 
 
-def chart(rows):
-    """Bar chart data of both measures, one bar per text labelled by its rank ("# 1", "# 2", ... padded so the
-    chart's alphabetical order is the ranking); the full text shows on hover and in the table."""
-    width = len(str(len(rows)))
-    return pd.DataFrame({"rank": [f"#{i:>{width}}" for i in range(1, len(rows) + 1)],
-                         "text": [r.text for r in rows], "ITM probability": [r.itm for r in rows],
-                         "ITC cosine": [r.itc for r in rows]})
+class MatchingTab:
+    """The Matching tab's handlers over `service` (Gradio reads their signatures for the API)."""
 
+    def __init__(self, service: Service):
+        self.service = service
 
-@user_errors
-def match(image, texts, session=None, progress=gr.Progress(track_tqdm=True)):
-    """Rank candidate texts for an image. Returns (table, ITM chart data, ITC chart data, heat map of the best
-    text, notice)."""
-    svc = service()
-    img = load_image(image, svc.limits)
-    candidates = parse_texts(texts, svc.limits)
-    key = session_models(session)[RETRIEVAL]
-    rows = svc.match(key, img, candidates, progress=progress_callback(progress))
-    heat, _, method = svc.heatmap(key, img, rows[0].text)
-    notice = (f"Best match: **{rows[0].text}** (ITM {rows[0].itm:.3f}). Heat map: {method} for the best match; "
-              "pick another text below to see where the model looks for it.")
-    notice = " ".join(img.notes + [notice, svc.world_caveat(key, [img])]).strip()
-    data = chart(rows)
-    return table(rows), data, data, heat, notice
+    @user_errors
+    def match(self, image, texts, session=None, progress=gr.Progress(track_tqdm=True)):
+        """Rank candidate texts for an image. Returns (table, ITM chart data, ITC chart data, heat map of the best
+        text, notice)."""
+        svc = self.service
+        img = load_image(image, svc.limits)
+        candidates = parse_texts(texts, svc.limits)
+        key = session_models(svc, session)[RETRIEVAL]
+        rows = svc.match(key, img, candidates, progress=progress_callback(progress))
+        heat, _, method = svc.heatmap(key, img, rows[0].text)
+        notice = (f"Best match: **{rows[0].text}** (ITM {rows[0].itm:.3f}). Heat map: {method} for the best match; "
+                  "pick another text below to see where the model looks for it.")
+        notice = " ".join(img.notes + [notice, svc.world_caveat(key, [img])]).strip()
+        data = match_chart(rows)
+        return match_table(rows), data, data, heat, notice
+
+    @user_errors
+    def heatmap(self, image, text, session=None, progress=gr.Progress(track_tqdm=True)):
+        """Heat map over the image of where the Q-Former looks for `text`. Returns (image, notice)."""
+        svc = self.service
+        key = session_models(svc, session)[RETRIEVAL]
+        img = load_image(image, svc.limits)
+        heat, _, method = svc.heatmap(key, img, text, progress=progress_callback(progress))
+        notice = f"Heat map ({method}) for: **{text if isinstance(text, str) else ''}**"
+        return heat, " ".join([notice, svc.world_caveat(key, [img])]).strip()
 
 
 def heatmap_choices(ranking):
@@ -55,19 +57,8 @@ def heatmap_choices(ranking):
     return gr.update(choices=texts, value=texts[0] if texts else None)
 
 
-@user_errors
-def heatmap(image, text, session=None, progress=gr.Progress(track_tqdm=True)):
-    """Heat map over the image of where the Q-Former looks for `text`. Returns (image, notice)."""
-    svc = service()
-    key = session_models(session)[RETRIEVAL]
-    img = load_image(image, svc.limits)
-    heat, _, method = svc.heatmap(key, img, text, progress=progress_callback(progress))
-    notice = f"Heat map ({method}) for: **{text if isinstance(text, str) else ''}**"
-    return heat, " ".join([notice, svc.world_caveat(key, [img])]).strip()
-
-
-def build(session: gr.State):
-    limits = service().limits
+def build(tab: MatchingTab, session: gr.State):
+    limits = tab.service.limits
     with gr.Row(equal_height=False):
         with gr.Column(scale=1):
             image = gr.Image(type="filepath", label="Image", height=300, sources=["upload", "clipboard"],
@@ -81,8 +72,8 @@ def build(session: gr.State):
                         "near misses", examples_per_page=4)
             gr.Examples(photos, inputs=[image, texts], label=examples.PHOTOS_LABEL, examples_per_page=4)
         with gr.Column(scale=1):
-            ranked = gr.Dataframe(headers=COLUMNS, label="Ranking by ITM log-odds + ITC cosine (as LAVIS ranks); the "
-                                  "charts below number the texts by this rank (hover a bar for its text)",
+            ranked = gr.Dataframe(headers=MATCH_COLUMNS, label="Ranking by ITM log-odds + ITC cosine (as LAVIS "
+                                  "ranks); the charts below number the texts by this rank (hover a bar for its text)",
                                   interactive=False, wrap=True, elem_id="match-table",
                                   column_widths=["64px", "50%", "120px", "100px"])  # a phone scrolls the table
             with gr.Row(equal_height=False):
@@ -105,13 +96,13 @@ def build(session: gr.State):
                 with gr.Column(scale=3, min_width=200):
                     heat = gr.Image(label="Heat map", type="pil", interactive=False, height=260,
                                     elem_id="match-heatmap", format="png")
-    event = model_event(run.click, match, [image, texts, session], [ranked, itm_bars, itc_bars, heat, notice],
-                        api_name="match", notice=notice, session=session,
+    event = model_event(limits, run.click, tab.match, [image, texts, session],
+                        [ranked, itm_bars, itc_bars, heat, notice], api_name="match", notice=notice, session=session,
                         api_description="Score candidate texts (one per line) against an image with ITM and ITC, "
                                         "ranked; with a heat map for the best match.")
     event.success(heatmap_choices, [ranked], [which], api_visibility="private", queue=False)
-    model_event(which.input, heatmap, [image, which, session], [heat, notice], api_name="heatmap", notice=notice,
-                session=session,
+    model_event(limits, which.input, tab.heatmap, [image, which, session], [heat, notice], api_name="heatmap",
+                notice=notice, session=session,
                 api_description="Heat map over the image of where the Q-Former looks for one text.")
     image.change(lambda: (None, None, None, None, "", gr.update(choices=[], value=None)), None,
                  [ranked, itm_bars, itc_bars, heat, notice, which], api_visibility="private", queue=False)

@@ -9,15 +9,14 @@ from __future__ import annotations
 import os
 
 import gradio as gr
-import pandas as pd
 
 from . import examples
 from .collection import attached
-from .common import model_event, progress_callback, service, session_models, user_errors
-from .service import RETRIEVAL
+from .common import model_event, progress_callback, session_models, user_errors
+from .registry import RETRIEVAL
+from .render import SEARCH_COLUMNS, ranked_results
+from .service import Service
 
-COLUMNS = ["rank", "image", "ITM probability", "ITC cosine"]
-NOT_RERANKED = "not re-ranked"  # the ITM cell of an image below the re-rank depth (ranked by ITC alone)
 GALLERY = "the gallery"
 INDEX_HITS = 24  # results shown from a prebuilt index
 
@@ -33,52 +32,47 @@ def _name(checked, i):
     return f"image {i}"
 
 
-@user_errors
-def search(gallery, query, rerank_k=None, session=None, where=GALLERY, progress=gr.Progress(track_tqdm=True)):
-    """Rank gallery images for a text, or search the prebuilt index (python app.py --index; `where`).
-    Returns (ranked gallery [(image, caption)], table, notice)."""
-    svc = service()
-    collection = attached(svc)
-    if collection is not None and where != GALLERY:
-        return search_index(collection, query, rerank_k)
-    key = session_models(session)[RETRIEVAL]
-    ranked, skipped = svc.search(key, gallery, query, rerank_k, progress=progress_callback(progress))
-    shown = [(img.source if isinstance(img.source, str) else img.image, _name(img, rank), itc, itm)
-             for rank, (img, itc, itm) in enumerate(ranked, 1)]
-    items, table = ranked_results(shown)
-    notice = f"Ranked {len(ranked)} image{'s' if len(ranked) != 1 else ''}."
-    if skipped:
-        notice += " Skipped: " + "; ".join(reason for _, reason in skipped[:5])
-    caveat = svc.world_caveat(key, [img for img, _, _ in ranked])
-    notice += f" {caveat}" if caveat else ""
-    return items, table, notice
+class SearchTab:
+    """The Search tab's handler over `service` (Gradio reads its signature for the API)."""
+
+    def __init__(self, service: Service):
+        self.service = service
+
+    @user_errors
+    def search(self, gallery, query, rerank_k=None, session=None, where=GALLERY,
+               progress=gr.Progress(track_tqdm=True)):
+        """Rank gallery images for a text, or search the prebuilt index (python app.py --index; `where`).
+        Returns (ranked gallery [(image, caption)], table, notice)."""
+        svc = self.service
+        collection = attached(svc)
+        if collection is not None and where != GALLERY:
+            return search_index(collection, query, svc.limits.search_rerank_k if rerank_k is None else rerank_k)
+        key = session_models(svc, session)[RETRIEVAL]
+        ranked, skipped = svc.search(key, gallery, query, rerank_k, progress=progress_callback(progress))
+        shown = [(img.source if isinstance(img.source, str) else img.image, _name(img, rank), itc, itm)
+                 for rank, (img, itc, itm) in enumerate(ranked, 1)]
+        items, table = ranked_results(shown)
+        notice = f"Ranked {len(ranked)} image{'s' if len(ranked) != 1 else ''}."
+        if skipped:
+            notice += " Skipped: " + "; ".join(reason for _, reason in skipped[:5])
+        caveat = svc.world_caveat(key, [img for img, _, _ in ranked])
+        notice += f" {caveat}" if caveat else ""
+        return items, table, notice
 
 
 def search_index(collection, query, rerank_k):
-    shown, notice = collection.search(query, INDEX_HITS, service().limits.search_rerank_k if rerank_k is None
-                                      else rerank_k)
+    shown, notice = collection.search(query, INDEX_HITS, rerank_k)
     items, table = ranked_results([(thumb, os.path.basename(h.path), h.itc, h.itm, h.caption) for thumb, h in shown])
     return items, table, notice
-
-
-def ranked_results(hits) -> tuple[list, pd.DataFrame]:
-    """(image, name, ITC, ITM or None[, caption]) best first -> gallery items captioned with rank, ITM (or "not
-    re-ranked") and ITC, and the score table."""
-    items, rows = [], []
-    for rank, (image, name, itc, itm, *caption) in enumerate(hits, 1):
-        itm_text = NOT_RERANKED if itm is None else f"ITM {itm:.2f}"
-        items.append((image, " · ".join([f"#{rank}", itm_text, f"ITC {itc:.2f}", *[c for c in caption if c]])))
-        rows.append([rank, name, NOT_RERANKED if itm is None else round(itm, 4), round(itc, 4)])
-    return items, pd.DataFrame(rows, columns=COLUMNS)
 
 
 def example_gallery():
     return examples.gallery()
 
 
-def build(session: gr.State):
-    limits = service().limits
-    collection = attached(service())
+def build(tab: SearchTab, session: gr.State):
+    limits = tab.service.limits
+    collection = attached(tab.service)
     with gr.Row(equal_height=False):
         with gr.Column(scale=1):
             where = None if collection is None else gr.Radio(
@@ -97,7 +91,7 @@ def build(session: gr.State):
             results = gr.Gallery(label="Results, best first", columns=2, height=420, interactive=False,
                                  elem_id="search-results", object_fit="contain")
             notice = gr.Markdown(elem_id="search-notice", label="Notice")
-            ranking = gr.Dataframe(headers=COLUMNS, label="Scores", interactive=False, elem_id="search-table",
+            ranking = gr.Dataframe(headers=SEARCH_COLUMNS, label="Scores", interactive=False, elem_id="search-table",
                                    column_widths=["64px", "40%", "120px", "100px"], wrap=True,
                                    max_height=260)
             scenes, photos = examples.search_queries()
@@ -109,7 +103,7 @@ def build(session: gr.State):
         where.change(lambda w: [gr.update(visible=w == GALLERY)] * 2, where, [gallery, load],
                      api_visibility="private", queue=False)
     inputs = [gallery, query, rerank, session] + ([where] if where is not None else [])
-    model_event([run.click, query.submit], search, inputs, [results, ranking, notice],
+    model_event(limits, [run.click, query.submit], tab.search, inputs, [results, ranking, notice],
                 api_name="search", notice=notice, session=session,
                 api_description="Rank gallery images for a text: ITC over all, ITM re-ranking of the top-k.")
     return gallery

@@ -5,8 +5,15 @@ from __future__ import annotations
 import gradio as gr
 
 from . import caption, chat, matching, search
-from .common import error_notice, model_event, progress_callback, service, session_models, set_service, user_errors
-from .service import EMBEDDED, EXAMPLES_DIR, GENERATION, RETRIEVAL, Service
+from .caption import CaptionTab
+from .chat import ChatTab
+from .common import error_notice, model_event, progress_callback, session_models, user_errors
+from .config import flags_table
+from .matching import MatchingTab
+from .paths import EXAMPLES_DIR
+from .registry import EMBEDDED, GENERATION, RETRIEVAL
+from .search import SearchTab
+from .service import Service
 
 TITLE = "BLIP-2 Studio"
 
@@ -20,8 +27,7 @@ CSS = """
 """
 
 
-def status_text(models):
-    svc = service()
+def status_text(svc: Service, models: dict) -> str:
     gen, ret = models[GENERATION], models[RETRIEVAL]
     lines = [f"**Serving:** {gen} (all tabs)", ""] if gen == ret else \
         [f"**Caption & chat:** {gen}", f"**Matching & search:** {ret}"]
@@ -31,34 +37,41 @@ def status_text(models):
     return " · ".join(x for x in lines[:2] if x) + ("  \n" + " ".join(lines[2:]) if lines[2:] else "")
 
 
-@user_errors
-def load_model(choice, session=None, progress=gr.Progress(track_tqdm=True)):
-    """Switch this session to a listed checkpoint (loading it once for everyone; downloads show progress).
-    On failure the session keeps the model it had. Returns (session, status)."""
-    svc = service()
-    checkpoint = svc.checkpoint(choice)
-    models = session_models(session)
-    for role in checkpoint.roles:
-        svc.get(checkpoint.key, role, progress_callback(progress))
-    for role in checkpoint.roles:
-        models[role] = checkpoint.key
-    return models, status_text(models)
+class App:
+    """Every event handler of the app, closing over one service: the tabs' and the model picker's."""
 
+    def __init__(self, service: Service):
+        self.service = service
+        self.caption, self.chat = CaptionTab(service), ChatTab(service)
+        self.matching, self.search = MatchingTab(service), SearchTab(service)
 
-def load_failed(session):
-    """After a failed load: the picker goes back to the model this session is served by, and the reason stays
-    under it."""
-    models = session_models(session)
-    return models[GENERATION], status_text(models) + "  \n" + error_notice(session)
+    @user_errors
+    def load_model(self, choice, session=None, progress=gr.Progress(track_tqdm=True)):
+        """Switch this session to a listed checkpoint (loading it once for everyone; downloads show progress).
+        On failure the session keeps the model it had. Returns (session, status)."""
+        svc = self.service
+        checkpoint = svc.checkpoint(choice)
+        models = session_models(svc, session)
+        for role in checkpoint.roles:
+            svc.get(checkpoint.key, role, progress_callback(progress))
+        for role in checkpoint.roles:
+            models[role] = checkpoint.key
+        return models, status_text(svc, models)
 
+    def load_failed(self, session):
+        """After a failed load: the picker goes back to the model this session is served by, and the reason stays
+        under it."""
+        models = session_models(self.service, session)
+        return models[GENERATION], status_text(self.service, models) + "  \n" + error_notice(session)
 
-def model_info(session=None):
-    """The checkpoints on offer, the loaded models, this session's choice and the server's limits."""
-    return service().info(session_models(session))
+    def model_info(self, session=None):
+        """The checkpoints on offer, the loaded models, this session's choice and the server's limits."""
+        return self.service.info(session_models(self.service, session))
 
 
 def build_demo(svc: Service) -> gr.Blocks:
-    set_service(svc)
+    """The app's page over `svc`: the model picker, the tabs and the About tab, wired to one App's handlers."""
+    app = App(svc)
     with gr.Blocks(title=TITLE) as demo:
         session = gr.State(svc.session_defaults())
         gr.Markdown(f"# {TITLE}\nCaption images, chat about them, match them against texts and search a gallery "
@@ -72,21 +85,22 @@ def build_demo(svc: Service) -> gr.Blocks:
             with gr.Column(scale=1, min_width=140):
                 load = gr.Button("Load model", elem_id="model-load")
             with gr.Column(scale=3, min_width=280):
-                status = gr.Markdown(status_text(svc.session_defaults()), elem_id="model-status")
+                status = gr.Markdown(status_text(svc, svc.session_defaults()), elem_id="model-status")
         with gr.Tabs(elem_id="tabs", overflow_behavior="wrap"):  # every tab in sight on a phone too
             with gr.Tab("Caption", id="caption", elem_id="tab-caption"):
-                caption.build(session)
+                caption.build(app.caption, session)
             with gr.Tab("Chat", id="chat", elem_id="tab-chat"):
-                chat.build(session)
+                chat.build(app.chat, session)
             with gr.Tab("Matching", id="matching", elem_id="tab-matching"):
-                matching.build(session)
+                matching.build(app.matching, session)
             with gr.Tab("Search", id="search", elem_id="tab-search"):
-                search.build(session)
+                search.build(app.search, session)
             with gr.Tab("About", id="about", elem_id="tab-about"):
-                about(svc, session, demo)
-        load_event = model_event(load.click, load_model, [picker, session], [session, status], api_name="load_model",
+                about(app, session, demo)
+        load_event = model_event(svc.limits, load.click, app.load_model, [picker, session], [session, status],
+                                 api_name="load_model",
                                  api_description="Switch this session to a listed checkpoint (see /model_info).")
-        load_event.failure(load_failed, [session], [picker, status], api_visibility="private", queue=False)
+        load_event.failure(app.load_failed, [session], [picker, status], api_visibility="private", queue=False)
     demo.queue(max_size=svc.limits.queue_size, default_concurrency_limit=svc.limits.concurrency)
     return demo
 
@@ -110,8 +124,8 @@ def served_address(request: gr.Request) -> str:
     return api_snippet(f"{scheme}://{host.split(',')[0].strip()}/")
 
 
-def about(svc: Service, session, demo: gr.Blocks):
-    limits = svc.limits
+def about(app: App, session, demo: gr.Blocks):
+    limits = app.service.limits
     gr.Markdown("""**Endpoints** (`gradio_client`): `/caption`, `/chat`, `/clear_chat`, `/match`, `/heatmap`,
 `/search`, `/load_model`, `/model_info`. Every request is checked the same way in the browser and through the API;
 "Use via API" at the foot of the page lists every parameter.""")
@@ -132,9 +146,11 @@ real BLIP-2 models (they need several GB of memory and a download).
 **Example photographs**: public-domain / CC0 pictures from scikit-image (NASA, SpaceX, Rachel Michetti,
 Stefan van der Walt); see `assets/examples/README.md`.
 """)
+    with gr.Accordion("Startup flags and their environment variables", open=False):
+        gr.Markdown(flags_table())
     info = gr.JSON(label="Server information", elem_id="about-info", open=False)
     refresh = gr.Button("Show server information", size="sm")
-    refresh.click(model_info, [session], info, api_name="model_info",
+    refresh.click(app.model_info, [session], info, api_name="model_info",
                   api_description="The checkpoints on offer, the loaded models, this session's models, the limits.")
 
 

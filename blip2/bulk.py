@@ -28,10 +28,11 @@ from tqdm.auto import tqdm
 from .distributed import RaySettings, ray_rows
 from .extras import need
 from .generation import GenerationConfig
+from .images import load_image
 from .io.hub import resolve_checkpoint
 from .modeling import Blip2ForConditionalGeneration, Blip2ForImageTextRetrieval
 from .processing import Blip2Processor
-from .runner import Blip2Runner, load_image
+from .runner import Blip2Runner
 from .weight_only import quantization_flag
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")

@@ -6,14 +6,21 @@ logit (the joint pass of queries and text) and the ITC similarity (the queries a
 reaches the maps (a quantized model), the plain cross-attention is used instead.
 """
 
+from __future__ import annotations
+
 import math
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
+if TYPE_CHECKING:
+    from .modeling import Blip2ForImageTextRetrieval
 
-def match_targets(model, states: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> Iterator[tuple]:
+
+def match_targets(model: Blip2ForImageTextRetrieval, states: torch.Tensor, ids: torch.Tensor,
+                  mask: torch.Tensor) -> Iterator[tuple]:
     """The two match scores of one image and one text, each with the cross-attention maps it came through:
     (ITM match logit, maps of the joint pass), (ITC best-query cosine, maps of the queries-only pass).
     states (1, 1+N, D_v) vision hidden states; ids, mask (1, L) the text."""
@@ -25,7 +32,8 @@ def match_targets(model, states: torch.Tensor, ids: torch.Tensor, mask: torch.Te
     yield (image[0] @ text[0]).max(), [m for m in q.cross_attentions if m is not None]
 
 
-def relevance_grid(model, states: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, str]:
+def relevance_grid(model: Blip2ForImageTextRetrieval, states: torch.Tensor, ids: torch.Tensor,
+                   mask: torch.Tensor) -> tuple[torch.Tensor, str]:
     """(side, side) relevance of each image patch for the text ([CLS] dropped), and the method: "Grad-CAM", or
     "cross-attention" where no gradient reaches the maps. Runs with autograd on whatever the caller's mode."""
     states = states.detach().clone()  # a tensor autograd may use (a cached one was made without autograd)

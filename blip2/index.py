@@ -32,7 +32,8 @@ from .config import Blip2Config, read_json
 from .distributed import RaySettings, ray_rows
 from .extras import need
 from .io.hub import resolve_checkpoint
-from .runner import Blip2Runner, match_score
+from .retrieval import match_score
+from .runner import Blip2Runner
 
 ROWS, FLAT, APPROX, META = "images.parquet", "index.faiss", "approx.faiss", "meta.json"
 
@@ -294,13 +295,15 @@ def text_embedding(runner: Blip2Runner, text: str) -> np.ndarray:
 
 
 def rerank(runner: Blip2Runner, index: ImageIndex, ids, itc, text: str, top: int) -> list[Hit]:
-    """Hits for ranked ids: the first `top` re-ranked by ITM log-odds + ITC cosine (the app's ranking, from
-    Blip2Runner.match on the image file), the rest in ITC order."""
-    hits = [Hit(index.paths[i], float(s), caption=index.captions[i]) for i, s in zip(ids, itc)]
-    for h in hits[:top]:
-        h.itm = runner.match(h.path, [text])[0].itm
-        h.score = match_score(h.itm, h.itc)
-    return sorted(hits[:top], key=lambda h: -h.score) + hits[top:]
+    """Hits for ranked ids: the first `top` re-ranked by ITM log-odds + ITC cosine on the image files (the app's
+    ranking: Blip2Runner.rerank), the rest in ITC order."""
+    paths = [index.paths[i] for i in ids]
+    hits = []
+    for r in runner.rerank(paths, text, itc, top):
+        i = ids[r.index]
+        score = None if r.itm is None else match_score(r.itm, r.itc)
+        hits.append(Hit(index.paths[i], r.itc, r.itm, score, index.captions[i]))
+    return hits
 
 
 def search_command(runner: Blip2Runner, directory: str, text: str, k: int = 10, top: int = 0, approx=False,

@@ -31,16 +31,21 @@ def get_service():
     global _service
     with _lock:
         if _service is None:
-            from app.service import Limits, Service
+            from app.config import Limits
+            from app.service import Service
 
             # development override only: APP_TEST_MODEL / APP_TEST_ITM_MODEL point at other checkpoints
             _service = Service(generation=os.environ.get("APP_TEST_MODEL"),
                                retrieval=os.environ.get("APP_TEST_ITM_MODEL"), limits=Limits(**TEST_LIMITS))
             _service.warm_up()
-            from app.common import set_service
-
-            set_service(_service)  # the handlers find it here
         return _service
+
+
+def app():
+    """The app's handlers (app.ui.App) over the shared service, as build_demo wires them."""
+    from app.ui import App
+
+    return App(get_service())
 
 
 @contextlib.contextmanager

@@ -7,9 +7,8 @@ import app_support as S
 import pytest
 from PIL import Image
 
-from app import caption as caption_tab
 from app import examples
-from app.service import match_score
+from blip2.retrieval import match_score
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -70,7 +69,7 @@ def test_caption_streams_and_matches_the_handler(client, scenes):
     assert len(set(outputs)) >= 2, "the caption arrives in pieces"
     assert all(outputs[-1].startswith(o.strip()) or not o for o in outputs[:-1])
     direct = None
-    for direct in caption_tab.caption(path, "", "beam search", 1, 1.0, 0.9, 50, 20, 1, 1.0, 1.0, 1):
+    for direct in S.app().caption.caption(path, "", "beam search", 1, 1.0, 0.9, 50, 20, 1, 1.0, 1.0, 1):
         pass
     assert final[0] == direct[0] == scene.caption()
 
@@ -215,7 +214,7 @@ def test_cli_flags_and_environment(monkeypatch):
         "m", "i", "bfloat16", "4bit", "auto", "0.0.0.0", 7861)
     monkeypatch.setenv("BLIP2_TIME_LIMIT_S", "12.5")
     monkeypatch.setenv("BLIP2_MAX_GALLERY", "7")
-    from app.service import Limits
+    from app.config import Limits
 
     limits = Limits.from_env()
     assert (limits.time_limit_s, limits.max_gallery) == (12.5, 7)

@@ -12,6 +12,7 @@ from world_files import ITM, write_scenes
 
 from app import search
 from app.collection import attach
+from app.render import NOT_RERANKED
 from blip2.bulk import load_runner
 from blip2.index import index_job
 
@@ -39,22 +40,22 @@ def test_search_tab_searches_the_index(indexed):
     where = search.in_index(collection)
     right = 0
     for i in (0, 7, 19):
-        items, table, notice = search.search(None, scenes[i].caption(), 3, None, where)
+        items, table, notice = S.app().search.search(None, scenes[i].caption(), 3, None, where)
         right += table["image"][0] == os.path.basename(paths[i])
         thumb, label = items[0]
         assert isinstance(thumb, Image.Image) and max(thumb.size) <= 256 and "ITM" in label
-        assert len(items) == 24 and (table["ITM probability"] != search.NOT_RERANKED).sum() == 3
+        assert len(items) == 24 and (table["ITM probability"] != NOT_RERANKED).sum() == 3
         assert "index of 30 images" in notice
     assert right == 3  # measured: 3 of 3 (the search tests in blip2 measure the rate over 200 scenes)
     uploads = [S.write(paths[0], f"s{i}.png", open(paths[i], "rb").read()) for i in (0, 1)]
-    items, table, notice = search.search(uploads, scenes[1].caption(), 1, None, search.GALLERY)
+    items, table, notice = S.app().search.search(uploads, scenes[1].caption(), 1, None, search.GALLERY)
     assert items[0][0] == uploads[1] and notice == "Ranked 2 images."  # the gallery mode as before
     with pytest.raises(gr.Error, match="not uploaded"):  # and it still reads uploads only, not the index's files
-        search.search(paths[:2], scenes[1].caption(), 1, None, search.GALLERY)
+        S.app().search.search(paths[:2], scenes[1].caption(), 1, None, search.GALLERY)
     with pytest.raises(gr.Error, match="search text"):
-        search.search(None, "   ", 3, None, where)
+        S.app().search.search(None, "   ", 3, None, where)
     with pytest.raises(gr.Error, match="Re-rank top-k must be between 0 and 100"):
-        search.search(None, "a red circle", 1000, None, where)
+        S.app().search.search(None, "a red circle", 1000, None, where)
 
 
 def test_the_tab_offers_both_modes(indexed, svc):

@@ -7,8 +7,11 @@ import app_support as S
 import numpy as np
 import pytest
 
-from app import caption, chat, matching, search
-from app.service import GENERATION, RETRIEVAL, DecodingSettings, match_score
+from app import caption, chat
+from app.registry import GENERATION, RETRIEVAL
+from app.render import NOT_RERANKED
+from app.validation import DecodingSettings
+from blip2.retrieval import match_score
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -46,25 +49,25 @@ def test_caption_is_exact(svc, scenes):
     from blip2.train.world import caption_matches
 
     for scene, path in scenes:
-        text, notice = last(caption.caption(path))
+        text, notice = last(S.app().caption.caption(path))
         assert (text, notice) == (scene.caption(), "")
     for i in range(6):  # scenes of one to three objects
         scene, im = S.scene(i)
-        text, _ = last(caption.caption(im))
+        text, _ = last(S.app().caption.caption(im))
         m = caption_matches(scene, text)
         assert m["count"] and all(o["size"] and o["color"] and o["position"] for o in m["objects"]), (text, scene)
 
 
 def test_caption_streams_token_by_token(svc, scenes):
     scene, path = scenes[0]
-    outputs = [text for text, _ in caption.caption(path, "", max_new_tokens=20)]
+    outputs = [text for text, _ in S.app().caption.caption(path, "", max_new_tokens=20)]
     assert outputs[-1] == scene.caption() and len(set(outputs)) >= 3  # it grew in pieces
     assert all(outputs[-1].startswith(o) for o in outputs)
 
 
 def test_caption_prefix_and_several_beams(svc, scenes):
     scene, path = scenes[1]
-    text, _ = last(caption.caption(path, "a photo of", "beam search", 4, 1.0, 0.9, 50, 30, 1, 1.0, 1.0, 3))
+    text, _ = last(S.app().caption.caption(path, "a photo of", "beam search", 4, 1.0, 0.9, 50, 30, 1, 1.0, 1.0, 3))
     lines = text.splitlines()
     assert len(lines) == 3 and len(set(lines)) == 3
     assert [line.split(". ", 1)[0] for line in lines] == ["1", "2", "3"]
@@ -76,22 +79,22 @@ def test_chat_answers_colour_shape_and_position(svc, scenes):
     """VQA on one-object scenes: colour 99.7%, shape 99.3% right (model card); every answer must be right."""
     for scene, path in scenes:
         o = scene.objects[0]
-        conv, notice, state = last(chat.chat(path, f"what color is the {o.shape}?"))
+        conv, notice, state = last(S.app().chat.chat(path, f"what color is the {o.shape}?"))
         assert conv[-1]["content"] == o.color and notice == ""
         assert state["turns"][-1] == [f"what color is the {o.shape}?", o.color]
-        conv, notice, state = last(chat.chat(path, f"what shape is the {o.color} object?"))
+        conv, notice, state = last(S.app().chat.chat(path, f"what shape is the {o.color} object?"))
         assert conv[-1]["content"] == o.shape
-        conv, notice, state = last(chat.chat(path, f"where is the {o.color} {o.shape}?"))
+        conv, notice, state = last(S.app().chat.chat(path, f"where is the {o.color} {o.shape}?"))
         assert conv[-1]["content"] == o.position
 
 
 def test_chat_follows_a_conversation_and_resets_on_a_new_image(svc, scenes):
     (s0, p0), (s1, p1) = scenes[0], scenes[1]
-    conv, notice, state = last(chat.chat(p0, f"what color is the {s0.objects[0].shape}?"))
-    conv, notice, state = last(chat.chat(p0, f"what shape is the {s0.objects[0].color} object?", history=state))
+    conv, notice, state = last(S.app().chat.chat(p0, f"what color is the {s0.objects[0].shape}?"))
+    conv, notice, state = last(S.app().chat.chat(p0, f"what shape is the {s0.objects[0].color} object?", history=state))
     assert [m["content"] for m in conv] == [f"what color is the {s0.objects[0].shape}?", s0.objects[0].color,
                                             f"what shape is the {s0.objects[0].color} object?", s0.objects[0].shape]
-    conv, notice, state = last(chat.chat(p1, f"what color is the {s1.objects[0].shape}?", history=state))
+    conv, notice, state = last(S.app().chat.chat(p1, f"what color is the {s1.objects[0].shape}?", history=state))
     assert len(conv) == 2 and "new image" in notice.lower()
     assert conv[-1]["content"] == s1.objects[0].color
     assert chat.clear(state)[2]["turns"] == []
@@ -99,26 +102,26 @@ def test_chat_follows_a_conversation_and_resets_on_a_new_image(svc, scenes):
 
 def test_chat_prompt_drops_the_oldest_turns_to_fit(svc):
     loaded = svc.get(svc.default[GENERATION], GENERATION)
-    context = svc.context_size(loaded)
+    context = loaded.runner.context_size
     turn = ("what color is the large circle in the top left corner of the picture?", "red")
     history = [turn] * (context // 8)
-    prompt = svc.chat_prompt(loaded, history, "what shape is it?", 20)
-    assert prompt.dropped > 0 and prompt.text.startswith("Question: ")
+    prompt = loaded.runner.fit_chat("what shape is it?", history, 20, fit_new_tokens=True)
+    assert prompt.dropped_turns > 0 and prompt.text.startswith("Question: ")
     assert prompt.text.endswith("Question: what shape is it? Answer:")
-    assert svc.prompt_length(loaded, prompt.text) + prompt.max_new_tokens <= context
+    assert loaded.runner.prompt_length(prompt.text) + prompt.max_new_tokens <= context
     kept = prompt.text.count("Question:") - 1
-    assert kept + prompt.dropped == len(history)
+    assert kept + prompt.dropped_turns == len(history)
     assert "Question: {q} Answer: {a}.".format(q=turn[0], a=turn[1]) in prompt.text
 
 
 def test_chat_shows_the_truncation_notice(svc, scenes):
     scene, path = scenes[2]
     loaded = svc.get(svc.default[GENERATION], GENERATION)
-    n = svc.context_size(loaded) // 8
+    n = loaded.runner.context_size // 8
     history = {"digest": None, "turns": []}
-    conv, notice, history = last(chat.chat(path, "how many shapes are there?", history=history))
+    conv, notice, history = last(S.app().chat.chat(path, "how many shapes are there?", history=history))
     history["turns"] = [["what color is the large circle in the top left corner of the picture?", "red"]] * n
-    conv, notice, history = last(chat.chat(path, "how many shapes are there?", history=history))
+    conv, notice, history = last(S.app().chat.chat(path, "how many shapes are there?", history=history))
     assert "left out of the prompt" in notice
 
 
@@ -130,7 +133,7 @@ def test_matching_ranks_the_true_caption_first(svc):
     for i in range(6):
         scene, im = S.scene(i)
         texts = [t for t in others[3 * i:3 * i + 3] if t != scene.caption()] + [scene.caption()]
-        table, itm_chart, itc_chart, heat, notice = matching.match(im, "\n".join(texts))
+        table, itm_chart, itc_chart, heat, notice = S.app().matching.match(im, "\n".join(texts))
         assert table["text"][0] == scene.caption() and sorted(table["text"]) == sorted(texts)
         assert list(table["rank"]) == list(range(1, len(texts) + 1))
         scores = [match_score(p, c) for p, c in zip(itm_chart["ITM probability"], itc_chart["ITC cosine"])]
@@ -162,10 +165,11 @@ def test_heatmap_looks_at_the_object(svc, scenes):
 
 def test_heatmap_handler(svc, scenes):
     scene, path = scenes[0]
-    heat, notice = matching.heatmap(path, scene.caption())
+    heat, notice = S.app().matching.heatmap(path, scene.caption())
     assert notice == f"Heat map (Grad-CAM) for: **{scene.caption()}**" and heat.size == (224, 224)
     _, grid, _ = svc.heatmap(svc.default[RETRIEVAL], path, scene.caption())
-    from app.service import load_image, overlay_heatmap
+    from app.render import overlay_heatmap
+    from app.validation import load_image
 
     expected = overlay_heatmap(load_image(path, svc.limits).image, grid)
     assert np.array_equal(np.asarray(heat), np.asarray(expected))
@@ -175,10 +179,10 @@ def test_search_ranks_the_right_scene_first(svc, scenes):
     """Text-to-image recall@1 is 99.3% in 100-image galleries (model card): the right scene first, every time."""
     paths = [p for _, p in scenes]
     for scene, path in scenes:
-        items, table, notice = search.search(paths, scene.caption(), 3)
+        items, table, notice = S.app().search.search(paths, scene.caption(), 3)
         assert items[0][0] == path and notice == f"Ranked {len(paths)} images."
         assert sorted(table["image"]) == sorted(os.path.basename(p) for p in paths)
-        assert (table["ITM probability"] != search.NOT_RERANKED).sum() == 3  # the top 3 re-ranked by ITM
+        assert (table["ITM probability"] != NOT_RERANKED).sum() == 3  # the top 3 re-ranked by ITM
 
 
 def test_search_reuses_cached_image_embeddings(svc, scenes, monkeypatch):
@@ -187,13 +191,13 @@ def test_search_reuses_cached_image_embeddings(svc, scenes, monkeypatch):
     from blip2.train import world_check
 
     paths = [p for _, p in scenes]
-    search.search(paths, "a red circle", 0)
+    S.app().search.search(paths, "a red circle", 0)
     model = svc.get(svc.default[RETRIEVAL], RETRIEVAL).model
     calls, verdicts = [], []
     monkeypatch.setattr(world_check, "in_world", lambda im: verdicts.append(1) or True)
     handle = model.vision_model.register_forward_pre_hook(lambda m, a: calls.append(1))
     try:
-        items, table, notice = search.search(paths, "a blue star in the center", 0)
+        items, table, notice = S.app().search.search(paths, "a blue star in the center", 0)
     finally:
         handle.remove()
     assert calls == [] and verdicts == [] and len(items) == len(paths)
@@ -234,9 +238,9 @@ def test_special_token_strings_are_plain_text_in_match_search_and_heatmap(svc, s
     for op, text in texts.items():
         seen.clear()
         if op == "match":
-            matching.match(path, text)
+            S.app().matching.match(path, text)
         elif op == "search":
-            search.search([path], text, 1)
+            S.app().search.search([path], text, 1)
         else:
             svc.heatmap(svc.default[RETRIEVAL], path, text)
         plain = reference(text, split_special_tokens=True)["input_ids"]
@@ -261,7 +265,7 @@ def test_the_first_match_runs_the_vision_tower_once(svc):
     calls = []
     handle = model.vision_model.register_forward_pre_hook(lambda m, a: calls.append(1))
     try:
-        table, _, _, heat, _ = matching.match(im, f"{scene.caption()}\na large white cross in the top right")
+        table, _, _, heat, _ = S.app().matching.match(im, f"{scene.caption()}\na large white cross in the top right")
     finally:
         handle.remove()
     assert calls == [1] and table["text"][0] == scene.caption() and heat.size == (224, 224)

@@ -14,8 +14,9 @@ import httpx
 import pytest
 from PIL import Image
 
-from app import caption, chat, matching, search
-from app.service import Limits, RequestError, clean_text, load_image, parse_decoding
+from app.config import Limits
+from app.errors import RequestError
+from app.validation import clean_text, load_image, parse_decoding
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -45,7 +46,7 @@ def run_caption(image, prompt="", **kw):
                     min_new_tokens=1, repetition_penalty=1.0, length_penalty=1.0, num_captions=1)
     settings.update(kw)
     out = None
-    for out in caption.caption(image, prompt, *settings.values()):
+    for out in S.app().caption.caption(image, prompt, *settings.values()):
         pass
     return out
 
@@ -86,16 +87,16 @@ BAD_IMAGES = [
 @pytest.mark.parametrize("name,make,suffix,message", BAD_IMAGES, ids=[b[0] for b in BAD_IMAGES])
 def test_bad_image_files_are_refused_by_every_tab(tmp_path, svc, scene_path, name, make, suffix, message):
     path = S.write(tmp_path, "upload" + suffix, make())
-    refused(caption.caption, path, "", match=message)
-    refused(chat.chat, path, "what color is it?", match=message)
-    refused(matching.match, path, "a red circle", match=message)
+    refused(S.app().caption.caption, path, "", match=message)
+    refused(S.app().chat.chat, path, "what color is it?", match=message)
+    refused(S.app().matching.match, path, "a red circle", match=message)
     normal_ok(scene_path)
 
 
 def test_missing_image(svc, scene_path):
-    refused(caption.caption, None, match="no image")
-    refused(chat.chat, None, "what is it?", match="no image")
-    refused(matching.match, {"path": "/nonexistent/upload.png"}, "a", match="upload it again")
+    refused(S.app().caption.caption, None, match="no image")
+    refused(S.app().chat.chat, None, "what is it?", match="no image")
+    refused(S.app().matching.match, {"path": "/nonexistent/upload.png"}, "a", match="upload it again")
     normal_ok(scene_path)
 
 
@@ -177,10 +178,10 @@ def test_huge_image_is_downsized_once_checked(svc):
 
 
 def test_prompt_validation(svc, scene_path):
-    refused(chat.chat, scene_path, "", match="empty")
-    refused(chat.chat, scene_path, "   \n\t  ", match="empty")
-    refused(chat.chat, scene_path, "why? " * 20_000, match="limit is 1,000")
-    refused(caption.caption, scene_path, "x" * 100_000, match="limit")
+    refused(S.app().chat.chat, scene_path, "", match="empty")
+    refused(S.app().chat.chat, scene_path, "   \n\t  ", match="empty")
+    refused(S.app().chat.chat, scene_path, "why? " * 20_000, match="limit is 1,000")
+    refused(S.app().caption.caption, scene_path, "x" * 100_000, match="limit")
     normal_ok(scene_path)  # an empty caption prefix is fine
 
 
@@ -192,7 +193,7 @@ def test_prompt_validation(svc, scene_path):
 ])
 def test_odd_prompts_are_cleaned_and_answered(svc, scene_path, text):
     out = None
-    for out in chat.chat(scene_path, text, max_new_tokens=4):
+    for out in S.app().chat.chat(scene_path, text, max_new_tokens=4):
         pass
     conversation, notice, state = out
     question = clean_text(text)
@@ -249,32 +250,32 @@ def test_numeric_strings_are_accepted(svc):
 
 def test_candidate_text_limits(svc, scene_path):
     n = svc.limits.max_candidates
-    refused(matching.match, scene_path, "\n".join(f"text {i}" for i in range(n + 1)), match=f"limit is {n}")
-    refused(matching.match, scene_path, "\n\n  \n", match="at least one")
-    refused(matching.match, scene_path, "a" * 400, match="limit is 300")
-    refused(matching.match, scene_path, 42, match="must be text")
-    table, _, _, heat, notice = matching.match(scene_path, "a red circle\na red circle\na blue star")
+    refused(S.app().matching.match, scene_path, "\n".join(f"text {i}" for i in range(n + 1)), match=f"limit is {n}")
+    refused(S.app().matching.match, scene_path, "\n\n  \n", match="at least one")
+    refused(S.app().matching.match, scene_path, "a" * 400, match="limit is 300")
+    refused(S.app().matching.match, scene_path, 42, match="must be text")
+    table, _, _, heat, notice = S.app().matching.match(scene_path, "a red circle\na red circle\na blue star")
     assert len(table) == 2  # duplicates are scored once
 
 
 def test_gallery_limits(svc, scene_path, tmp_path):
     n = svc.limits.max_gallery
-    refused(search.search, [scene_path] * (n + 1), "a red circle", match=f"limit is {n}")
-    refused(search.search, [], "a red circle", match="empty")
-    refused(search.search, None, "a red circle", match="empty")
-    refused(search.search, [scene_path], "", match="empty")
-    refused(search.search, [scene_path], "a", rerank_k=-2, match="between")
+    refused(S.app().search.search, [scene_path] * (n + 1), "a red circle", match=f"limit is {n}")
+    refused(S.app().search.search, [], "a red circle", match="empty")
+    refused(S.app().search.search, None, "a red circle", match="empty")
+    refused(S.app().search.search, [scene_path], "", match="empty")
+    refused(S.app().search.search, [scene_path], "a", rerank_k=-2, match="between")
     bad = S.write(tmp_path, "bad.jpg", b"not an image")
-    refused(search.search, [bad], "a red circle", match="no usable image")
-    items, table, notice = search.search([bad, scene_path], "a red circle", 1)
+    refused(S.app().search.search, [bad], "a red circle", match="no usable image")
+    items, table, notice = S.app().search.search([bad, scene_path], "a red circle", 1)
     assert len(items) == 1 and "Skipped" in notice and "bad.jpg" in notice
 
 
 def test_broken_checkpoint_gives_a_message_and_the_app_keeps_serving(svc, scene_path, tmp_path):
     import shutil
 
-    from app.service import GENERATION, Checkpoint
-    from app.ui import load_model
+    from app.registry import GENERATION, Checkpoint
+    from app.ui import App
 
     source = svc.get(svc.default[GENERATION], GENERATION).source
     broken = tmp_path / "broken"
@@ -283,7 +284,7 @@ def test_broken_checkpoint_gives_a_message_and_the_app_keeps_serving(svc, scene_
     weights.write_bytes(weights.read_bytes()[:1000])  # cut off mid-download
     svc.catalogue["broken (local)"] = Checkpoint("broken (local)", ((GENERATION, str(broken)),))
     try:
-        message = refused(load_model, "broken (local)", svc.session_defaults(), match="could not load broken")
+        message = refused(App(svc).load_model, "broken (local)", svc.session_defaults(), match="could not load broken")
         assert "truncated" in message or "safetensors" in message
     finally:
         del svc.catalogue["broken (local)"]
@@ -292,8 +293,9 @@ def test_broken_checkpoint_gives_a_message_and_the_app_keeps_serving(svc, scene_
 
 
 def test_unknown_model_is_refused(svc):
-    from app.ui import load_model
+    from app.ui import App
 
+    load_model = App(svc).load_model
     refused(load_model, "/etc", match="unknown model")
     refused(load_model, "../assets", match="unknown model")
     refused(load_model, None, match="unknown model")
@@ -459,7 +461,7 @@ def test_upload_size_limit(server, client, scene_path, tmp_path):
 
 
 def test_file_access_is_limited_to_examples_and_uploads(server):
-    from app.service import EXAMPLES_DIR, ROOT
+    from app.paths import EXAMPLES_DIR, ROOT
 
     def status(path):
         return httpx.get(server.url + "gradio_api/file=" + str(path), timeout=10).status_code

@@ -13,20 +13,13 @@ from PIL import Image
 from tiny_checkpoints import fake_hub_cache, shared_checkpoint
 
 import app.common
-from app import caption, chat, matching, search
-from app.service import (
-    EMBEDDED,
-    GENERATION,
-    KNOWN_CHECKPOINTS,
-    RETRIEVAL,
-    Checkpoint,
-    DecodingSettings,
-    Limits,
-    ModelSettings,
-    RequestError,
-    Service,
-    load_image,
-)
+import app.ui
+from app.config import Limits
+from app.errors import RequestError
+from app.registry import EMBEDDED, GENERATION, KNOWN_CHECKPOINTS, RETRIEVAL, Checkpoint, ModelSettings
+from app.render import NOT_RERANKED
+from app.service import Service
+from app.validation import DecodingSettings, load_image
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -37,10 +30,9 @@ def _one_thread():
 
 @pytest.fixture
 def own_service():
-    """Tests that build their own Service (or run app.py's main) put the shared one back afterwards."""
-    old, threads = app.common._service, torch.get_num_threads()
+    """Tests that build their own Service (or run app.py's main) put torch's thread count back afterwards."""
+    threads = torch.get_num_threads()
     yield
-    app.common.set_service(old)
     torch.set_num_threads(threads)
 
 
@@ -71,7 +63,7 @@ def run_caption(image, **kw):
     settings = dict(mode="beam search", num_beams=1, temperature=1.0, top_p=0.9, top_k=50, max_new_tokens=3,
                     min_new_tokens=1, repetition_penalty=1.0, length_penalty=1.0, num_captions=1)
     settings.update(kw)
-    return last(caption.caption(image, "", *settings.values()))
+    return last(S.app().caption.caption(image, "", *settings.values()))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -94,7 +86,7 @@ def _pixels(svc, limits, scene_path, tmp_path):
 
 
 def _aspect(svc, limits, scene_path, tmp_path):
-    refused(caption.caption, S.write(tmp_path, "wide.png", S.png_bytes(S.colour_image((30, 10)))),
+    refused(S.app().caption.caption, S.write(tmp_path, "wide.png", S.png_bytes(S.colour_image((30, 10)))),
             match="an aspect ratio of 3:1; the limit is 2:1")
 
 
@@ -103,20 +95,21 @@ def _work_side(svc, limits, scene_path, tmp_path):
 
 
 def _prompt_chars(svc, limits, scene_path, tmp_path):
-    refused(chat.chat, scene_path, "what is it now?", match="the question is 15 characters long; the limit is 10")
-    refused(caption.caption, scene_path, "a photo of a", match="the prompt is 12 characters long; the limit is 10")
+    app = S.app()
+    refused(app.chat.chat, scene_path, "what is it now?", match="the question is 15 characters long; the limit is 10")
+    refused(app.caption.caption, scene_path, "a photo of a", match="the prompt is 12 characters long; the limit is 10")
 
 
 def _candidates(svc, limits, scene_path, tmp_path):
-    refused(matching.match, scene_path, "a\nb\nc", match="3 texts given; the limit is 2")
+    refused(S.app().matching.match, scene_path, "a\nb\nc", match="3 texts given; the limit is 2")
 
 
 def _candidate_chars(svc, limits, scene_path, tmp_path):
-    refused(matching.match, scene_path, "abcdef", match="characters long; the limit is 5")
+    refused(S.app().matching.match, scene_path, "abcdef", match="characters long; the limit is 5")
 
 
 def _gallery(svc, limits, scene_path, tmp_path):
-    refused(search.search, [scene_path, scene_path], "a", match="2 images given; the limit is 1 per search")
+    refused(S.app().search.search, [scene_path, scene_path], "a", match="2 images given; the limit is 1 per search")
 
 
 def _new_tokens(svc, limits, scene_path, tmp_path):
@@ -180,12 +173,13 @@ def _concurrency(svc, limits, scene_path, tmp_path, monkeypatch):
 
 def _chat_turns(svc, limits, scene_path, tmp_path, monkeypatch):
     histories = []
-    real = svc.chat_prompt
-    monkeypatch.setattr(svc, "chat_prompt", lambda loaded, history, *a: histories.append(list(history)) or
-                        real(loaded, history, *a))
+    runner = svc.get(svc.default[GENERATION], GENERATION).runner
+    real = runner.ask_stream
+    monkeypatch.setattr(runner, "ask_stream", lambda image, question, history, **kw: histories.append(list(history))
+                        or real(image, question, history, **kw))
     state = None
     for q in ("what color is the square?", "what shape is the blue object?", "how many shapes are there?"):
-        conv, _, state = last(chat.chat(scene_path, q, max_new_tokens=4, history=state))
+        conv, _, state = last(S.app().chat.chat(scene_path, q, max_new_tokens=4, history=state))
     assert [len(h) for h in histories] == [0, 1, 1]  # the prompt holds the one turn kept
     assert len(state["turns"]) == 1 and state["turns"][0][0] == "how many shapes are there?" and len(conv) == 2
 
@@ -199,9 +193,9 @@ def _loaded_models(svc, limits, scene_path, tmp_path):
 
 
 def _rerank(svc, limits, scene_path, tmp_path):
-    items, table, notice = search.search([scene_path] * 1 + [S.write(tmp_path, "b.png", S.png_bytes(
+    items, table, notice = S.app().search.search([scene_path] * 1 + [S.write(tmp_path, "b.png", S.png_bytes(
         S.colour_image((50, 50))))], "a small blue square on the left")
-    assert (table["ITM probability"] != search.NOT_RERANKED).tolist() == [True, False]  # the default re-ranks the top 1
+    assert (table["ITM probability"] != NOT_RERANKED).tolist() == [True, False]  # the default re-ranks the top 1
 
 
 LIMIT_CASES = {  # field: (BLIP2_<FIELD> value, check that it took effect)
@@ -255,10 +249,12 @@ def run_main(monkeypatch, argv, env=()):
         monkeypatch.delenv(k, raising=False)
     for k, v in dict(env).items():
         monkeypatch.setenv(k, v)
-    seen = {}
+    seen, built = {}, []
+    real_build = app.ui.build_demo
+    monkeypatch.setattr(app.ui, "build_demo", lambda svc: built.append(svc) or real_build(svc))
 
     def launch(self, **kwargs):
-        svc = app.common.service()
+        svc = built[-1]  # the service main built the demo over
         seen.update(kwargs=kwargs, demo=self, svc=svc, threads=torch.get_num_threads(),
                     loaded=[(k, r) for k in svc.choices() for r in (GENERATION, RETRIEVAL) if svc.loaded(k, r)])
 
@@ -268,6 +264,16 @@ def run_main(monkeypatch, argv, env=()):
     spec.loader.exec_module(main)
     assert main.main(argv) == 0
     return seen
+
+
+def test_the_flags_are_defined_once():
+    """app.py's argparse, the About tab and the README's table all come from app.config.FLAGS."""
+    from app.config import FLAGS, flag_parser, flags_table
+
+    with open(S.ROOT + "/README.md") as f:
+        assert flags_table() in f.read()
+    parsed = {a.option_strings[0] for a in flag_parser()._actions if a.option_strings and a.dest != "help"}
+    assert parsed == {f.flag for f in FLAGS} and len(FLAGS) == 11
 
 
 def test_host_and_port_from_the_environment(monkeypatch, own_service):
@@ -347,17 +353,16 @@ def test_least_recently_used_model_is_evicted_and_the_startup_model_stays(own_se
 
 
 def test_a_model_too_large_for_memory_is_refused_and_the_session_keeps_its_model(scene_path, own_service):
-    from app.service import _available_memory_bytes
-    from app.ui import load_model
+    from app.registry import available_memory_bytes
+    from app.ui import App
 
     huge = Checkpoint("org/huge", ((GENERATION, "org/huge"),), params_b=100_000.0)  # 400 TB at float32
     svc = Service(limits=Limits(), extra_checkpoints=[huge])
     svc.warm_up()
-    app.common.set_service(svc)
-    free = _available_memory_bytes("cpu") / 2**30
+    free = available_memory_bytes("cpu") / 2**30
     session = svc.session_defaults()
     with pytest.raises(gr.Error) as e:
-        load_model("org/huge", session)
+        App(svc).load_model("org/huge", session)
     message = e.value.message
     assert message.startswith(f"Org/huge needs about {100_000e9 * 4 / 2**30:.1f} GB of memory at 32-bit "
                                f"precision, but only ") and "still serving the model loaded before" in message
@@ -367,16 +372,15 @@ def test_a_model_too_large_for_memory_is_refused_and_the_session_keeps_its_model
 
 def test_loading_from_the_hub_cache_reports_progress(tmp_path, monkeypatch, own_service):
     """A hub id resolved offline from the Hugging Face cache (HF_HUB_OFFLINE=1); the load reports each step."""
-    from app.ui import load_model
+    from app.ui import App
 
     fake_hub_cache(tmp_path / "hub", "tiny-org/blip2-opt", shared_checkpoint("opt"))
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     hub = Checkpoint("tiny-org/blip2-opt", ((GENERATION, "tiny-org/blip2-opt"),))
     svc = Service(limits=Limits(), extra_checkpoints=[hub])
-    app.common.set_service(svc)
     calls = []
-    session, status = load_model("tiny-org/blip2-opt", svc.session_defaults(),
+    session, status = App(svc).load_model("tiny-org/blip2-opt", svc.session_defaults(),
                                  progress=lambda fraction, desc: calls.append((fraction, desc)))
     assert calls == [(0.0, "Preparing tiny-org/blip2-opt"),
                      (0.1, "Fetching tiny-org/blip2-opt (downloads show their progress here)"),
@@ -399,7 +403,7 @@ def test_flan_t5_chat_asks_for_a_short_answer(scene_path, own_service):
     svc = Service(generation=directory, limits=Limits())
     loaded = svc.get(svc.default[GENERATION], GENERATION)
     assert loaded.is_t5
-    prompt = svc.chat_prompt(loaded, [("what is it?", "a cat")], "and now?", 8).text
+    prompt = loaded.runner.fit_chat("and now?", [("what is it?", "a cat")], 8, fit_new_tokens=True).text
     assert prompt == "Question: what is it? Answer: a cat. Question: and now? Short answer:"
     answer, _ = last(svc.chat(svc.default[GENERATION], scene_path, "and now?", [("what is it?", "a cat")],
                               stream=False))
@@ -420,7 +424,7 @@ def test_the_app_and_the_cli_answer_a_chat_alike(scene_path, own_service, family
     svc = Service(generation=shared_checkpoint(family), limits=Limits())
     loaded = svc.get(svc.default[GENERATION], GENERATION)
     history = [("is it red?", "yes!"), ("what is it", "a cat?"), ("where", "on the left")]
-    prompt = svc.chat_prompt(loaded, history, "and now?", 8).text
+    prompt = loaded.runner.fit_chat("and now?", history, 8, fit_new_tokens=True).text
     tail = "Short answer:" if family == "t5" else "Answer:"
     assert prompt == ("Question: is it red? Answer: yes! Question: what is it Answer: a cat? Question: where Answer: "
                       f"on the left. Question: and now? {tail}")

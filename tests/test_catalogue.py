@@ -3,7 +3,7 @@
 import os
 import re
 
-from app.service import KNOWN_CHECKPOINTS
+from app.registry import KNOWN_CHECKPOINTS
 from blip2.catalogue import CHECKPOINTS, GENERATION, RETRIEVAL
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -9,7 +9,8 @@ from tiny_checkpoints import shared_checkpoint
 
 import blip2
 from blip2.processing import Blip2Processor
-from blip2.runner import Blip2Runner, ByteLRU, chat_prompt, encode_plain
+from blip2.retrieval import ByteLRU, encode_plain
+from blip2.runner import Blip2Runner, chat_prompt
 
 DECODINGS = [dict(max_new_tokens=6), dict(max_new_tokens=5, num_beams=3),
              dict(max_new_tokens=6, do_sample=True, temperature=2.0, seed=4)]
@@ -118,6 +119,24 @@ def test_over_long_prompts_are_cut_from_the_left(lm):
     if name == "opt":
         with pytest.raises(ValueError, match="max_new_tokens"):
             runner.caption(img, max_new_tokens=limit)
+
+
+def test_fitting_reports_dropped_turns_and_lowers_new_tokens_when_asked(lm):
+    """What the app's notes come from: how many turns were left out, and (fit_new_tokens, a decoder's positions)
+    the max_new_tokens the prompt leaves, generated without error."""
+    name, model, proc = lm
+    img, runner = image(3), Blip2Runner(model, proc)
+    history = [(f"question number {i} about the thing", f"answer {i}") for i in range(40)]
+    got = runner.ask(img, "which one?", history, max_new_tokens=4)
+    assert got.dropped_turns > 0 and got.prompt.count("Question:") - 1 + got.dropped_turns == len(history)
+    assert runner.fit_chat("which one?", history, 4).text == got.prompt and got.max_new_tokens == 4
+    if name == "opt":
+        positions = runner.context_size - model.config.num_query_tokens  # prompt + new tokens
+        fit = runner.fit_chat("which one?", [], positions, fit_new_tokens=True)
+        assert not fit.truncated and fit.max_new_tokens == positions - len(fit.ids)
+        assert runner.prompt_length(fit.text) + fit.max_new_tokens == runner.context_size
+        got = runner.caption(img, max_new_tokens=positions, min_new_tokens=positions, fit_new_tokens=True)
+        assert got.max_new_tokens == positions - len(encode_plain(proc.tokenizer, "")) and not got.truncated
 
 
 def test_special_token_strings_in_user_text_stay_text(lm):

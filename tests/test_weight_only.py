@@ -171,7 +171,9 @@ def test_the_app_serves_an_int4_model(tmp_path):
     does not fit int4's blocks of 16: it runs int8, its other language-model linears int4."""
     import app_support as S
 
-    from app.service import GENERATION, Limits, ModelSettings, Service
+    from app.config import Limits
+    from app.registry import GENERATION, ModelSettings
+    from app.service import Service
     from blip2.train.world import caption_matches
 
     svc = Service(settings=ModelSettings(quantize="int4"), limits=Limits(**S.TEST_LIMITS))
