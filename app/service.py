@@ -159,7 +159,7 @@ class Service(Registry):
         keeping what was generated."""
         deadline = time.monotonic() + self.limits.time_limit_s
         runner, image = loaded.runner, Keyed(img.digest, lambda: img.image)
-        kwargs = decoding.generate_kwargs() | {"stop": partial(_stop_after, deadline), "fit_new_tokens": True}
+        kwargs = decoding.generate_kwargs() | {"stop": partial(_stop_after, deadline)}
         if stream and decoding.streams:
             with self.request(loaded, deadline):
                 out = (runner.ask_stream(image, question, history, **kwargs) if question is not None

@@ -180,13 +180,16 @@ def run(args: argparse.Namespace) -> tuple[Any, str]:
         images, results = [args.image], [runner.ask(args.image, args.question, **decoding)]
     else:
         images, results = args.images, [runner.caption(image, args.prompt, **decoding) for image in args.images]
-    records = [{"image": i, "text": g.text, "texts": g.texts, "prompt": g.prompt, "truncated": g.truncated}
-               for i, g in zip(images, results)]
+    records = [{"image": i, "text": g.text, "texts": g.texts, "prompt": g.prompt, "truncated": g.truncated,
+                "max_new_tokens": g.max_new_tokens} for i, g in zip(images, results)]
     lines = []
     for r in records:
         lines += [(f"{r['image']}: " if len(records) > 1 else "") + t for t in r["texts"]]
         if r["truncated"]:
             lines.append(f"(the prompt was too long for the model and lost its beginning: {r['prompt']!r})")
+        if r["max_new_tokens"] < decoding["max_new_tokens"]:
+            lines.append(f"(max new tokens lowered to {r['max_new_tokens']}: the image and prompt take the rest of "
+                         "the model's positions)")
     return records[0] if args.command == "ask" else records, "\n".join(lines)
 
 

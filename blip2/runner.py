@@ -7,8 +7,8 @@ Reuse (the results equal a fresh computation):
   embeddings, and the ITC embeddings of texts;
 * for a decoder-only (OPT) language model, the KV cache of the last prompt (and answer) computed on an image: a new
   prompt that starts with the same token ids only computes its new tokens (a chat's next turn).
-Context fitting happens here only (`fit`): over-long prompts lose their oldest chat turns first, then (with
-`fit_new_tokens`) max_new_tokens is lowered to what the positions leave, and last the text is cut from the left; the
+Context fitting happens here only (`fit`): over-long prompts lose their oldest chat turns first, then
+max_new_tokens is lowered to what the positions leave, and last the text is cut from the left; the
 result says what was done (`dropped_turns`, `truncated`, `max_new_tokens`). Special-token strings in user text (a
 literal "<image>", "</s>") are plain text. Generation stops between tokens when a `stop` callback raises.
 """
@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 CAPTION_DECODING = {"max_new_tokens": 30, "min_new_tokens": 1}
 ANSWER_DECODING = {"max_new_tokens": 20, "min_new_tokens": 1}
 History = Sequence[tuple[str, str]]  # a chat's past turns: (question, answer), oldest first
-MIN_ANSWER_TOKENS = 8  # with fit_new_tokens, the fewest new tokens an over-long prompt keeps before it is cut
+MIN_ANSWER_TOKENS = 8  # the fewest new tokens an over-long prompt leaves a decoder before the prompt is cut
 
 
 def truncate_left(ids: list[int], special: list[int], limit: int) -> list[int]:
@@ -71,7 +71,7 @@ class Prompt:
     ids: list  # its plain-text token ids
     dropped_turns: int  # oldest chat turns left out to fit
     cut: bool  # the text was cut from the left to fit
-    max_new_tokens: int  # new tokens allowed (lowered only with fit_new_tokens)
+    max_new_tokens: int  # new tokens allowed (lowered to what a decoder's positions leave)
 
     @property
     def truncated(self) -> bool:
@@ -105,6 +105,16 @@ class TextStream:
 
     def close(self) -> None:
         self.pieces.close()
+
+
+def lowered(decoding: dict, max_new_tokens: int) -> dict:
+    """`decoding` with max_new_tokens (and min_new_tokens) at most `max_new_tokens`."""
+    if max_new_tokens >= (decoding.get("max_new_tokens") or DEFAULT_NEW_TOKENS):
+        return decoding
+    decoding = decoding | {"max_new_tokens": max_new_tokens}
+    if decoding.get("min_new_tokens") is not None:
+        decoding["min_new_tokens"] = min(decoding["min_new_tokens"], max_new_tokens)
+    return decoding
 
 
 class Blip2Runner(Retriever):
@@ -146,9 +156,9 @@ class Blip2Runner(Retriever):
         """Positions `text` takes in the language model, the image's query tokens included."""
         return len(encode_plain(self.processor.tokenizer, text)) + self._generator().config.num_query_tokens
 
-    def fit(self, texts: Sequence[str], max_new_tokens: int, fit_new_tokens: bool = False) -> Prompt:
+    def fit(self, texts: Sequence[str], max_new_tokens: int) -> Prompt:
         """The first of `texts` (candidate prompts, oldest chat turns dropped a step at a time) that fits with
-        `max_new_tokens`; else, with `fit_new_tokens`, the last one with max_new_tokens lowered to what it leaves
+        `max_new_tokens`; else, for a decoder, the last one with max_new_tokens lowered to what it leaves
         (at least MIN_ANSWER_TOKENS); else the last one cut from the left. ValueError when max_new_tokens leaves
         no room for a prompt at all."""
         cfg, tok = self._generator().config, self.processor.tokenizer
@@ -162,7 +172,7 @@ class Blip2Runner(Retriever):
             ids = encode_plain(tok, text)
             if len(ids) <= text_limit(max_new_tokens):
                 return Prompt(text, ids, dropped, False, max_new_tokens)
-        keep = min(max_new_tokens, MIN_ANSWER_TOKENS) if fit_new_tokens and decoder else max_new_tokens
+        keep = min(max_new_tokens, MIN_ANSWER_TOKENS) if decoder else max_new_tokens
         limit = text_limit(keep)
         if limit < 1:
             raise ValueError(f"max_new_tokens={keep} leaves no room for a prompt in the language model's "
@@ -171,7 +181,7 @@ class Blip2Runner(Retriever):
         if cut:
             ids = truncate_left(ids, encode_plain(tok, ""), limit)
             text = tok.decode(ids, skip_special_tokens=True)
-        new_tokens = min(max_new_tokens, positions - len(ids)) if fit_new_tokens and decoder else max_new_tokens
+        new_tokens = min(max_new_tokens, positions - len(ids)) if decoder else max_new_tokens
         return Prompt(text, ids, dropped, cut, new_tokens)
 
     def _chat_texts(self, question: str, history: History) -> list[str]:
@@ -179,10 +189,9 @@ class Blip2Runner(Retriever):
         history, short = list(history), bool(self._generator().config.is_encoder_decoder)
         return [chat_prompt(question, history[i:], short) for i in range(len(history) + 1)]
 
-    def fit_chat(self, question: str, history: History, max_new_tokens: int,
-                 fit_new_tokens: bool = False) -> Prompt:
+    def fit_chat(self, question: str, history: History, max_new_tokens: int) -> Prompt:
         """The chat prompt `ask` uses for this question and history, fitted to the context (see `fit`)."""
-        return self.fit(self._chat_texts(question, history), max_new_tokens, fit_new_tokens)
+        return self.fit(self._chat_texts(question, history), max_new_tokens)
 
     # ---- generation --------------------------------------------------------------------------------------
 
@@ -192,19 +201,15 @@ class Blip2Runner(Retriever):
         placeholders = [cfg.image_token_index] * cfg.num_query_tokens if cfg.image_token_index is not None else []
         return torch.tensor([placeholders + fit.ids], device=next(self.model.parameters()).device)
 
-    def _fit_decoding(self, texts: Sequence[str], decoding: dict, fit_new_tokens: bool) -> tuple[Prompt, dict]:
+    def _fit_decoding(self, texts: Sequence[str], decoding: dict) -> tuple[Prompt, dict]:
         """The fitted prompt, and the decoding settings with max_new_tokens (and min_new_tokens) lowered to it."""
-        fit = self.fit(texts, decoding.get("max_new_tokens") or DEFAULT_NEW_TOKENS, fit_new_tokens)
-        if fit.max_new_tokens < (decoding.get("max_new_tokens") or DEFAULT_NEW_TOKENS):
-            decoding = decoding | {"max_new_tokens": fit.max_new_tokens}
-            if decoding.get("min_new_tokens") is not None:
-                decoding["min_new_tokens"] = min(decoding["min_new_tokens"], fit.max_new_tokens)
-        return fit, decoding
+        fit = self.fit(texts, decoding.get("max_new_tokens") or DEFAULT_NEW_TOKENS)
+        return fit, lowered(decoding, fit.max_new_tokens)
 
-    def _start(self, image, texts, decoding: dict, fit_new_tokens: bool):
+    def _start(self, image, texts, decoding: dict):
         """Everything before decoding: cached image embeddings, the fitted prompt, the reusable KV cache prefix."""
         image_embeds, key = self.image_embeds(image)
-        fit, decoding = self._fit_decoding(texts, decoding, fit_new_tokens)
+        fit, decoding = self._fit_decoding(texts, decoding)
         ids = self._prompt_tensor(fit)
         cache = self._reuse_prefix(key, ids[0]) if self._reuses_prefix else None
         with torch.no_grad():
@@ -253,16 +258,16 @@ class Blip2Runner(Retriever):
         new = run.sequences[:, run.prompt.shape[1]:]
         return self.processor.tokenizer.batch_decode(new, skip_special_tokens=True)
 
-    def _generate(self, image, texts, decoding: dict, fit_new_tokens: bool) -> Generated:
-        run, key, fit = self._start(image, texts, decoding, fit_new_tokens)
+    def _generate(self, image, texts, decoding: dict) -> Generated:
+        run, key, fit = self._start(image, texts, decoding)
         with torch.no_grad():
             run.run()
         self._keep_prefix(key, run)
         out = [t.strip() for t in self._decode_texts(run)]
         return Generated(out[0], out, fit.text, fit.truncated, fit.dropped_turns, fit.max_new_tokens)
 
-    def _stream(self, image, texts, decoding: dict, fit_new_tokens: bool) -> TextStream:
-        run, key, fit = self._start(image, texts, decoding, fit_new_tokens)
+    def _stream(self, image, texts, decoding: dict) -> TextStream:
+        run, key, fit = self._start(image, texts, decoding)
         raw = text_pieces(run, self.processor.tokenizer)
 
         def pieces():  # "".join(pieces) == the stripped text that `ask` returns
@@ -281,10 +286,10 @@ class Blip2Runner(Retriever):
 
         return TextStream(pieces(), fit)
 
-    def caption(self, image: ImageLike, prompt: str = "", fit_new_tokens: bool = False, **decoding) -> Generated:
+    def caption(self, image: ImageLike, prompt: str = "", **decoding) -> Generated:
         """Describe an image (optionally continuing `prompt`). `decoding`: generate's settings (`stop`: a callback
-        run between tokens that ends the decoding by raising); `fit_new_tokens`: see `fit`."""
-        return self._generate(image, [prompt], decoding, fit_new_tokens)
+        run between tokens that ends the decoding by raising)."""
+        return self._generate(image, [prompt], decoding)
 
     def caption_batch(self, images: Sequence[ImageLike], prompt: str | list[str] = "", **decoding) -> list[Generated]:
         """Describe several images at once: one vision pass for the batch, then the language model over every
@@ -299,6 +304,7 @@ class Blip2Runner(Retriever):
             return []
         m, new_tokens = self.model, decoding.get("max_new_tokens") or DEFAULT_NEW_TOKENS
         fits = [self.fit([p], new_tokens) for p in prompts]
+        decoding = lowered(decoding, min(f.max_new_tokens for f in fits))  # the batch shares one length
         rows = [self._prompt_tensor(f) for f in fits]  # (1, T_i) each
         width = max(r.shape[1] for r in rows)
         pad = self.processor.tokenizer.pad_token_id or 0
@@ -314,18 +320,15 @@ class Blip2Runner(Retriever):
         return [Generated(texts[i * n], texts[i * n:(i + 1) * n], f.text, f.truncated, 0, f.max_new_tokens)
                 for i, f in enumerate(fits)]
 
-    def caption_stream(self, image: ImageLike, prompt: str = "", fit_new_tokens: bool = False,
-                       **decoding) -> TextStream:
+    def caption_stream(self, image: ImageLike, prompt: str = "", **decoding) -> TextStream:
         """`caption`, its text yielded piece by piece as it is generated."""
-        return self._stream(image, [prompt], decoding, fit_new_tokens)
+        return self._stream(image, [prompt], decoding)
 
-    def ask(self, image: ImageLike, question: str, history: History = (), fit_new_tokens: bool = False,
-            **decoding) -> Generated:
+    def ask(self, image: ImageLike, question: str, history: History = (), **decoding) -> Generated:
         """Answer a question about an image, given the chat so far (a list of (question, answer)); the oldest
         turns are left out when the prompt does not fit (`dropped_turns`)."""
-        return self._generate(image, self._chat_texts(question, history), decoding, fit_new_tokens)
+        return self._generate(image, self._chat_texts(question, history), decoding)
 
-    def ask_stream(self, image: ImageLike, question: str, history: History = (), fit_new_tokens: bool = False,
-                   **decoding) -> TextStream:
+    def ask_stream(self, image: ImageLike, question: str, history: History = (), **decoding) -> TextStream:
         """`ask`, its answer yielded piece by piece as it is generated."""
-        return self._stream(image, self._chat_texts(question, history), decoding, fit_new_tokens)
+        return self._stream(image, self._chat_texts(question, history), decoding)

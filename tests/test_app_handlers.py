@@ -105,7 +105,7 @@ def test_chat_prompt_drops_the_oldest_turns_to_fit(svc):
     context = loaded.runner.context_size
     turn = ("what color is the large circle in the top left corner of the picture?", "red")
     history = [turn] * (context // 8)
-    prompt = loaded.runner.fit_chat("what shape is it?", history, 20, fit_new_tokens=True)
+    prompt = loaded.runner.fit_chat("what shape is it?", history, 20)
     assert prompt.dropped_turns > 0 and prompt.text.startswith("Question: ")
     assert prompt.text.endswith("Question: what shape is it? Answer:")
     assert loaded.runner.prompt_length(prompt.text) + prompt.max_new_tokens <= context

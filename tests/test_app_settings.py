@@ -403,7 +403,7 @@ def test_flan_t5_chat_asks_for_a_short_answer(scene_path, own_service):
     svc = Service(generation=directory, limits=Limits())
     loaded = svc.get(svc.default[GENERATION], GENERATION)
     assert loaded.is_t5
-    prompt = loaded.runner.fit_chat("and now?", [("what is it?", "a cat")], 8, fit_new_tokens=True).text
+    prompt = loaded.runner.fit_chat("and now?", [("what is it?", "a cat")], 8).text
     assert prompt == "Question: what is it? Answer: a cat. Question: and now? Short answer:"
     answer, _ = last(svc.chat(svc.default[GENERATION], scene_path, "and now?", [("what is it?", "a cat")],
                               stream=False))
@@ -424,7 +424,7 @@ def test_the_app_and_the_cli_answer_a_chat_alike(scene_path, own_service, family
     svc = Service(generation=shared_checkpoint(family), limits=Limits())
     loaded = svc.get(svc.default[GENERATION], GENERATION)
     history = [("is it red?", "yes!"), ("what is it", "a cat?"), ("where", "on the left")]
-    prompt = loaded.runner.fit_chat("and now?", history, 8, fit_new_tokens=True).text
+    prompt = loaded.runner.fit_chat("and now?", history, 8).text
     tail = "Short answer:" if family == "t5" else "Answer:"
     assert prompt == ("Question: is it red? Answer: yes! Question: what is it Answer: a cat? Question: where Answer: "
                       f"on the left. Question: and now? {tail}")

@@ -121,3 +121,17 @@ def test_decoding_defaults_are_the_apps():
         assert (args.max_new_tokens, args.min_new_tokens) == (defaults.max_new_tokens, defaults.min_new_tokens)
         assert tab.DEFAULTS.generate_kwargs()["max_new_tokens"] == args.max_new_tokens
     assert parser().parse_args(["caption", "x.png"]).max_new_tokens == 30
+
+
+def test_more_new_tokens_than_positions_are_lowered_as_in_the_app(capsys, photo):
+    """The runner fits the context once for the CLI and the app: an OPT asked for more new tokens than its positions
+    leave gets what they leave, and the CLI says so."""
+    model = shared_checkpoint("opt")
+    r = runner("opt")
+    room = r.context_size - r.prompt_length("")
+    code, out, _ = run(capsys, "caption", photo, "--model", model, "--max-new-tokens", room + 50, "--json")
+    record = json.loads(out)[0]
+    assert code == 0 and record["max_new_tokens"] == room and not record["truncated"]
+    assert record["text"] == r.caption(photo, max_new_tokens=room, min_new_tokens=1).text
+    code, out, _ = run(capsys, "caption", photo, "--model", model, "--max-new-tokens", room + 50)
+    assert f"(max new tokens lowered to {room}:" in out
