@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import psutil
 import torch
 
-from blip2 import Blip2ForConditionalGeneration, Blip2ForImageTextRetrieval, Blip2Processor, Blip2Runner
+from blip2 import Blip2ForConditionalGeneration, Blip2ForImageTextRetrieval, Blip2Processor, Blip2Runner, memory_report
 from blip2.catalogue import CHECKPOINTS, GENERATION, RETRIEVAL
 from blip2.dtypes import dtype_name, resolve_dtype
 from blip2.io.hub import resolve_checkpoint
@@ -39,7 +39,6 @@ class Checkpoint:
 
     key: str
     sources: tuple  # ((role, source), ...)
-    params_b: float | None = None  # billions of parameters, for the memory check (None: unknown)
     note: str = ""
 
     def source(self, role: str) -> str | None:
@@ -50,7 +49,7 @@ class Checkpoint:
         return tuple(r for r, _ in self.sources)
 
 
-KNOWN_CHECKPOINTS = [Checkpoint(k.repo_id, ((k.task, k.repo_id),), k.params_b, k.note) for k in CHECKPOINTS]
+KNOWN_CHECKPOINTS = [Checkpoint(k.repo_id, ((k.task, k.repo_id),), k.note) for k in CHECKPOINTS]
 
 
 @dataclass
@@ -60,13 +59,16 @@ class ModelSettings:
     quantize: str | None = None  # "int8" | "int4" (weight-only, CPU) | "8bit" | "4bit" (bitsandbytes)
     device_map: str | None = None  # e.g. "auto", "cpu", "cuda:0"
 
-    def resolved_dtype(self, is_t5: bool, device: str, large: bool = False) -> str:
-        """`large`: a real checkpoint (not the embedded model), which runs in bfloat16 on a CPU that supports it."""
+    def resolved_dtype(self, is_t5: bool, device: str, large: bool = False, quiet: bool = False) -> str:
+        """`large`: a real checkpoint (not the embedded model), which runs in bfloat16 on a CPU that supports it.
+        The choice of --dtype auto is logged unless `quiet`."""
         dtype = (self.dtype or "auto").lower()
         if dtype == "auto" and device == "cpu":
             dtype = "bfloat16" if large and cpu_supports_bf16() else "float32"
-            log.info("--dtype auto on the CPU: %s (%s)", dtype, "the embedded model" if not large else
-                     "this CPU runs bfloat16 natively" if dtype == "bfloat16" else "this CPU has no native bfloat16")
+            if not quiet:
+                why = ("the embedded model" if not large else "this CPU runs bfloat16 natively"
+                       if dtype == "bfloat16" else "this CPU has no native bfloat16")
+                log.info("--dtype auto on the CPU: %s (%s)", dtype, why)
         elif dtype == "auto":
             dtype = "bfloat16" if is_t5 else "float16"
         try:  # the library's one table of names (fp16, bf16, half, ...)
@@ -120,7 +122,7 @@ class Registry:
         self.settings = settings or ModelSettings()
         self.catalogue: OrderedDict[str, Checkpoint] = OrderedDict()
         self.catalogue[EMBEDDED] = Checkpoint(EMBEDDED, ((GENERATION, str(EMBEDDED_GENERATION)),
-                                                         (RETRIEVAL, str(EMBEDDED_RETRIEVAL))), 0.01,
+                                                         (RETRIEVAL, str(EMBEDDED_RETRIEVAL))),
                                               "tiny model trained on a world of coloured shapes (offline)")
         for c in extra_checkpoints:
             self.catalogue[c.key] = c
@@ -143,7 +145,7 @@ class Registry:
         if source in self.catalogue:
             raise ValueError(f"{source} is a {'/'.join(self.catalogue[source].roles)} checkpoint, not a {role} one")
         key = source if not os.path.isdir(source) else f"{os.path.basename(os.path.normpath(source))} (local)"
-        self.catalogue[key] = Checkpoint(key, ((role, source),), None, f"given on the command line ({role})")
+        self.catalogue[key] = Checkpoint(key, ((role, source),), f"given on the command line ({role})")
         return key
 
     def choices(self) -> list[str]:
@@ -215,7 +217,7 @@ class Registry:
         say = progress or (lambda frac, desc: None)
         t0 = time.perf_counter()
         say(0.0, f"Preparing {c.key}")
-        self._check_memory(c, role)
+        self._check_memory(c, role, source)
         cls = Blip2ForConditionalGeneration if role == GENERATION else Blip2ForImageTextRetrieval
         try:
             directory = self._resolve(source, say)
@@ -262,17 +264,35 @@ class Registry:
         except Exception as e:
             raise RequestError(_short_error(e)) from None
 
-    def _check_memory(self, c: Checkpoint, role):
-        if c.params_b is None or self.settings.quantize:
+    def _check_memory(self, c: Checkpoint, role: str, source: str):
+        """Refuse, before any download, a model the memory free here cannot hold: blip2.memory_report's bytes for
+        these settings (read from the safetensors headers; a hub id not cached has its headers read remotely)
+        against the free memory. Nothing is refused when the size cannot be known (offline and not cached: the
+        load then says why) or when a device map spreads the model (accelerate places it)."""
+        if self.settings.device_map:
             return
-        bytes_per = 4 if (self.settings.dtype or "auto") in ("float32", "fp32") or \
-            (self.device == "cpu" and (self.settings.dtype or "auto") == "auto") else 2
-        need = c.params_b * 1e9 * bytes_per
+        cls = Blip2ForConditionalGeneration if role == GENERATION else Blip2ForImageTextRetrieval
+        quantization = quantization_flag(self.settings.quantize)
+
+        def bytes_at(dtype: str) -> int:
+            return memory_report(source, cls, dtype=dtype, device=self.device, quantization=quantization).total
+
+        try:  # the dtype the load will pick: a model over 1 GiB in 16-bit counts as large (see resolved_dtype)
+            need = bytes_at("float32")
+            dtype = self.settings.resolved_dtype(False, self.device, large=need > 2**31, quiet=True)
+            need = need if dtype == "float32" else bytes_at(dtype)
+        except RequestError:
+            raise
+        except Exception as e:  # not known here: the load itself reports what is wrong
+            log.info("no memory estimate for %s before loading: %s: %s", c.key, type(e).__name__, e)
+            return
         free = available_memory_bytes(self.device)
-        if free is not None and need > free:
-            raise RequestError(f"{c.key} needs about {need / 2**30:.1f} GB of {'GPU ' if self.device != 'cpu' else ''}"
-                               f"memory at {bytes_per * 8}-bit precision, but only {free / 2**30:.1f} GB is free; "
-                               "still serving the model loaded before (try --dtype float16 or --quantize 8bit)")
+        if need > free:
+            where = "GPU " if self.device != "cpu" else ""
+            how = self.settings.quantize or dtype
+            raise RequestError(f"{c.key} needs about {need / 2**30:.1f} GB of {where}memory ({how}), but only "
+                               f"{free / 2**30:.1f} GB is free; still serving the model loaded before (try "
+                               "--quantize int4 on a CPU, or --dtype float16 / --quantize 8bit on a GPU)")
 
     def warm_up(self) -> None:
         """Load the startup models (called before the server starts)."""

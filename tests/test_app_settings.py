@@ -14,6 +14,7 @@ from tiny_checkpoints import fake_hub_cache, shared_checkpoint
 
 import app.common
 import app.ui
+import blip2
 from app.config import Limits
 from app.errors import RequestError
 from app.registry import EMBEDDED, GENERATION, KNOWN_CHECKPOINTS, RETRIEVAL, Checkpoint, ModelSettings
@@ -352,22 +353,30 @@ def test_least_recently_used_model_is_evicted_and_the_startup_model_stays(own_se
     assert held() == [EMBEDDED, "a (local)"] and svc.loaded(EMBEDDED, RETRIEVAL) is not None
 
 
-def test_a_model_too_large_for_memory_is_refused_and_the_session_keeps_its_model(scene_path, own_service):
-    from app.registry import available_memory_bytes
+def test_a_model_too_large_for_memory_is_refused_and_the_session_keeps_its_model(own_service, monkeypatch):
+    """The check reads blip2.memory_report's bytes for the load's settings, before loading anything."""
+    import app.registry
     from app.ui import App
 
-    huge = Checkpoint("org/huge", ((GENERATION, "org/huge"),), params_b=100_000.0)  # 400 TB at float32
-    svc = Service(limits=Limits(), extra_checkpoints=[huge])
+    path = shared_checkpoint("opt")
+    need = blip2.memory_report(path, blip2.Blip2ForConditionalGeneration, dtype="float32").total
+    big = Checkpoint("org/big", ((GENERATION, path),))
+    svc = Service(limits=Limits(), extra_checkpoints=[big])
     svc.warm_up()
-    free = available_memory_bytes("cpu") / 2**30
+    monkeypatch.setattr(app.registry, "available_memory_bytes", lambda device: need // 2)
+    loads = []
+    monkeypatch.setattr(blip2.Blip2ForConditionalGeneration, "from_pretrained",
+                        classmethod(lambda cls, *a, **k: loads.append(a)))
     session = svc.session_defaults()
     with pytest.raises(gr.Error) as e:
-        App(svc).load_model("org/huge", session)
-    message = e.value.message
-    assert message.startswith(f"Org/huge needs about {100_000e9 * 4 / 2**30:.1f} GB of memory at 32-bit "
-                               f"precision, but only ") and "still serving the model loaded before" in message
-    assert abs(float(e.value.message.split("only ")[1].split(" GB")[0]) - free) < 0.5  # /proc/meminfo's figure
-    assert svc.loaded("org/huge", GENERATION) is None and session[GENERATION] == EMBEDDED
+        App(svc).load_model("org/big", session)
+    assert e.value.message == (f"Org/big needs about {need / 2**30:.1f} GB of memory (float32), but only "
+                               f"{need // 2 / 2**30:.1f} GB is free; still serving the model loaded before (try "
+                               "--quantize int4 on a CPU, or --dtype float16 / --quantize 8bit on a GPU)")
+    assert not loads and svc.loaded("org/big", GENERATION) is None and session[GENERATION] == EMBEDDED
+    monkeypatch.undo()
+    App(svc).load_model("org/big", session)  # with room, the same model loads
+    assert svc.loaded("org/big", GENERATION) is not None
 
 
 def test_loading_from_the_hub_cache_reports_progress(tmp_path, monkeypatch, own_service):
