@@ -9,9 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-import threading
 import time
-from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -23,7 +21,7 @@ from PIL import Image
 
 from blip2.catalogue import GENERATION, RETRIEVAL
 from blip2.images import Keyed
-from blip2.retrieval import match_score
+from blip2.retrieval import ByteLRU, match_score
 from blip2.runner import Generated, TextStream
 from blip2.train.world_check import in_world
 
@@ -51,29 +49,6 @@ def _stop_after(deadline: float) -> None:
     """Generation's `stop` callback (checked between tokens) and the check between image batches: the time limit."""
     if time.monotonic() > deadline:
         raise TimeLimitReached()
-
-
-class LRU:
-    """A thread-safe LRU map bounded by its number of entries, for the app's small bookkeeping values (file
-    digests, world verdicts); model features live in the runner's bytes-bounded cache."""
-
-    def __init__(self, capacity: int):
-        self.capacity, self.data, self.lock = capacity, OrderedDict(), threading.Lock()
-
-    def get(self, key: object) -> object:
-        with self.lock:
-            if key in self.data:
-                self.data.move_to_end(key)
-                return self.data[key]
-        return None
-
-    def put(self, key: object, value: object) -> None:
-        with self.lock:
-            self.data[key] = value
-            self.data.move_to_end(key)
-            while len(self.data) > self.capacity:
-                self.data.popitem(last=False)
-
 
 
 def clean_answer(text: str) -> str:
@@ -119,8 +94,8 @@ class Service(Registry):
                  extra_checkpoints: Sequence[Checkpoint] = ()):
         super().__init__(generation, retrieval, settings, limits, extra_checkpoints)
         Image.MAX_IMAGE_PIXELS = self.limits.max_image_pixels  # PIL's own bomb check, at the same limit
-        self._file_digests = LRU(4096)  # (path, size, mtime) -> content hash, so a gallery is not re-read
-        self._in_world = LRU(4096)  # image content hash -> the embedded model's world rule's verdict
+        self._file_digests = ByteLRU(2**20)  # (path, size, mtime) -> content hash, so a gallery is not re-read
+        self._in_world = ByteLRU(2**20)  # image content hash -> the embedded model's world rule's verdict
 
     @contextlib.contextmanager
     def request(self, loaded: Loaded | None = None, deadline: float | None = None) -> Iterator[float]:

@@ -8,6 +8,7 @@ Special-token strings in user text (a literal "<image>", "[CLS]") are plain text
 from __future__ import annotations
 
 import math
+import sys
 import threading
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
@@ -29,7 +30,8 @@ VISION_BATCH = 8  # images per vision pass when many miss the cache (a stop chec
 
 
 class ByteLRU:
-    """Least-recently-used map bounded by the bytes of its values (tensors, tuples of them, or KVCaches)."""
+    """Least-recently-used map bounded by the bytes of its values (tensors, tuples of them, KVCaches, or plain
+    Python values)."""
 
     def __init__(self, max_bytes: int):
         self.max_bytes, self.bytes = max_bytes, 0
@@ -61,8 +63,10 @@ class ByteLRU:
                 self.bytes -= self.items.popitem(last=False)[1][1]
 
 
-def nbytes(value: torch.Tensor | KVCache | Sequence) -> int:
-    """Bytes held by a tensor, a KVCache, or a sequence of them."""
+def nbytes(value: torch.Tensor | KVCache | Sequence | str | float | None) -> int:
+    """Bytes held by a tensor, a KVCache, a sequence of them, or a plain Python value (str, number, bool)."""
+    if value is None or isinstance(value, (str, bytes, int, float)):
+        return sys.getsizeof(value)
     if isinstance(value, torch.Tensor):
         return value.numel() * value.element_size()
     if isinstance(value, KVCache):
