@@ -32,6 +32,8 @@ EMBEDDED = "blip2-tiny (embedded)"
 Progress = Callable[[float, str], None]  # (fraction done, what is happening)
 
 
+LARGE_FLOAT32_BYTES = 2**30  # a real checkpoint (> 268 M parameters), not the embedded model: bfloat16 on a CPU
+
 
 @dataclass(frozen=True)
 class Checkpoint:
@@ -223,8 +225,9 @@ class Registry:
             directory = self._resolve(source, say)
             say(0.5, f"Loading the weights of {c.key}")
             is_t5 = _config_is_t5(directory)
-            dtype = self.settings.resolved_dtype(is_t5, self.device, _checkpoint_bytes(directory) > 2**30)
-            kwargs = {"dtype": getattr(torch, dtype)}
+            large = memory_report(directory, cls, dtype="float32").total > LARGE_FLOAT32_BYTES
+            dtype = self.settings.resolved_dtype(is_t5, self.device, large)
+            kwargs = {"dtype": resolve_dtype(dtype)}
             if self.settings.device_map:
                 kwargs["device_map"] = self.settings.device_map
             elif self.device != "cpu":
@@ -277,9 +280,9 @@ class Registry:
         def bytes_at(dtype: str) -> int:
             return memory_report(source, cls, dtype=dtype, device=self.device, quantization=quantization).total
 
-        try:  # the dtype the load will pick: a model over 1 GiB in 16-bit counts as large (see resolved_dtype)
+        try:  # at the dtype the load will pick
             need = bytes_at("float32")
-            dtype = self.settings.resolved_dtype(False, self.device, large=need > 2**31, quiet=True)
+            dtype = self.settings.resolved_dtype(False, self.device, large=need > LARGE_FLOAT32_BYTES, quiet=True)
             need = need if dtype == "float32" else bytes_at(dtype)
         except RequestError:
             raise
@@ -312,10 +315,6 @@ class Registry:
             {"name": c.key, "roles": list(c.roles), "note": c.note} for c in self.catalogue.values()],
             "loaded": models, "limits": self.limits.as_dict(),
             "settings": dataclasses.asdict(self.settings), "device": self.device}
-
-
-def _checkpoint_bytes(directory) -> int:
-    return sum(os.path.getsize(os.path.join(directory, f)) for f in os.listdir(directory) if f.endswith(".safetensors"))
 
 
 def _config_is_t5(directory):
