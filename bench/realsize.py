@@ -186,7 +186,8 @@ def floors(threads: int) -> dict:
 
 def kernels(threads: int, repeat: int = 15):
     """Per row count M: one OPT-2.7b FFN matrix (10240 x 2560) in bf16 (F.linear), int8 and int4 (groups of 32, 64,
-    128) through the layers blip2 runs (int8 from 64 rows: its dense path), best of `repeat`, interleaved."""
+    128) through the layers blip2 runs (int8 from INT8_MATMUL_ROWS rows: torch._int_mm on per-row int8 activations),
+    best of `repeat`, interleaved."""
     import torch
 
     from blip2.weight_only import WeightOnlyLinear

@@ -14,7 +14,7 @@ import torch
 
 from bench import tiny_tokenizers
 from blip2 import Blip2ForConditionalGeneration, QuantizationError
-from blip2.weight_only import WeightOnlyConfig, WeightOnlyLinear, int4_layout, quantization_flag
+from blip2.weight_only import INT8_MATMUL_ROWS, WeightOnlyConfig, WeightOnlyLinear, int4_layout, quantization_flag
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Tolerances, relative (Frobenius) error of the output, measured over 20 random shapes each (/tmp script, worst):
@@ -22,13 +22,17 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # vs the float weight: int8 0.0087, int4 0.107 (groups of 32-128, Gaussian weights). Margins ~2x / ~1.4x.
 KERNEL_TOL = {torch.bfloat16: 6e-3, torch.float32: 1e-5}
 QUANT_TOL = {8: 0.02, 4: 0.15}
+# int8 from INT8_MATMUL_ROWS rows: activations quantized per row too (torch._int_mm), vs the dequantized weight
+# 0.0084 (bf16) / 0.0082 (float32) worst over 20 random shapes of 4-300 rows (/tmp/err.py); vs the float weight 0.0117.
+INT8_MATMUL_TOL = 0.017
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("bits,group", [(8, 64), (4, 32), (4, 64), (4, 128)])
 def test_layer_matches_a_float_matmul(bits, group, dtype):
-    for n, k, m in [(48, 128, 1), (160, 256, 7), (1024, 384, 33), (256, 128, 100)]:  # 100 rows: int8's dense path
+    for n, k, m in [(48, 128, 1), (160, 256, 7), (1024, 384, 33), (256, 128, 100)]:  # 2 x 1 rows: int8's kernel
         w, b, x = torch.randn(n, k) * 0.05, torch.randn(n) * 0.1, torch.randn(2, m, k).to(dtype)
+        x_before = x.clone()
         lin = WeightOnlyLinear(k, n, True, bits, group, dtype, device="cpu")
         lin.load("weight", w.to(dtype))
         lin.load("bias", b.to(dtype))
@@ -37,7 +41,9 @@ def test_layer_matches_a_float_matmul(bits, group, dtype):
         bias = b.to(dtype).float()
         ref_kernel = x.float() @ lin.dequantize().t() + bias
         ref_float = x.float() @ w.to(dtype).float().t() + bias
-        assert ((y - ref_kernel).norm() / ref_kernel.norm()).item() < KERNEL_TOL[dtype]
+        assert torch.equal(x, x_before)  # the input is left as it was
+        tol = INT8_MATMUL_TOL if bits == 8 and 2 * m >= INT8_MATMUL_ROWS else KERNEL_TOL[dtype]
+        assert ((y - ref_kernel).norm() / ref_kernel.norm()).item() < tol
         assert ((y - ref_float).norm() / ref_float.norm()).item() < QUANT_TOL[bits]
 
 
