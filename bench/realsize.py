@@ -4,6 +4,7 @@
     python -m bench.realsize --runs blip2-int4,hf-bf16 --repeat 1 --tokens 10   # a quick look
     python -m bench.realsize --cache DIR          # where the 7.5 GB checkpoint is written once
     python -m bench.realsize --kernels            # only the packed kernels against bf16, per row count
+    python -m bench.realsize --inductor           # only Inductor's int4 GEMM template against the eager kernel
 
 The checkpoint: the Hub config.json of Salesforce/blip2-opt-2.7b (ViT-g/14 39 x 1408, Q-Former 12 x 768 with 32
 queries, OPT-2.7b 32 x 2560, vocabulary 50304; 3.745 B parameters), random N(0, 0.02) weights (layer norms 1,
@@ -223,6 +224,37 @@ def run(*args) -> dict:
     return json.loads(line)
 
 
+def inductor_int4(threads: int, repeat: int = 15):
+    """What PyTorch offers beyond the eager int4 kernel: Inductor's C++ GEMM template for
+    _weight_int4pack_mm_for_cpu (AMX tiles for M > 1), which needs the packed weight frozen into the compiled
+    graph (torch._inductor.config freezing + max_autotune), so one compile per layer and row count. One 10240 x 2560
+    matrix, group 64: eager vs compiled per M (best of `repeat`), the compile (with autotuning) time, the error."""
+    import torch
+    import torch._inductor.config as inductor
+
+    from blip2.weight_only import WeightOnlyLinear
+
+    torch.set_num_threads(threads)
+    inductor.freezing, inductor.max_autotune = True, True
+    w = torch.empty(10240, 2560, dtype=torch.bfloat16).normal_(0, 0.02, generator=torch.Generator().manual_seed(0))
+    lin = WeightOnlyLinear(2560, 10240, False, 4, 64, torch.bfloat16, device="cpu").eval()
+    lin.load("weight", w)
+    print(f"one 10240 x 2560 int4 matrix (g64), {threads} threads, best of {repeat} (ms); load {load_average()}")
+    print("| rows M | eager kernel | Inductor template | compile s | rel. err. |\n|---|---|---|---|---|")
+    for m in (1, 33):
+        x = torch.randn(m, 2560, dtype=torch.bfloat16)
+        compiled = torch.compile(lin, dynamic=False)
+        with torch.no_grad():
+            t = time.perf_counter()
+            y = compiled(x)
+            compile_s = time.perf_counter() - t
+            ref = lin(x).float()
+            err = ((y.float() - ref).norm() / ref.norm()).item()
+            eager, fast = best_time(lambda: lin(x), repeat), best_time(lambda: compiled(x), repeat)
+        torch._dynamo.reset()
+        print(f"| {m} | {eager * 1e3:.2f} | {fast * 1e3:.2f} | {compile_s:.1f} | {err:.4f} |", flush=True)
+
+
 def load_average() -> str:
     with open("/proc/loadavg") as f:
         return " ".join(f.read().split()[:3])
@@ -236,10 +268,11 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--cache", default=CACHE, help="where the checkpoint (and the saved int4 copy) live")
     ap.add_argument("--kernels", action="store_true", help="only time the packed kernels against bf16 per row count")
+    ap.add_argument("--inductor", action="store_true", help="only time Inductor's int4 GEMM template")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    if args.kernels:
-        kernels(args.threads)
+    if args.kernels or args.inductor:
+        (kernels if args.kernels else inductor_int4)(args.threads)
         return 0
     path, saved = os.path.join(args.cache, "blip2-opt-2.7b-random"), os.path.join(args.cache, "blip2-opt-2.7b-int4")
     if args.child:
