@@ -20,7 +20,6 @@ import torch
 from PIL import Image
 
 from blip2.catalogue import GENERATION, RETRIEVAL
-from blip2.images import Keyed
 from blip2.retrieval import ByteLRU, match_score
 from blip2.runner import Generated, TextStream
 from blip2.train.world_check import in_world
@@ -133,7 +132,7 @@ class Service(Registry):
         fits the prompt to the context (the notice says how); at the time limit a stream stops between tokens,
         keeping what was generated."""
         deadline = time.monotonic() + self.limits.time_limit_s
-        runner, image = loaded.runner, Keyed(img.digest, lambda: img.image)
+        runner, image = loaded.runner, img.keyed()
         kwargs = decoding.generate_kwargs() | {"stop": partial(_stop_after, deadline)}
         if stream and decoding.streams:
             with self.request(loaded, deadline):
@@ -223,7 +222,7 @@ class Service(Registry):
         img = self._image(image)
         texts = parse_texts(texts, self.limits)
         with self.request(loaded):
-            matches = loaded.runner.match(Keyed(img.digest, lambda: img.image), texts)
+            matches = loaded.runner.match(img.keyed(), texts)
         return sorted((MatchRow(m.text, m.itm, m.itc) for m in matches), key=lambda r: -r.score)
 
     @gpu
@@ -236,7 +235,7 @@ class Service(Registry):
         text = clean_text(text, "the text", self.limits.max_candidate_chars)
         with loaded.lock:  # one backward pass: nothing to stop in between
             try:
-                relevance, method = loaded.runner.heatmap(Keyed(img.digest, lambda: img.image), text)
+                relevance, method = loaded.runner.heatmap(img.keyed(), text)
             except ValueError as e:
                 raise RequestError(str(e)) from None
         grid = relevance.cpu().numpy()
@@ -257,7 +256,7 @@ class Service(Registry):
         if len(images) > self.limits.max_gallery:
             raise RequestError(f"{len(images)} images given; the limit is {self.limits.max_gallery} per search")
         k = parse_number(self.limits.search_rerank_k if rerank_k is None else rerank_k, "re-rank top-k", 0, 100,
-                    integer=True)
+                         integer=True)
         checked, skipped = [], []
         for i, item in enumerate(images, 1):
             name = gallery_item_name(item, i)
@@ -267,10 +266,9 @@ class Service(Registry):
                 skipped.append((name, str(e)))
         if not checked:
             raise RequestError("no usable image in the gallery: " + "; ".join(r for _, r in skipped[:3]))
-        keyed = [Keyed(c.digest, lambda c=c: c.image) for c in checked]
         try:
             with self.request(loaded) as deadline:
-                ranked = loaded.runner.rank(keyed, query, k, stop=partial(_stop_after, deadline))
+                ranked = loaded.runner.rank([c.keyed() for c in checked], query, k, stop=partial(_stop_after, deadline))
         except TimeLimitReached:
             raise RequestError(f"the search passed the time limit of {self.limits.time_limit_s:g} s: search fewer "
                                "images at once (their embeddings are cached, so trying again goes further)") from None

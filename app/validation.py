@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from blip2.images import FORMAT_NAMES, open_image, upright_rgb
+from blip2.images import FORMAT_NAMES, Keyed, open_image, upright_rgb
 
 from .config import Limits
 from .errors import RequestError
@@ -103,6 +103,10 @@ class CheckedImage:
     original_size: tuple[int, int]
     source: object = None  # what the caller gave (a path stays a path, for galleries)
     notes: list = field(default_factory=list)
+
+    def keyed(self) -> Keyed:
+        """For the runner: keyed by this content hash, decoded (a LazyImage) only on a cache miss."""
+        return Keyed(self.digest, lambda: self.image)
 
 
 # what a request may send as an image: a Gradio payload dict, a path, bytes, a PIL image, an array (None: refused)
