@@ -228,7 +228,11 @@ def inductor_int4(threads: int, repeat: int = 15):
     """What PyTorch offers beyond the eager int4 kernel: Inductor's C++ GEMM template for
     _weight_int4pack_mm_for_cpu (AMX tiles for M > 1), which needs the packed weight frozen into the compiled
     graph (torch._inductor.config freezing + max_autotune), so one compile per layer and row count. One 10240 x 2560
-    matrix, group 64: eager vs compiled per M (best of `repeat`), the compile (with autotuning) time, the error."""
+    matrix, group 64: eager vs compiled per M (best of `repeat`), the compile (with autotuning) time, the error;
+    then stacks of layers compiled as one graph with dynamic rows (how a prompt pass would use it)."""
+    import tempfile
+
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="inductor-")  # cold compiles, as on a new Space
     import torch
     import torch._inductor.config as inductor
 
@@ -253,6 +257,36 @@ def inductor_int4(threads: int, repeat: int = 15):
             eager, fast = best_time(lambda: lin(x), repeat), best_time(lambda: compiled(x), repeat)
         torch._dynamo.reset()
         print(f"| {m} | {eager * 1e3:.2f} | {fast * 1e3:.2f} | {compile_s:.1f} | {err:.4f} |", flush=True)
+
+    def layer_linears() -> torch.nn.Module:  # one OPT-2.7b layer's six int4 linears, chained
+        def lin(n, k):
+            m = WeightOnlyLinear(k, n, False, 4, 64, torch.bfloat16, device="cpu")
+            m.load("weight", torch.empty(n, k, dtype=torch.bfloat16).normal_(0, 0.02))
+            return m
+
+        layer = torch.nn.Module()
+        layer.q, layer.k, layer.v, layer.o = (lin(2560, 2560) for _ in range(4))
+        layer.fc1, layer.fc2 = lin(10240, 2560), lin(2560, 10240)
+        layer.forward = lambda x: (x := x + layer.o(layer.q(x) + layer.k(x) + layer.v(x))) + layer.fc2(
+            torch.relu(layer.fc1(x)))
+        return layer
+
+    print("\nstacks of OPT-2.7b layers' six int4 linears, rows dynamic (compiled at 33, then run at 40 without "
+          "recompiling), ms per layer")
+    print("| layers | compile s | eager, 40 rows | Inductor, 40 rows |\n|---|---|---|---|")
+    for n in (2, 8):
+        stack = torch.nn.Sequential(*(layer_linears() for _ in range(n))).eval()
+        compiled = torch.compile(stack, dynamic=True)
+        with torch.no_grad():
+            x = torch.randn(33, 2560, dtype=torch.bfloat16)
+            torch._dynamo.mark_dynamic(x, 0)
+            t = time.perf_counter()
+            compiled(x)
+            compile_s = time.perf_counter() - t
+            x = torch.randn(40, 2560, dtype=torch.bfloat16)
+            eager, fast = best_time(lambda: stack(x), 3), best_time(lambda: compiled(x), 3)
+        torch._dynamo.reset()
+        print(f"| {n} | {compile_s:.1f} | {eager / n * 1e3:.1f} | {fast / n * 1e3:.1f} |", flush=True)
 
 
 def load_average() -> str:
