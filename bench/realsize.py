@@ -5,6 +5,7 @@
     python -m bench.realsize --cache DIR          # where the 7.5 GB checkpoint is written once
     python -m bench.realsize --kernels            # only the packed kernels against bf16, per row count
     python -m bench.realsize --inductor           # only Inductor's int4 GEMM template against the eager kernel
+    python -m bench.realsize --inductor-model     # the int4 model's prompt pass compiled by Inductor (~6 min)
 
 The checkpoint: the Hub config.json of Salesforce/blip2-opt-2.7b (ViT-g/14 39 x 1408, Q-Former 12 x 768 with 32
 queries, OPT-2.7b 32 x 2560, vocabulary 50304; 3.745 B parameters), random N(0, 0.02) weights (layer norms 1,
@@ -289,6 +290,54 @@ def inductor_int4(threads: int, repeat: int = 15):
         print(f"| {n} | {compile_s:.1f} | {eager / n * 1e3:.1f} | {fast / n * 1e3:.1f} |", flush=True)
 
 
+def inductor_model(saved: str, threads: int):
+    """The int4 model's 33-token prompt pass through its 32 decoder layers, eager and compiled as one graph by
+    Inductor (frozen weights, max_autotune, dynamic rows), in this process: compile time, resident memory after
+    it, peak, the speed-up and the difference of the hidden states. Needs the saved int4 copy (run blip2-int4)."""
+    import tempfile
+
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="inductor-")  # a cold compile
+    import torch
+    import torch._inductor.config as inductor
+
+    import blip2
+    from blip2.cache import KVCache
+    from blip2.opt import causal_mask
+
+    torch.set_num_threads(threads)
+    inductor.freezing, inductor.max_autotune = True, True
+    model = blip2.Blip2ForConditionalGeneration.from_pretrained(saved, dtype=torch.bfloat16).eval()
+    layers = model.language_model.model.decoder.layers
+
+    class Stack(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = layers
+
+        def forward(self, x, mask, cache):
+            for i, layer in enumerate(self.layers):
+                x, _ = layer(x, mask, cache, i, False)
+            return x
+
+    stack = Stack().eval()
+    compiled = torch.compile(stack, dynamic=True)
+    x = torch.randn(1, PROMPT, 2560, dtype=torch.bfloat16)
+    mask = causal_mask(torch.ones(1, PROMPT, dtype=torch.long), PROMPT, x.dtype)
+    torch._dynamo.mark_dynamic(x, 1)
+    with torch.no_grad():
+        t = time.perf_counter()
+        y = compiled(x, mask, KVCache(len(layers)))
+        compile_s, after = time.perf_counter() - t, status("VmRSS")
+        ref = stack(x, mask, KVCache(len(layers)))
+        err = ((y.float() - ref.float()).norm() / ref.float().norm()).item()
+        eager = best_time(lambda: stack(x, mask, KVCache(len(layers))), 3)
+        fast = best_time(lambda: compiled(x, mask, KVCache(len(layers))), 3)
+    print(f"int4 model, {PROMPT}-token prompt pass through {len(layers)} layers, {threads} threads: "
+          f"eager {eager:.3f} s, compiled {fast:.3f} s ({eager / fast:.1f}x), rel. err. {err:.4f}; "
+          f"compile {compile_s:.0f} s (cold), "
+          f"RSS after it {after / 2**30:.2f} GiB, peak {status('VmHWM') / 2**30:.2f} GiB; load {load_average()}")
+
+
 def load_average() -> str:
     with open("/proc/loadavg") as f:
         return " ".join(f.read().split()[:3])
@@ -303,12 +352,16 @@ def main(argv=None):
     ap.add_argument("--cache", default=CACHE, help="where the checkpoint (and the saved int4 copy) live")
     ap.add_argument("--kernels", action="store_true", help="only time the packed kernels against bf16 per row count")
     ap.add_argument("--inductor", action="store_true", help="only time Inductor's int4 GEMM template")
+    ap.add_argument("--inductor-model", action="store_true", help="only the int4 model's prompt pass compiled")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.kernels or args.inductor:
         (kernels if args.kernels else inductor_int4)(args.threads)
         return 0
     path, saved = os.path.join(args.cache, "blip2-opt-2.7b-random"), os.path.join(args.cache, "blip2-opt-2.7b-int4")
+    if args.inductor_model:
+        inductor_model(saved, args.threads)
+        return 0
     if args.child:
         result = floors(args.threads) if args.child == "floors" else \
             child(args.child, path, saved, args.tokens, args.threads, args.cache)
