@@ -38,9 +38,9 @@ FLAGS = {"int8": "int8_weight_only", "int4": "int4_weight_only", "8bit": "8bit",
 GROUP_SIZES = (32, 64, 128, 256)  # what _weight_int4pack_mm_for_cpu accepts
 # int8 from this many rows up (a prompt pass, the vision tower): the activations too are quantized, per row, to
 # int8 and one torch._int_mm runs int8 x int8 -> int32 (oneDNN: AMX / VNNI), both scales applied to the output;
-# decoding steps (1-3 rows) stay weight-only on the packed kernel. Measured streaming 40 distinct copies of a matrix,
-# 2 threads, bf16, ms per matrix (kernel / _int_mm): 10240 x 2560 at 2 rows 2.04 / 2.56, 4 rows 2.63 / 2.60, 33 rows
-# 20.1 / 3.2, 257 rows 84 / 10.7; 2560 x 2560 at 8 rows 1.25 / 0.68. The per-row activation scale adds ~0.9% relative
+# decoding steps (1-3 rows) stay weight-only on the packed kernel. `python -m bench.realsize --kernels` (one
+# 10240 x 2560 matrix, 2 threads, ms): the packed kernel took 2.47 at 4 rows, 18.95 at 33 and 23.49 at 64 (then a
+# cast to bf16 + matmul); _int_mm takes 1.30, 2.83 and 3.85. The per-row activation scale adds ~0.9% relative
 # error on Gaussian inputs (tests/test_weight_only.py), as torchao's int8 dynamic-activation scheme does.
 INT8_MATMUL_ROWS = 4
 CHUNK_ROWS = 2048  # rows quantized at a time: bounds the float temporaries (a multiple of every packing block)
