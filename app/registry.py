@@ -219,14 +219,16 @@ class Registry:
         say = progress or (lambda frac, desc: None)
         t0 = time.perf_counter()
         say(0.0, f"Preparing {c.key}")
-        self._check_memory(c, role, source)
         cls = Blip2ForConditionalGeneration if role == GENERATION else Blip2ForImageTextRetrieval
+        float32_bytes = self._float32_bytes(c, cls, source)
+        self._check_memory(c, cls, source, float32_bytes)
         try:
             directory = self._resolve(source, say)
             say(0.5, f"Loading the weights of {c.key}")
             is_t5 = _config_is_t5(directory)
-            large = memory_report(directory, cls, dtype="float32").total > LARGE_FLOAT32_BYTES
-            dtype = self.settings.resolved_dtype(is_t5, self.device, large)
+            if float32_bytes is None:  # known only now that the checkpoint is here
+                float32_bytes = memory_report(directory, cls, dtype="float32").total
+            dtype = self.settings.resolved_dtype(is_t5, self.device, float32_bytes > LARGE_FLOAT32_BYTES)
             kwargs = {"dtype": resolve_dtype(dtype)}
             if self.settings.device_map:
                 kwargs["device_map"] = self.settings.device_map
@@ -267,28 +269,30 @@ class Registry:
         except Exception as e:
             raise RequestError(_short_error(e)) from None
 
-    def _check_memory(self, c: Checkpoint, role: str, source: str):
-        """Refuse, before any download, a model the memory free here cannot hold: blip2.memory_report's bytes for
-        these settings (read from the safetensors headers; a hub id not cached has its headers read remotely)
-        against the free memory. Nothing is refused when the size cannot be known (offline and not cached: the
-        load then says why) or when a device map spreads the model (accelerate places it)."""
-        if self.settings.device_map:
-            return
-        cls = Blip2ForConditionalGeneration if role == GENERATION else Blip2ForImageTextRetrieval
-        quantization = quantization_flag(self.settings.quantize)
+    def _float32_bytes(self, c: Checkpoint, cls: type, source: str) -> int | None:
+        """The model's bytes in float32 from its safetensors headers (a hub id not cached has them read remotely,
+        no weights downloaded); None when that cannot be known before loading (offline and not cached)."""
+        try:
+            return memory_report(source, cls, dtype="float32").total
+        except Exception as e:  # the load itself reports what is wrong
+            log.info("no size for %s before loading: %s: %s", c.key, type(e).__name__, e)
+            return None
 
-        def bytes_at(dtype: str) -> int:
-            return memory_report(source, cls, dtype=dtype, device=self.device, quantization=quantization).total
-
-        try:  # at the dtype the load will pick
-            need = bytes_at("float32")
-            dtype = self.settings.resolved_dtype(False, self.device, large=need > LARGE_FLOAT32_BYTES, quiet=True)
-            need = need if dtype == "float32" else bytes_at(dtype)
-        except RequestError:
-            raise
-        except Exception as e:  # not known here: the load itself reports what is wrong
-            log.info("no memory estimate for %s before loading: %s: %s", c.key, type(e).__name__, e)
+    def _check_memory(self, c: Checkpoint, cls: type, source: str, float32_bytes: int | None):
+        """Refuse, before any download, a model the memory free here cannot hold: blip2.memory_report's bytes at
+        the dtype and quantization the load will use, against the free memory. Nothing is refused when the size
+        is not known or when a device map spreads the model (accelerate places it)."""
+        if self.settings.device_map or float32_bytes is None:
             return
+        dtype = self.settings.resolved_dtype(False, self.device, float32_bytes > LARGE_FLOAT32_BYTES, quiet=True)
+        need = float32_bytes
+        if dtype != "float32" or self.settings.quantize:
+            try:
+                need = memory_report(source, cls, dtype=dtype, device=self.device,
+                                     quantization=quantization_flag(self.settings.quantize)).total
+            except Exception as e:  # settings the load itself refuses, with its own message
+                log.info("no memory estimate for %s: %s: %s", c.key, type(e).__name__, e)
+                return
         free = available_memory_bytes(self.device)
         if need > free:
             where = "GPU " if self.device != "cpu" else ""
