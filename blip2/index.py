@@ -291,7 +291,7 @@ def recall(found: np.ndarray, exact: np.ndarray) -> float:
 
 def text_embedding(runner: Blip2Runner, text: str) -> np.ndarray:
     """The normalised (E,) ITC embedding of a text (the runner's retrieval model)."""
-    return runner.image_text_embeddings(texts=[text])[1][0].float().cpu().numpy()
+    return runner.itc_texts([text])[0].float().cpu().numpy()
 
 
 def rerank(runner: Blip2Runner, index: ImageIndex, ids, itc, text: str, top: int) -> list[Hit]:
