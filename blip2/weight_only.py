@@ -1,12 +1,13 @@
-"""Weight-only int8 / int4 linears for the CPU, on PyTorch's own packed kernels, quantized while loading.
+"""Weight-only int8 / int4 linears for the CPU, quantized while loading.
 
 int8: one symmetric scale per output channel, `torch.ops.aten._weight_int8pack_mm` for decoding steps; from
 INT8_MATMUL_ROWS rows (a prompt pass) the activations are quantized per row too and `torch._int_mm` multiplies
 int8 by int8 (6x faster than the packed kernel at 33 rows).
 int4: asymmetric groups of `group_size` inputs (scale and zero per group and output channel, torchao's
-"float zero point" scheme: w = (q - 8) * scale + zero), `torch.ops.aten._weight_int4pack_mm_for_cpu`.
-Otherwise activations stay in the model's dtype (bfloat16 on the real checkpoints); only the weights shrink, and
-a decoding step, which streams every weight once, reads 2x (int8) or ~3.5x (int4) fewer bytes than bf16.
+"float zero point" scheme: w = (q - 8) * scale + zero), blip2's own kernel (blip2/native.py: activations to int8
+per row and group, int8 x int4 by VNNI; 2x PyTorch's kernel at a decoding step, 4.5x at a prompt pass), or
+`torch.ops.aten._weight_int4pack_mm_for_cpu` where that kernel cannot be built (activations in the model's dtype).
+A decoding step, which streams every weight once, reads 2x (int8) or ~3.5x (int4) fewer bytes than bf16.
 
 Which layers: every linear of the language model, lm_head included (its 50304 x 2560 matrix is 5% of a
 decoding step's bytes: it pays like any other; an OPT lm_head tied to the input embeddings gets a quantized copy,
@@ -16,9 +17,11 @@ their passes have hundreds of rows, where these kernels are slower than a bf16 m
 A layer int4 cannot take (out_features not a multiple of 16, in_features not a multiple of the group size)
 falls back to int8 per channel: `WeightOnlyConfig.fallbacks` lists them.
 
-The int4 kernel's packed layout depends on the CPU's instruction set (a block of 64 output rows on AVX-512, 32 on
-AVX2, row pairs otherwise). A saved checkpoint records the layout it was packed in; loading it on a CPU with
-another layout repacks it (slower, same values), else the packed bytes are used as they are on disk.
+The int4 packed layout depends on the kernel: 0 for blip2's (blocks of 16 output rows by 8 inputs, scales and
+zeros block by block: (N/16, K/group, 16, 2) bfloat16), and PyTorch's by the CPU's instruction set (1: blocks of 64
+output rows on AVX-512, 2: 32 on AVX2, 3: row pairs; scales and zeros (K/group, N, 2)). A saved checkpoint
+records the layout it was packed in; loading it where another kernel runs repacks it (slower, same values), else
+the packed bytes are used as they are on disk.
 """
 
 import logging
@@ -28,6 +31,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from . import native
 from .ops import Linear
 from .quantization import QuantizationError
 
@@ -121,9 +125,13 @@ def cpu_supports_bf16() -> bool:
 
 
 def int4_layout() -> int:
-    """This CPU's packing: 1 = blocks of 64 rows, low nibbles rows 0-31, high 32-63 (AVX-512); 2 = blocks of 32,
-    halves of 16 (AVX2); 3 = row pairs (no vector unit). Found by packing a probe, so never out of step with
-    the kernel torch dispatches to."""
+    """The packing of the kernel in use: 0 = blip2's (native.available()); else PyTorch's for this CPU, 1 = blocks
+    of 64 rows, low nibbles rows 0-31, high 32-63 (AVX-512); 2 = blocks of 32, halves of 16 (AVX2); 3 = row pairs
+    (no vector unit), found by packing a probe, so never out of step with the kernel torch dispatches to."""
+    return 0 if native.available() else aten_layout()
+
+
+def aten_layout() -> int:
     global _layout
     if _layout is None:
         probe = torch.zeros(64, 2, dtype=torch.int32)
@@ -136,9 +144,23 @@ _layout = None
 BLOCKS = {1: (64, True), 2: (32, True), 3: (32, False)}  # layout -> (rows per block, halves (True) or pairs)
 
 
+def pack_int4(q: torch.Tensor, layout: int) -> torch.Tensor:
+    """(N, K) integer values 0..15 -> (N, K/2) uint8 in `layout`. Layout 0: 64 bytes per 16 rows x 8 inputs, byte
+    4j + t = q[16b + j][8c + t] | q[16b + j][8c + 4 + t] << 4 (see blip2/kernels/int4.cpp)."""
+    if layout != 0:
+        return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.int(), 1)
+    n, k = q.shape
+    b = q.to(torch.uint8).reshape(n // 16, 16, k // 8, 2, 4).permute(0, 2, 1, 4, 3)  # (block, chunk, row, t, half)
+    return (b[..., 0] | (b[..., 1] << 4)).reshape(n, k // 2)
+
+
 def unpack_int4(packed: torch.Tensor, layout: int) -> torch.Tensor:
-    """(N, K/2) uint8 in `layout` -> (N, K) int32 values 0..15 (the inverse of _convert_weight_to_int4pack)."""
+    """(N, K/2) uint8 in `layout` -> (N, K) int32 values 0..15 (the inverse of pack_int4)."""
     n, k = packed.shape[0], packed.shape[1] * 2
+    if layout == 0:
+        b = packed.reshape(n // 16, k // 8, 16, 4).int()
+        q = torch.stack([b & 15, b >> 4], -1)  # (block, chunk, row, t, half)
+        return q.permute(0, 2, 1, 4, 3).reshape(n, k)
     block, halves = BLOCKS[layout]
     full = n // block * block
     out = torch.empty(n, k, dtype=torch.int32)
@@ -169,9 +191,32 @@ def quantize_int8(w: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, to
     return q, scales
 
 
-def quantize_int4(w: torch.Tensor, group_size: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N, K) float -> packed uint8 (N, K/2) in this CPU's layout, scales_and_zeros (K/group, N, 2) in `dtype`."""
+def scales_shape(out_features: int, in_features: int, group_size: int, layout: int) -> tuple[int, ...]:
+    g = in_features // group_size
+    return (out_features // 16, g, 16, 2) if layout == 0 else (g, out_features, 2)
+
+
+def arrange_scales(sz: torch.Tensor, layout: int) -> torch.Tensor:
+    """(K/group, N, 2) scales and zeros -> the order of `layout` (layout 0: (N/16, K/group, 16, 2) bfloat16)."""
+    if layout != 0:
+        return sz
+    g, n, _ = sz.shape
+    return sz.reshape(g, n // 16, 16, 2).transpose(0, 1).to(torch.bfloat16).contiguous()
+
+
+def canonical_scales(sz: torch.Tensor, layout: int) -> torch.Tensor:
+    """The inverse of arrange_scales: (K/group, N, 2)."""
+    if layout != 0:
+        return sz
+    b, g = sz.shape[:2]
+    return sz.transpose(0, 1).reshape(g, b * 16, 2)
+
+
+def quantize_int4(w: torch.Tensor, group_size: int, dtype: torch.dtype,
+                  layout: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, K) float -> packed uint8 (N, K/2), scales_and_zeros in `dtype` (layout 0: bfloat16), both in `layout`."""
     n, k = w.shape
+    dtype = torch.bfloat16 if layout == 0 else dtype
     packed = torch.empty(n, k // 2, dtype=torch.uint8)
     sz = torch.empty(k // group_size, n, 2, dtype=dtype)
     for i in range(0, n, CHUNK_ROWS):
@@ -180,9 +225,9 @@ def quantize_int4(w: torch.Tensor, group_size: int, dtype: torch.dtype) -> tuple
         scale = ((hi - lo) / 15).clamp_(min=1e-6).to(dtype)
         zero = (lo + 8 * scale.float()).to(dtype)  # the value of code 8
         q = ((c - zero.float()[..., None]) / scale.float()[..., None]).add_(8).round_().clamp_(0, 15)
-        packed[i:i + CHUNK_ROWS] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.int().reshape(-1, k), 1)
+        packed[i:i + CHUNK_ROWS] = pack_int4(q.reshape(-1, k), layout)
         sz[:, i:i + CHUNK_ROWS] = torch.stack([scale, zero], -1).transpose(0, 1)
-    return packed, sz
+    return packed, arrange_scales(sz, layout)
 
 
 def fits_int4(out_features: int, in_features: int, group_size: int) -> bool:
@@ -195,24 +240,23 @@ def fits_int4(out_features: int, in_features: int, group_size: int) -> bool:
 
 class WeightOnlyLinear(nn.Module):
     """y = x W^T + b with W in int8 (per output channel) or int4 (per group). Parameters, as saved:
-    weight (int8 (N, K) | packed uint8 (N, K/2)), scales (N,) | scales_and_zeros (K/group, N, 2), bias (N,)."""
+    weight (int8 (N, K) | packed uint8 (N, K/2)), scales (N,) | scales_and_zeros (in the int4 `layout`'s order:
+    see scales_shape), bias (N,). `dtype` is the model's: the bias, int8's scales, the output."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, bits: int, group_size: int,
-                 dtype: torch.dtype, device: str | torch.device = "meta"):
+                 dtype: torch.dtype, device: str | torch.device = "meta", layout: int | None = None):
         super().__init__()
         self.in_features, self.out_features, self.bits, self.group_size = in_features, out_features, bits, group_size
+        self.dtype, self.layout = dtype, (int4_layout() if layout is None else layout) if bits == 4 else None
         if bits == 8:
             self.weight = frozen(torch.empty(out_features, in_features, dtype=torch.int8, device=device))
             self.scales = frozen(torch.empty(out_features, dtype=dtype, device=device))
         else:
             self.weight = frozen(torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device))
-            self.scales_and_zeros = frozen(torch.empty(in_features // group_size, out_features, 2, dtype=dtype,
+            shape = scales_shape(out_features, in_features, group_size, self.layout)
+            self.scales_and_zeros = frozen(torch.empty(shape, dtype=torch.bfloat16 if self.layout == 0 else dtype,
                                                        device=device))
         self.bias = frozen(torch.empty(out_features, dtype=dtype, device=device)) if bias else None
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return (self.scales if self.bits == 8 else self.scales_and_zeros).dtype
 
     def extra_repr(self) -> str:
         group = f", group_size={self.group_size}" if self.bits == 4 else ""
@@ -221,38 +265,48 @@ class WeightOnlyLinear(nn.Module):
     def load(self, attr: str, t: torch.Tensor, layout: int | None = None) -> None:
         """Set parameter `attr` from a freshly read tensor (the kernels want their own 64-byte aligned memory, never
         a view into a mapped file). A float (N, K) weight is quantized; a saved int8 / packed int4 weight is taken
-        as it is (an int4 one packed in another CPU's `layout` is repacked for this one)."""
-        if attr != "weight":
-            setattr(self, attr, frozen(t))
-        elif t.is_floating_point():
+        as it is (an int4 one packed in another `layout`, and its scales, are rearranged for the kernel in use)."""
+        here = int4_layout() if self.bits == 4 else None
+        repack = self.bits == 4 and layout not in (None, here)
+        if attr == "weight" and t.is_floating_point():
             if self.bits == 8:
                 self.weight, self.scales = map(frozen, quantize_int8(t, self.dtype))
             else:
-                self.weight, self.scales_and_zeros = map(frozen, quantize_int4(t, self.group_size, self.dtype))
-        elif self.bits == 4 and layout not in (None, int4_layout()):
-            self.weight = frozen(torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_int4(t, layout), 1))
-        else:
-            self.weight = frozen(t)
+                self.layout = here
+                self.weight, self.scales_and_zeros = map(frozen, quantize_int4(t, self.group_size, self.dtype, here))
+        elif attr == "weight" and repack:
+            self.weight = frozen(pack_int4(unpack_int4(t, layout), here).contiguous())
+        elif attr == "scales_and_zeros" and repack:
+            sz = canonical_scales(t, layout).to(self.dtype)
+            self.scales_and_zeros = frozen(arrange_scales(sz, here).contiguous())
+        else:  # as saved (the loader read floats in the model's dtype; layout 0's scales are bfloat16)
+            setattr(self, attr, frozen(t.to(getattr(self, attr).dtype) if t.is_floating_point() else t))
+        if self.bits == 4 and layout is not None:
+            self.layout = here
 
     def dequantize(self) -> torch.Tensor:
         """The weight as the kernels see it, (N, K) float32."""
         if self.bits == 8:
             return self.weight.float() * self.scales.float()[:, None]
-        sz = self.scales_and_zeros.float()  # (G, N, 2)
-        q = unpack_int4(self.weight, int4_layout()).float().reshape(self.out_features, -1, self.group_size)
+        sz = canonical_scales(self.scales_and_zeros, self.layout).float()  # (G, N, 2)
+        q = unpack_int4(self.weight, self.layout).float().reshape(self.out_features, -1, self.group_size)
         w = (q - 8) * sz[..., 0].t()[..., None] + sz[..., 1].t()[..., None]
         return w.reshape(self.out_features, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        x2 = x.reshape(-1, shape[-1]).to(self.dtype).contiguous()  # (M, K)
-        if self.bits == 8 and x2.shape[0] >= INT8_MATMUL_ROWS:
-            y = int8_matmul(x2, self.weight, self.scales)
-        elif self.bits == 8:
-            y = torch.ops.aten._weight_int8pack_mm(x2, self.weight, self.scales)
+        x2 = x.reshape(-1, shape[-1])  # (M, K)
+        if self.bits == 4 and self.layout == 0:
+            x2 = x2 if x2.dtype in (torch.bfloat16, torch.float32) else x2.float()
+            y = native.int4_mm(x2, self.weight, self.scales_and_zeros, self.group_size)
+        elif self.bits == 4:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(self.dtype).contiguous(), self.weight,
+                                                           self.group_size, self.scales_and_zeros)
+        elif x2.shape[0] >= INT8_MATMUL_ROWS:
+            y = int8_matmul(x2.to(self.dtype).contiguous(), self.weight, self.scales)
         else:
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.weight, self.group_size, self.scales_and_zeros)
-        y = y.reshape(*shape[:-1], self.out_features)
+            y = torch.ops.aten._weight_int8pack_mm(x2.to(self.dtype).contiguous(), self.weight, self.scales)
+        y = y.reshape(*shape[:-1], self.out_features).to(self.dtype)
         return (y if self.bias is None else y + self.bias).to(x.dtype)
 
 
@@ -284,10 +338,10 @@ def eligible(name: str, q: WeightOnlyConfig) -> bool:
     return q.include_vision and name.startswith(("vision_model.", "qformer.", "language_projection"))
 
 
-def replace_linears(model: nn.Module, q: WeightOnlyConfig) -> list[str]:
+def replace_linears(model: nn.Module, q: WeightOnlyConfig, layout: int | None = None) -> list[str]:
     """Swap the eligible linears of a meta-device model for WeightOnlyLinear (scales in the dtype each weight
-    had). An lm_head tied to the input embeddings is untied (it gets its own quantized weight). Returns the names.
-    """
+    had; int4 in `layout`, a saved checkpoint's, default the kernel in use's). An lm_head tied to the input
+    embeddings is untied (it gets its own quantized weight). Returns the names."""
     names = [n for n, m in model.named_modules() if type(m) in (nn.Linear, Linear) and eligible(n, q)]
     for n in names:
         lin = model.get_submodule(n)
@@ -296,7 +350,7 @@ def replace_linears(model: nn.Module, q: WeightOnlyConfig) -> list[str]:
             q.fallbacks.append(f"{n} ({lin.out_features}x{lin.in_features})")
         dtype = lin.weight.dtype if lin.weight.is_floating_point() else torch.float32
         model.set_submodule(n, WeightOnlyLinear(lin.in_features, lin.out_features, lin.bias is not None, bits,
-                                                q.group_size, dtype))
+                                                q.group_size, dtype, layout=layout))
         if n.endswith("lm_head"):
             text = getattr(model.config, "text_config", model.config)
             text.tie_word_embeddings = False  # from now on its own tensor, also in a saved checkpoint

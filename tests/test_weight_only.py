@@ -1,6 +1,9 @@
-"""Weight-only int8 / int4 (blip2/weight_only.py): the layers against a float matmul, the fallback for widths
-int4 cannot group, quantize -> save -> load, a checkpoint packed on another CPU, and the app serving int4."""
+"""Weight-only int8 / int4 (blip2/weight_only.py, blip2/native.py): the layers against a float matmul on both int4
+kernels (blip2's, PyTorch's) and both builds of blip2's (AVX-512 VNNI, AVX2), the fallback for widths int4 cannot
+group or a machine that cannot build the kernel, quantize -> save -> load, a checkpoint packed for another kernel,
+and the app serving int4."""
 
+import contextlib
 import json
 import os
 import subprocess
@@ -13,7 +16,7 @@ import tiny_models
 import torch
 
 from bench import tiny_tokenizers
-from blip2 import Blip2ForConditionalGeneration, QuantizationError
+from blip2 import Blip2ForConditionalGeneration, QuantizationError, native
 from blip2.weight_only import INT8_MATMUL_ROWS, WeightOnlyConfig, WeightOnlyLinear, int4_layout, quantization_flag
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -26,11 +29,26 @@ QUANT_TOL = {8: 0.02, 4: 0.15}
 # 0.0084 (bf16) / 0.0082 (float32) worst over 20 random shapes (16-1008 x 64-1472, 4-300 rows); vs the float
 # weight 0.0117.
 INT8_MATMUL_TOL = 0.017
+# int4 on blip2's kernel: activations quantized per row and group of the weight's group size, vs the dequantized
+# weight 0.0069 (bf16) / 0.0065 (float32) worst over 20 random shapes (16-1024 x 32-1536, 1-300 rows, groups
+# 32-128); vs the float weight 0.106.
+INT4_NATIVE_TOL = 0.014
+needs_native = pytest.mark.skipif(not native.available(), reason="blip2's int4 kernel cannot be built here "
+                                  "(a C++ compiler with OpenMP and an x86 CPU with AVX2)")
+
+
+@pytest.fixture(params=["blip2", "aten"])
+def int4_kernel(request):
+    """Each int4 kernel in turn: blip2's (where it builds) and PyTorch's (blip2's switched off)."""
+    if request.param == "blip2" and not native.available():
+        pytest.skip("blip2's int4 kernel cannot be built here")
+    with native.disabled() if request.param == "aten" else contextlib.nullcontext():
+        yield request.param
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("bits,group", [(8, 64), (4, 32), (4, 64), (4, 128)])
-def test_layer_matches_a_float_matmul(bits, group, dtype):
+def test_layer_matches_a_float_matmul(bits, group, dtype, int4_kernel):
     for n, k, m in [(48, 128, 1), (160, 256, 7), (1024, 384, 33), (256, 128, 100)]:  # 2 x 1 rows: int8's kernel
         w, b, x = torch.randn(n, k) * 0.05, torch.randn(n) * 0.1, torch.randn(2, m, k).to(dtype)
         x_before = x.clone()
@@ -44,8 +62,53 @@ def test_layer_matches_a_float_matmul(bits, group, dtype):
         ref_float = x.float() @ w.to(dtype).float().t() + bias
         assert torch.equal(x, x_before)  # the input is left as it was
         tol = INT8_MATMUL_TOL if bits == 8 and 2 * m >= INT8_MATMUL_ROWS else KERNEL_TOL[dtype]
+        tol = INT4_NATIVE_TOL if bits == 4 and int4_kernel == "blip2" else tol
+        assert lin.layout == (None if bits == 8 else 0 if int4_kernel == "blip2" else int4_layout())
         assert ((y - ref_kernel).norm() / ref_kernel.norm()).item() < tol
         assert ((y - ref_float).norm() / ref_float.norm()).item() < QUANT_TOL[bits]
+
+
+@needs_native
+def test_the_avx2_build_gives_the_same_bits_as_this_one(tmp_path):
+    """blip2's kernel built for AVX2 only (vpmaddubsw + vpmaddwd, no VNNI) runs the same integer dot products and
+    the same float steps per lane as the build for this CPU: bit for bit the same output, at every row count."""
+    avx2 = native.load(native.build(os.environ.get("CXX", "c++"), ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared",
+                                                                   "-fPIC", "-std=c++17"), tmp_path))
+    assert avx2.blip2_int4_isa() == 1
+    torch.manual_seed(0)
+    lin = WeightOnlyLinear(256, 96, False, 4, 64, torch.bfloat16, device="cpu")
+    lin.load("weight", torch.randn(96, 256).bfloat16())
+    for m in (1, 2, 3, 9, 33):
+        x = torch.randn(m, 256).bfloat16()
+        here = native.int4_mm(x, lin.weight, lin.scales_and_zeros, 64)
+        assert torch.equal(native.int4_mm(x, lin.weight, lin.scales_and_zeros, 64, lib=avx2), here)
+        ref = x.float() @ lin.dequantize().t()
+        assert ((here - ref).norm() / ref.norm()).item() < INT4_NATIVE_TOL
+
+
+@needs_native
+def test_the_kernel_names_what_it_cannot_take():
+    w, sz = torch.zeros(32, 64, dtype=torch.uint8), torch.zeros(2, 2, 16, 2, dtype=torch.bfloat16)
+    with pytest.raises(TypeError, match="float16"):
+        native.int4_mm(torch.zeros(1, 128, dtype=torch.float16), w, sz, 64)
+    with pytest.raises(ValueError, match="does not fit 100 inputs in groups of 64"):
+        native.int4_mm(torch.zeros(1, 100), w, sz, 64)
+
+
+def test_without_a_compiler_int4_runs_on_pytorchs_kernel(monkeypatch, tmp_path, caplog):
+    """No C++ compiler (or one that fails): a warning that names why, and PyTorch's int4 kernel serves."""
+    monkeypatch.setattr(native, "_tried", False)
+    monkeypatch.setattr(native, "_lib", None)
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("BLIP2_KERNEL_CACHE", str(tmp_path / "cache"))
+    with caplog.at_level("WARNING", logger="blip2.native"):
+        assert not native.available() and int4_layout() != 0
+    assert "could not be built" in caplog.text and "PyTorch's int4 kernel is used" in caplog.text
+    lin = WeightOnlyLinear(128, 32, False, 4, 64, torch.float32, device="cpu")
+    lin.load("weight", torch.randn(32, 128))
+    x = torch.randn(3, 128)
+    ref = x @ lin.dequantize().t()
+    assert ((lin(x) - ref).norm() / ref.norm()).item() < KERNEL_TOL[torch.float32]
 
 
 def test_int4_widths_that_do_not_group_fall_back_to_int8():
@@ -147,22 +210,49 @@ def test_int4_stays_close_to_bf16(opt64):
         assert ((logits[name] - ref).norm() / ref.norm()).item() < bound
 
 
-def test_a_checkpoint_packed_on_another_cpu_is_repacked(opt64, tmp_path):
-    """Saved where torch packs int4 for AVX2 (or with no vector unit), loaded here: same ids as a model quantized
-    here (the packing differs, the values do not)."""
+SAVE_INT4 = ("import sys, torch, blip2; m = blip2.Blip2ForConditionalGeneration.from_pretrained(sys.argv[1], "
+             "dtype=torch.bfloat16, quantization='int4_weight_only'); m.save_pretrained(sys.argv[2])")
+
+
+def run_with(env: dict, code: str, *args: str) -> None:
+    subprocess.run([sys.executable, "-c", code, *args], check=True, cwd=ROOT,
+                   env={**os.environ, "PYTHONPATH": ROOT, **env})
+
+
+def test_a_checkpoint_packed_for_another_kernel_is_repacked(opt64, tmp_path):
+    """Saved where PyTorch's int4 kernel serves (blip2's switched off, and torch packing for another instruction
+    set than here where it can), loaded here: the same weights and ids as a model quantized here (the packing
+    differs, the values do not)."""
     path, image_id = opt64
     here = Blip2ForConditionalGeneration.from_pretrained(path, dtype=torch.bfloat16, quantization="int4_weight_only")
     other = "avx2" if int4_layout() != 2 else "default"
-    code = ("import sys, torch, blip2; m = blip2.Blip2ForConditionalGeneration.from_pretrained(sys.argv[1], "
-            "dtype=torch.bfloat16, quantization='int4_weight_only'); m.save_pretrained(sys.argv[2])")
-    subprocess.run([sys.executable, "-c", code, path, str(tmp_path)], check=True, cwd=ROOT,
-                   env={**os.environ, "ATEN_CPU_CAPABILITY": other, "PYTHONPATH": ROOT})
+    run_with({"ATEN_CPU_CAPABILITY": other, "BLIP2_INT4_KERNEL": "aten"}, SAVE_INT4, path, str(tmp_path))
     layout = json.load(open(tmp_path / "config.json"))["quantization_config"]["int4_layout"]
     assert layout != int4_layout()
     loaded = Blip2ForConditionalGeneration.from_pretrained(tmp_path, dtype=torch.bfloat16)
-    fc1 = loaded.language_model.model.decoder.layers[0].fc1
-    assert torch.equal(fc1.weight, here.language_model.model.decoder.layers[0].fc1.weight)
+    fc1, fc1_here = loaded.language_model.model.decoder.layers[0].fc1, here.language_model.model.decoder.layers[0].fc1
+    assert torch.equal(fc1.weight, fc1_here.weight) and torch.equal(fc1.scales_and_zeros, fc1_here.scales_and_zeros)
     assert generate(loaded, image_id) == generate(here, image_id)
+
+
+@needs_native
+def test_a_checkpoint_saved_by_blip2s_kernel_loads_where_pytorchs_serves(opt64, tmp_path):
+    """The reverse: saved here in layout 0, loaded with blip2's kernel switched off: repacked for PyTorch's, with
+    the weights and ids of a model quantized there."""
+    path, image_id = opt64
+    Blip2ForConditionalGeneration.from_pretrained(path, dtype=torch.bfloat16,
+                                                  quantization="int4_weight_only").save_pretrained(tmp_path)
+    assert json.load(open(tmp_path / "config.json"))["quantization_config"]["int4_layout"] == 0
+    code = ("import sys, torch, blip2, test_weight_only as t\n"
+            "a = blip2.Blip2ForConditionalGeneration.from_pretrained(sys.argv[1], dtype=torch.bfloat16)\n"
+            "b = blip2.Blip2ForConditionalGeneration.from_pretrained(sys.argv[2], dtype=torch.bfloat16, "
+            "quantization='int4_weight_only')\n"
+            "fa, fb = (m.language_model.model.decoder.layers[0].fc1 for m in (a, b))\n"
+            "assert fa.layout == fb.layout != 0, (fa.layout, fb.layout)\n"
+            "assert torch.equal(fa.weight, fb.weight) and torch.equal(fa.scales_and_zeros, fb.scales_and_zeros)\n"
+            "assert t.generate(a, int(sys.argv[3])) == t.generate(b, int(sys.argv[3]))\n")
+    run_with({"BLIP2_INT4_KERNEL": "aten", "PYTHONPATH": f"{ROOT}:{ROOT}/tests"}, code, str(tmp_path), path,
+             str(image_id))
 
 
 def test_weight_only_is_a_cpu_path(opt64, tmp_path):

@@ -111,7 +111,7 @@ def plan_load(cls: type[nn.Module], path: str, dtype: str | torch.dtype | None =
         p.data = p.data.to(param_dtype(name, model, dtype))
     wq, layout = weight_only.plan_config(quantization, raw)
     if layout is not None:  # saved quantized: the checkpoint holds the quantized tensors themselves
-        weight_only.replace_linears(model, wq)
+        weight_only.replace_linears(model, wq, layout)
     params = dict(model.named_parameters(remove_duplicate=False))
     first = {}
     for name, p in params.items():

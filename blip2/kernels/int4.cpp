@@ -1,0 +1,208 @@
+// blip2's int4 matmul for the CPU: weights int4 in groups along the inputs (scale and zero per group and output
+// channel, w = (q - 8) * s + z), activations quantized per row to int8, products summed in int32 by VNNI
+// (AVX-512 VNNI vpdpbusd; AVX2: vpmaddubsw + vpmaddwd). Built and loaded by blip2/native.py; no torch headers,
+// threads from the OpenMP runtime torch already loaded (same libgomp.so.1).
+//
+// Packed layout ("layout 0" in weight_only.py): a block of 16 output channels by a chunk of 8 inputs is 64 bytes;
+// byte 4j + t holds q[16b + j][8c + t] in its low nibble and q[16b + j][8c + 4 + t] in its high nibble, so one
+// 32-bit lane j carries 4 consecutive inputs of channel j, as vpdpbusd wants. Bytes run (N/16, K/8, 64).
+// scales_and_zeros: (N/16, K/group, 16, 2) bfloat16, a block's groups one after another (one stream with its
+// weights' stream; the (K/group, N, 2) order of PyTorch's kernel would cost a page per group and block): lane j of
+// a 64-byte load is (s_j, z_j).
+//
+// Activations: int8 with one symmetric scale per row and group (as llama.cpp's Q8 blocks: an outlier channel
+// coarsens only its own group). Per row and group: sum_k x_k w_k = xs * (s * (dot - 8 * asum) + z * asum), with
+// dot = sum_k xq_k q_k and asum = sum_k xq_k over the group.
+
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#define BLIP2_ISA 2
+#elif defined(__AVX2__) && defined(__FMA__)
+#define BLIP2_ISA 1
+#else
+#define BLIP2_ISA 0
+#endif
+
+namespace {
+
+constexpr int PREFETCH = 4096;  // bytes ahead in a block's weights (into L2): 2 threads then stream 27 GB/s, not 21
+
+struct Rows {  // the quantized activations
+    const int8_t* q;     // (M, K)
+    const int32_t* sum;  // (M, G)
+    const float* scale;  // (M, G)
+    int K, G;
+};
+
+inline int32_t load4(const int8_t* p) {
+    int32_t v;
+    memcpy(&v, p, 4);
+    return v;
+}
+
+inline float bf16(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+// one group of a row of x (bfloat16 or float32) -> int8 with its symmetric scale, and the sum of the int8 values
+void quantize_group(const void* x, int is_bf16, size_t at, int group, int8_t* q, int32_t* sum, float* scale) {
+    float f[256];  // group <= 256
+    float amax = 0.f;
+    for (int k = 0; k < group; k++) {
+        f[k] = is_bf16 ? bf16(((const uint16_t*)x)[at + k]) : ((const float*)x)[at + k];
+        float a = fabsf(f[k]);
+        amax = a > amax ? a : amax;
+    }
+    const float s = amax > 0.f ? amax / 127.f : 1.f, inv = 1.f / s;
+    int32_t acc = 0;
+    for (int k = 0; k < group; k++) {
+        q[k] = (int8_t)nearbyintf(f[k] * inv);
+        acc += q[k];
+    }
+    *sum = acc, *scale = s;
+}
+
+#if BLIP2_ISA == 2
+// MR rows by one block of 16 channels: y[r][0..16)
+template <int MR>
+inline void tile(const uint8_t* w, const uint16_t* sz, int N, int group, const Rows& a, int r0, float* y) {
+    const __m512i low = _mm512_set1_epi8(0x0F), high16 = _mm512_set1_epi32((int)0xFFFF0000);
+    const int chunks = group / 8;
+    __m512 acc[MR];
+    for (int r = 0; r < MR; r++) acc[r] = _mm512_setzero_ps();
+    for (int g = 0; g < a.G; g++) {
+        __m512i dot[MR];
+        for (int r = 0; r < MR; r++) dot[r] = _mm512_setzero_si512();
+        const uint8_t* wg = w + (size_t)g * chunks * 64;
+        for (int c = 0; c < chunks; c++) {
+            __m512i v = _mm512_loadu_si512(wg + c * 64);
+            _mm_prefetch((const char*)(wg + c * 64 + PREFETCH), _MM_HINT_T1);
+            __m512i lo = _mm512_and_si512(v, low), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+            const int8_t* x = a.q + (size_t)r0 * a.K + g * group + c * 8;
+            for (int r = 0; r < MR; r++) {
+                dot[r] = _mm512_dpbusd_epi32(dot[r], lo, _mm512_set1_epi32(load4(x + (size_t)r * a.K)));
+                dot[r] = _mm512_dpbusd_epi32(dot[r], hi, _mm512_set1_epi32(load4(x + (size_t)r * a.K + 4)));
+            }
+        }
+        __m512i p = _mm512_loadu_si512(sz + (size_t)g * 32);
+        __m512 s = _mm512_castsi512_ps(_mm512_slli_epi32(p, 16)), z = _mm512_castsi512_ps(_mm512_and_si512(p, high16));
+        for (int r = 0; r < MR; r++) {
+            const size_t i = (size_t)(r0 + r) * a.G + g;
+            __m512 d = _mm512_cvtepi32_ps(_mm512_sub_epi32(dot[r], _mm512_set1_epi32(8 * a.sum[i])));
+            __m512 t = _mm512_fmadd_ps(_mm512_set1_ps((float)a.sum[i]), z, _mm512_mul_ps(d, s));
+            acc[r] = _mm512_fmadd_ps(t, _mm512_set1_ps(a.scale[i]), acc[r]);
+        }
+    }
+    for (int r = 0; r < MR; r++) _mm512_storeu_ps(y + (size_t)r * N, acc[r]);
+}
+constexpr int MAX_ROWS = 8;
+#elif BLIP2_ISA == 1
+inline __m256i dot4(__m256i acc, __m256i u, __m256i s) {  // 8 lanes += sum of 4 u8 * s8 products
+#ifdef __AVXVNNI__
+    return _mm256_dpbusd_avx_epi32(acc, u, s);
+#else
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
+#endif
+}
+
+template <int MR>
+inline void tile(const uint8_t* w, const uint16_t* sz, int N, int group, const Rows& a, int r0, float* y) {
+    const __m256i low = _mm256_set1_epi8(0x0F), high16 = _mm256_set1_epi32((int)0xFFFF0000);
+    const int chunks = group / 8;
+    __m256 acc[MR][2];
+    for (int r = 0; r < MR; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+    for (int g = 0; g < a.G; g++) {
+        __m256i dot[MR][2];
+        for (int r = 0; r < MR; r++) dot[r][0] = dot[r][1] = _mm256_setzero_si256();
+        const uint8_t* wg = w + (size_t)g * chunks * 64;
+        for (int c = 0; c < chunks; c++) {
+            const int8_t* x = a.q + (size_t)r0 * a.K + g * group + c * 8;
+            _mm_prefetch((const char*)(wg + c * 64 + PREFETCH), _MM_HINT_T1);
+            for (int h = 0; h < 2; h++) {  // channels 8h .. 8h + 7
+                __m256i v = _mm256_loadu_si256((const __m256i*)(wg + c * 64 + h * 32));
+                __m256i lo = _mm256_and_si256(v, low), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+                for (int r = 0; r < MR; r++) {
+                    dot[r][h] = dot4(dot[r][h], lo, _mm256_set1_epi32(load4(x + (size_t)r * a.K)));
+                    dot[r][h] = dot4(dot[r][h], hi, _mm256_set1_epi32(load4(x + (size_t)r * a.K + 4)));
+                }
+            }
+        }
+        for (int h = 0; h < 2; h++) {
+            __m256i p = _mm256_loadu_si256((const __m256i*)(sz + (size_t)g * 32 + h * 16));
+            __m256 s = _mm256_castsi256_ps(_mm256_slli_epi32(p, 16));
+            __m256 z = _mm256_castsi256_ps(_mm256_and_si256(p, high16));
+            for (int r = 0; r < MR; r++) {
+                const size_t i = (size_t)(r0 + r) * a.G + g;
+                __m256 d = _mm256_cvtepi32_ps(_mm256_sub_epi32(dot[r][h], _mm256_set1_epi32(8 * a.sum[i])));
+                __m256 t = _mm256_fmadd_ps(_mm256_set1_ps((float)a.sum[i]), z, _mm256_mul_ps(d, s));
+                acc[r][h] = _mm256_fmadd_ps(t, _mm256_set1_ps(a.scale[i]), acc[r][h]);
+            }
+        }
+    }
+    for (int r = 0; r < MR; r++)
+        for (int h = 0; h < 2; h++) _mm256_storeu_ps(y + (size_t)r * N + 8 * h, acc[r][h]);
+}
+constexpr int MAX_ROWS = 2;
+#endif
+
+}  // namespace
+
+extern "C" {
+
+// 2: AVX-512 VNNI, 1: AVX2, 0: neither (then blip2 keeps PyTorch's kernel)
+int blip2_int4_isa(void) { return BLIP2_ISA; }
+
+// y (M, N) float32 = x (M, K) @ W^T; x bfloat16 (is_bf16) or float32; w packed (N/16, K/8, 64) bytes;
+// sz (N/16, K/group, 16, 2) bfloat16. N a multiple of 16, K of group, group a multiple of 8 up to 256.
+// Returns 0, or -1 (no vector unit, or out of memory).
+int blip2_int4_mm(const void* x, int is_bf16, int M, int K, int N, const uint8_t* w, const uint16_t* sz,
+                  int group, float* y, int threads) {
+#if BLIP2_ISA == 0
+    (void)x, (void)is_bf16, (void)M, (void)K, (void)N, (void)w, (void)sz, (void)group, (void)y, (void)threads;
+    return -1;
+#else
+    const int G = K / group;
+    int8_t* q = (int8_t*)malloc((size_t)M * K);
+    int32_t* sums = (int32_t*)malloc(sizeof(int32_t) * M * G);
+    float* scales = (float*)malloc(sizeof(float) * M * G);
+    if (!q || !sums || !scales) {
+        free(q), free(sums), free(scales);
+        return -1;
+    }
+#pragma omp parallel for num_threads(threads) schedule(static) if (M * K >= 65536)
+    for (int i = 0; i < M * G; i++)
+        quantize_group(x, is_bf16, (size_t)i * group, group, q + (size_t)i * group, sums + i, scales + i);
+    const Rows a{q, sums, scales, K, G};
+    const int blocks = N / 16;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int b = 0; b < blocks; b++) {
+        const uint8_t* wb = w + (size_t)b * K * 8;  // 16 channels x K/2 bytes
+        for (int r0 = 0; r0 < M; r0 += MAX_ROWS) {
+            float* yb = y + (size_t)r0 * N + 16 * b;
+            switch (M - r0 < MAX_ROWS ? M - r0 : MAX_ROWS) {
+#if BLIP2_ISA == 2
+                case 8: tile<8>(wb, sz + (size_t)32 * G * b, N, group, a, r0, yb); break;
+                case 7: tile<7>(wb, sz + (size_t)32 * G * b, N, group, a, r0, yb); break;
+                case 6: tile<6>(wb, sz + (size_t)32 * G * b, N, group, a, r0, yb); break;
+                case 5: tile<5>(wb, sz + (size_t)32 * G * b, N, group, a, r0, yb); break;
+                case 4: tile<4>(wb, sz + (size_t)32 * G * b, N, group, a, r0, yb); break;
+                case 3: tile<3>(wb, sz + (size_t)32 * G * b, N, group, a, r0, yb); break;
+#endif
+                case 2: tile<2>(wb, sz + (size_t)32 * G * b, N, group, a, r0, yb); break;
+                default: tile<1>(wb, sz + (size_t)32 * G * b, N, group, a, r0, yb); break;
+            }
+        }
+    }
+    free(q), free(sums), free(scales);
+    return 0;
+#endif
+}
+}
