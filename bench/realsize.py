@@ -4,8 +4,6 @@
     python -m bench.realsize --runs blip2-int4,hf-bf16 --repeat 1 --tokens 10   # a quick look
     python -m bench.realsize --cache DIR          # where the 7.5 GB checkpoint is written once
     python -m bench.realsize --kernels            # only the packed kernels against bf16, per row count
-    python -m bench.realsize --inductor           # only Inductor's int4 GEMM template against the eager kernel
-    python -m bench.realsize --inductor-model     # the int4 model's prompt pass compiled by Inductor (~6 min)
 
 The checkpoint: the Hub config.json of Salesforce/blip2-opt-2.7b (ViT-g/14 39 x 1408, Q-Former 12 x 768 with 32
 queries, OPT-2.7b 32 x 2560, vocabulary 50304; 3.745 B parameters), random N(0, 0.02) weights (layer norms 1,
@@ -24,9 +22,11 @@ The CPUs are shared with other engineers: the load average (`uptime`) is printed
 """
 
 import argparse
+import contextlib
 import json
 import math
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -46,10 +46,10 @@ CONFIG = {
     "torch_dtype": "bfloat16", "use_decoder_only_language_model": True,
     "vision_config": {"dropout": 0.0, "initializer_factor": 1.0, "model_type": "blip_2_vision_model",
                       "num_channels": 3, "projection_dim": 512}}
-RUNS = {  # name -> (library, quantization)
+RUNS = {  # name -> (library, quantization); "-aten": PyTorch's int4 kernel (blip2's switched off)
     "blip2-bf16": ("blip2", None), "blip2-int8": ("blip2", "int8_weight_only"),
-    "blip2-int4": ("blip2", "int4_weight_only"), "hf-bf16": ("hf", None), "hf-8bit": ("hf", "8bit"),
-    "blip2-int4-saved": ("blip2-saved", None)}
+    "blip2-int4": ("blip2", "int4_weight_only"), "blip2-int4-aten": ("blip2", "int4_weight_only"),
+    "hf-bf16": ("hf", None), "hf-8bit": ("hf", "8bit"), "blip2-int4-saved": ("blip2-saved", None)}
 PROMPT = 33  # 32 image tokens + BOS: a caption without a prompt
 SHARD = 2 * 10**9
 
@@ -129,6 +129,8 @@ def child(name: str, path: str, saved: str, tokens: int, threads: int, out: str)
 
     torch.set_num_threads(threads)
     lib, quant = RUNS[name]
+    if name.endswith("-aten"):
+        os.environ["BLIP2_INT4_KERNEL"] = "aten"
     if quant == "8bit":
         __import__("bitsandbytes")
     t = time.perf_counter()
@@ -163,13 +165,22 @@ def child(name: str, path: str, saved: str, tokens: int, threads: int, out: str)
         encode = best_time(lambda: model.get_image_features(pixels))
         logits = model(pixel_values=pixels, input_ids=ids, attention_mask=mask).logits[0, -1].float()
     torch.save(logits, os.path.join(out, f"logits-{name}.pt"))
-    if name == "blip2-int4" and not os.path.isdir(saved):
+    if name == "blip2-int4" and saved_layout(saved) != model.config.extra["quantization_config"]["int4_layout"]:
+        shutil.rmtree(saved, ignore_errors=True)  # none yet, or packed for the other kernel
         model.save_pretrained(saved + ".tmp", max_shard_size="2GB")
         os.rename(saved + ".tmp", saved)
     return dict(name=name, load_s=load_s, load_rss=load_rss, first=first, warm=warm, one=one, encode=encode,
                 decode=(warm - one) / max(tokens - 1, 1), hwm=status("VmHWM"),
                 stream=stream_bytes(model.language_model),
                 ids=first_ids[0, PROMPT:].tolist())
+
+
+def saved_layout(saved: str) -> int | None:
+    try:
+        with open(os.path.join(saved, "config.json")) as f:
+            return json.load(f)["quantization_config"]["int4_layout"]
+    except (OSError, KeyError):
+        return None
 
 
 def floors(threads: int) -> dict:
@@ -189,20 +200,23 @@ def floors(threads: int) -> dict:
 
 def kernels(threads: int, repeat: int = 15):
     """Per row count M: one OPT-2.7b FFN matrix (10240 x 2560) in bf16 (F.linear), int8 and int4 (groups of 32, 64,
-    128) through the layers blip2 runs (int8 from INT8_MATMUL_ROWS rows: torch._int_mm on per-row int8 activations),
-    best of `repeat`, interleaved."""
+    128) through the layers blip2 runs (int8 from INT8_MATMUL_ROWS rows: torch._int_mm on per-row int8 activations;
+    int4 on blip2's kernel, and g64 on PyTorch's too), best of `repeat`, interleaved."""
     import torch
 
+    from blip2 import native
     from blip2.weight_only import WeightOnlyLinear
 
     torch.set_num_threads(threads)
     w = torch.empty(10240, 2560, dtype=torch.bfloat16).normal_(0, 0.02, generator=torch.Generator().manual_seed(0))
     layers = {"bf16": lambda x: torch.nn.functional.linear(x, w)}
-    for bits, group in ((8, 64), (4, 32), (4, 64), (4, 128)):
-        lin = WeightOnlyLinear(2560, 10240, False, bits, group, torch.bfloat16, device="cpu")
-        lin.load("weight", w)
-        layers[f"int{bits}" + (f" g{group}" if bits == 4 else "")] = lin
-    print(f"one 10240 x 2560 matrix, {threads} threads, best of {repeat} (ms); load average {load_average()}")
+    for bits, group, aten in ((8, 64, False), (4, 32, False), (4, 64, False), (4, 128, False), (4, 64, True)):
+        with native.disabled() if aten else contextlib.nullcontext():
+            lin = WeightOnlyLinear(2560, 10240, False, bits, group, torch.bfloat16, device="cpu")
+            lin.load("weight", w)
+        layers[f"int{bits}" + (f" g{group}" if bits == 4 else "") + (" PyTorch" if aten else "")] = lin
+    print(f"one 10240 x 2560 matrix, {threads} threads, best of {repeat} (ms); int4 on blip2's kernel "
+          f"({native.isa() or 'not built'}) unless marked PyTorch; load average {load_average()}")
     print("| rows M | " + " | ".join(layers) + " |\n|---|" + "---|" * len(layers))
     for m in (1, 2, 4, 8, 16, 33, 64, 128, 257):
         x = torch.randn(m, 2560, dtype=torch.bfloat16)
@@ -217,7 +231,7 @@ def kernels(threads: int, repeat: int = 15):
     # a real pass reads each matrix once, from memory: 48 distinct copies (~1.3 GB in int8) streamed in turn
     print(f"\nstreaming 48 distinct copies, ms per matrix and GB/s of weights read (threads: {threads}, then 1)")
     print("| layer, rows | ms | GB/s | ms, 1 thread | GB/s, 1 thread |\n|---|---|---|---|---|")
-    for name, m in (("int4 g64", 1), ("int8", 1), ("int8", 33)):
+    for name, m in (("int4 g64", 1), ("int4 g64 PyTorch", 1), ("int4 g64", 33), ("int8", 1), ("int8", 33)):
         lin = layers[name]
         copies = [(lin.weight.clone(), (lin.scales if lin.bits == 8 else lin.scales_and_zeros).clone())
                   for _ in range(48)]
@@ -248,119 +262,6 @@ def run(*args) -> dict:
     return json.loads(line)
 
 
-def inductor_int4(threads: int, repeat: int = 15):
-    """What PyTorch offers beyond the eager int4 kernel: Inductor's C++ GEMM template for
-    _weight_int4pack_mm_for_cpu (AMX tiles for M > 1), which needs the packed weight frozen into the compiled
-    graph (torch._inductor.config freezing + max_autotune), so one compile per layer and row count. One 10240 x 2560
-    matrix, group 64: eager vs compiled per M (best of `repeat`), the compile (with autotuning) time, the error;
-    then stacks of layers compiled as one graph with dynamic rows (how a prompt pass would use it)."""
-    import tempfile
-
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="inductor-")  # cold compiles, as on a new Space
-    import torch
-    import torch._inductor.config as inductor
-
-    from blip2.weight_only import WeightOnlyLinear
-
-    torch.set_num_threads(threads)
-    inductor.freezing, inductor.max_autotune = True, True
-    w = torch.empty(10240, 2560, dtype=torch.bfloat16).normal_(0, 0.02, generator=torch.Generator().manual_seed(0))
-    lin = WeightOnlyLinear(2560, 10240, False, 4, 64, torch.bfloat16, device="cpu").eval()
-    lin.load("weight", w)
-    print(f"one 10240 x 2560 int4 matrix (g64), {threads} threads, best of {repeat} (ms); load {load_average()}")
-    print("| rows M | eager kernel | Inductor template | compile s | rel. err. |\n|---|---|---|---|---|")
-    for m in (1, 33):
-        x = torch.randn(m, 2560, dtype=torch.bfloat16)
-        compiled = torch.compile(lin, dynamic=False)
-        with torch.no_grad():
-            t = time.perf_counter()
-            y = compiled(x)
-            compile_s = time.perf_counter() - t
-            ref = lin(x).float()
-            err = ((y.float() - ref).norm() / ref.norm()).item()
-            eager, fast = best_time(lambda: lin(x), repeat), best_time(lambda: compiled(x), repeat)
-        torch._dynamo.reset()
-        print(f"| {m} | {eager * 1e3:.2f} | {fast * 1e3:.2f} | {compile_s:.1f} | {err:.4f} |", flush=True)
-
-    def layer_linears() -> torch.nn.Module:  # one OPT-2.7b layer's six int4 linears, chained
-        def lin(n, k):
-            m = WeightOnlyLinear(k, n, False, 4, 64, torch.bfloat16, device="cpu")
-            m.load("weight", torch.empty(n, k, dtype=torch.bfloat16).normal_(0, 0.02))
-            return m
-
-        layer = torch.nn.Module()
-        layer.q, layer.k, layer.v, layer.o = (lin(2560, 2560) for _ in range(4))
-        layer.fc1, layer.fc2 = lin(10240, 2560), lin(2560, 10240)
-        layer.forward = lambda x: (x := x + layer.o(layer.q(x) + layer.k(x) + layer.v(x))) + layer.fc2(
-            torch.relu(layer.fc1(x)))
-        return layer
-
-    print("\nstacks of OPT-2.7b layers' six int4 linears, rows dynamic (compiled at 33, then run at 40 without "
-          "recompiling), ms per layer")
-    print("| layers | compile s | eager, 40 rows | Inductor, 40 rows |\n|---|---|---|---|")
-    for n in (2, 8):
-        stack = torch.nn.Sequential(*(layer_linears() for _ in range(n))).eval()
-        compiled = torch.compile(stack, dynamic=True)
-        with torch.no_grad():
-            x = torch.randn(33, 2560, dtype=torch.bfloat16)
-            torch._dynamo.mark_dynamic(x, 0)
-            t = time.perf_counter()
-            compiled(x)
-            compile_s = time.perf_counter() - t
-            x = torch.randn(40, 2560, dtype=torch.bfloat16)
-            eager, fast = best_time(lambda: stack(x), 3), best_time(lambda: compiled(x), 3)
-        torch._dynamo.reset()
-        print(f"| {n} | {compile_s:.1f} | {eager / n * 1e3:.1f} | {fast / n * 1e3:.1f} |", flush=True)
-
-
-def inductor_model(saved: str, threads: int):
-    """The int4 model's 33-token prompt pass through its 32 decoder layers, eager and compiled as one graph by
-    Inductor (frozen weights, max_autotune, dynamic rows), in this process: compile time, resident memory after
-    it, peak, the speed-up and the difference of the hidden states. Needs the saved int4 copy (run blip2-int4)."""
-    import tempfile
-
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="inductor-")  # a cold compile
-    import torch
-    import torch._inductor.config as inductor
-
-    import blip2
-    from blip2.cache import KVCache
-    from blip2.opt import causal_mask
-
-    torch.set_num_threads(threads)
-    inductor.freezing, inductor.max_autotune = True, True
-    model = blip2.Blip2ForConditionalGeneration.from_pretrained(saved, dtype=torch.bfloat16).eval()
-    layers = model.language_model.model.decoder.layers
-
-    class Stack(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.layers = layers
-
-        def forward(self, x, mask, cache):
-            for i, layer in enumerate(self.layers):
-                x, _ = layer(x, mask, cache, i, False)
-            return x
-
-    stack = Stack().eval()
-    compiled = torch.compile(stack, dynamic=True)
-    x = torch.randn(1, PROMPT, 2560, dtype=torch.bfloat16)
-    mask = causal_mask(torch.ones(1, PROMPT, dtype=torch.long), PROMPT, x.dtype)
-    torch._dynamo.mark_dynamic(x, 1)
-    with torch.no_grad():
-        t = time.perf_counter()
-        y = compiled(x, mask, KVCache(len(layers)))
-        compile_s, after = time.perf_counter() - t, status("VmRSS")
-        ref = stack(x, mask, KVCache(len(layers)))
-        err = ((y.float() - ref.float()).norm() / ref.float().norm()).item()
-        eager = best_time(lambda: stack(x, mask, KVCache(len(layers))), 3)
-        fast = best_time(lambda: compiled(x, mask, KVCache(len(layers))), 3)
-    print(f"int4 model, {PROMPT}-token prompt pass through {len(layers)} layers, {threads} threads: "
-          f"eager {eager:.3f} s, compiled {fast:.3f} s ({eager / fast:.1f}x), rel. err. {err:.4f}; "
-          f"compile {compile_s:.0f} s (cold), "
-          f"RSS after it {after / 2**30:.2f} GiB, peak {status('VmHWM') / 2**30:.2f} GiB; load {load_average()}")
-
-
 def load_average() -> str:
     with open("/proc/loadavg") as f:
         return " ".join(f.read().split()[:3])
@@ -374,17 +275,12 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--cache", default=CACHE, help="where the checkpoint (and the saved int4 copy) live")
     ap.add_argument("--kernels", action="store_true", help="only time the packed kernels against bf16 per row count")
-    ap.add_argument("--inductor", action="store_true", help="only time Inductor's int4 GEMM template")
-    ap.add_argument("--inductor-model", action="store_true", help="only the int4 model's prompt pass compiled")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    if args.kernels or args.inductor:
-        (kernels if args.kernels else inductor_int4)(args.threads)
+    if args.kernels:
+        kernels(args.threads)
         return 0
     path, saved = os.path.join(args.cache, "blip2-opt-2.7b-random"), os.path.join(args.cache, "blip2-opt-2.7b-int4")
-    if args.inductor_model:
-        inductor_model(saved, args.threads)
-        return 0
     if args.child:
         result = floors(args.threads) if args.child == "floors" else \
             child(args.child, path, saved, args.tokens, args.threads, args.cache)
