@@ -130,7 +130,7 @@ def child(name: str, path: str, saved: str, tokens: int, threads: int, out: str)
     torch.set_num_threads(threads)
     lib, quant = RUNS[name]
     if name.endswith("-aten"):
-        os.environ["BLIP2_INT4_KERNEL"] = "aten"
+        os.environ["BLIP2_KERNELS"] = "aten"
     if quant == "8bit":
         __import__("bitsandbytes")
     t = time.perf_counter()
@@ -200,8 +200,9 @@ def floors(threads: int) -> dict:
 
 def kernels(threads: int, repeat: int = 15):
     """Per row count M: one OPT-2.7b FFN matrix (10240 x 2560) in bf16 (F.linear), int8 and int4 (groups of 32, 64,
-    128) through the layers blip2 runs (int8 from INT8_MATMUL_ROWS rows: torch._int_mm on per-row int8 activations;
-    int4 on blip2's kernel, and g64 on PyTorch's too), best of `repeat`, interleaved."""
+    128) through the layers blip2 runs (int8 from INT8_MATMUL_ROWS rows: torch._int_mm on per-row int8 activations,
+    below on blip2's kernel; int4 on blip2's kernel), and int8 / int4 g64 on PyTorch's kernels, best of `repeat`,
+    interleaved."""
     import torch
 
     from blip2 import native
@@ -209,12 +210,20 @@ def kernels(threads: int, repeat: int = 15):
 
     torch.set_num_threads(threads)
     w = torch.empty(10240, 2560, dtype=torch.bfloat16).normal_(0, 0.02, generator=torch.Generator().manual_seed(0))
-    layers = {"bf16": lambda x: torch.nn.functional.linear(x, w)}
-    for bits, group, aten in ((8, 64, False), (4, 32, False), (4, 64, False), (4, 128, False), (4, 64, True)):
+    layers, modules = {"bf16": lambda x: torch.nn.functional.linear(x, w)}, {}
+    def on_aten(lin):  # PyTorch's kernels at every call (int8 picks its kernel per call, int4 by its packing)
+        def call(x):
+            with native.disabled():
+                return lin(x)
+        return call
+
+    for bits, group, aten in ((8, 64, False), (8, 64, True), (4, 32, False), (4, 64, False), (4, 128, False),
+                              (4, 64, True)):
         with native.disabled() if aten else contextlib.nullcontext():
             lin = WeightOnlyLinear(2560, 10240, False, bits, group, torch.bfloat16, device="cpu")
             lin.load("weight", w)
-        layers[f"int{bits}" + (f" g{group}" if bits == 4 else "") + (" PyTorch" if aten else "")] = lin
+        name = f"int{bits}" + (f" g{group}" if bits == 4 else "") + (" PyTorch" if aten else "")
+        layers[name], modules[name] = (on_aten(lin) if aten else lin), lin
     print(f"one 10240 x 2560 matrix, {threads} threads, best of {repeat} (ms); int4 on blip2's kernel "
           f"({native.isa() or 'not built'}) unless marked PyTorch; load average {load_average()}")
     print("| rows M | " + " | ".join(layers) + " |\n|---|" + "---|" * len(layers))
@@ -231,8 +240,9 @@ def kernels(threads: int, repeat: int = 15):
     # a real pass reads each matrix once, from memory: 48 distinct copies (~1.3 GB in int8) streamed in turn
     print(f"\nstreaming 48 distinct copies, ms per matrix and GB/s of weights read (threads: {threads}, then 1)")
     print("| layer, rows | ms | GB/s | ms, 1 thread | GB/s, 1 thread |\n|---|---|---|---|---|")
-    for name, m in (("int4 g64", 1), ("int4 g64 PyTorch", 1), ("int4 g64", 33), ("int8", 1), ("int8", 33)):
-        lin = layers[name]
+    for name, m in (("int4 g64", 1), ("int4 g64 PyTorch", 1), ("int4 g64", 33), ("int8", 1), ("int8 PyTorch", 1),
+                    ("int8", 33)):
+        lin, call = modules[name], layers[name]
         copies = [(lin.weight.clone(), (lin.scales if lin.bits == 8 else lin.scales_and_zeros).clone())
                   for _ in range(48)]
         nbytes = sum(t.numel() * t.element_size() for t in copies[0])
@@ -245,7 +255,7 @@ def kernels(threads: int, repeat: int = 15):
                 for w, sc in copies:
                     lin.load("weight", w)  # packed as it is (no copy)
                     lin.load("scales" if lin.bits == 8 else "scales_and_zeros", sc)
-                    lin(x)
+                    call(x)
                 best = min(best, (time.perf_counter() - t) / len(copies))
             row += [f"{best * 1e3:.2f}", f"{nbytes / best / 1e9:.1f}"]
         torch.set_num_threads(threads)

@@ -1,17 +1,18 @@
-"""blip2's own int4 matmul for the CPU (blip2/kernels/int4.cpp), compiled on first use and called through ctypes.
+"""blip2's own weight-only matmuls for the CPU (blip2/kernels/weight_only.cpp), compiled on first use and called
+through ctypes: int4 (every row count) and int8 (decoding steps; a prompt pass runs torch._int_mm).
 
-Why not PyTorch's `_weight_int4pack_mm_for_cpu`: it keeps activations in floating point and converts every weight
-nibble to float, so on 2 cores it is compute-bound (13 GB/s of packed weights where memory gives 26) and at a
-33-row prompt pass it is 3x slower than a bf16 matmul. This kernel quantizes the activations per row and group to
-int8 and multiplies int8 by int4 with VNNI (AVX-512, else AVX2), as llama.cpp's Q4 x Q8 dot products do:
-`python -m bench.realsize --kernels` has the figures. torchao's x86 kernels for the same scheme are not in its
-PyPI wheel, and Intel's extension is discontinued.
+Why not PyTorch's `_weight_int4pack_mm_for_cpu` / `_weight_int8pack_mm`: they keep activations in floating point
+and convert every weight to float, so on 2 cores they are compute-bound (14 GB/s of weights where memory gives 25)
+and int4 at a 33-row prompt pass is 3x slower than a bf16 matmul. These kernels quantize the activations to int8
+(int4: per row and group; int8: per row) and sum int8 products with VNNI (AVX-512, else AVX2), as llama.cpp's Q4 x
+Q8 dot products do: `python -m bench.realsize --kernels` has the figures. torchao's x86 kernels for the same scheme
+are not in its PyPI wheel, and Intel's extension is discontinued.
 
 Built once per source, compiler and CPU: `c++ -O3 -march=native -fopenmp` (about 1 s, no torch headers), into
 $BLIP2_KERNEL_CACHE (default ~/.cache/blip2/kernels), written to a temporary name and renamed, so concurrent
 processes never load half a file. Its OpenMP is the runtime torch already loaded (the same libgomp.so.1), sized by
 torch.get_num_threads(). Where it cannot be built (no C++ compiler, no OpenMP, a CPU without AVX2) or where
-$BLIP2_INT4_KERNEL=aten, `available()` is False and weight_only.py keeps PyTorch's kernel; the reason is logged
+$BLIP2_KERNELS=aten, `available()` is False and weight_only.py keeps PyTorch's kernels; the reason is logged
 once.
 """
 
@@ -28,9 +29,9 @@ from pathlib import Path
 import torch
 
 log = logging.getLogger(__name__)
-SOURCE = Path(__file__).with_name("kernels") / "int4.cpp"
+SOURCE = Path(__file__).with_name("kernels") / "weight_only.cpp"
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
-ENV_KERNEL = "BLIP2_INT4_KERNEL"  # "blip2" (default) or "aten" (PyTorch's kernel)
+ENV_KERNEL = "BLIP2_KERNELS"  # "blip2" (default) or "aten" (PyTorch's kernels)
 _lib: ctypes.CDLL | None = None
 _tried = False
 _off = False  # inside disabled()
@@ -56,7 +57,7 @@ def build(compiler: str, flags: tuple[str, ...] = FLAGS, out_dir: Path | None = 
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
     key = hashlib.sha256("\0".join([SOURCE.read_text(), version, " ".join(flags), cpu_signature()]).encode())
     out_dir = out_dir or cache_dir()
-    lib = out_dir / f"blip2_int4_{key.hexdigest()[:16]}.so"
+    lib = out_dir / f"blip2_weight_only_{key.hexdigest()[:16]}.so"
     if lib.is_file():
         return lib
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -73,10 +74,10 @@ def build(compiler: str, flags: tuple[str, ...] = FLAGS, out_dir: Path | None = 
 
 def load(path: Path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
-    lib.blip2_int4_isa.restype = ctypes.c_int
-    lib.blip2_int4_mm.restype = ctypes.c_int
     p, i = ctypes.c_void_p, ctypes.c_int
+    lib.blip2_isa.restype = lib.blip2_int4_mm.restype = lib.blip2_int8_mm.restype = i
     lib.blip2_int4_mm.argtypes = [p, i, i, i, i, p, p, i, p, i]
+    lib.blip2_int8_mm.argtypes = [p, i, i, i, i, p, p, i, p, i]
     return lib
 
 
@@ -93,13 +94,14 @@ def library() -> ctypes.CDLL | None:
         if choice != "aten" and platform.machine().lower() in ("x86_64", "amd64"):
             try:
                 lib = load(build(os.environ.get("CXX", "c++")))
-                _lib = lib if lib.blip2_int4_isa() > 0 else None
+                _lib = lib if lib.blip2_isa() > 0 else None
                 if _lib is None:
-                    log.warning("int4: this CPU has neither AVX-512 VNNI nor AVX2; PyTorch's int4 kernel is used")
+                    log.warning("weight-only int8/int4: this CPU has neither AVX-512 VNNI nor AVX2; PyTorch's "
+                                "kernels are used")
             except (OSError, subprocess.CalledProcessError) as e:
                 why = getattr(e, "stderr", None) or str(e)
-                log.warning("int4: blip2's kernel could not be built (%s); PyTorch's int4 kernel is used (slower)",
-                            why.strip().splitlines()[-1] if why.strip() else type(e).__name__)
+                log.warning("weight-only int8/int4: blip2's kernels could not be built (%s); PyTorch's kernels are "
+                            "used (slower)", why.strip().splitlines()[-1] if why.strip() else type(e).__name__)
     return _lib
 
 
@@ -109,8 +111,8 @@ def available() -> bool:
 
 @contextlib.contextmanager
 def disabled():
-    """Within: PyTorch's int4 kernel, as if blip2's could not be built (what is quantized inside keeps PyTorch's
-    layout and kernel afterwards: side-by-side comparisons, tests)."""
+    """Within: PyTorch's kernels, as if blip2's could not be built (an int4 layer quantized inside keeps PyTorch's
+    layout and kernel afterwards; int8 layers pick their kernel at each call: side-by-side comparisons, tests)."""
     global _off
     before, _off = _off, True
     try:
@@ -122,7 +124,7 @@ def disabled():
 def isa() -> str:
     """The instruction set the kernel was built for: "avx512-vnni", "avx2", or "" when it is not in use."""
     lib = library()
-    return {2: "avx512-vnni", 1: "avx2"}.get(lib.blip2_int4_isa(), "") if lib else ""
+    return {2: "avx512-vnni", 1: "avx2"}.get(lib.blip2_isa(), "") if lib else ""
 
 
 def int4_mm(x: torch.Tensor, weight: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int,
@@ -137,10 +139,42 @@ def int4_mm(x: torch.Tensor, weight: torch.Tensor, scales_and_zeros: torch.Tenso
                         f"{scales_and_zeros.dtype}")
     if weight.shape != (n, k // 2) or n % 16 or k % group_size or group_size % 8 or group_size > 256:
         raise ValueError(f"int4_mm: weight {tuple(weight.shape)} does not fit {k} inputs in groups of {group_size}")
+    if scales_and_zeros.shape != (n // 16, k // group_size, 16, 2):
+        raise ValueError(f"int4_mm: scales_and_zeros {tuple(scales_and_zeros.shape)}, expected "
+                         f"{(n // 16, k // group_size, 16, 2)}")
+    if not (weight.is_contiguous() and scales_and_zeros.is_contiguous()) or x.device.type != "cpu":
+        raise ValueError("int4_mm: the packed weight and its scales must be contiguous, the activations on the CPU")
     x = x.contiguous()
     y = torch.empty(m, n, dtype=torch.float32)
+    if m == 0:
+        return y
     rc = lib.blip2_int4_mm(x.data_ptr(), int(x.dtype == torch.bfloat16), m, k, n, weight.data_ptr(),
                            scales_and_zeros.data_ptr(), group_size, y.data_ptr(), torch.get_num_threads())
     if rc != 0:
         raise MemoryError(f"int4_mm: no memory for the quantized activations ({m} x {k})")
+    return y
+
+
+def int8_mm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor,
+            lib: ctypes.CDLL | None = None) -> torch.Tensor:
+    """(M, K) bfloat16 / float32 x @ (weight * scales[:, None])^T -> (M, N) float32; weight int8 (N, K) as saved,
+    scales (N,) bfloat16 / float32. For a few rows (decoding steps): every row reads the whole weight."""
+    lib = lib or library()
+    m, k = x.shape
+    n = weight.shape[0]
+    if x.dtype not in (torch.bfloat16, torch.float32) or scales.dtype not in (torch.bfloat16, torch.float32):
+        raise TypeError(f"int8_mm takes bfloat16 / float32 activations and scales, got {x.dtype} and {scales.dtype}")
+    if weight.dtype != torch.int8 or weight.shape != (n, k) or scales.shape != (n,):
+        raise ValueError(f"int8_mm: weight {tuple(weight.shape)} {weight.dtype} and scales {tuple(scales.shape)} "
+                         f"do not fit {k} inputs")
+    if not (weight.is_contiguous() and scales.is_contiguous()) or x.device.type != "cpu":
+        raise ValueError("int8_mm: the weight and its scales must be contiguous, the activations on the CPU")
+    x = x.contiguous()
+    y = torch.empty(m, n, dtype=torch.float32)
+    if m == 0:
+        return y
+    rc = lib.blip2_int8_mm(x.data_ptr(), int(x.dtype == torch.bfloat16), m, k, n, weight.data_ptr(), scales.data_ptr(),
+                           int(scales.dtype == torch.bfloat16), y.data_ptr(), torch.get_num_threads())
+    if rc != 0:
+        raise MemoryError(f"int8_mm: no memory for the quantized activations ({m} x {k})")
     return y

@@ -1,8 +1,9 @@
 """Weight-only int8 / int4 linears for the CPU, quantized while loading.
 
-int8: one symmetric scale per output channel, `torch.ops.aten._weight_int8pack_mm` for decoding steps; from
-INT8_MATMUL_ROWS rows (a prompt pass) the activations are quantized per row too and `torch._int_mm` multiplies
-int8 by int8 (6x faster than the packed kernel at 33 rows).
+int8: one symmetric scale per output channel. A decoding step (under INT8_MATMUL_ROWS rows) runs blip2's own kernel
+(blip2/native.py: each row quantized to int8, int8 x int8 by VNNI; 1.8x PyTorch's), or
+`torch.ops.aten._weight_int8pack_mm` where that kernel cannot be built; from INT8_MATMUL_ROWS rows the activations
+are quantized per row and `torch._int_mm` multiplies int8 by int8 (6x faster than the packed kernel at 33 rows).
 int4: asymmetric groups of `group_size` inputs (scale and zero per group and output channel, torchao's
 "float zero point" scheme: w = (q - 8) * scale + zero), blip2's own kernel (blip2/native.py: activations to int8
 per row and group, int8 x int4 by VNNI; 2x PyTorch's kernel at a decoding step, 4.5x at a prompt pass), or
@@ -146,7 +147,7 @@ BLOCKS = {1: (64, True), 2: (32, True), 3: (32, False)}  # layout -> (rows per b
 
 def pack_int4(q: torch.Tensor, layout: int) -> torch.Tensor:
     """(N, K) integer values 0..15 -> (N, K/2) uint8 in `layout`. Layout 0: 64 bytes per 16 rows x 8 inputs, byte
-    4j + t = q[16b + j][8c + t] | q[16b + j][8c + 4 + t] << 4 (see blip2/kernels/int4.cpp)."""
+    4j + t = q[16b + j][8c + t] | q[16b + j][8c + 4 + t] << 4 (see blip2/kernels/weight_only.cpp)."""
     if layout != 0:
         return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.int(), 1)
     n, k = q.shape
@@ -302,8 +303,11 @@ class WeightOnlyLinear(nn.Module):
         elif self.bits == 4:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(self.dtype).contiguous(), self.weight,
                                                            self.group_size, self.scales_and_zeros)
-        elif x2.shape[0] >= INT8_MATMUL_ROWS:
-            y = int8_matmul(x2.to(self.dtype).contiguous(), self.weight, self.scales)
+        elif x2.shape[0] >= INT8_MATMUL_ROWS or self.in_features % 32:  # (the packed kernel reads past a
+            y = int8_matmul(x2.to(self.dtype).contiguous(), self.weight, self.scales)  # bf16 row not 32-aligned)
+        elif native.available():
+            y = native.int8_mm(x2 if x2.dtype in (torch.bfloat16, torch.float32) else x2.float(), self.weight,
+                               self.scales)
         else:
             y = torch.ops.aten._weight_int8pack_mm(x2.to(self.dtype).contiguous(), self.weight, self.scales)
         y = y.reshape(*shape[:-1], self.out_features).to(self.dtype)
@@ -354,6 +358,9 @@ def replace_linears(model: nn.Module, q: WeightOnlyConfig, layout: int | None = 
         if n.endswith("lm_head"):
             text = getattr(model.config, "text_config", model.config)
             text.tie_word_embeddings = False  # from now on its own tensor, also in a saved checkpoint
+    if q.bits == 4 and names:
+        log.info("int4 weight-only on %s", f"blip2's kernel ({native.isa()})" if native.available() else
+                 "PyTorch's kernel (_weight_int4pack_mm_for_cpu)")
     if q.fallbacks:
         log.info("int4 weight-only: %d layer(s) do not fit groups of %d, kept in int8: %s", len(q.fallbacks),
                  q.group_size, ", ".join(q.fallbacks[:4]) + (" ..." if len(q.fallbacks) > 4 else ""))

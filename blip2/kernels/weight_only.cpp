@@ -1,19 +1,22 @@
-// blip2's int4 matmul for the CPU: weights int4 in groups along the inputs (scale and zero per group and output
-// channel, w = (q - 8) * s + z), activations quantized per row to int8, products summed in int32 by VNNI
-// (AVX-512 VNNI vpdpbusd; AVX2: vpmaddubsw + vpmaddwd). Built and loaded by blip2/native.py; no torch headers,
-// threads from the OpenMP runtime torch already loaded (same libgomp.so.1).
+// blip2's weight-only matmuls for the CPU, activations quantized to int8 and products summed in int32 by VNNI
+// (AVX-512 VNNI vpdpbusd; AVX2: vpmaddubsw + vpmaddwd, or AVX-VNNI). Built and loaded by blip2/native.py; no torch
+// headers, threads from the OpenMP runtime torch already loaded (the same libgomp.so.1).
 //
-// Packed layout ("layout 0" in weight_only.py): a block of 16 output channels by a chunk of 8 inputs is 64 bytes;
-// byte 4j + t holds q[16b + j][8c + t] in its low nibble and q[16b + j][8c + 4 + t] in its high nibble, so one
-// 32-bit lane j carries 4 consecutive inputs of channel j, as vpdpbusd wants. Bytes run (N/16, K/8, 64).
-// scales_and_zeros: (N/16, K/group, 16, 2) bfloat16, a block's groups one after another (one stream with its
-// weights' stream; the (K/group, N, 2) order of PyTorch's kernel would cost a page per group and block): lane j of
-// a 64-byte load is (s_j, z_j).
+// int4 (blip2_int4_mm): weights in groups along the inputs (scale and zero per group and output channel,
+// w = (q - 8) * s + z). Packed layout ("layout 0" in weight_only.py): a block of 16 output channels by a chunk of 8
+// inputs is 64 bytes; byte 4j + t holds q[16b + j][8c + t] in its low nibble and q[16b + j][8c + 4 + t] in its
+// high nibble, so one 32-bit lane j carries 4 consecutive inputs of channel j, as vpdpbusd wants. Bytes run
+// (N/16, K/8, 64). scales_and_zeros: (N/16, K/group, 16, 2) bfloat16, a block's groups one after another (one
+// stream beside its weights' stream; the (K/group, N, 2) order of PyTorch's kernel would cost a page per group and
+// block): lane j of a 64-byte load is (s_j, z_j). Activations: int8 with one symmetric scale per row and group (as
+// llama.cpp's Q8 blocks: an outlier channel coarsens only its own group). Per row and group:
+// sum_k x_k w_k = xs * (s * (dot - 8 * asum) + z * asum), with dot = sum_k xq_k q_k, asum = sum_k xq_k.
 //
-// Activations: int8 with one symmetric scale per row and group (as llama.cpp's Q8 blocks: an outlier channel
-// coarsens only its own group). Per row and group: sum_k x_k w_k = xs * (s * (dot - 8 * asum) + z * asum), with
-// dot = sum_k xq_k q_k and asum = sum_k xq_k over the group.
+// int8 (blip2_int8_mm, for decoding steps): W (N, K) int8 as saved, one scale per output channel; each row of x
+// int8 with one symmetric scale (as the prompt pass's torch._int_mm). vpdpbusd multiplies unsigned by signed
+// bytes: |x| times w carrying x's sign. 4 channels at a time, one accumulator each, summed across lanes at the end.
 
+#include <float.h>
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
@@ -52,19 +55,28 @@ inline float bf16(uint16_t h) {
     return f;
 }
 
-// one group of a row of x (bfloat16 or float32) -> int8 with its symmetric scale, and the sum of the int8 values
-void quantize_group(const void* x, int is_bf16, size_t at, int group, int8_t* q, int32_t* sum, float* scale) {
-    float f[256];  // group <= 256
+inline float load_float(const void* p, int is_bf16, size_t i) {
+    return is_bf16 ? bf16(((const uint16_t*)p)[i]) : ((const float*)p)[i];
+}
+
+// n values of x (bfloat16 or float32) from `at` -> int8 with one symmetric scale, and the sum of the int8 values
+void quantize(const void* x, int is_bf16, size_t at, int n, int8_t* q, int32_t* sum, float* scale) {
     float amax = 0.f;
-    for (int k = 0; k < group; k++) {
-        f[k] = is_bf16 ? bf16(((const uint16_t*)x)[at + k]) : ((const float*)x)[at + k];
-        float a = fabsf(f[k]);
+    bool nan = false;
+    for (int k = 0; k < n; k++) {
+        float a = fabsf(load_float(x, is_bf16, at + k));
         amax = a > amax ? a : amax;
+        nan |= a != a;
+    }
+    if (nan || amax > FLT_MAX) {  // an inf or a NaN: the products are NaN, as in float arithmetic
+        memset(q, 0, n);
+        *sum = 0, *scale = NAN;
+        return;
     }
     const float s = amax > 0.f ? amax / 127.f : 1.f, inv = 1.f / s;
     int32_t acc = 0;
-    for (int k = 0; k < group; k++) {
-        q[k] = (int8_t)nearbyintf(f[k] * inv);
+    for (int k = 0; k < n; k++) {
+        q[k] = (int8_t)nearbyintf(load_float(x, is_bf16, at + k) * inv);
         acc += q[k];
     }
     *sum = acc, *scale = s;
@@ -102,6 +114,35 @@ inline void tile(const uint8_t* w, const uint16_t* sz, int N, int group, const R
         }
     }
     for (int r = 0; r < MR; r++) _mm512_storeu_ps(y + (size_t)r * N, acc[r]);
+}
+// int8: MR rows x NR channels (rows of w, K apart), full 64-byte chunks; the tail is summed in scalar code
+template <int MR, int NR>
+inline void dot8(const int8_t* w, const int8_t* xq, int K, int32_t* out) {
+    __m512i acc[MR][NR];
+    for (int r = 0; r < MR; r++)
+        for (int c = 0; c < NR; c++) acc[r][c] = _mm512_setzero_si512();
+    const int full = K / 64 * 64;
+    for (int k = 0; k < full; k += 64) {
+        __m512i wv[NR];
+        for (int c = 0; c < NR; c++) {
+            wv[c] = _mm512_loadu_si512(w + (size_t)c * K + k);
+            _mm_prefetch((const char*)(w + (size_t)c * K + k + PREFETCH), _MM_HINT_T1);
+        }
+        for (int r = 0; r < MR; r++) {
+            __m512i x = _mm512_loadu_si512(xq + (size_t)r * K + k);
+            __m512i ax = _mm512_abs_epi8(x);
+            __mmask64 neg = _mm512_movepi8_mask(x);
+            for (int c = 0; c < NR; c++)
+                acc[r][c] = _mm512_dpbusd_epi32(acc[r][c], ax,
+                                                _mm512_mask_sub_epi8(wv[c], neg, _mm512_setzero_si512(), wv[c]));
+        }
+    }
+    for (int r = 0; r < MR; r++)
+        for (int c = 0; c < NR; c++) {
+            int32_t t = _mm512_reduce_add_epi32(acc[r][c]);
+            for (int k = full; k < K; k++) t += (int32_t)xq[(size_t)r * K + k] * w[(size_t)c * K + k];
+            out[r * NR + c] = t;
+        }
 }
 constexpr int MAX_ROWS = 8;
 #elif BLIP2_ISA == 1
@@ -150,15 +191,68 @@ inline void tile(const uint8_t* w, const uint16_t* sz, int N, int group, const R
     for (int r = 0; r < MR; r++)
         for (int h = 0; h < 2; h++) _mm256_storeu_ps(y + (size_t)r * N + 8 * h, acc[r][h]);
 }
+inline int32_t hsum(__m256i v) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+    return _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1)));
+}
+
+// int8: MR rows x NR channels (rows of w, K apart), full 32-byte chunks; the tail is summed in scalar code
+template <int MR, int NR>
+inline void dot8(const int8_t* w, const int8_t* xq, int K, int32_t* out) {
+    __m256i acc[MR][NR];
+    for (int r = 0; r < MR; r++)
+        for (int c = 0; c < NR; c++) acc[r][c] = _mm256_setzero_si256();
+    const int full = K / 32 * 32;
+    for (int k = 0; k < full; k += 32) {
+        __m256i wv[NR];
+        for (int c = 0; c < NR; c++) {
+            wv[c] = _mm256_loadu_si256((const __m256i*)(w + (size_t)c * K + k));
+            _mm_prefetch((const char*)(w + (size_t)c * K + k + PREFETCH), _MM_HINT_T1);
+        }
+        for (int r = 0; r < MR; r++) {
+            __m256i x = _mm256_loadu_si256((const __m256i*)(xq + (size_t)r * K + k));
+            __m256i ax = _mm256_abs_epi8(x);
+            for (int c = 0; c < NR; c++) acc[r][c] = dot4(acc[r][c], ax, _mm256_sign_epi8(wv[c], x));
+        }
+    }
+    for (int r = 0; r < MR; r++)
+        for (int c = 0; c < NR; c++) {
+            int32_t t = hsum(acc[r][c]);
+            for (int k = full; k < K; k++) t += (int32_t)xq[(size_t)r * K + k] * w[(size_t)c * K + k];
+            out[r * NR + c] = t;
+        }
+}
 constexpr int MAX_ROWS = 2;
+#endif
+
+#if BLIP2_ISA > 0
+// rows r0 .. r0 + MR of y for channels n0 .. n0 + nc (nc <= 4)
+template <int MR>
+void channels8(const int8_t* w, const int8_t* xq, const float* xs, const void* ws, int ws_bf16, int K, int N, int r0,
+               int n0, int nc, float* y) {
+    int32_t d[MR * 4];
+    if (nc == 4) {
+        dot8<MR, 4>(w + (size_t)n0 * K, xq + (size_t)r0 * K, K, d);
+    } else {
+        for (int c = 0; c < nc; c++) {
+            int32_t one[MR];
+            dot8<MR, 1>(w + (size_t)(n0 + c) * K, xq + (size_t)r0 * K, K, one);
+            for (int r = 0; r < MR; r++) d[r * 4 + c] = one[r];
+        }
+    }
+    for (int r = 0; r < MR; r++)
+        for (int c = 0; c < nc; c++)
+            y[(size_t)(r0 + r) * N + n0 + c] = (float)d[r * 4 + c] * xs[r0 + r] * load_float(ws, ws_bf16, n0 + c);
+}
 #endif
 
 }  // namespace
 
 extern "C" {
 
-// 2: AVX-512 VNNI, 1: AVX2, 0: neither (then blip2 keeps PyTorch's kernel)
-int blip2_int4_isa(void) { return BLIP2_ISA; }
+// 2: AVX-512 VNNI, 1: AVX2, 0: neither (then blip2 keeps PyTorch's kernels)
+int blip2_isa(void) { return BLIP2_ISA; }
 
 // y (M, N) float32 = x (M, K) @ W^T; x bfloat16 (is_bf16) or float32; w packed (N/16, K/8, 64) bytes;
 // sz (N/16, K/group, 16, 2) bfloat16. N a multiple of 16, K of group, group a multiple of 8 up to 256.
@@ -179,7 +273,7 @@ int blip2_int4_mm(const void* x, int is_bf16, int M, int K, int N, const uint8_t
     }
 #pragma omp parallel for num_threads(threads) schedule(static) if (M * K >= 65536)
     for (int i = 0; i < M * G; i++)
-        quantize_group(x, is_bf16, (size_t)i * group, group, q + (size_t)i * group, sums + i, scales + i);
+        quantize(x, is_bf16, (size_t)i * group, group, q + (size_t)i * group, sums + i, scales + i);
     const Rows a{q, sums, scales, K, G};
     const int blocks = N / 16;
 #pragma omp parallel for num_threads(threads) schedule(static)
@@ -202,6 +296,38 @@ int blip2_int4_mm(const void* x, int is_bf16, int M, int K, int N, const uint8_t
         }
     }
     free(q), free(sums), free(scales);
+    return 0;
+#endif
+}
+
+// y (M, N) float32 = x (M, K) @ W^T * scales; x bfloat16 (x_bf16) or float32; w int8 (N, K) row-major; scales (N,)
+// bfloat16 (s_bf16) or float32. Returns 0, or -1 (no vector unit, or out of memory).
+int blip2_int8_mm(const void* x, int x_bf16, int M, int K, int N, const int8_t* w, const void* scales, int s_bf16,
+                  float* y, int threads) {
+#if BLIP2_ISA == 0
+    (void)x, (void)x_bf16, (void)M, (void)K, (void)N, (void)w, (void)scales, (void)s_bf16, (void)y, (void)threads;
+    return -1;
+#else
+    int8_t* q = (int8_t*)malloc((size_t)M * K);
+    float* xs = (float*)malloc(sizeof(float) * M);
+    if (!q || !xs) {
+        free(q), free(xs);
+        return -1;
+    }
+    for (int m = 0; m < M; m++) {
+        int32_t unused;
+        quantize(x, x_bf16, (size_t)m * K, K, q + (size_t)m * K, &unused, xs + m);
+    }
+    const int quads = (N + 3) / 4;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int i = 0; i < quads; i++) {
+        const int n0 = 4 * i, nc = N - n0 < 4 ? N - n0 : 4;
+        int r0 = 0;
+        for (; r0 + 3 <= M; r0 += 3) channels8<3>(w, q, xs, scales, s_bf16, K, N, r0, n0, nc, y);
+        if (M - r0 == 2) channels8<2>(w, q, xs, scales, s_bf16, K, N, r0, n0, nc, y);
+        if (M - r0 == 1) channels8<1>(w, q, xs, scales, s_bf16, K, N, r0, n0, nc, y);
+    }
+    free(q), free(xs);
     return 0;
 #endif
 }
