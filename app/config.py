@@ -58,8 +58,8 @@ FLAGS = (
          "float32 for the embedded model, said in the startup log; GPU: float16, bfloat16 for Flan-T5, which "
          "overflows in float16), float32, float16 or bfloat16", "auto",
          choices=("auto", "float32", "float16", "bfloat16", "fp32", "fp16", "bf16")),
-    Flag("--quantize", ("BLIP2_QUANTIZE",), "the language model's weights: int4 / int8 (weight-only, PyTorch's CPU "
-         "kernels), 8bit / 4bit (bitsandbytes, for CUDA)", choices=("int8", "int4", "8bit", "4bit")),
+    Flag("--quantize", ("BLIP2_QUANTIZE",), "the language model's weights: int4 / int8 (weight-only, CPU: blip2's "
+         "VNNI kernels), 8bit / 4bit (bitsandbytes, for CUDA)", choices=("int8", "int4", "8bit", "4bit")),
     Flag("--device-map", ("BLIP2_DEVICE_MAP",), "e.g. auto, to spread a large model over GPUs and the CPU"),
     Flag("--host", ("HOST", "GRADIO_SERVER_NAME"), "the address to listen on (127.0.0.1; 0.0.0.0 inside a Space)",
          "127.0.0.1"),

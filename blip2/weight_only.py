@@ -303,11 +303,11 @@ class WeightOnlyLinear(nn.Module):
         elif self.bits == 4:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(self.dtype).contiguous(), self.weight,
                                                            self.group_size, self.scales_and_zeros)
-        elif x2.shape[0] >= INT8_MATMUL_ROWS or self.in_features % 32:  # (the packed kernel reads past a
-            y = int8_matmul(x2.to(self.dtype).contiguous(), self.weight, self.scales)  # bf16 row not 32-aligned)
-        elif native.available():
+        elif x2.shape[0] < INT8_MATMUL_ROWS and native.available():
             y = native.int8_mm(x2 if x2.dtype in (torch.bfloat16, torch.float32) else x2.float(), self.weight,
                                self.scales)
+        elif x2.shape[0] >= INT8_MATMUL_ROWS or self.in_features % 32:  # (PyTorch's packed int8 kernel reads
+            y = int8_matmul(x2.to(self.dtype).contiguous(), self.weight, self.scales)  # past a bf16 row of 32k+r)
         else:
             y = torch.ops.aten._weight_int8pack_mm(x2.to(self.dtype).contiguous(), self.weight, self.scales)
         y = y.reshape(*shape[:-1], self.out_features).to(self.dtype)
