@@ -1,9 +1,9 @@
 """The real size on a small CPU: blip2-opt-2.7b's exact architecture with random weights, bf16 / int8 / int4.
 
-    python -m bench.realsize                      # every setting, 2 rounds (about 15 min on 2 cores)
+    python -m bench.realsize                      # every setting, 2 rounds (about 17 min on 2 cores)
     python -m bench.realsize --runs blip2-int4,hf-bf16 --repeat 1 --tokens 10   # a quick look
     python -m bench.realsize --cache DIR          # where the 7.5 GB checkpoint is written once
-    python -m bench.realsize --kernels            # only the packed kernels against bf16, per row count
+    python -m bench.realsize --kernels            # only the int8 / int4 kernels against bf16, per row count
 
 The checkpoint: the Hub config.json of Salesforce/blip2-opt-2.7b (ViT-g/14 39 x 1408, Q-Former 12 x 768 with 32
 queries, OPT-2.7b 32 x 2560, vocabulary 50304; 3.745 B parameters), random N(0, 0.02) weights (layer norms 1,
@@ -15,7 +15,8 @@ Each setting runs in a fresh process (its peak resident memory, VmHWM, is its ow
 interleaved A B C A B C so that the neighbours' load hits them alike: load, first caption, warm caption (greedy,
 `--tokens` new tokens, forced with min_new_tokens), encode (vision + Q-Former + projection), decode seconds per
 token ((caption - a 1-token caption) / (tokens - 1)), the last prompt position's logits relative to blip2 bf16's.
-"blip2-int4-saved" reloads the int4 model that the blip2-int4 run saved (load s, RSS). A floors process measures
+"blip2-int4-saved" reloads the int4 model that the blip2-int4 run saved (load s, RSS); "blip2-int4-aten" runs int4
+on PyTorch's kernel (BLIP2_KERNELS=aten) instead of blip2's. A floors process measures
 in the same run the read bandwidth (sum of a 1 GiB float32 tensor) and the bf16 matmul throughput; the floors: encode
 FLOPs / matmul rate, the 33-token prompt's FLOPs / matmul rate, a decoding step's weight bytes / bandwidth.
 The CPUs are shared with other engineers: the load average (`uptime`) is printed beside the table.

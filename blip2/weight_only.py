@@ -358,9 +358,9 @@ def replace_linears(model: nn.Module, q: WeightOnlyConfig, layout: int | None = 
         if n.endswith("lm_head"):
             text = getattr(model.config, "text_config", model.config)
             text.tie_word_embeddings = False  # from now on its own tensor, also in a saved checkpoint
-    if q.bits == 4 and names:
-        log.info("int4 weight-only on %s", f"blip2's kernel ({native.isa()})" if native.available() else
-                 "PyTorch's kernel (_weight_int4pack_mm_for_cpu)")
+    if names:  # (builds blip2's kernels now, at load, rather than in the first request)
+        log.info("weight-only int%d on %s", q.bits, f"blip2's kernels ({native.isa()})" if native.available() else
+                 "PyTorch's kernels")
     if q.fallbacks:
         log.info("int4 weight-only: %d layer(s) do not fit groups of %d, kept in int8: %s", len(q.fallbacks),
                  q.group_size, ", ".join(q.fallbacks[:4]) + (" ..." if len(q.fallbacks) > 4 else ""))
