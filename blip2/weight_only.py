@@ -6,7 +6,7 @@ int8: one symmetric scale per output channel. A decoding step (under INT8_MATMUL
 are quantized per row and `torch._int_mm` multiplies int8 by int8 (6x faster than the packed kernel at 33 rows).
 int4: asymmetric groups of `group_size` inputs (scale and zero per group and output channel, torchao's
 "float zero point" scheme: w = (q - 8) * scale + zero), blip2's own kernel (blip2/native.py: activations to int8
-per row and group, int8 x int4 by VNNI; 2x PyTorch's kernel at a decoding step, 4.5x at a prompt pass), or
+per row and group, int8 x int4 by VNNI; 1.8x PyTorch's kernel at a decoding step, 4x at a prompt pass), or
 `torch.ops.aten._weight_int4pack_mm_for_cpu` where that kernel cannot be built (activations in the model's dtype).
 A decoding step, which streams every weight once, reads 2x (int8) or ~3.5x (int4) fewer bytes than bf16.
 
