@@ -33,7 +33,7 @@
 
 namespace {
 
-constexpr int PREFETCH = 4096;  // bytes ahead in a block's weights (into L2): 2 threads then stream 27 GB/s, not 21
+constexpr int PREFETCH = 4096;  // bytes ahead in a stream of weights, into L2 (bench.realsize --kernels: streaming rows)
 
 struct Rows {  // the quantized activations
     const int8_t* q;     // (M, K)
