@@ -132,8 +132,7 @@ def int4_mm(x: torch.Tensor, weight: torch.Tensor, scales_and_zeros: torch.Tenso
     """(M, K) bfloat16 / float32 x @ W^T -> (M, N) float32. weight: uint8 (N, K/2) in blip2's packed layout
     (weight_only.pack_int4 with layout 0); scales_and_zeros: bfloat16 (N/16, K/group, 16, 2)."""
     lib = lib or library()
-    m, k = x.shape
-    n = weight.shape[0]
+    k, n = x.shape[1], weight.shape[0]
     if x.dtype not in (torch.bfloat16, torch.float32) or scales_and_zeros.dtype != torch.bfloat16:
         raise TypeError(f"int4_mm takes bfloat16 / float32 activations and bfloat16 scales, got {x.dtype} and "
                         f"{scales_and_zeros.dtype}")
@@ -144,15 +143,7 @@ def int4_mm(x: torch.Tensor, weight: torch.Tensor, scales_and_zeros: torch.Tenso
                          f"{(n // 16, k // group_size, 16, 2)}")
     if not (weight.is_contiguous() and scales_and_zeros.is_contiguous()) or x.device.type != "cpu":
         raise ValueError("int4_mm: the packed weight and its scales must be contiguous, the activations on the CPU")
-    x = x.contiguous()
-    y = torch.empty(m, n, dtype=torch.float32)
-    if m == 0:
-        return y
-    rc = lib.blip2_int4_mm(x.data_ptr(), int(x.dtype == torch.bfloat16), m, k, n, weight.data_ptr(),
-                           scales_and_zeros.data_ptr(), group_size, y.data_ptr(), torch.get_num_threads())
-    if rc != 0:
-        raise MemoryError(f"int4_mm: no memory for the quantized activations ({m} x {k})")
-    return y
+    return launch(lib.blip2_int4_mm, x, n, weight.data_ptr(), scales_and_zeros.data_ptr(), group_size)
 
 
 def int8_mm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor,
@@ -160,8 +151,7 @@ def int8_mm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor,
     """(M, K) bfloat16 / float32 x @ (weight * scales[:, None])^T -> (M, N) float32; weight int8 (N, K) as saved,
     scales (N,) bfloat16 / float32. For a few rows (decoding steps): every row reads the whole weight."""
     lib = lib or library()
-    m, k = x.shape
-    n = weight.shape[0]
+    k, n = x.shape[1], weight.shape[0]
     if x.dtype not in (torch.bfloat16, torch.float32) or scales.dtype not in (torch.bfloat16, torch.float32):
         raise TypeError(f"int8_mm takes bfloat16 / float32 activations and scales, got {x.dtype} and {scales.dtype}")
     if weight.dtype != torch.int8 or weight.shape != (n, k) or scales.shape != (n,):
@@ -169,12 +159,15 @@ def int8_mm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor,
                          f"do not fit {k} inputs")
     if not (weight.is_contiguous() and scales.is_contiguous()) or x.device.type != "cpu":
         raise ValueError("int8_mm: the weight and its scales must be contiguous, the activations on the CPU")
+    return launch(lib.blip2_int8_mm, x, n, weight.data_ptr(), scales.data_ptr(), int(scales.dtype == torch.bfloat16))
+
+
+def launch(kernel, x: torch.Tensor, n: int, *args: int) -> torch.Tensor:
+    """y (M, N) float32 from `kernel`(x, x is bf16, M, K, N, *args, y, threads), the kernels' one calling convention."""
     x = x.contiguous()
+    m, k = x.shape
     y = torch.empty(m, n, dtype=torch.float32)
-    if m == 0:
-        return y
-    rc = lib.blip2_int8_mm(x.data_ptr(), int(x.dtype == torch.bfloat16), m, k, n, weight.data_ptr(), scales.data_ptr(),
-                           int(scales.dtype == torch.bfloat16), y.data_ptr(), torch.get_num_threads())
-    if rc != 0:
-        raise MemoryError(f"int8_mm: no memory for the quantized activations ({m} x {k})")
+    threads = torch.get_num_threads()
+    if m and kernel(x.data_ptr(), int(x.dtype == torch.bfloat16), m, k, n, *args, y.data_ptr(), threads):
+        raise MemoryError(f"{kernel.__name__}: no memory for the quantized activations ({m} x {k})")
     return y
