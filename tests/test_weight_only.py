@@ -96,6 +96,32 @@ def test_the_avx2_build_gives_the_same_bits_as_this_one(tmp_path):
         assert ((here - ref).norm() / ref.norm()).item() < INT8_MATMUL_TOL
 
 
+AVX2_FLAGS = {"avx2": ("-O3", "-mavx2", "-mfma"), "avx2-vnni": ("-O3", "-march=native", "-mno-avx512f")}
+
+
+@needs_native
+@pytest.mark.parametrize("build", ["here", *AVX2_FLAGS])
+def test_int8_takes_a_weight_of_minus_128(build, tmp_path):
+    """A weight of -128 (blip2's quantizer never writes it, a foreign checkpoint may) times a negative activation:
+    exactly the integer dot product of the quantized row, as for every other weight (the kernel once negated the
+    weight, and -(-128) wraps to -128 in a signed byte: the wrong sign, 14% relative error on random weights)."""
+    lib = None
+    if build != "here":
+        flags = (*AVX2_FLAGS[build], "-fopenmp", "-shared", "-fPIC", "-std=c++17")
+        lib = native.load(native.build(os.environ.get("CXX", "c++"), flags, tmp_path))
+        assert lib.blip2_isa() == 1
+    torch.manual_seed(0)
+    w = torch.randint(-128, 128, (37, 300), dtype=torch.int8)
+    w[:, :40] = -128  # in the vector chunks and, for column 299, in the scalar tail
+    w[:, 299] = -128
+    for m in (1, 2, 3, 5):
+        x = torch.randn(m, 300)
+        xs = x.abs().amax(1, keepdim=True) / 127
+        ref = ((x / xs).round().double() @ w.double().t() * xs.double()).float()  # the kernel's own arithmetic
+        y = native.int8_mm(x, w, torch.ones(37), lib=lib)
+        assert torch.allclose(y, ref, rtol=1e-5, atol=1e-3), ((y - ref).norm() / ref.norm()).item()
+
+
 @needs_native
 @pytest.mark.parametrize("bits", [4, 8])
 def test_an_inf_or_nan_input_spoils_only_its_own_row(bits):

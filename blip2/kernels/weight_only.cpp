@@ -14,7 +14,8 @@
 //
 // int8 (blip2_int8_mm, for decoding steps): W (N, K) int8 as saved, one scale per output channel; each row of x
 // int8 with one symmetric scale (as the prompt pass's torch._int_mm). vpdpbusd multiplies unsigned by signed
-// bytes: |x| times w carrying x's sign. 4 channels at a time, one accumulator each, summed across lanes at the end.
+// bytes: |w| times x carrying w's sign (x is quantized to -127..127, so its negation fits; w may be -128, whose
+// negation as a signed byte would wrap). vpmaddubsw's pair sums stay below 2 * 128 * 127 < 32768. 4 channels at a time, one accumulator each, summed across lanes at the end.
 
 #include <float.h>
 #include <immintrin.h>
@@ -123,18 +124,18 @@ inline void dot8(const int8_t* w, const int8_t* xq, int K, int32_t* out) {
         for (int c = 0; c < NR; c++) acc[r][c] = _mm512_setzero_si512();
     const int full = K / 64 * 64;
     for (int k = 0; k < full; k += 64) {
-        __m512i wv[NR];
+        __m512i aw[NR];  // |w| as unsigned bytes (|-128| = 128 fits), its sign carried by x (|x| <= 127)
+        __mmask64 neg[NR];
         for (int c = 0; c < NR; c++) {
-            wv[c] = _mm512_loadu_si512(w + (size_t)c * K + k);
+            __m512i wv = _mm512_loadu_si512(w + (size_t)c * K + k);
             _mm_prefetch((const char*)(w + (size_t)c * K + k + PREFETCH), _MM_HINT_T1);
+            aw[c] = _mm512_abs_epi8(wv), neg[c] = _mm512_movepi8_mask(wv);
         }
         for (int r = 0; r < MR; r++) {
             __m512i x = _mm512_loadu_si512(xq + (size_t)r * K + k);
-            __m512i ax = _mm512_abs_epi8(x);
-            __mmask64 neg = _mm512_movepi8_mask(x);
             for (int c = 0; c < NR; c++)
-                acc[r][c] = _mm512_dpbusd_epi32(acc[r][c], ax,
-                                                _mm512_mask_sub_epi8(wv[c], neg, _mm512_setzero_si512(), wv[c]));
+                acc[r][c] = _mm512_dpbusd_epi32(acc[r][c], aw[c],
+                                                _mm512_mask_sub_epi8(x, neg[c], _mm512_setzero_si512(), x));
         }
     }
     for (int r = 0; r < MR; r++)
@@ -205,15 +206,15 @@ inline void dot8(const int8_t* w, const int8_t* xq, int K, int32_t* out) {
         for (int c = 0; c < NR; c++) acc[r][c] = _mm256_setzero_si256();
     const int full = K / 32 * 32;
     for (int k = 0; k < full; k += 32) {
-        __m256i wv[NR];
+        __m256i wv[NR], aw[NR];  // |w| as unsigned bytes (|-128| = 128 fits), its sign carried by x (|x| <= 127)
         for (int c = 0; c < NR; c++) {
             wv[c] = _mm256_loadu_si256((const __m256i*)(w + (size_t)c * K + k));
             _mm_prefetch((const char*)(w + (size_t)c * K + k + PREFETCH), _MM_HINT_T1);
+            aw[c] = _mm256_abs_epi8(wv[c]);
         }
         for (int r = 0; r < MR; r++) {
             __m256i x = _mm256_loadu_si256((const __m256i*)(xq + (size_t)r * K + k));
-            __m256i ax = _mm256_abs_epi8(x);
-            for (int c = 0; c < NR; c++) acc[r][c] = dot4(acc[r][c], ax, _mm256_sign_epi8(wv[c], x));
+            for (int c = 0; c < NR; c++) acc[r][c] = dot4(acc[r][c], aw[c], _mm256_sign_epi8(x, wv[c]));
         }
     }
     for (int r = 0; r < MR; r++)
