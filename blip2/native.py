@@ -9,11 +9,14 @@ Q8 dot products do: `python -m bench.realsize --kernels` has the figures. torcha
 are not in its PyPI wheel, and Intel's extension is discontinued.
 
 Built once per source, compiler and CPU: `c++ -O3 -march=native -fopenmp` (about 1 s, no torch headers), into
-$BLIP2_KERNEL_CACHE (default ~/.cache/blip2/kernels), written to a temporary name and renamed, so concurrent
-processes never load half a file. Its OpenMP is the runtime torch already loaded (the same libgomp.so.1), sized by
-torch.get_num_threads(). Where it cannot be built (no C++ compiler, no OpenMP, a CPU without AVX2) or where
-$BLIP2_KERNELS=aten, `available()` is False and weight_only.py keeps PyTorch's kernels; the reason is logged
-once.
+$BLIP2_KERNEL_CACHE (default ~/.cache/blip2/kernels), written to a temporary name (`.NAME.PID.tmp`, removed by the
+next build once that process is gone) and renamed, so concurrent processes never load half a file. The cache is
+trusted as pip and ccache trust theirs: the folder and the library must belong to this user and be writable by no
+one else, else nothing is loaded from it (a library planted there would run its code here). A cached library whose
+bytes no longer match the digest written beside it at its build (cut short, corrupt, replaced) is built again.
+Its OpenMP is the runtime torch already loaded (the same libgomp.so.1), sized by torch.get_num_threads(). Where
+it cannot be built (no C++ compiler, no OpenMP, a CPU without AVX2), where the cache is not trusted, or where
+$BLIP2_KERNELS=aten, `available()` is False and weight_only.py keeps PyTorch's kernels; the reason is logged once.
 """
 
 import contextlib
@@ -23,7 +26,6 @@ import logging
 import os
 import platform
 import subprocess
-import tempfile
 from pathlib import Path
 
 import torch
@@ -51,33 +53,87 @@ def cpu_signature() -> str:
         return platform.platform() + platform.processor()
 
 
+def check_private(path: Path) -> None:
+    """Raise OSError unless `path` belongs to this user and no one else can write it (pip's and ccache's rule for
+    their caches): a shared object someone else can put or change there would run its code in this process."""
+    if not hasattr(os, "getuid"):
+        return
+    st = path.stat()
+    if st.st_uid != os.getuid() or st.st_mode & 0o022:
+        who = f"belongs to uid {st.st_uid}" if st.st_uid != os.getuid() else \
+            f"is writable by {'others' if st.st_mode & 0o002 else 'its group'} (mode {st.st_mode & 0o777:o})"
+        raise OSError(f"the kernel cache {path} {who}, so a library planted there could run its code here; nothing "
+                      f"is loaded from it. Fix: point BLIP2_KERNEL_CACHE at a folder of your own (mkdir -m 700), "
+                      f"or chmod go-w it")
+
+
 def build(compiler: str, flags: tuple[str, ...] = FLAGS, out_dir: Path | None = None) -> Path:
-    """Compile the kernel (or find it built) and return the shared library's path. Raises OSError or
-    subprocess.CalledProcessError (with the compiler's message) when it cannot be built."""
+    """Compile the kernel (or find it built) and return the shared library's path. Raises OSError (an untrusted
+    cache folder: check_private) or subprocess.CalledProcessError (with the compiler's message) when it cannot be
+    built. A cached library is used only when its bytes still have the digest written beside it at its build (a
+    damaged one can crash the process inside dlopen); else it is built again."""
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
     key = hashlib.sha256("\0".join([SOURCE.read_text(), version, " ".join(flags), cpu_signature()]).encode())
     out_dir = out_dir or cache_dir()
     lib = out_dir / f"blip2_weight_only_{key.hexdigest()[:16]}.so"
+    digest = lib.with_suffix(".sha256")
+    out_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    check_private(out_dir)
     if lib.is_file():
-        return lib
-    out_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
-    os.close(fd)
+        check_private(lib)
+        if intact(lib, digest):
+            return lib
+        log.warning("%s does not match the digest of its build (cut short, corrupt or replaced): building it "
+                    "again", lib)
+    for stale in out_dir.glob(".*.tmp"):  # left by a build that was killed: its process is gone
+        pid = stale.name.rsplit(".", 2)[-2]
+        if pid.isdigit() and not process_alive(int(pid)):
+            stale.unlink(missing_ok=True)
+    tmp, tmp_digest = (out_dir / f".{f.name}.{os.getpid()}.tmp" for f in (lib, digest))
     try:
-        subprocess.run([compiler, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True, check=True)
+        subprocess.run([compiler, *flags, str(SOURCE), "-o", str(tmp)], capture_output=True, text=True, check=True)
+        tmp_digest.write_text(sha256(tmp))
+        os.replace(tmp_digest, digest)
         os.replace(tmp, lib)
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        tmp.unlink(missing_ok=True)
+        tmp_digest.unlink(missing_ok=True)
     return lib
 
 
+def intact(lib: Path, digest: Path) -> bool:
+    if not digest.is_file():
+        return False
+    check_private(digest)
+    return digest.read_text() == sha256(lib)
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        pass
+    return True
+
+
 def load(path: Path) -> ctypes.CDLL:
-    lib = ctypes.CDLL(str(path))
+    """The kernels in the shared library at `path`. Raises OSError naming the file when it does not load or lacks
+    one of the kernels' symbols."""
+    try:
+        lib = ctypes.CDLL(str(path))
+        kernels = lib.blip2_isa, lib.blip2_int4_mm, lib.blip2_int8_mm
+    except (OSError, AttributeError) as e:
+        raise OSError(f"{path} is not a loadable build of blip2's kernels ({e})") from None
     p, i = ctypes.c_void_p, ctypes.c_int
-    lib.blip2_isa.restype = lib.blip2_int4_mm.restype = lib.blip2_int8_mm.restype = i
-    lib.blip2_int4_mm.argtypes = [p, i, i, i, i, p, p, i, p, i]
-    lib.blip2_int8_mm.argtypes = [p, i, i, i, i, p, p, i, p, i]
+    for f in kernels:
+        f.restype = i
+    kernels[1].argtypes = kernels[2].argtypes = [p, i, i, i, i, p, p, i, p, i]
     return lib
 
 
