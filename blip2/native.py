@@ -192,7 +192,7 @@ def int4_mm(x: torch.Tensor, weight: torch.Tensor, scales_and_zeros: torch.Tenso
     if x.dtype not in (torch.bfloat16, torch.float32) or scales_and_zeros.dtype != torch.bfloat16:
         raise TypeError(f"int4_mm takes bfloat16 / float32 activations and bfloat16 scales, got {x.dtype} and "
                         f"{scales_and_zeros.dtype}")
-    if weight.shape != (n, k // 2) or n % 16 or k % group_size or group_size % 8 or group_size > 256:
+    if not 8 <= group_size <= 256 or group_size % 8 or weight.shape != (n, k // 2) or n % 16 or k % group_size:
         raise ValueError(f"int4_mm: weight {tuple(weight.shape)} does not fit {k} inputs in groups of {group_size}")
     if scales_and_zeros.shape != (n // 16, k // group_size, 16, 2):
         raise ValueError(f"int4_mm: scales_and_zeros {tuple(scales_and_zeros.shape)}, expected "

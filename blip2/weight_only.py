@@ -259,6 +259,12 @@ class WeightOnlyLinear(nn.Module):
                                                        device=device))
         self.bias = frozen(torch.empty(out_features, dtype=dtype, device=device)) if bias else None
 
+    def kernel_dtype(self, attr: str) -> torch.dtype:
+        """The dtype the kernels need for parameter `attr` (in the current layout)."""
+        if attr == "weight":
+            return torch.int8 if self.bits == 8 else torch.uint8
+        return torch.bfloat16 if attr == "scales_and_zeros" and self.layout == 0 else self.dtype
+
     def extra_repr(self) -> str:
         group = f", group_size={self.group_size}" if self.bits == 4 else ""
         return f"in_features={self.in_features}, out_features={self.out_features}, int{self.bits}{group}"
@@ -376,10 +382,13 @@ def check_device(device_map: dict) -> None:
                                 f"(bitsandbytes) on a GPU")
 
 
-def plan_config(quantization: Any, raw: dict) -> tuple["WeightOnlyConfig | None", int | None]:
-    """(config, int4 layout of a saved checkpoint) when a load is weight-only: asked for with `quantization`, or
-    the checkpoint was saved quantized (its config.json `raw` says so; the layout is None for a float checkpoint).
-    """
+LAYOUTS = (0, 1, 2, 3)  # int4 packings (see int4_layout)
+
+
+def plan_config(quantization: Any, raw: dict) -> tuple["WeightOnlyConfig | None", bool, int | None]:
+    """(config, whether the checkpoint holds quantized tensors, the int4 layout they were packed in) when a load is
+    weight-only: asked for with `quantization`, or the checkpoint was saved quantized (its config.json `raw` says
+    so: then its int4_layout is checked, as a packing blip2 writes)."""
     qc = (raw or {}).get("quantization_config")
     saved = WeightOnlyConfig.coerce(qc) if isinstance(qc, dict) and qc.get("quant_method") == METHOD else None
     asked = WeightOnlyConfig.coerce(quantization)
@@ -387,8 +396,13 @@ def plan_config(quantization: Any, raw: dict) -> tuple["WeightOnlyConfig | None"
         raise QuantizationError(f"this checkpoint was saved quantized {saved.name} (group size {saved.group_size}); "
                                 f"it loads as it is: drop quantization={quantization!r}, or quantize the original "
                                 f"float checkpoint instead")
+    layout = qc.get("int4_layout") if saved else None
+    if saved and saved.bits == 4 and (type(layout) is not int or layout not in LAYOUTS):
+        raise QuantizationError(f"config.json's quantization_config.int4_layout is {layout!r}, not one of the "
+                                f"packings blip2 writes ({', '.join(map(str, LAYOUTS))}): the config was edited or "
+                                f"written by another tool. Fix: restore it, or quantize the float checkpoint again")
     q = saved or asked
-    return (replace(q, fallbacks=[]) if q else None), (qc.get("int4_layout") if saved else None)
+    return (replace(q, fallbacks=[]) if q else None), saved is not None, layout
 
 
 def mark_config(model: nn.Module, q: WeightOnlyConfig) -> None:

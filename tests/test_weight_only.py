@@ -17,6 +17,7 @@ import torch
 
 from bench import tiny_tokenizers
 from blip2 import Blip2ForConditionalGeneration, QuantizationError, native
+from blip2.io.errors import CheckpointError
 from blip2.weight_only import INT8_MATMUL_ROWS, WeightOnlyConfig, WeightOnlyLinear, int4_layout, quantization_flag
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -372,3 +373,91 @@ def test_memory_report_before_loading_matches_the_loaded_model(opt64):
         before = memory_report(path, dtype="bfloat16", quantization=name).total
         model = Blip2ForConditionalGeneration.from_pretrained(path, dtype=torch.bfloat16, quantization=name)
         assert before == model_memory(model).total
+
+
+@pytest.fixture(scope="module")
+def saved_quantized(opt64, tmp_path_factory):
+    """{bits: a checkpoint saved quantized (int8, int4) from opt64}."""
+    path, _ = opt64
+    out = {}
+    for bits in (8, 4):
+        out[bits] = str(tmp_path_factory.mktemp(f"int{bits}"))
+        Blip2ForConditionalGeneration.from_pretrained(path, dtype=torch.bfloat16,
+                                                      quantization=f"int{bits}_weight_only").save_pretrained(out[bits])
+    return out
+
+
+def edited(src: str, dst, tensors=None, **config) -> str:
+    """A copy of checkpoint `src` with quantization_config entries set (None: removed) and tensors changed."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    shutil.copytree(src, dst)
+    cfg = json.load(open(dst / "config.json"))
+    for k, v in config.items():
+        cfg["quantization_config"].pop(k) if v is None else cfg["quantization_config"].__setitem__(k, v)
+    json.dump(cfg, open(dst / "config.json", "w"))
+    if tensors:
+        state = load_file(dst / "model.safetensors")
+        state.update(tensors(state))
+        save_file(state, dst / "model.safetensors", metadata={"format": "pt"})
+    return str(dst)
+
+
+def test_a_saved_int8_checkpoint_without_int4_layout_loads_whole(opt64, saved_quantized, tmp_path):
+    """int8 has no packing: a config without int4_layout loads every scale (they were once left on the meta device
+    and the first caption died with a segmentation fault)."""
+    path, image_id = opt64
+    src = saved_quantized[8]
+    loaded = Blip2ForConditionalGeneration.from_pretrained(edited(src, tmp_path / "c", int4_layout=None),
+                                                           dtype=torch.bfloat16)
+    assert not any(p.is_meta for p in loaded.parameters())
+    assert generate(loaded, image_id) == generate(Blip2ForConditionalGeneration.from_pretrained(src), image_id)
+
+
+@pytest.mark.parametrize("layout", [7, -1, "0", None, True])
+def test_an_unknown_int4_layout_is_refused(saved_quantized, tmp_path, layout):
+    with pytest.raises(QuantizationError, match=r"int4_layout is .*not one of the packings blip2 writes"):
+        Blip2ForConditionalGeneration.from_pretrained(edited(saved_quantized[4], tmp_path / "c", int4_layout=layout))
+
+
+def test_a_packed_weight_of_another_dtype_is_refused(saved_quantized, tmp_path):
+    """A packed int4 weight stored as int32 in the right shape (it once loaded and captioned garbage)."""
+    key = "language_model.model.decoder.layers.0.fc1.weight"
+    path = edited(saved_quantized[4], tmp_path / "c", tensors=lambda s: {key: s[key].int()})
+    with pytest.raises(CheckpointError, match=rf"{key} is int32, the model expects uint8"):
+        Blip2ForConditionalGeneration.from_pretrained(path)
+
+
+@pytest.mark.parametrize("group_size", [0, -8, 12, 512])
+def test_a_group_size_the_kernels_cannot_take_is_named(group_size):
+    with pytest.raises(QuantizationError, match=f"group_size={group_size}"):
+        WeightOnlyConfig(bits=4, group_size=group_size)
+    if native.available():
+        with pytest.raises(ValueError, match="does not fit"):
+            native.int4_mm(torch.randn(1, 64), torch.zeros(16, 32, dtype=torch.uint8),
+                           torch.zeros(1, 1, 16, 2, dtype=torch.bfloat16), group_size)
+
+
+def test_every_load_ends_with_every_parameter_in_place(opt64, monkeypatch):
+    """io.load.check_loaded, the last step of every load: a parameter a layer's loader skipped (left on the meta
+    device) or stored in another dtype than its kernel needs is named, never handed to a kernel."""
+    path, _ = opt64
+    skip = WeightOnlyLinear.load
+
+    def loses_biases(self, attr, t, layout=None):
+        if attr != "bias":
+            skip(self, attr, t, layout)
+
+    monkeypatch.setattr(WeightOnlyLinear, "load", loses_biases)
+    with pytest.raises(CheckpointError, match=r"did not load whole: .*bias was never read"):
+        Blip2ForConditionalGeneration.from_pretrained(path, quantization="int8_weight_only")
+
+    def wrong_dtype(self, attr, t, layout=None):
+        skip(self, attr, t, layout)
+        if attr == "weight":
+            self.weight = torch.nn.Parameter(self.weight.int(), requires_grad=False)
+
+    monkeypatch.setattr(WeightOnlyLinear, "load", wrong_dtype)
+    with pytest.raises(CheckpointError, match=r"weight is int32, its kernel needs int8"):
+        Blip2ForConditionalGeneration.from_pretrained(path, quantization="int8_weight_only")

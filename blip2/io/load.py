@@ -109,8 +109,8 @@ def plan_load(cls: type[nn.Module], path: str, dtype: str | torch.dtype | None =
         model.tie_weights()
     for name, p in model.named_parameters():  # final dtypes on meta: the device map sees the real sizes
         p.data = p.data.to(param_dtype(name, model, dtype))
-    wq, layout = weight_only.plan_config(quantization, raw)
-    if layout is not None:  # saved quantized: the checkpoint holds the quantized tensors themselves
+    wq, saved, layout = weight_only.plan_config(quantization, raw)
+    if saved:  # the checkpoint holds the quantized tensors themselves
         weight_only.replace_linears(model, wq, layout)
     params = dict(model.named_parameters(remove_duplicate=False))
     first = {}
@@ -127,6 +127,10 @@ def plan_load(cls: type[nn.Module], path: str, dtype: str | torch.dtype | None =
         elif tuple(info.shape) != tuple(p.shape):
             raise CheckpointError(f"{info.file}: tensor {info.key} has shape {tuple(info.shape)}, the model expects "
                                   f"{tuple(p.shape)}")
+        elif info.dtype != p.dtype and not (info.dtype.is_floating_point and p.dtype.is_floating_point):
+            raise CheckpointError(f"{info.file}: tensor {info.key} is {dtype_name(info.dtype)}, the model expects "
+                                  f"{dtype_name(p.dtype)} (integer data is never converted: the file was written by "
+                                  f"another tool or damaged)")
         else:
             sources[n] = info
     if missing:
@@ -137,7 +141,7 @@ def plan_load(cls: type[nn.Module], path: str, dtype: str | torch.dtype | None =
     q = None if wq else QuantizationConfig.coerce(quantization)
     if device is not None and device_map is not None:
         raise ValueError("pass device or device_map, not both")
-    if wq and layout is None:
+    if wq and not saved:
         for n in weight_only.replace_linears(model, wq):  # each reads its float weight (a tied lm_head: the table)
             if n + ".weight" in ties:
                 sources[n + ".weight"] = sources[ties.pop(n + ".weight")]
@@ -177,7 +181,7 @@ def load_model(cls: type[M], path_or_id: str | os.PathLike, dtype: str | torch.d
     disk = {k for k, v in plan.device_map.items() if v == "disk"}
     if disk and offload_folder is None:
         raise DeviceMapError(offload_message(plan, disk, max_memory))
-    written = []
+    written, planned = [], {n: p.dtype for n, p in plan.model.named_parameters()}
     try:
         index = place_weights(plan, offload_folder, written)
         model = plan.model
@@ -185,6 +189,7 @@ def load_model(cls: type[M], path_or_id: str | os.PathLike, dtype: str | torch.d
             model.tie_weights()
         if len(set(plan.device_map.values())) > 1 or disk:
             dispatch(model, plan.device_map, offload_folder, index)
+        check_loaded(plan, planned)
     except BaseException:
         for f in written:  # nothing half-loaded stays behind
             if os.path.exists(f):
@@ -193,6 +198,34 @@ def load_model(cls: type[M], path_or_id: str | os.PathLike, dtype: str | torch.d
     model.hf_device_map = dict(plan.device_map)
     model.eval()
     return model
+
+
+def check_loaded(plan: Plan, planned: dict[str, torch.dtype]) -> None:
+    """The end of every load: each parameter read, on its device, in the dtype its kernel needs (`planned`: the
+    dtypes of the meta model; a weight-only layer says its own; bitsandbytes' are its own). A parameter left on
+    the meta device would crash a kernel, one of the wrong dtype would compute garbage."""
+    wrong = []
+    for name, p in plan.model.named_parameters():
+        mod_name, _, attr = name.rpartition(".")
+        module = plan.model.get_submodule(mod_name)
+        where = module_device(name, plan.device_map)
+        if where == "disk" or getattr(getattr(module, "_hf_hook", None), "offload", False):
+            continue  # read on each call by accelerate's hook
+        if p.is_meta:
+            wrong.append(f"{name} was never read")
+            continue
+        want = torch.device(where)
+        if p.device.type != want.type or (want.index is not None and p.device.index != want.index):
+            wrong.append(f"{name} is on {p.device}, mapped to {where}")
+        need = module.kernel_dtype(attr) if weight_only.is_weight_only(module) else \
+            None if is_quantized(module) else planned.get(name)
+        if need is not None and p.dtype != need:
+            wrong.append(f"{name} is {dtype_name(p.dtype)}, its kernel needs {dtype_name(need)}")
+    if wrong:
+        shown = "; ".join(wrong[:5]) + (f"; and {len(wrong) - 5} more" if len(wrong) > 5 else "")
+        raise CheckpointError(f"checkpoint {plan.path} did not load whole: {shown}. Its config.json does not describe "
+                              f"its tensors (edited, or written by another tool): restore it, or save the model "
+                              f"again from the original checkpoint")
 
 
 def offload_message(plan: Plan, disk: set[str], max_memory: dict | None) -> str:
