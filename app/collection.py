@@ -9,13 +9,12 @@ with (from its meta.json), loaded through the service like any other checkpoint.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 
 from PIL import Image
 
-from blip2.index import META, ImageIndex, rerank, text_embedding
+from blip2.index import ImageIndex, rerank, text_embedding
 
 from .errors import RequestError
 from .paths import EMBEDDED_RETRIEVAL
@@ -30,8 +29,7 @@ class Collection:
     def __init__(self, svc: Service, directory: str):
         self.svc, self.directory = svc, directory
         self.index = ImageIndex.load(directory)  # a missing faiss names its install command
-        with open(os.path.join(directory, META)) as f:
-            model = json.load(f)["model"]
+        model = self.index.model  # the checkpoint meta.json names (checked by ImageIndex.load)
         same = os.path.isdir(model) and os.path.realpath(model) == os.path.realpath(EMBEDDED_RETRIEVAL)
         self.key = EMBEDDED if same else svc.add_source(model, RETRIEVAL)
 

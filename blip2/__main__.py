@@ -17,9 +17,10 @@ from typing import Any
 import torch.nn as nn
 
 from .bulk import caption_job, pretrained
-from .config import read_json
 from .distributed import RaySettings
-from .index import META, index_job, search_command
+from .extras import need
+from .images import MAX_PIXELS
+from .index import check_model, index_job, model_path, read_meta, search_command
 from .modeling import Blip2ForConditionalGeneration, Blip2ForImageTextRetrieval
 from .processing import Blip2Processor
 from .runner import ANSWER_DECODING, CAPTION_DECODING, Blip2Runner
@@ -71,6 +72,8 @@ def parser() -> argparse.ArgumentParser:
         cmd.add_argument("--concurrency", type=int, default=1, help="Ray actors, one model each (default 1)")
         cmd.add_argument("--cpus-per-actor", type=float, default=1.0, help="CPUs (and threads) per Ray actor")
         cmd.add_argument("--no-progress", action="store_true", help="no progress bar")
+        cmd.add_argument("--max-pixels", type=int, default=MAX_PIXELS,
+                         help=f"larger images are error rows, never decoded (default {MAX_PIXELS:,}, as the app)")
 
     caption = sub.add_parser("caption", help="describe images (a whole collection with --out)")
     caption.add_argument("images", nargs="+", metavar="IMAGE",
@@ -130,10 +133,11 @@ def decoding_of(args: argparse.Namespace) -> dict:
 def run_collection(args: argparse.Namespace) -> tuple[Any, str]:
     """caption --out, index and search."""
     if args.command == "search":
-        meta_path = os.path.join(args.index, META)
-        if args.itm_model is None and not os.path.exists(meta_path):
-            raise FileNotFoundError(f"{args.index} is not an index (no {META}): build it with python -m blip2 index")
-        args.itm_model = args.itm_model or read_json(meta_path)["model"]
+        need("faiss")  # a missing extra is named before anything else
+        meta = read_meta(args.index)
+        if args.itm_model is not None:
+            check_model(args.index, meta, args.itm_model)
+        args.itm_model = args.itm_model or model_path(meta["model"])
         runner = Blip2Runner(None, None, *load(Blip2ForImageTextRetrieval, args.itm_model, args, "--itm-model"))
         hits, note = search_command(runner, args.index, args.text, args.k, args.rerank, args.approx, args.candidates,
                                     args.nprobe)
@@ -154,7 +158,7 @@ def run_collection(args: argparse.Namespace) -> tuple[Any, str]:
             if args.command == "index" else (None, None)
         runner = Blip2Runner(*gen, *itm)
     common = {"batch_size": args.batch_size, "prompt": args.prompt, "decoding": decoding_of(args),
-              "progress": not args.no_progress, "ray": ray}
+              "progress": not args.no_progress, "ray": ray, "max_pixels": args.max_pixels}
     if args.command == "caption":
         summary = caption_job(runner, args.images, args.out, **common)
     else:
@@ -200,6 +204,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, TypeError, OSError, ImportError) as e:  # bad settings, images, checkpoints: what and why
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # what a collection run finished is in its output already
+        out = getattr(args, "out", None)
+        print("\ninterrupted" + (f": {out} keeps every finished batch; run the same command again to resume"
+                                 if out else ""), file=sys.stderr)
+        return 130
     print(json.dumps(records, ensure_ascii=False, indent=2) if args.json else text)
     return 0
 

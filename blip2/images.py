@@ -1,25 +1,64 @@
 """The one image loader of the library and the app: accepted formats only, EXIF-upright, RGB; and content keys.
 
 The app adds its limits (file size, pixels, aspect ratio, upload gate) around `open_image` / `upright_rgb`; the CLI
-and the runner call `load_image`.
+and the runner call `load_image` (the CLI with a pixel limit, MAX_PIXELS by default). Files are opened by
+`open_regular`: a FIFO, device or socket is refused without blocking, never read.
 """
 
 import hashlib
 import io
 import os
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps
 
 ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")  # JPEG opens a camera's multi-picture (MPO) too
 FORMAT_NAMES = "JPEG, PNG, WebP, GIF, BMP or TIFF"
+SUFFIXES = tuple(sorted(e for e, f in Image.registered_extensions().items() if f in ACCEPTED_FORMATS))  # .jpg ...
+MAX_PIXELS = 40_000_000  # the CLI's default limit per image (as the app's Limits.max_image_pixels)
+KINDS = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISDIR, "a folder"), (stat.S_ISSOCK, "a socket"),
+         (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
 
 
-def open_image(source: str | os.PathLike | bytes) -> Image.Image:
-    """A lazily opened image file (a path or its bytes) of an accepted format: only its header is read, so its
-    size can be checked before any pixel is decoded. Raises PIL's UnidentifiedImageError for anything else."""
+def open_regular(path: str | os.PathLike) -> BinaryIO:
+    """A regular file opened for reading. Anything else raises OSError at once: opening is non-blocking, so a
+    FIFO (which would wait for a writer forever) is seen, and refused, before a byte is read."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = next((k for test, k in KINDS if test(mode)), "not a regular file")
+            raise OSError(f"{os.fspath(path)} is {kind}, not a regular file: skipped")
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def check_pixels(im: Image.Image, max_pixels: int | None) -> None:
+    """Refuse an opened (not yet decoded) image over `max_pixels` (None: no limit) by its header."""
+    if max_pixels is not None and im.width * im.height > max_pixels:
+        raise ValueError(f"{im.width}x{im.height} = {im.width * im.height / 1e6:.1f} megapixels, over the limit of "
+                         f"{max_pixels / 1e6:g} megapixels (max_pixels): downsize it, or raise the limit")
+
+
+def image_pixels(path: str | os.PathLike) -> int:
+    """Width x height from a file's header (nothing decoded); 0 when it cannot be read (its error comes later)."""
+    try:
+        with open_regular(path) as f, open_image(f) as im:
+            return im.width * im.height
+    except Exception:
+        return 0
+
+
+def open_image(source: "str | os.PathLike | bytes | BinaryIO") -> Image.Image:
+    """A lazily opened image file (a path, its bytes or an open file) of an accepted format: only its header is
+    read, so its size can be checked before any pixel is decoded. Raises PIL's UnidentifiedImageError for anything
+    else."""
     fp = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source
     return Image.open(fp, formats=ACCEPTED_FORMATS)
 
@@ -65,11 +104,12 @@ def upright_rgb(im: Image.Image) -> tuple[Image.Image, bool]:
     return to_rgb(im), readable
 
 
-def load_image(image: "Image.Image | str | os.PathLike | np.ndarray") -> Image.Image:
+def load_image(image: "Image.Image | str | os.PathLike | np.ndarray", max_pixels: int | None = None) -> Image.Image:
     """An RGB PIL image from a PIL image, an image file's path or an (H, W[, C]) uint8 array; files are
-    EXIF-upright and their first frame is used."""
+    EXIF-upright and their first frame is used, and one over `max_pixels` is refused before it is decoded."""
     if isinstance(image, (str, os.PathLike)):
-        with open_image(image) as im:
+        with open_regular(image) as f, open_image(f) as im:
+            check_pixels(im, max_pixels)
             im.load()
             return upright_rgb(im)[0]
     if isinstance(image, np.ndarray):

@@ -114,8 +114,8 @@ def test_resume_does_only_what_is_new(runner, collection, tmp_path, suffix):
     first.write_text("\n".join(paths[:40]))
     assert caption_job(runner, [first], out, batch_size=16, progress=False).done == 40
     # a run that stopped after journaling one batch: its rows count, the output is written whole at the end
-    rows = Rows(out, caption_schema() if suffix == ".parquet" else None)
-    rows.add(caption_rows(runner, paths[40:50]))
+    with Rows(out, caption_schema() if suffix == ".parquet" else None) as rows:
+        rows.add(caption_rows(runner, paths[40:50]))
     summary = caption_job(runner, [d], out, batch_size=16, progress=False)
     assert (summary.done, summary.skipped) == (72, 50)  # the other 70 scenes and the 2 broken files
     fresh = str(tmp_path / ("fresh" + suffix))

@@ -47,8 +47,9 @@ def test_rows_and_files(built, runner):
     assert r["caption"] == runner.caption(r["path"]).text
     expected = runner.image_text_embeddings([r["path"]])[0][0].numpy()  # (Q, E), the one-by-one path
     assert np.array_equal(np.asarray(r["embedding"], np.float32).reshape(expected.shape), expected)
-    assert read_json(os.path.join(out, "meta.json")) == {"model": os.path.abspath(ITM), "num_query_tokens": 32,
-                                                               "dim": 64}
+    meta = read_json(os.path.join(out, "meta.json"))
+    generation = pq.read_schema(os.path.join(out, "images.parquet")).metadata[b"blip2.generation"].decode()
+    assert meta == {"model": "embedded:blip2-tiny-itm", "num_query_tokens": 32, "dim": 64, "generation": generation}
 
 
 def test_search_finds_each_scene_by_its_caption(built, runner):
