@@ -27,6 +27,12 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from blip2 import bulk  # noqa: E402
+from blip2.__main__ import main as blip2_main  # noqa: E402
+from blip2.index import ImageIndex  # noqa: E402
+from blip2.train import world  # noqa: E402
 
 
 def arm(fault: str) -> None:
@@ -57,7 +63,6 @@ def arm(fault: str) -> None:
 
         os.replace = replace
     elif kind == "line":
-        from blip2 import bulk
         real_add = bulk.Rows.add
 
         def add(self, rows):
@@ -83,8 +88,6 @@ def child_env() -> dict:
 
 
 def write_images(folder: str, n: int, seed: int) -> list[str]:
-    from blip2.train import world
-
     os.makedirs(folder, exist_ok=True)
     paths = []
     for i, s in enumerate(world.make_split("test", n, seed=seed)):
@@ -132,7 +135,6 @@ def job(name: str, args: list[str], out: str, paths: list[str], kills: int, rng:
     record.update(rows=len(rows), distinct=len(set(seen)), expected=len(paths), errors=sum(bool(r["error"])
                   for r in rows), exactly_once=sorted(seen) == paths, leftovers=leftovers(out))
     if name == "index":
-        from blip2.index import ImageIndex
         index = ImageIndex.load(out)
         record["searchable"] = len(index)
         record["vectors"] = index.flat.ntotal
@@ -163,9 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--child"]:
         fault, args = argv[1], argv[3:]
-        sys.path.insert(0, ROOT)
         arm(fault)
-        from blip2.__main__ import main as blip2_main
         return blip2_main(args)
     p = argparse.ArgumentParser(prog="python -m bench.faults", description=__doc__.split("\n\n")[0])
     p.add_argument("--images", type=int, default=300)

@@ -27,15 +27,15 @@ KINDS = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISDIR, "a folder"), (st
 def open_regular(path: str | os.PathLike) -> BinaryIO:
     """A regular file opened for reading. Anything else raises OSError at once: opening is non-blocking, so a
     FIFO (which would wait for a writer forever) is seen, and refused, before a byte is read."""
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    f = open(path, "rb", opener=lambda p, flags: os.open(p, flags | getattr(os, "O_NONBLOCK", 0)))
     try:
-        mode = os.fstat(fd).st_mode
+        mode = os.fstat(f.fileno()).st_mode
         if not stat.S_ISREG(mode):
             kind = next((k for test, k in KINDS if test(mode)), "not a regular file")
             raise OSError(f"{os.fspath(path)} is {kind}, not a regular file: skipped")
-        return os.fdopen(fd, "rb")
+        return f  # (its name is the path: PIL's messages name the file)
     except BaseException:
-        os.close(fd)
+        f.close()
         raise
 
 
