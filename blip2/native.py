@@ -197,8 +197,10 @@ def int4_mm(x: torch.Tensor, weight: torch.Tensor, scales_and_zeros: torch.Tenso
     if scales_and_zeros.shape != (n // 16, k // group_size, 16, 2):
         raise ValueError(f"int4_mm: scales_and_zeros {tuple(scales_and_zeros.shape)}, expected "
                          f"{(n // 16, k // group_size, 16, 2)}")
-    if not (weight.is_contiguous() and scales_and_zeros.is_contiguous()) or x.device.type != "cpu":
-        raise ValueError("int4_mm: the packed weight and its scales must be contiguous, the activations on the CPU")
+    if not (weight.is_contiguous() and scales_and_zeros.is_contiguous()) or \
+            {t.device.type for t in (x, weight, scales_and_zeros)} != {"cpu"}:
+        raise ValueError("int4_mm: the packed weight and its scales must be contiguous, all three on the CPU (a "
+                         "tensor on the meta device was never loaded)")
     return launch(lib.blip2_int4_mm, x, n, weight.data_ptr(), scales_and_zeros.data_ptr(), group_size)
 
 
@@ -213,8 +215,10 @@ def int8_mm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor,
     if weight.dtype != torch.int8 or weight.shape != (n, k) or scales.shape != (n,):
         raise ValueError(f"int8_mm: weight {tuple(weight.shape)} {weight.dtype} and scales {tuple(scales.shape)} "
                          f"do not fit {k} inputs")
-    if not (weight.is_contiguous() and scales.is_contiguous()) or x.device.type != "cpu":
-        raise ValueError("int8_mm: the weight and its scales must be contiguous, the activations on the CPU")
+    if not (weight.is_contiguous() and scales.is_contiguous()) or \
+            {t.device.type for t in (x, weight, scales)} != {"cpu"}:
+        raise ValueError("int8_mm: the weight and its scales must be contiguous, all three on the CPU (a tensor on "
+                         "the meta device was never loaded)")
     return launch(lib.blip2_int8_mm, x, n, weight.data_ptr(), scales.data_ptr(), int(scales.dtype == torch.bfloat16))
 
 

@@ -439,6 +439,17 @@ def test_a_group_size_the_kernels_cannot_take_is_named(group_size):
                            torch.zeros(1, 1, 16, 2, dtype=torch.bfloat16), group_size)
 
 
+@needs_native
+def test_the_kernels_refuse_tensors_that_were_never_loaded():
+    """A weight or scales on the meta device (data pointer 0): a clear error, not a segmentation fault."""
+    x = torch.randn(1, 64)
+    with pytest.raises(ValueError, match="never loaded"):
+        native.int8_mm(x, torch.zeros(16, 64, dtype=torch.int8), torch.empty(16, device="meta"))
+    with pytest.raises(ValueError, match="never loaded"):
+        native.int4_mm(x, torch.empty(16, 32, dtype=torch.uint8, device="meta"),
+                       torch.zeros(1, 1, 16, 2, dtype=torch.bfloat16), 64)
+
+
 def test_every_load_ends_with_every_parameter_in_place(opt64, monkeypatch):
     """io.load.check_loaded, the last step of every load: a parameter a layer's loader skipped (left on the meta
     device) or stored in another dtype than its kernel needs is named, never handed to a kernel."""
