@@ -7,7 +7,7 @@ once, without an error, and every output must read back (Parquet, JSON lines, th
 
 A killed run is a child process `python -m bench.faults --child FAULT -- ARGS` (ARGS: python -m blip2's), which
 runs blip2's CLI with a fault armed (tests/test_faults.py uses the same children):
-* `none`: no fault, the parent may SIGKILL it at a random moment;
+* `none`: no fault; the parent SIGKILLs it at a random moment (1.5-5 s after its start, which takes ~3 s);
 * `write:N`: SIGKILL itself inside its N-th atomic write (os.replace of a temporary file): the temporary file is
   cut to half its size first, as a kill midway through writing it leaves it;
 * `after:N:NAME`: SIGKILL itself just after its N-th rename onto a file named NAME (index: images.parquet replaced,
@@ -106,25 +106,26 @@ def read_rows(out: str) -> list[dict]:
 
 def job(name: str, args: list[str], out: str, paths: list[str], kills: int, rng: random.Random) -> dict:
     """Run `args` (python -m blip2's) killed `kills` times, then to the end -> the figures of the run."""
-    faults = ["none", "write", "after", "line"] if out.endswith(".jsonl") else ["none", "write", "after"]
-    writes = max(2, len(paths) // 8 // 2)  # a kill in the first half of a run's batches (the rest is left to do)
+    kinds = ["none", "line"] if out.endswith(".jsonl") else ["none", "write"]  # a .jsonl's batches are lines
     record = {"job": name, "kills": [], "seconds": 0.0}
     start = time.perf_counter()
-    for _ in range(kills):
-        kind = rng.choice(faults)
-        fault = {"none": "none", "write": f"write:{rng.randint(1, writes)}", "line": f"line:{rng.randint(1, writes)}",
+    for k in range(kills):  # mid-run kills (a run gets at most 3 batches further), the last one after the output
+        kind = rng.choice(kinds) if k < kills - 1 else "after"
+        fault = {"none": "none", "write": f"write:{rng.randint(1, 4)}", "line": f"line:{rng.randint(1, 4)}",
                  "after": f"after:1:{'images.parquet' if name == 'index' else os.path.basename(out)}"}[kind]
         child = subprocess.Popen(child_command(fault, args), cwd=ROOT, env=child_env(), stdout=subprocess.DEVNULL,
                                  stderr=subprocess.PIPE, text=True)
         if kind == "none":
             try:
-                child.wait(timeout=rng.uniform(3, 12))  # start-up is ~3 s: some land in it, most mid-run
+                child.wait(timeout=rng.uniform(1.5, 5))  # start-up takes ~3 s: some land in it, most mid-run
             except subprocess.TimeoutExpired:
                 child.kill()
         err = child.communicate()[1]
         if child.returncode not in (0, -signal.SIGKILL):
             raise SystemExit(f"{name}: a run under fault {fault} failed ({child.returncode}): {err[-2000:]}")
-        record["kills"].append((fault, "killed" if child.returncode else "finished first"))
+        journal = os.path.join(out, "images.parquet") if name == "index" else out
+        record["kills"].append((fault, "killed" if child.returncode else "finished first",
+                                len(bulk.Rows(journal).done())))  # images done so far (output and journal)
     final = subprocess.run([sys.executable, "-m", "blip2", *args], cwd=ROOT, env=child_env(), capture_output=True,
                            text=True)
     record["seconds"] = time.perf_counter() - start
@@ -182,13 +183,16 @@ def main(argv: list[str] | None = None) -> int:
         for name, out in jobs:
             args = [name, os.path.join(tmp, "images"), "--out", out, "--batch-size", "8", "--no-progress"]
             r = job(name, args, out, paths, a.kills, rng)
-            killed = sum(1 for _, how in r["kills"] if how == "killed")
+            killed = sum(1 for _, how, _ in r["kills"] if how == "killed")
             good = r["exactly_once"] and r["rows"] == r["expected"] and not r["errors"] and not r["leftovers"]
             if name == "index":
                 good = good and r["searchable"] == a.images and r["search_exit"] == 0
             ok &= good
-            print(f"\n{name} -> {os.path.basename(out)}: {killed} of {len(r['kills'])} runs killed "
-                  f"({', '.join(f for f, _ in r['kills'])}), then resumed; {r['seconds']:.1f} s in all")
+            print(f"\n{name} -> {os.path.basename(out)}: {killed} of {len(r['kills'])} runs killed, then resumed; "
+                  f"{r['seconds']:.1f} s in all")
+            print("  fault -> images done after it: " + ", ".join(f"{f} -> {n}" + ("" if how == "killed" else
+                                                                                     " (finished first)")
+                                                                 for f, how, n in r["kills"]))
             print(f"  rows {r['rows']} for {r['expected']} images, {r['distinct']} distinct paths, every image "
                   f"exactly once: {r['exactly_once']}, error rows {r['errors']}, leftover temporary files "
                   f"{len(r['leftovers'])}")
