@@ -18,8 +18,10 @@ runs blip2's CLI with a fault armed (tests/test_faults.py uses the same children
 
 import argparse
 import json
+import logging
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -123,9 +125,8 @@ def job(name: str, args: list[str], out: str, paths: list[str], kills: int, rng:
         err = child.communicate()[1]
         if child.returncode not in (0, -signal.SIGKILL):
             raise SystemExit(f"{name}: a run under fault {fault} failed ({child.returncode}): {err[-2000:]}")
-        journal = os.path.join(out, "images.parquet") if name == "index" else out
         record["kills"].append((fault, "killed" if child.returncode else "finished first",
-                                len(bulk.Rows(journal).done())))  # images done so far (output and journal)
+                                done_so_far(os.path.join(out, "images.parquet") if name == "index" else out)))
     final = subprocess.run([sys.executable, "-m", "blip2", *args], cwd=ROOT, env=child_env(), capture_output=True,
                            text=True)
     record["seconds"] = time.perf_counter() - start
@@ -143,6 +144,20 @@ def job(name: str, args: list[str], out: str, paths: list[str], kills: int, rng:
                                 env=child_env(), capture_output=True, text=True)
         record["search_exit"] = search.returncode
     return record
+
+
+def done_so_far(out: str) -> int:
+    """Images a rerun would skip, read from a copy of the output and its journal (opening them clears what a
+    killed write left: that is the next run's work, not this count's)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        copy = os.path.join(tmp, os.path.basename(out))
+        for src, dst in ((out, copy), (out + ".parts", copy + ".parts")):
+            if os.path.isdir(src):
+                shutil.copytree(src, dst)
+            elif os.path.exists(src):
+                shutil.copy(src, dst)
+        with bulk.Rows(copy) as rows:
+            return len(rows.done())
 
 
 def leftovers(out: str) -> list[str]:
@@ -174,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     rng = random.Random(a.seed)
+    logging.getLogger("blip2.bulk").setLevel(logging.ERROR)  # done_so_far's copies: what the next run will warn of
     print(machine())
     with tempfile.TemporaryDirectory(prefix="blip2-faults-") as tmp:
         paths = write_images(os.path.join(tmp, "images"), a.images, a.seed)
@@ -182,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         ok = True
         for name, out in jobs:
             args = [name, os.path.join(tmp, "images"), "--out", out, "--batch-size", "8", "--no-progress"]
+            args += ["--captions"] if name == "index" else []  # (as long a run as a caption run's)
             r = job(name, args, out, paths, a.kills, rng)
             killed = sum(1 for _, how, _ in r["kills"] if how == "killed")
             good = r["exactly_once"] and r["rows"] == r["expected"] and not r["errors"] and not r["leftovers"]
