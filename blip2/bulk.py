@@ -163,12 +163,16 @@ class Rows:
                     os.remove(os.path.join(self.parts, f))
         if not self.parquet and os.path.exists(self.out):
             with open(self.out, "rb+") as f:
-                data = f.read()
-                end = data.rfind(b"\n") + 1
-                if end < len(data):
+                size = end = f.seek(0, os.SEEK_END)
+                while end:  # back to the end of the last complete line (a partial one is a batch's bytes at most)
+                    f.seek(end - 1)
+                    if f.read(1) == b"\n":
+                        break
+                    end -= 1
+                if end < size:
                     f.truncate(end)
                     log.warning("%s: removed a partial last line of %d bytes (a run stopped while writing it); its "
-                                "image is done again", self.out, len(data) - end)
+                                "image is done again", self.out, size - end)
 
     def journal(self) -> list[str]:
         """The parts of unfinished runs, oldest first (Parquet)."""
