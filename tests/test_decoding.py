@@ -15,8 +15,9 @@ def test_the_fields_are_generates_keywords_with_its_defaults():
     for f in FIELDS:
         assert getattr(generation, f.name) == f.default or f.default is None, f.name
         assert f.flag == "--" + f.name.replace("_", "-")
-    assert [f.name for f in OFFERED] == ["num_beams", "num_return_sequences", "temperature", "top_p", "top_k",
-                                         "max_new_tokens", "min_new_tokens", "repetition_penalty", "length_penalty"]
+    assert [f.name for f in OFFERED] == ["do_sample", "num_beams", "temperature", "top_p", "top_k", "max_new_tokens",
+                                         "min_new_tokens", "repetition_penalty", "length_penalty",
+                                         "num_return_sequences"]  # the app's API order
     assert CAPTION == {"max_new_tokens": 30, "min_new_tokens": 1} and ANSWER["max_new_tokens"] == 20
     assert BY_NAME["top_p"].start == 0.9  # the app starts sampling at top-p 0.9, generate() at the reference's 1.0
 
