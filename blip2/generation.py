@@ -12,11 +12,12 @@ eos_token_id[0], as the reference fills its beams).
 
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields, make_dataclass
 
 import torch
 import torch.nn.functional as F
 
+from . import decoding
 from .cache import KVCache
 from .tokenizer import TextStreamDecoder
 
@@ -24,29 +25,18 @@ DEFAULT_NEW_TOKENS = 20  # the reference's default max_length, counted on top of
 
 
 @dataclass
-class GenerationConfig:
-    """The reference's decoding settings with its global defaults; token ids default to the language model's."""
+class ReferenceSettings:
+    """generate()'s settings beyond blip2.decoding's FIELDS (which GenerationConfig adds): lengths counted as the
+    reference counts them, early stopping, token ids (defaulting to the language model's) and the sampling RNG."""
 
-    max_new_tokens: int | None = None
     max_length: int | None = None  # counts the whole decoder-only prompt, image tokens included
-    min_new_tokens: int | None = None
     min_length: int | None = None
-    do_sample: bool = False
-    num_beams: int = 1
-    num_return_sequences: int = 1
-    temperature: float = 1.0
-    top_k: int = 50
-    top_p: float = 1.0
-    repetition_penalty: float = 1.0
-    no_repeat_ngram_size: int = 0
-    length_penalty: float = 1.0
     early_stopping: bool | str = False
     eos_token_id: int | list | None = None
     pad_token_id: int | None = None
     bos_token_id: int | None = None
     decoder_start_token_id: int | None = None
     generator: torch.Generator | None = None  # sampling RNG (default: torch's global one, as the reference)
-    seed: int | None = None  # shorthand for a fresh generator seeded with this
 
     @classmethod
     def build(cls, lm_config, **kwargs):
@@ -71,40 +61,25 @@ class GenerationConfig:
         return [] if e is None else [e] if isinstance(e, int) else list(e)
 
     def validate(self):
-        def integer(name, low):
+        """blip2.decoding.check over the FIELDS, then the reference's other settings; ValueError names the setting."""
+        decoding.check({name: getattr(self, name) for name in decoding.BY_NAME})
+        for name, low in (("max_length", 1), ("min_length", 0)):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < low):
                 raise ValueError(f"{name} must be an integer >= {low}, got {v!r}")
-
-        def number(name, ok, rule):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not ok(v):
-                raise ValueError(f"{name} must be {rule}, got {v!r}")
-
-        for name, low in (("max_new_tokens", 0), ("max_length", 1), ("min_new_tokens", 0), ("min_length", 0),
-                          ("num_beams", 1), ("num_return_sequences", 1), ("top_k", 0), ("no_repeat_ngram_size", 0),
-                          ("seed", 0)):
-            integer(name, low)
-        if self.do_sample:
-            number("temperature", lambda v: v > 0, "a number > 0 when sampling (for greedy decoding use "
-                                                   "do_sample=False)")
-        number("top_p", lambda v: 0 < v <= 1, "in (0, 1]")
-        number("repetition_penalty", lambda v: v > 0, "a number > 0 (1.0 = no penalty)")
-        number("length_penalty", lambda v: True, "a finite number")
         if self.early_stopping not in (True, False, "never"):
             raise ValueError(f"early_stopping must be True, False or 'never', got {self.early_stopping!r}")
-        if not isinstance(self.do_sample, bool):
-            raise ValueError(f"do_sample must be True or False, got {self.do_sample!r}")
         if any(isinstance(e, bool) or not isinstance(e, int) or e < 0 for e in self.eos_ids):
             raise ValueError(f"eos_token_id must be a token id or a list of them, got {self.eos_token_id!r}")
-        n = self.num_return_sequences
-        if self.num_beams == 1 and not self.do_sample and n > 1:
-            raise ValueError(f"num_return_sequences={n} needs beam search (num_beams >= {n}) or sampling "
-                             "(do_sample=True); greedy decoding returns one sequence per prompt")
-        if self.num_beams > 1 and n > self.num_beams:
-            raise ValueError(f"num_return_sequences ({n}) must be <= num_beams ({self.num_beams})")
         if self.seed is not None and self.generator is not None:
             raise ValueError("pass either seed or generator, not both")
+
+
+# The reference's decoding settings with its global defaults: blip2.decoding's FIELDS, then ReferenceSettings'.
+GenerationConfig = make_dataclass(
+    "GenerationConfig", [(f.name, f.type | None, field(default=f.default)) for f in decoding.FIELDS],
+    bases=(ReferenceSettings,), namespace={"__doc__": "generate()'s settings: blip2.decoding's FIELDS (do_sample, "
+                                           "num_beams, ..., seed) and ReferenceSettings' (max_length, ...)."})
 
 
 # ---- logits processors: (ids (N, T) every token so far, scores (N, V) fp32) -> scores, in the reference's order

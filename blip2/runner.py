@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from . import decoding
 from .cache import ByteLRU, FeatureCache, KVCache
 from .generation import DEFAULT_NEW_TOKENS, Decoding, text_pieces
 from .images import ImageLike, keyed, unkeyed
@@ -32,10 +33,7 @@ if TYPE_CHECKING:
     from .modeling import Blip2ForConditionalGeneration, Blip2ForImageTextRetrieval
     from .processing import Blip2Processor
 
-# The demo's decoding defaults, shared by the app and the CLI: a caption gets room to finish its phrase, an answer
-# is short; at least one new token, so an image never gets an empty text.
-CAPTION_DECODING = {"max_new_tokens": 30, "min_new_tokens": 1}
-ANSWER_DECODING = {"max_new_tokens": 20, "min_new_tokens": 1}
+CAPTION_DECODING, ANSWER_DECODING = decoding.CAPTION, decoding.ANSWER  # the demo's defaults (blip2.decoding)
 
 
 @dataclass
