@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from . import decoding
 from .cache import ByteLRU, FeatureCache, KVCache
+from .decoding import ANSWER, CAPTION
 from .generation import DEFAULT_NEW_TOKENS, Decoding, text_pieces
 from .images import ImageLike, keyed, unkeyed
 from .prompts import History, Limits, Prompt, chat_texts, fit, lowered
@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from .modeling import Blip2ForConditionalGeneration, Blip2ForImageTextRetrieval
     from .processing import Blip2Processor
 
-CAPTION_DECODING, ANSWER_DECODING = decoding.CAPTION, decoding.ANSWER  # the demo's defaults (blip2.decoding)
+CAPTION_DECODING, ANSWER_DECODING = CAPTION, ANSWER  # the demo's defaults (blip2.decoding)
 
 
 @dataclass
