@@ -174,9 +174,13 @@ class Registry:
             return list(self._loaded.values())
 
     def loaded(self, key: str, role: str) -> Loaded | None:
+        """The model of checkpoint `key` for `role` if it is loaded now (nothing is loaded)."""
         c = self.catalogue.get(key)
         source = c.source(role) if c else None
-        return self._loaded.get(self._cache_key(source, role)) if source else None
+        if source is None:
+            return None
+        with self._registry_lock:
+            return self._loaded.get(self._cache_key(source, role))
 
     def get(self, key: str, role: str, progress: Progress | None = None) -> Loaded:
         """The shared model of checkpoint `key` for `role`, loading it (once) if needed."""

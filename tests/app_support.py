@@ -37,7 +37,7 @@ def get_service():
             # development override only: APP_TEST_MODEL / APP_TEST_ITM_MODEL point at other checkpoints
             _service = Service(generation=os.environ.get("APP_TEST_MODEL"),
                                retrieval=os.environ.get("APP_TEST_ITM_MODEL"), limits=Limits(**TEST_LIMITS))
-            _service.warm_up()
+            _service.registry.warm_up()
         return _service
 
 
