@@ -281,3 +281,23 @@ def test_the_first_match_runs_the_vision_tower_once(svc):
     finally:
         handle.remove()
     assert calls == [1] and table["text"][0] == scene.caption() and heat.size == (224, 224)
+
+
+def test_a_text_cut_to_the_retrieval_positions_gets_a_notice(svc, scenes):
+    """Candidate texts and search queries longer than the retrieval model's 64 text positions are scored on their
+    beginning (blip2.retrieval.Match.truncated): the notice says so, and only then."""
+    scene, path = scenes[0]
+    positions = svc.registry.get(svc.registry.default[RETRIEVAL], RETRIEVAL).model.config.qformer_config
+    assert positions.max_position_embeddings == 64 and len(S.LONG_TEXT) < svc.limits.max_candidate_chars
+    *_, notice = S.app().matching.match(path, scene.caption())
+    assert "cut to the retrieval model" not in notice
+    table, *_, notice = S.app().matching.match(path, f"{scene.caption()}\n{S.LONG_TEXT}")
+    assert f"“{S.LONG_TEXT[:60]}” was cut to the retrieval model's 64 text tokens" in notice
+    assert len(table) == 2
+    result = svc.match(svc.registry.default[RETRIEVAL], path, [scene.caption(), S.LONG_TEXT])
+    assert [r.truncated for r in result.rows if r.text == S.LONG_TEXT] == [True]
+    assert not any(r.truncated for r in result.rows if r.text == scene.caption())
+    _, _, notice = S.app().search.search([path], scene.caption(), 0)
+    assert "cut to the retrieval model" not in notice
+    _, _, notice = S.app().search.search([path], S.LONG_TEXT, 0)
+    assert "was cut to the retrieval model's 64 text tokens" in notice
