@@ -17,10 +17,10 @@ import time
 from PIL import Image
 
 from blip2 import Blip2Runner
+from blip2.catalogue import EMBEDDED_MODELS
 from blip2.index import META, ImageIndex, rerank, text_embedding
 
 from .errors import RequestError
-from .paths import EMBEDDED_RETRIEVAL
 from .registry import EMBEDDED, RETRIEVAL, Registry
 
 THUMBNAIL = 256  # pixels, longest side
@@ -35,7 +35,7 @@ class Collection:
         self.index = ImageIndex.load(directory)  # a missing faiss names its install command
         with open(os.path.join(directory, META)) as f:
             model = json.load(f)["model"]
-        same = os.path.isdir(model) and os.path.realpath(model) == os.path.realpath(EMBEDDED_RETRIEVAL)
+        same = os.path.isdir(model) and os.path.realpath(model) == os.path.realpath(EMBEDDED_MODELS[RETRIEVAL])
         self.key = EMBEDDED if same else registry.add_source(model, RETRIEVAL)
 
     def __len__(self):

@@ -17,6 +17,7 @@ from typing import Any
 import torch.nn as nn
 
 from .bulk import caption_job, pretrained
+from .catalogue import EMBEDDED_MODELS, GENERATION, RETRIEVAL
 from .config import read_json
 from .decoding import ANSWER, CAPTION, FIELDS, Field
 from .distributed import RaySettings
@@ -25,9 +26,7 @@ from .modeling import Blip2ForConditionalGeneration, Blip2ForImageTextRetrieval
 from .processing import Blip2Processor
 from .runner import Blip2Runner
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_MODEL = os.path.join(ROOT, "assets", "blip2-tiny")
-DEFAULT_ITM_MODEL = os.path.join(ROOT, "assets", "blip2-tiny-itm")
+DEFAULT_MODEL, DEFAULT_ITM_MODEL = str(EMBEDDED_MODELS[GENERATION]), str(EMBEDDED_MODELS[RETRIEVAL])
 
 
 def decoding_flag(cmd: argparse.ArgumentParser, field: Field) -> None:

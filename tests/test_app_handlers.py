@@ -45,7 +45,7 @@ def test_uses_the_embedded_model(svc):
 
 def test_caption_is_exact(svc, scenes):
     """The embedded model's captions are exact on 96% of held-out scenes and right on 99% of colours, shapes and
-    positions (assets/blip2-tiny/README.md): every one-object caption must be exact (a flipped, rotated or
+    positions (blip2/assets/blip2-tiny/README.md): every one-object caption must be exact (a flipped, rotated or
     recoloured image pipeline names another position or colour), and on scenes of one to three objects every
     object's size, colour and position (its shapes are 98.7% right: one of these six names a cross for a square)."""
     from blip2.train.world import caption_matches

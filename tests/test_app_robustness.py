@@ -473,7 +473,7 @@ def test_file_access_is_limited_to_examples_and_uploads(server):
 
     assert status(EXAMPLES_DIR / "scene_1.png") == 200
     for path in ("/etc/passwd", ROOT / "app.py", ROOT / "app" / "service.py", EXAMPLES_DIR / ".." / ".." / "app.py",
-                 ROOT / "assets" / "blip2-tiny" / "config.json"):
+                 ROOT / "blip2" / "assets" / "blip2-tiny" / "config.json"):
         assert status(path) in (403, 404), path
     for path in ("/etc/passwd", ROOT / "app.py"):  # a server path sent as an "upload" is not read either
         image = json.dumps({"path": str(path), "meta": {"_type": "gradio.FileData"}})
