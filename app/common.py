@@ -11,7 +11,7 @@ from collections.abc import Mapping
 
 import gradio as gr
 
-from blip2.decoding import BY_NAME
+from blip2.decoding import OFFERED
 
 from .config import Limits
 from .errors import RequestError, TimeLimitReached
@@ -21,9 +21,6 @@ from .validation import api_name, decoding_defaults, resource_highs
 log = logging.getLogger("blip2.app")
 
 MODEL_CONCURRENCY_ID = "model"  # every event that runs a model shares this concurrency group
-ROWS = [[BY_NAME[n] for n in row] for row in (  # the decoding controls' layout
-    ["do_sample"], ["num_beams", "num_return_sequences"], ["temperature", "top_p", "top_k"],
-    ["max_new_tokens", "min_new_tokens"], ["repetition_penalty", "length_penalty"])]
 
 
 def session_models(service: Service, session) -> dict:
@@ -146,9 +143,12 @@ def decoding_controls(limits: Limits, preset: Mapping[str, int | float], caption
     """The decoding settings the best BLIP-2 demos offer (blip2.decoding's fields), in an accordion, starting at
     `decoding_defaults(preset)`. Returns the components in the order the handlers take them."""
     defaults, highs = decoding_defaults(preset), resource_highs(limits)
+    rows = {}  # one row per decoding (the mode; beam search only; sampling only; both), in blip2.decoding's order
+    for f in OFFERED:
+        rows.setdefault("mode" if f.choices else f.only, []).append(f)
     controls = {}
     with gr.Accordion("Decoding settings", open=False):
-        for row in ROWS:
+        for row in rows.values():
             with gr.Row():
                 for f in row:
                     name, info = api_name(f), f.help + (f"; {f.only} only" if f.only else "")
