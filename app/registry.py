@@ -17,14 +17,13 @@ import psutil
 import torch
 
 from blip2 import Blip2ForConditionalGeneration, Blip2ForImageTextRetrieval, Blip2Processor, Blip2Runner, memory_report
-from blip2.catalogue import CHECKPOINTS, GENERATION, RETRIEVAL
+from blip2.catalogue import CHECKPOINTS, EMBEDDED_MODELS, GENERATION, RETRIEVAL
 from blip2.dtypes import dtype_name, resolve_dtype
 from blip2.io.hub import resolve_checkpoint
 from blip2.weight_only import cpu_supports_bf16, quantization_flag
 
 from .config import Limits
 from .errors import RequestError
-from .paths import EMBEDDED_GENERATION, EMBEDDED_RETRIEVAL
 
 log = logging.getLogger("blip2.app")
 
@@ -123,9 +122,9 @@ class Registry:
         self.limits = limits or Limits.from_env()
         self.settings = settings or ModelSettings()
         self.catalogue: OrderedDict[str, Checkpoint] = OrderedDict()
-        self.catalogue[EMBEDDED] = Checkpoint(EMBEDDED, ((GENERATION, str(EMBEDDED_GENERATION)),
-                                                         (RETRIEVAL, str(EMBEDDED_RETRIEVAL))),
-                                              "tiny model trained on a world of coloured shapes (offline)")
+        embedded = tuple((role, str(path)) for role, path in EMBEDDED_MODELS.items())
+        self.catalogue[EMBEDDED] = Checkpoint(EMBEDDED, embedded, "tiny model trained on a world of coloured shapes "
+                                              "(offline)")
         for c in extra_checkpoints:
             self.catalogue[c.key] = c
         for c in KNOWN_CHECKPOINTS:
@@ -174,9 +173,13 @@ class Registry:
             return list(self._loaded.values())
 
     def loaded(self, key: str, role: str) -> Loaded | None:
+        """The model of checkpoint `key` for `role` if it is loaded now (nothing is loaded)."""
         c = self.catalogue.get(key)
         source = c.source(role) if c else None
-        return self._loaded.get(self._cache_key(source, role)) if source else None
+        if source is None:
+            return None
+        with self._registry_lock:
+            return self._loaded.get(self._cache_key(source, role))
 
     def get(self, key: str, role: str, progress: Progress | None = None) -> Loaded:
         """The shared model of checkpoint `key` for `role`, loading it (once) if needed."""

@@ -325,3 +325,6 @@ class Blip2Runner:
 
     def itc_image_batch(self, images: Sequence[ImageLike]) -> torch.Tensor:
         return self.retriever.itc_image_batch(images)
+
+    def text_batch(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor, list[bool]]:
+        return self.retriever.text_batch(texts)

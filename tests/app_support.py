@@ -24,6 +24,8 @@ TEST_LIMITS = dict(max_upload_mb=2.0, queue_size=8, time_limit_s=30.0)
 _lock = threading.Lock()
 _service = None
 _server = None
+# a text over the retrieval model's 64 text positions, within the app's 300 characters per candidate
+LONG_TEXT = ("a small red circle in the top left and a large blue square in the center " * 4)[:299].strip()
 
 
 def get_service():
@@ -37,7 +39,7 @@ def get_service():
             # development override only: APP_TEST_MODEL / APP_TEST_ITM_MODEL point at other checkpoints
             _service = Service(generation=os.environ.get("APP_TEST_MODEL"),
                                retrieval=os.environ.get("APP_TEST_ITM_MODEL"), limits=Limits(**TEST_LIMITS))
-            _service.warm_up()
+            _service.registry.warm_up()
         return _service
 
 

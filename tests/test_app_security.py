@@ -228,7 +228,7 @@ def test_uploads_and_examples_are_readable(scene_path):
     assert request_file(scene_path) == Path(scene_path).resolve()
     assert request_file(EXAMPLES_DIR / "scene_1.png") == (EXAMPLES_DIR / "scene_1.png").resolve()
     with pytest.raises(NotUploaded):
-        request_file(EXAMPLES_DIR / ".." / "blip2-tiny" / "config.json")
+        request_file(EXAMPLES_DIR / ".." / ".." / "blip2" / "assets" / "blip2-tiny" / "config.json")
 
 
 # ----------------------------------------------------------------------------------------------------

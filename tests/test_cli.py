@@ -1,5 +1,6 @@
 """python -m blip2 caption | ask | match on tiny checkpoint directories with tokenizers."""
 
+import inspect
 import json
 import os
 import subprocess
@@ -115,11 +116,12 @@ def test_decoding_defaults_are_the_apps():
     from app import caption, chat
     from blip2.__main__ import parser
 
-    for command, tab in ((["caption", "x.png"], caption), (["ask", "x.png", "what?"], chat)):
+    for command, handler in ((["caption", "x.png"], caption.CaptionTab.caption), (["ask", "x.png", "what?"],
+                                                                                 chat.ChatTab.chat)):
         args = parser().parse_args(command)
-        defaults = tab.DEFAULTS
-        assert (args.max_new_tokens, args.min_new_tokens) == (defaults.max_new_tokens, defaults.min_new_tokens)
-        assert tab.DEFAULTS.generate_kwargs()["max_new_tokens"] == args.max_new_tokens
+        defaults = inspect.signature(handler).parameters  # the app's API and its controls start here
+        assert (args.max_new_tokens, args.min_new_tokens) == (defaults["max_new_tokens"].default,
+                                                              defaults["min_new_tokens"].default)
     assert parser().parse_args(["caption", "x.png"]).max_new_tokens == 30
 
 

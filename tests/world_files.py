@@ -5,9 +5,10 @@ import os
 import app_support
 import pytest
 
+from blip2.catalogue import EMBEDDED_MODELS, GENERATION, RETRIEVAL
 from blip2.train import world
 
-GEN, ITM = "assets/blip2-tiny", "assets/blip2-tiny-itm"
+GEN, ITM = str(EMBEDDED_MODELS[GENERATION]), str(EMBEDDED_MODELS[RETRIEVAL])
 
 
 def write_scenes(directory, n, seed=20, size=96):
