@@ -1,5 +1,6 @@
-"""The app's service: validate a request, call the model's Blip2Runner, return results. Every request from the
-browser and from `gradio_client` goes through here, under the model's lock and the request's time limit.
+"""The app's service: validate a request, call the model's engine (a blip2 Captioner or Retriever), return results.
+Every request from the browser and from `gradio_client` goes through here, under the model's lock and the request's
+time limit.
 
 No Gradio import here: the tab modules turn `RequestError` into `gr.Error`.
 """
@@ -319,7 +320,7 @@ class Service:
     @gpu
     def search(self, ret_key: str, images: ImageInput | Sequence[ImageInput], query: str, rerank_k: int | None = None,
                progress: Progress | None = None) -> Searched:
-        """Rank a gallery for a text (Blip2Runner.rank: ITC over every image, embeddings cached by content, then
+        """Rank a gallery for a text (Retriever.rank: ITC over every image, embeddings cached by content, then
         the top `rerank_k` re-ranked by ITM log-odds + ITC cosine, as LAVIS re-ranks) -> Searched."""
         loaded = self.registry.get(ret_key, RETRIEVAL, progress)
         query = clean_text(query, "the search text", self.limits.max_prompt_chars)

@@ -107,7 +107,7 @@ def test_chat_prompt_drops_the_oldest_turns_to_fit(svc):
     context = loaded.runner.context_size
     turn = ("what color is the large circle in the top left corner of the picture?", "red")
     history = [turn] * (context // 8)
-    captioner = loaded.runner.captioner
+    captioner = loaded.runner
     prompt = captioner.prompt(captioner.chat_texts("what shape is it?", history), 20)
     assert prompt.dropped_turns > 0 and prompt.text.startswith("Question: ")
     assert prompt.text.endswith("Question: what shape is it? Answer:")

@@ -417,7 +417,7 @@ def test_flan_t5_chat_asks_for_a_short_answer(scene_path, own_service):
     svc = Service(generation=directory, limits=Limits())
     loaded = svc.registry.get(svc.registry.default[GENERATION], GENERATION)
     assert loaded.is_t5
-    captioner = loaded.runner.captioner
+    captioner = loaded.runner
     prompt = captioner.prompt(captioner.chat_texts("and now?", [("what is it?", "a cat")]), 8).text
     assert prompt == "Question: what is it? Answer: a cat. Question: and now? Short answer:"
     answer = last(svc.chat(svc.registry.default[GENERATION], scene_path, "and now?", [("what is it?", "a cat")],
@@ -439,7 +439,7 @@ def test_the_app_and_the_cli_answer_a_chat_alike(scene_path, own_service, family
     svc = Service(generation=shared_checkpoint(family), limits=Limits())
     loaded = svc.registry.get(svc.registry.default[GENERATION], GENERATION)
     history = [("is it red?", "yes!"), ("what is it", "a cat?"), ("where", "on the left")]
-    prompt = loaded.runner.captioner.prompt(loaded.runner.captioner.chat_texts("and now?", history), 8).text
+    prompt = loaded.runner.prompt(loaded.runner.chat_texts("and now?", history), 8).text
     tail = "Short answer:" if family == "t5" else "Answer:"
     assert prompt == ("Question: is it red? Answer: yes! Question: what is it Answer: a cat? Question: where Answer: "
                       f"on the left. Question: and now? {tail}")
