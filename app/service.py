@@ -259,12 +259,10 @@ class Service:
         loaded = self.registry.get(gen_key, GENERATION, progress)
         img = self._image(image)
         question = clean_text(question, "the question", self.limits.max_prompt_chars)
-        history = [tuple(t) for t in history][-self.limits.max_chat_turns:]
-        new_image = about is not None and about != img.digest
-        if new_image:
-            history = []
-        notes = _join("New image: the conversation starts over." if new_image and about else "", *img.notes,
-                      self.world_caveat(gen_key, [img]))
+        history, restart = [tuple(t) for t in history][-self.limits.max_chat_turns:], ""
+        if history and about is not None and about != img.digest:
+            history, restart = [], "New image: the conversation starts over."
+        notes = _join(restart, *img.notes, self.world_caveat(gen_key, [img]))
         for texts, notice in self.generate(loaded, img, settings, stream, question=question, history=history):
             yield ChatReply(question, clean_answer(texts[0]), _join(notes, notice), history, img.digest)
 
