@@ -15,11 +15,7 @@ from app.validation import parse_decoding
 from blip2.decoding import ANSWER, CAPTION
 from blip2.retrieval import match_score
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with S.one_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 SCENES = 6
 
@@ -32,11 +28,7 @@ def scenes(svc, tmp_path_factory):
             enumerate(S.one_object_scenes(SCENES))]
 
 
-def last(gen):
-    out = None
-    for out in gen:
-        pass
-    return out
+last = S.last
 
 
 def test_uses_the_embedded_model(svc):

@@ -23,11 +23,7 @@ from app.service import Service
 from app.validation import load_image, parse_decoding
 from blip2.decoding import ANSWER
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with S.one_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
@@ -38,34 +34,7 @@ def own_service():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="module")
-def scene_path(tmp_path_factory):
-    _, im = S.scene(0)
-    return S.write(tmp_path_factory.mktemp("scene"), "scene.png", S.png_bytes(im))
-
-
-def last(gen):
-    out = None
-    for out in gen:
-        pass
-    return out
-
-
-def refused(fn, *args, match, **kwargs):
-    """fn (a handler, or a function of the service) refuses the request with a message containing `match`."""
-    with pytest.raises((gr.Error, RequestError)) as info:
-        out = fn(*args, **kwargs)
-        if hasattr(out, "__next__"):
-            last(out)
-    message = getattr(info.value, "message", None) or str(info.value)
-    assert match.lower() in message.lower(), message
-
-
-def run_caption(image, **kw):
-    settings = dict(mode="beam search", num_beams=1, temperature=1.0, top_p=0.9, top_k=50, max_new_tokens=3,
-                    min_new_tokens=1, repetition_penalty=1.0, length_penalty=1.0, num_captions=1)
-    settings.update(kw)
-    return last(S.app().caption.caption(image, "", *settings.values()))
+last, refused, run_caption = S.last, S.refused, S.run_caption
 
 
 # ----------------------------------------------------------------------------------------------------
