@@ -7,7 +7,7 @@ INDEX_DIR holds
 * images.parquet: path, content hash (blake2b of the file), bytes, mtime_ns, width, height, caption (with
   --captions), error, embedding (Q * E float32: the normalised ITC embedding of each of the image's Q queries);
 * index.faiss: a flat inner-product index over all N * Q query vectors (vector v belongs to image v // Q);
-* meta.json: the retrieval model (a checkpoint of the embedded assets/ folder by its name there, "embedded:NAME",
+* meta.json: the retrieval model (a checkpoint of the embedded blip2/assets/ folder by its name there, "embedded:NAME",
   so the index survives a move of the checkout), Q, E and the generation of images.parquet index.faiss was built
   from; approx.faiss: the approximate index, built by the first search that asks for it.
 A run holds the lock of images.parquet and writes images.parquet, index.faiss, then meta.json, each atomically;
@@ -33,6 +33,7 @@ from functools import partial
 import numpy as np
 
 from .bulk import Rows, Summary, drive, each_or_alone, find_images, load_runner, open_images, prefetched, write_atomic
+from .catalogue import EMBEDDED_MODELS, RETRIEVAL
 from .config import Blip2Config, read_json
 from .distributed import RaySettings, ray_rows
 from .extras import need
@@ -43,7 +44,7 @@ from .runner import Blip2Runner
 
 ROWS, FLAT, APPROX, META = "images.parquet", "index.faiss", "approx.faiss", "meta.json"
 GENERATION = b"blip2.generation"  # images.parquet's schema metadata key
-ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")  # the embedded models
+ASSETS = os.path.dirname(EMBEDDED_MODELS[RETRIEVAL])  # the embedded models
 EMBEDDED = "embedded:"
 
 

@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
-from world_files import GEN, ITM, one_thread, write_scenes  # noqa: F401 (one_thread: autouse)
+from world_files import GEN, ITM, write_scenes
 
 from bench.faults import child_command, child_env
 from blip2 import index as index_module
@@ -24,6 +24,7 @@ from blip2.bulk import IMAGE_SUFFIXES, batches, caption_job, load_runner
 from blip2.images import ACCEPTED_FORMATS
 from blip2.index import ImageIndex, index_job
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N = 40
 

@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from world_files import GEN, ITM, one_thread, write_scenes  # noqa: F401 (one_thread: autouse)
+from world_files import GEN, ITM, write_scenes
 
 from blip2.__main__ import main
 from blip2.bulk import load_runner
@@ -16,6 +16,8 @@ from blip2.config import read_json
 from blip2.index import ImageIndex, best_query_scores, index_job, recall, rerank, text_embedding, top_k
 
 N = 200
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +47,7 @@ def test_rows_and_files(built, runner):
     r = table[0]
     assert len(r["hash"]) == 32 and r["bytes"] == os.path.getsize(r["path"]) and (r["width"], r["height"]) == (96, 96)
     assert r["caption"] == runner.caption(r["path"]).text
-    expected = runner.image_text_embeddings([r["path"]])[0][0].numpy()  # (Q, E), the one-by-one path
+    expected = runner.itc_images([r["path"]])[0].numpy()  # (Q, E), the one-by-one path
     assert np.array_equal(np.asarray(r["embedding"], np.float32).reshape(expected.shape), expected)
     meta = read_json(os.path.join(out, "meta.json"))
     generation = pq.read_schema(os.path.join(out, "images.parquet")).metadata[b"blip2.generation"].decode()

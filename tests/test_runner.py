@@ -9,19 +9,14 @@ from tiny_checkpoints import shared_checkpoint
 
 import blip2
 from blip2.processing import Blip2Processor
-from blip2.retrieval import ByteLRU, encode_plain
-from blip2.runner import Blip2Runner, chat_prompt
+from blip2.prompts import Limits, chat_prompt, fit, truncate_left
+from blip2.runner import Blip2Runner
 
 DECODINGS = [dict(max_new_tokens=6), dict(max_new_tokens=5, num_beams=3),
              dict(max_new_tokens=6, do_sample=True, temperature=2.0, seed=4)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module", params=["opt", "t5"])
@@ -29,12 +24,6 @@ def lm(request):
     path = shared_checkpoint(request.param)
     model = blip2.Blip2ForConditionalGeneration.from_pretrained(path)
     return request.param, model, Blip2Processor.from_pretrained(path)
-
-
-@pytest.fixture(scope="module")
-def itm():
-    path = shared_checkpoint("itm")
-    return blip2.Blip2ForImageTextRetrieval.from_pretrained(path), Blip2Processor.from_pretrained(path)
 
 
 def image(seed=0, size=(40, 50)):
@@ -81,7 +70,7 @@ def test_chat_with_caches_equals_fresh_computation(lm, decoding):
     assert runner.stats["feature_misses"] == 1 and runner.stats["feature_hits"] == 2
     if name == "opt":  # turns 2 and 3 computed only what follows the previous turn's prompt (and answer)
         assert runner.stats["prefix_hits"] == 2 and runner.stats["prefix_tokens_reused"] > 2 * 10
-        sizes = [len(encode_plain(proc.tokenizer, chat_prompt(q, history[:i]))) for i, (q, _) in enumerate(history)]
+        sizes = [len(proc.tokenizer.encode_plain(chat_prompt(q, history[:i]))) for i, (q, _) in enumerate(history)]
         assert runner.stats["prefix_tokens_reused"] >= sum(sizes[:2])
 
 
@@ -118,7 +107,7 @@ def test_over_long_prompts_are_cut_from_the_left(lm):
     assert not runner.caption(img, "", max_new_tokens=4).truncated
     if name == "opt":  # more new tokens than the positions leave: lowered to what they leave (the app's and CLI's)
         got = runner.caption(img, max_new_tokens=limit)
-        assert got.max_new_tokens == limit - len(encode_plain(proc.tokenizer, "")) and not got.truncated
+        assert got.max_new_tokens == limit - len(proc.tokenizer.encode_plain("")) and not got.truncated
 
 
 def test_fitting_reports_dropped_turns_and_lowers_new_tokens(lm):
@@ -129,14 +118,13 @@ def test_fitting_reports_dropped_turns_and_lowers_new_tokens(lm):
     history = [(f"question number {i} about the thing", f"answer {i}") for i in range(40)]
     got = runner.ask(img, "which one?", history, max_new_tokens=4)
     assert got.dropped_turns > 0 and got.prompt.count("Question:") - 1 + got.dropped_turns == len(history)
-    assert runner.fit_chat("which one?", history, 4).text == got.prompt and got.max_new_tokens == 4
+    assert got.max_new_tokens == 4
     if name == "opt":
         positions = runner.context_size - model.config.num_query_tokens  # prompt + new tokens
-        fit = runner.fit_chat("which one?", [], positions)
-        assert not fit.truncated and fit.max_new_tokens == positions - len(fit.ids)
-        assert runner.prompt_length(fit.text) + fit.max_new_tokens == runner.context_size
+        got = runner.ask(img, "which one?", [], max_new_tokens=positions)
+        assert not got.truncated and got.max_new_tokens == positions - len(got.fitted.ids)
         got = runner.caption(img, max_new_tokens=positions, min_new_tokens=positions)
-        assert got.max_new_tokens == positions - len(encode_plain(proc.tokenizer, "")) and not got.truncated
+        assert got.max_new_tokens == positions - len(proc.tokenizer.encode_plain("")) and not got.truncated
 
 
 def test_special_token_strings_in_user_text_stay_text(lm):
@@ -151,7 +139,7 @@ def test_special_token_strings_in_user_text_stay_text(lm):
     prompt = f"Question: what is <image> and </s> here? {ANSWER[name]}"
     ref_tok = transformers.AutoTokenizer.from_pretrained(shared_checkpoint(name))
     plain = ref_tok(prompt, split_special_tokens=True)["input_ids"]
-    assert encode_plain(proc.tokenizer, prompt) == plain and image_id not in plain
+    assert proc.tokenizer.encode_plain(prompt) == plain and image_id not in plain
     got = runner.ask(img, "what is <image> and </s> here?", max_new_tokens=5)
     n = model.config.num_query_tokens if image_id is not None else 0
     ids = torch.tensor([[image_id] * n + plain])
@@ -177,40 +165,19 @@ def test_image_cache_is_keyed_by_content_and_bounded_in_bytes(lm, tmp_path):
     assert runner.stats["feature_misses"] == 3 and runner.features.bytes <= size * 1.5
 
 
-def test_byte_lru():
-    lru = ByteLRU(100)
-    lru.put("a", torch.zeros(10))  # 40 bytes
-    lru.put("b", torch.zeros(10))
-    lru.get("a")
-    lru.put("c", torch.zeros(10))  # evicts b, the least recently used
-    assert lru.get("b") is None and lru.get("a") is not None and lru.bytes == 80
-    lru.put("big", torch.zeros(100))  # larger than the budget: not kept
-    assert lru.get("big") is None and lru.bytes == 80
+def test_fit_is_a_pure_function_of_ids_and_limits():
+    """Candidates are tried oldest-turns-dropped-first; a decoder's new tokens are lowered to what its positions
+    leave (at least 8 before the text is cut); the cut keeps the template's special ids and the last text ids."""
+    special = [2]
+    candidates = [[2] + list(range(10, 40)), [2] + list(range(10, 25)), [2] + list(range(10, 18))]
+    assert fit(candidates, special, Limits(100, 40), 20).index == 1  # 16 ids + 20 new <= 40
+    done = fit(candidates, special, Limits(100, 20), 20)  # none fits: the last, new tokens lowered
+    assert (done.index, done.cut, done.max_new_tokens) == (2, False, 11)
+    done = fit([[2] + list(range(10, 40))], special, Limits(100, 20), 20)  # cut to leave 8 new tokens
+    assert done.cut and done.ids == [2] + list(range(29, 40)) and done.max_new_tokens == 8
+    done = fit([[2] + list(range(10, 40))], special, Limits(12), 50)  # an encoder-decoder: the text limit only
+    assert done.cut and len(done.ids) == 12 and done.max_new_tokens == 50
+    assert truncate_left([5, 6, 7, 1], [1], 3) == [6, 7, 1]  # a special id after the text stays too
+    with pytest.raises(ValueError, match="no room"):
+        fit([[2, 3]], special, Limits(100, 5), 20)
 
-
-def test_match_equals_model_forward_and_caches(itm):
-    model, proc = itm
-    img, runner = image(7), Blip2Runner(itm_model=model, itm_processor=proc)
-    texts = ["a cat on a red sofa", "two dogs in the snow", "an old coffee cup", ""]
-    got = runner.match(img, texts)
-    enc = proc.tokenizer(texts, padding=True, return_tensors="pt")
-    px = proc.image_processor(img, return_tensors="pt")["pixel_values"]
-    with torch.no_grad():
-        ref = model(pixel_values=px.expand(len(texts), -1, -1, -1), input_ids=enc["input_ids"],
-                    attention_mask=enc["attention_mask"], use_image_text_matching_head=True)
-        itc = model(pixel_values=px, input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
-    assert [m.text for m in got] == texts
-    assert np.allclose([m.itm for m in got], ref.logits_per_image.softmax(-1)[:, 1], atol=1e-5)
-    assert np.allclose([m.itc for m in got], itc.logits_per_image[0], atol=1e-5)
-    assert runner.match(img, texts) == got and runner.stats["feature_hits"] == 2
-    long = runner.match(img, ["word " * 100])[0]
-    assert long.truncated and 0 <= long.itm <= 1
-    assert runner.match(img, []) == []
-    images, txt = runner.image_text_embeddings([img, image(8)], texts[:2])
-    assert images.shape == (2, 4, 8) and txt.shape == (2, 8)
-    with torch.no_grad():
-        assert torch.allclose(images[:1], model.itc_image_embeds(model.vision_model(px).last_hidden_state), atol=1e-6)
-    assert torch.allclose(torch.einsum("qe,te->qt", images[0], txt).amax(0), torch.tensor([m.itc for m in got[:2]]),
-                          atol=1e-5)
-    with pytest.raises(ValueError, match="captioning model"):
-        runner.caption(img)
