@@ -17,7 +17,7 @@ from torch import Tensor
 
 from .config import Blip2Config, OPTConfig, T5Config
 from .generation import generate, stream
-from .ops import BaseModelOutputWithPooling, BaseModelOutputWithPoolingAndCrossAttentions, ModelOutput
+from .ops import BaseModelOutputWithPooling, BaseModelOutputWithPoolingAndCrossAttentions, ModelOutput, resolve
 from .opt import OPTForCausalLM, causal_lm_loss
 from .pretrained import PretrainedMixin
 from .qformer import Blip2QFormerModel, Blip2TextEmbeddings
@@ -86,8 +86,8 @@ class Blip2PreTrainedModel(PretrainedMixin, nn.Module):
         if hasattr(self, "language_model") and hasattr(self.language_model, "tie_weights"):
             self.language_model.tie_weights()
 
-    def query_features(self, image_embeds: Tensor, output_attentions: bool = False,
-                       output_hidden_states: bool = False) -> QFormerOutput:
+    def query_features(self, image_embeds: Tensor, output_attentions: bool | None = None,
+                       output_hidden_states: bool | None = None) -> QFormerOutput:
         """Q-Former pass of the learned queries over image patches (B, 1+N, D_v) -> its output."""
         queries = self.query_tokens.expand(image_embeds.shape[0], -1, -1)
         return self.qformer(queries, encoder_hidden_states=image_embeds, output_attentions=output_attentions,
@@ -105,16 +105,27 @@ class _Blip2WithLanguageModel(Blip2PreTrainedModel):
         self.qformer = Blip2QFormerModel(config.qformer_config)
         self.language_projection = nn.Linear(config.qformer_config.hidden_size, config.text_config.hidden_size)
         self.language_model = language_model_for(config.text_config)
+        self.init_switches()
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.language_model.get_input_embeddings()
 
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        lm = self.language_model
+        if isinstance(lm, T5ForConditionalGeneration):
+            lm.shared = lm.encoder._embed[0] = lm.decoder._embed[0] = value
+        else:
+            lm.model.decoder.embed_tokens = value
+
     def get_output_embeddings(self) -> nn.Linear:
         return self.language_model.lm_head
 
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.language_model.lm_head = value
+
     def image_features(self, pixel_values: Tensor, interpolate_pos_encoding: bool = False,
-                       output_attentions: bool = False,
-                       output_hidden_states: bool = False) -> BaseModelOutputWithVisionQformerOutputs:
+                       output_attentions: bool | None = None,
+                       output_hidden_states: bool | None = None) -> BaseModelOutputWithVisionQformerOutputs:
         """pixels -> BaseModelOutputWithVisionQformerOutputs whose pooler_output holds the language-model-ready
         query embeddings (B, Q, D_t)."""
         vision = self.vision_model(pixel_values, interpolate_pos_encoding, output_attentions, output_hidden_states)
@@ -128,8 +139,11 @@ class _Blip2WithLanguageModel(Blip2PreTrainedModel):
 
     def merge_image_tokens(self, query_embeds: Tensor, input_ids: Tensor | None, attention_mask: Tensor | None,
                            inputs_embeds: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """Put the projected queries (B, Q, D) into the text embeddings: at the image-token positions, or in
-        front of the text when the ids hold none (older checkpoints). Returns (embeds, attention_mask)."""
+        """Put the projected queries (B_i, Q, D) into the text embeddings (B, T, D) as the reference does: in
+        order, into whatever image-token positions the ids hold (a row with fewer than Q image tokens takes the
+        next queries, a text without image tokens gets no image); more image tokens than B_i x Q is an error. One
+        image (B_i = 1) with Q image tokens in each of several rows serves every row. Checkpoints without
+        image_token_index (older ones) get the queries in front of the text. Returns (embeds, attention_mask)."""
         if inputs_embeds is None:
             if input_ids is None:
                 raise ValueError("input_ids (or inputs_embeds) are required")
@@ -138,23 +152,31 @@ class _Blip2WithLanguageModel(Blip2PreTrainedModel):
             attention_mask = torch.ones(inputs_embeds.shape[:2], dtype=torch.long, device=inputs_embeds.device)
         query_embeds = query_embeds.to(inputs_embeds.device, inputs_embeds.dtype)
         b, q = query_embeds.shape[:2]
-        if query_embeds.shape[0] == 1 and inputs_embeds.shape[0] > 1:  # one image, several prompts
-            query_embeds = query_embeds.expand(inputs_embeds.shape[0], -1, -1)
-        elif query_embeds.shape[0] != inputs_embeds.shape[0]:
-            raise ValueError(f"{b} images but {inputs_embeds.shape[0]} text rows: batch sizes must match")
+        rows = inputs_embeds.shape[0]
         token = self.config.image_token_index
-        counts = (input_ids == token).sum(1) if token is not None and input_ids is not None else None
-        if counts is None or not counts.any():  # legacy layout: [queries; text]
+        if token is None:  # legacy layout: [queries; text]
+            if b == 1 and rows > 1:
+                query_embeds = query_embeds.expand(rows, -1, -1)
+            elif b != rows:
+                raise ValueError(f"{b} images but {rows} text rows: batch sizes must match")
             if query_embeds.shape[-1] != inputs_embeds.shape[-1]:
                 raise ValueError(f"query embeddings of width {query_embeds.shape[-1]} cannot precede text "
                                  f"embeddings of width {inputs_embeds.shape[-1]}")
-            ones = torch.ones(attention_mask.shape[0], q, dtype=attention_mask.dtype, device=attention_mask.device)
+            ones = torch.ones(rows, q, dtype=attention_mask.dtype, device=attention_mask.device)
             return torch.cat([query_embeds, inputs_embeds], 1), torch.cat([ones, attention_mask], 1)
-        if not bool((counts == q).all()):
-            raise ValueError(f"input_ids rows hold {counts.tolist()} image tokens (id {token}); each row needs "
-                             f"exactly num_query_tokens={q} (use Blip2Processor with images and text)")
-        mask = (input_ids == token)[..., None].to(inputs_embeds.device)
-        return inputs_embeds.masked_scatter(mask, query_embeds), attention_mask
+        if input_ids is not None:
+            mask = input_ids.to(inputs_embeds.device) == token  # (B, T)
+        else:  # the reference finds the image token's embedding among the given embeddings
+            image_row = self.get_input_embeddings()(torch.tensor(token, device=inputs_embeds.device))
+            mask = (inputs_embeds == image_row).all(-1)
+        n = int(mask.sum())
+        if b == 1 and rows > 1 and n > q:
+            query_embeds, b = query_embeds.expand(rows, -1, -1), rows
+        if n > b * q:
+            raise ValueError(f"the text holds {n} image tokens (id {token}) but {b} image(s) give {b * q} query "
+                             f"embeddings ({q} each): use Blip2Processor with images and text, which puts {q} "
+                             f"image tokens in each row")
+        return inputs_embeds.masked_scatter(mask[..., None], query_embeds), attention_mask
 
     def language_forward(self, inputs_embeds: Tensor, attention_mask: Tensor, decoder_input_ids: Tensor | None,
                          decoder_attention_mask: Tensor | None, labels: Tensor | None,
@@ -176,8 +198,11 @@ class _Blip2WithLanguageModel(Blip2PreTrainedModel):
                 attention_mask: Tensor | None = None, decoder_input_ids: Tensor | None = None,
                 decoder_attention_mask: Tensor | None = None, labels: Tensor | None = None,
                 interpolate_pos_encoding: bool = False, inputs_embeds: Tensor | None = None,
-                output_attentions: bool = False, output_hidden_states: bool = False, return_dict: bool = True,
-                **_: Any) -> Blip2ForConditionalGenerationModelOutput | tuple:
+                output_attentions: bool | None = None, output_hidden_states: bool | None = None,
+                return_dict: bool | None = None, **_: Any) -> Blip2ForConditionalGenerationModelOutput | tuple:
+        """output_attentions / output_hidden_states: None leaves each part to its own config's setting (the
+        vision, Q-Former and text configs), as the reference; return_dict: None takes this config's."""
+        return_dict = resolve(return_dict, self.config, "return_dict")
         feats = self.image_features(pixel_values, interpolate_pos_encoding, output_attentions, output_hidden_states)
         embeds, mask = self.merge_image_tokens(feats.pooler_output, input_ids, attention_mask, inputs_embeds)
         loss, logits, out = self.language_forward(embeds, mask, decoder_input_ids, decoder_attention_mask, labels,
@@ -192,9 +217,11 @@ class _Blip2WithLanguageModel(Blip2PreTrainedModel):
 class Blip2Model(_Blip2WithLanguageModel):
     def get_text_features(self, input_ids: Tensor, attention_mask: Tensor | None = None,
                           decoder_input_ids: Tensor | None = None, decoder_attention_mask: Tensor | None = None,
-                          labels: Tensor | None = None, output_attentions: bool = False,
-                          output_hidden_states: bool = False, **_: Any) -> BaseModelOutputWithPooling:
+                          labels: Tensor | None = None, output_attentions: bool | None = None,
+                          output_hidden_states: bool | None = None, **_: Any) -> BaseModelOutputWithPooling:
         """Text-only hidden states: OPT decoder output, or the T5 encoder output."""
+        output_attentions = resolve(output_attentions, self.config.text_config, "output_attentions")
+        output_hidden_states = resolve(output_hidden_states, self.config.text_config, "output_hidden_states")
         if self.config.use_decoder_only_language_model:
             out = self.language_model.model(input_ids, attention_mask, output_attentions=output_attentions,
                                             output_hidden_states=output_hidden_states)
@@ -205,7 +232,7 @@ class Blip2Model(_Blip2WithLanguageModel):
                                           attentions=out.attentions)
 
     def get_image_features(self, pixel_values: Tensor, interpolate_pos_encoding: bool = False,
-                           output_attentions: bool = False, output_hidden_states: bool = False,
+                           output_attentions: bool | None = None, output_hidden_states: bool | None = None,
                            **_: Any) -> BaseModelOutputWithPooling:
         return self.vision_model(pixel_values, interpolate_pos_encoding, output_attentions, output_hidden_states)
 
@@ -216,8 +243,12 @@ class Blip2Model(_Blip2WithLanguageModel):
 
 
 class Blip2ForConditionalGeneration(_Blip2WithLanguageModel):
+    @classmethod
+    def can_generate(cls) -> bool:
+        return True
+
     def get_image_features(self, pixel_values: Tensor, interpolate_pos_encoding: bool = False,
-                           output_attentions: bool = False, output_hidden_states: bool = False,
+                           output_attentions: bool | None = None, output_hidden_states: bool | None = None,
                            **_: Any) -> BaseModelOutputWithVisionQformerOutputs:
         return self.image_features(pixel_values, interpolate_pos_encoding, output_attentions, output_hidden_states)
 
@@ -278,8 +309,8 @@ class _Blip2Retrieval(Blip2PreTrainedModel):
         return input_ids, attention_mask
 
     def text_features(self, input_ids: Tensor, attention_mask: Tensor | None = None,
-                      position_ids: Tensor | None = None, output_attentions: bool = False,
-                      output_hidden_states: bool = False) -> QFormerOutput:
+                      position_ids: Tensor | None = None, output_attentions: bool | None = None,
+                      output_hidden_states: bool | None = None) -> QFormerOutput:
         """Q-Former text path (no queries, no image): (B, T, D_q)."""
         embeds = self.embeddings(input_ids, position_ids)
         return self.qformer(embeds, query_length=0, attention_mask=attention_mask,
@@ -298,12 +329,16 @@ class Blip2ForImageTextRetrieval(_Blip2Retrieval):
         self.vision_projection = nn.Linear(d, config.image_text_hidden_size)
         self.text_projection = nn.Linear(d, config.image_text_hidden_size)
         self.itm_head = nn.Linear(d, 2)
+        self.init_switches()
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.embeddings.word_embeddings
 
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embeddings.word_embeddings = value
+
     def itm_logits(self, image_embeds: Tensor, input_ids: Tensor, attention_mask: Tensor | None = None,
-                   output_attentions: bool = False) -> tuple[Tensor, QFormerOutput]:
+                   output_attentions: bool | None = None) -> tuple[Tensor, QFormerOutput]:
         """ITM on paired rows, or one image (batch 1) against every text row. input_ids hold text only.
         image_embeds (B|1, 1+N, D_v) -> logits (B, 2) and the Q-Former output over [queries; text]."""
         b = input_ids.shape[0]
@@ -333,8 +368,9 @@ class Blip2ForImageTextRetrieval(_Blip2Retrieval):
 
     def forward(self, pixel_values: Tensor | None = None, input_ids: Tensor | None = None,
                 attention_mask: Tensor | None = None, use_image_text_matching_head: bool = False,
-                output_attentions: bool = False, output_hidden_states: bool = False, return_dict: bool = True,
-                **_: Any) -> Blip2ImageTextMatchingModelOutput | tuple:
+                output_attentions: bool | None = None, output_hidden_states: bool | None = None,
+                return_dict: bool | None = None, **_: Any) -> Blip2ImageTextMatchingModelOutput | tuple:
+        return_dict = resolve(return_dict, self.config, "return_dict")
         if input_ids is None:
             raise ValueError("input_ids are required")
         rows = pixel_values.shape[0]
@@ -378,6 +414,8 @@ def expand_rows(out: ModelOutput, rows: int) -> ModelOutput:
 
 
 class Blip2TextModelWithProjection(_Blip2Retrieval):
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = False  # as the reference
     def __init__(self, config: Blip2Config):
         super().__init__()
         self.config = config
@@ -386,13 +424,19 @@ class Blip2TextModelWithProjection(_Blip2Retrieval):
         self.embeddings = Blip2TextEmbeddings(config.qformer_config)
         self.qformer = Blip2QFormerModel(config.qformer_config)
         self.text_projection = nn.Linear(d, config.image_text_hidden_size)
+        self.init_switches()
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.embeddings.word_embeddings
 
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embeddings.word_embeddings = value
+
     def forward(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
-                position_ids: Tensor | None = None, output_attentions: bool = False,
-                output_hidden_states: bool = False, return_dict: bool = True, **_: Any) -> Blip2TextModelOutput | tuple:
+                position_ids: Tensor | None = None, output_attentions: bool | None = None,
+                output_hidden_states: bool | None = None, return_dict: bool | None = None,
+                **_: Any) -> Blip2TextModelOutput | tuple:
+        return_dict = resolve(return_dict, self.config, "return_dict")
         if input_ids is None:
             raise ValueError("input_ids are required")
         out = self.text_features(input_ids, attention_mask, position_ids, output_attentions, output_hidden_states)
@@ -412,10 +456,15 @@ class Blip2VisionModelWithProjection(Blip2PreTrainedModel):
         self.query_tokens = nn.Parameter(torch.zeros(1, config.num_query_tokens, d))
         self.qformer = Blip2QFormerModel(config.qformer_config)
         self.vision_projection = nn.Linear(d, config.image_text_hidden_size)
+        self.init_switches()
 
-    def forward(self, pixel_values: Tensor | None = None, output_attentions: bool = False,
-                output_hidden_states: bool = False, return_dict: bool = True,
+    def get_input_embeddings(self) -> nn.Conv2d:
+        return self.vision_model.embeddings.patch_embedding
+
+    def forward(self, pixel_values: Tensor | None = None, output_attentions: bool | None = None,
+                output_hidden_states: bool | None = None, return_dict: bool | None = None,
                 **_: Any) -> Blip2VisionModelOutput | tuple:
+        return_dict = resolve(return_dict, self.config, "return_dict")
         vision = self.vision_model(pixel_values, output_attentions=output_attentions,
                                    output_hidden_states=output_hidden_states)
         q = self.query_features(vision.last_hidden_state).last_hidden_state.to(self.vision_projection.weight.dtype)
