@@ -12,7 +12,7 @@ import torch.nn as nn
 from .config import Blip2Config
 from .io.errors import CheckpointError
 from .io.hub import MODEL_FILES, resolve_checkpoint
-from .io.load import load_config, load_model, param_dtype
+from .io.load import load_model, param_dtype
 from .io.placement import main_device
 from .io.safetensors import checkpoint_tensors
 from .io.save import save_model
@@ -46,43 +46,43 @@ class PretrainedMixin:
         {module name: device | "cpu" | "disk"}) with max_memory ({0: "10GiB", "cpu": "30GiB"}) and
         offload_folder (for what goes to disk), quantization ("8bit", "4bit", "fp4", QuantizationConfig),
         revision, cache_dir, token, local_files_only (hub ids); attn_implementation ("sdpa" or "eager");
-        state_dict (the weights to use instead of the checkpoint's, whose config is read); output_loading_info
-        (also return {"missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs"})."""
-        if pretrained_model_name_or_path is None:
-            raise TypeError("from_pretrained needs a checkpoint directory or hub id (pretrained_model_name_or_path)")
+        output_loading_info (also return {"missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs"}).
+        from_pretrained(None, config=config, state_dict=weights) builds the model from a state dict, as the
+        reference does."""
         attn = kwargs.pop("attn_implementation", None)
         check_attn_implementation(attn)
         info_wanted = kwargs.pop("output_loading_info", False)
         state_dict = kwargs.pop("state_dict", None)
-        if state_dict is not None:
-            model = cls.from_state_dict(pretrained_model_name_or_path, state_dict, **kwargs)
+        if state_dict is not None:  # as the reference: from_pretrained(None, config=config, state_dict=weights)
+            if pretrained_model_name_or_path is not None:
+                raise ValueError("state_dict cannot be passed together with a checkpoint; pass "
+                                 "from_pretrained(None, config=config, state_dict=state_dict)")
+            model = cls.from_state_dict(state_dict, **kwargs)
+        elif pretrained_model_name_or_path is None:
+            raise TypeError("from_pretrained needs a checkpoint directory or hub id (pretrained_model_name_or_path), "
+                            "or config= and state_dict=")
         else:
             model = load_model(cls, pretrained_model_name_or_path, **kwargs)
-        model.name_or_path = model.config._name_or_path = os.fspath(pretrained_model_name_or_path)
+            model.name_or_path = model.config._name_or_path = os.fspath(pretrained_model_name_or_path)
         model.set_attn_implementation(attn or model.config._attn_implementation or "sdpa")
         if not info_wanted:
             return model
+        if state_dict is not None:
+            return model, loading_info(model, state_dict)
         hub = {k: kwargs[k] for k in HUB_KWARGS if k in kwargs}
         path = resolve_checkpoint(pretrained_model_name_or_path, allow_patterns=MODEL_FILES, **hub)
-        return model, loading_info(model, None if state_dict is not None else checkpoint_tensors(path).keys(),
-                                   state_dict)
+        return model, loading_info(model, checkpoint_tensors(path))
 
     @classmethod
-    def from_state_dict(cls, path_or_id: str | os.PathLike, state_dict: dict[str, torch.Tensor],
-                        dtype: str | torch.dtype | None = None, config: Any = None, **kwargs: Any) -> Any:
-        """The model of the checkpoint's config (or `config`) with the weights of `state_dict` (keys as the
-        model's own, or with this class's prefix inside a full checkpoint)."""
-        unknown = sorted(set(kwargs) - set(HUB_KWARGS) - {"torch_dtype"})
-        if unknown:
-            raise TypeError(f"from_pretrained with state_dict= does not take: {', '.join(unknown)}")
+    def from_state_dict(cls, state_dict: dict[str, torch.Tensor], config: Any = None,
+                        dtype: str | torch.dtype | None = None, torch_dtype: str | torch.dtype | None = None) -> Any:
+        """The model of `config` with the weights of `state_dict` (keys as the model's own, or with this class's
+        prefix inside a full checkpoint)."""
         if config is None:
-            path = resolve_checkpoint(path_or_id, allow_patterns=["config.json"],
-                                      **{k: kwargs[k] for k in HUB_KWARGS if k in kwargs})
-            config = load_config(cls, path)[0]
+            raise TypeError("state_dict= needs config= (the reference's from_pretrained(None, config=..., "
+                            "state_dict=...))")
         model = cls(config)
-        prefix = cls.checkpoint_prefix
-        own = {k.removeprefix(prefix) if prefix and k.startswith(prefix) else k: v for k, v in state_dict.items()}
-        missing, _ = model.load_state_dict(own, strict=False)
+        missing, _ = model.load_state_dict(own_keys(model, state_dict), strict=False)
         tied = {n for n in missing if n.endswith("lm_head.weight")}
         if set(missing) - tied:
             shown = sorted(set(missing) - tied)
@@ -90,7 +90,7 @@ class PretrainedMixin:
                                   f"{', '.join(shown[:5])}{' ...' if len(shown) > 5 else ''}")
         if tied:
             model.tie_weights()
-        dtype = dtype if dtype is not None else kwargs.get("torch_dtype")
+        dtype = dtype if dtype is not None else torch_dtype
         if dtype is not None and dtype != "auto":
             dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
             for name, p in model.named_parameters():
@@ -234,10 +234,12 @@ def check_positive(name: str, value: Any) -> None:
 @torch.no_grad()
 def resize_rows(module: nn.Module, n: int, mean_resizing: bool, std: float) -> None:
     """module.weight (V, D) -> (n, D) in place (tied modules see it): the first rows kept, new rows from the
-    reference's initialisation."""
+    reference's initialisation. The new table is built as the reference builds it (a fresh nn.Embedding or
+    nn.Linear, whose init draws from torch's generator), so a seeded resize gives the reference's rows."""
     old = module.weight.data
-    v = old.shape[0]
-    new = old.new_empty(n, old.shape[1])
+    v, d = old.shape
+    fresh = nn.Embedding(n, d) if isinstance(module, nn.Embedding) else nn.Linear(d, n, bias=False)
+    new = fresh.weight.data.to(old.device, old.dtype)
     if n > v and mean_resizing:
         w = old.float()
         mean = w.mean(0)
@@ -259,12 +261,16 @@ def configs_of(config: Any) -> list:
     return [config] + [getattr(config, k) for k in getattr(config, "sub_configs", {})]
 
 
-def loading_info(model: nn.Module, checkpoint_keys: Any, state_dict: dict | None) -> dict[str, list]:
+def own_keys(model: nn.Module, tensors: Any) -> Any:
+    """A checkpoint's keys (a dict keeps its values) with this model's prefix inside a full checkpoint removed."""
+    prefix = getattr(model, "checkpoint_prefix", "")
+    if not prefix or not any(k.startswith(prefix) for k in tensors):
+        return tensors
+    return {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+def loading_info(model: nn.Module, tensors: dict) -> dict[str, list]:
     """The reference's output_loading_info: what the checkpoint (or state_dict) had that the model has not.
     A load that would miss a tensor or mismatch a shape raises instead, so those lists are empty."""
-    keys = set(state_dict if state_dict is not None else checkpoint_keys)
-    prefix = getattr(model, "checkpoint_prefix", "")
-    if prefix and any(k.startswith(prefix) for k in keys):
-        keys = {k.removeprefix(prefix) for k in keys if k.startswith(prefix)}
-    own = set(model.state_dict())
-    return {"missing_keys": [], "unexpected_keys": sorted(keys - own), "mismatched_keys": [], "error_msgs": []}
+    unexpected = set(own_keys(model, tensors)) - set(model.state_dict())
+    return {"missing_keys": [], "unexpected_keys": sorted(unexpected), "mismatched_keys": [], "error_msgs": []}
