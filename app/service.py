@@ -19,10 +19,11 @@ import numpy as np
 import torch
 from PIL import Image
 
+from blip2.cache import ByteLRU
 from blip2.catalogue import GENERATION, RETRIEVAL
-from blip2.retrieval import ByteLRU, match_score
+from blip2.retrieval import match_score
 from blip2.runner import Generated, TextStream
-from blip2.train.world_check import in_world
+from blip2.world_check import in_world
 
 from .config import Limits
 from .errors import RequestError, TimeLimitReached
@@ -167,7 +168,7 @@ class Service(Registry):
 
     def world_caveat(self, key: str, images: list[CheckedImage]) -> str:
         """For the embedded model: a caveat when images lie outside its world of shapes (the measured rule of
-        blip2.train.world_check: every photograph scikit-image ships is flagged, no world scene of the test split
+        blip2.world_check: every photograph scikit-image ships is flagged, no world scene of the test split
         is), else ""."""
         if key != EMBEDDED:
             return ""

@@ -6,7 +6,7 @@ latency over large indexes.
     python -m bench.scale --images 256 --sizes 10000
 
 Throughput (images/s, wall time of the whole job, files read from disk):
-* one by one: Blip2Runner.caption / image_text_embeddings per image (what a loop over the CLI's path does);
+* one by one: Blip2Runner.caption / itc_images per image (what a loop over the CLI's path does);
 * batched: bulk.caption_job / index.index_job (one vision pass and one generation per batch of 16), Parquet out;
 * Ray: the same jobs with --ray on a local Ray of 2 CPUs (2 actors, one model and one thread each); Ray's start
   is timed apart, the actors' model loading is inside the job.
@@ -93,7 +93,7 @@ def throughput(label, gen, itm, folder, ray: bool, batch_size: int) -> list[dict
                                                  progress=False))
     local = pq.read_table(f"{work}/local.parquet")
     report("caption", "batched", seconds, local["caption"].to_pylist() == captions, summary)
-    _, seconds = timed(lambda: [one.image_text_embeddings([p]) for p in paths])
+    _, seconds = timed(lambda: [one.itc_images([p]) for p in paths])
     report("index", "one-by-one", seconds)
     summary, seconds = timed(lambda: index_job(batched, [folder], f"{work}/local.index", itm, batch_size,
                                                progress=False))

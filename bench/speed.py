@@ -157,7 +157,8 @@ def main(argv=None):
 
     import blip2
     from blip2.processing import Blip2Processor
-    from blip2.runner import Blip2Runner, chat_prompt
+    from blip2.prompts import chat_prompt
+    from blip2.runner import Blip2Runner
 
     transformers.logging.set_verbosity_error()
     lm_path, itm_path = make_checkpoints()

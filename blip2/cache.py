@@ -1,4 +1,13 @@
-"""Key/value cache for incremental decoding: one growable buffer per layer and per attention kind."""
+"""Caches: the KV cache of incremental decoding, and the content-keyed feature cache (an LRU bounded in bytes) that
+the captioner and the retriever share."""
+
+from __future__ import annotations
+
+import sys
+import threading
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -48,10 +57,89 @@ class KVCache:
         """Forget everything after the first `length` tokens (reuse of a shared prompt prefix)."""
         self.length = min(self.length, length)
 
-    def copy(self) -> "KVCache":
-        c = KVCache(len(self.k))
-        c.length = self.length
-        c.k = [None if t is None else t[:, :, : self.length].clone() for t in self.k]
-        c.v = [None if t is None else t[:, :, : self.length].clone() for t in self.v]
-        c.cross = list(self.cross)
-        return c
+
+class ByteLRU:
+    """Least-recently-used map bounded by the bytes of its values (tensors, tuples of them, KVCaches, or plain
+    Python values)."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes, self.bytes = max_bytes, 0
+        self.items = OrderedDict()  # key -> (value, bytes)
+        self.lock = threading.Lock()
+
+    def get(self, key: Any) -> Any:
+        with self.lock:
+            if key not in self.items:
+                return None
+            self.items.move_to_end(key)
+            return self.items[key][0]
+
+    def pop(self, key: Any) -> Any:
+        with self.lock:
+            value, size = self.items.pop(key, (None, 0))
+            self.bytes -= size
+            return value
+
+    def put(self, key: Any, value: Any) -> None:
+        size = nbytes(value)
+        with self.lock:
+            self.bytes -= self.items.pop(key, (None, 0))[1]
+            if size > self.max_bytes:
+                return
+            self.items[key] = (value, size)
+            self.bytes += size
+            while self.bytes > self.max_bytes:
+                self.bytes -= self.items.popitem(last=False)[1][1]
+
+
+def nbytes(value: torch.Tensor | KVCache | Sequence | str | float | None) -> int:
+    """Bytes held by a tensor, a KVCache, a sequence of them, or a plain Python value (str, number, bool)."""
+    if value is None or isinstance(value, (str, bytes, int, float)):
+        return sys.getsizeof(value)
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, KVCache):
+        return sum(nbytes(t) for t in value.k + value.v + [x for c in value.cross if c for x in c] if t is not None)
+    return sum(nbytes(v) for v in value)
+
+
+class FeatureCache:
+    """Values computed from image or text content, keyed by (kind, content key), in one ByteLRU; `stats` counts
+    `feature_hits` and `feature_misses`."""
+
+    def __init__(self, max_bytes: int = 256 * 2**20, stats: Counter | None = None):
+        self.lru = ByteLRU(max_bytes)
+        self.stats = stats if stats is not None else Counter()
+
+    @property
+    def bytes(self) -> int:
+        return self.lru.bytes
+
+    def get(self, key: Any, compute: Callable[[], Any]) -> Any:
+        """The value under `key`, computed (without autograd) and kept on a miss."""
+        value = self.lru.get(key)
+        self.stats["feature_hits" if value is not None else "feature_misses"] += 1
+        if value is None:
+            with torch.inference_mode():
+                value = compute()
+            self.lru.put(key, value)
+        return value
+
+    def many(self, kind: str, keys: Sequence[str], compute: Callable[[list[int]], torch.Tensor], batch: int,
+             stop: Callable[[], None] | None = None) -> list[torch.Tensor]:
+        """The values (1, ...) of `kind` for content `keys`; the misses computed `batch` at a time by
+        `compute(indices into keys) -> (b, ...)`, `stop()` called before each batch."""
+        out = [self.lru.get((kind, k)) for k in keys]
+        missing = [i for i, v in enumerate(out) if v is None]
+        self.stats["feature_hits"] += len(keys) - len(missing)
+        self.stats["feature_misses"] += len(missing)
+        for start in range(0, len(missing), batch):
+            if stop is not None:
+                stop()
+            chunk = missing[start:start + batch]
+            with torch.inference_mode():
+                values = compute(chunk)
+            for j, i in enumerate(chunk):
+                out[i] = values[j:j + 1]
+                self.lru.put((kind, keys[i]), out[i])
+        return out

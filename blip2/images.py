@@ -104,3 +104,8 @@ def keyed(image: ImageLike) -> Keyed:
         return image
     im = load_image(image)
     return Keyed(image_key(im), lambda: im)
+
+
+def unkeyed(image: ImageLike) -> Image.Image:
+    """The RGB pixels of any image the runner accepts, without hashing them (for work that caches nothing)."""
+    return image.load() if isinstance(image, Keyed) else load_image(image)

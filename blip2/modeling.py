@@ -6,7 +6,6 @@ checkpoints without `image_token_index`). Retrieval: ITM head on the joint [quer
 cosine between projected query outputs and the projected text [CLS].
 """
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,13 +15,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .config import Blip2Config, OPTConfig, T5Config
-from .generation import generate, stream
+from .generation import generate
 from .ops import BaseModelOutputWithPooling, BaseModelOutputWithPoolingAndCrossAttentions, ModelOutput, resolve
 from .opt import OPTForCausalLM, causal_lm_loss
 from .pretrained import PretrainedMixin
 from .qformer import Blip2QFormerModel, Blip2TextEmbeddings
 from .t5 import T5ForConditionalGeneration
-from .tokenizer import Blip2Tokenizer
 from .vision import Blip2VisionModel
 
 QFormerOutput = BaseModelOutputWithPoolingAndCrossAttentions
@@ -287,16 +285,6 @@ class Blip2ForConditionalGeneration(_Blip2WithLanguageModel):
         inputs = self.generation_inputs(pixel_values, input_ids, attention_mask, inputs_embeds,
                                         interpolate_pos_encoding, image_embeds)
         return generate(self.language_model, *inputs, streamer=streamer, **generate_kwargs)
-
-    def generate_stream(self, tokenizer: Blip2Tokenizer, pixel_values: Tensor | None = None,
-                        input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
-                        inputs_embeds: Tensor | None = None, interpolate_pos_encoding: bool = False,
-                        image_embeds: Tensor | None = None, **generate_kwargs: Any) -> Iterator[str]:
-        """Like generate for one sequence, but yields the new text piece by piece as the tokens arrive."""
-        with torch.no_grad():
-            inputs = self.generation_inputs(pixel_values, input_ids, attention_mask, inputs_embeds,
-                                            interpolate_pos_encoding, image_embeds)
-        return stream(self.language_model, tokenizer, *inputs, **generate_kwargs)
 
 
 class _Blip2Retrieval(Blip2PreTrainedModel):

@@ -2,13 +2,13 @@
 through ctypes: int4 (every row count) and int8 (decoding steps; a prompt pass runs torch._int_mm).
 
 Why not PyTorch's `_weight_int4pack_mm_for_cpu` / `_weight_int8pack_mm`: they keep activations in floating point
-and convert every weight to float, so on 2 cores they are compute-bound (14 GB/s of weights where memory gives 25)
-and int4 at a 33-row prompt pass is 3x slower than a bf16 matmul. These kernels quantize the activations to int8
-(int4: per row and group; int8: per row) and sum int8 products with VNNI (AVX-512, else AVX2), as llama.cpp's Q4 x
-Q8 dot products do: `python -m bench.realsize --kernels` has the figures. torchao's x86 kernels for the same scheme
-are not in its PyPI wheel, and Intel's extension is discontinued.
+and convert every weight to float, so on few cores they are compute-bound, below the memory's bandwidth, and int4
+at a prompt pass is slower than a bf16 matmul. These kernels quantize the activations to int8 (int4: per row and
+group; int8: per row) and sum int8 products with VNNI (AVX-512, else AVX2), as llama.cpp's Q4 x Q8 dot products
+do: `python -m bench.realsize --kernels` measures them (figures in the README). torchao's x86 kernels for the same
+scheme are not in its PyPI wheel, and Intel's extension is discontinued.
 
-Built once per source, compiler and CPU: `c++ -O3 -march=native -fopenmp` (about 1 s, no torch headers), into
+Built once per source, compiler and CPU: `c++ -O3 -march=native -fopenmp` (no torch headers), into
 $BLIP2_KERNEL_CACHE (default ~/.cache/blip2/kernels), written to a temporary name and renamed, so concurrent
 processes never load half a file. Its OpenMP is the runtime torch already loaded (the same libgomp.so.1), sized by
 torch.get_num_threads(). Where it cannot be built (no C++ compiler, no OpenMP, a CPU without AVX2) or where

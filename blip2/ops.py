@@ -176,8 +176,8 @@ def padding_mask(attention_mask: torch.Tensor | None, dtype: torch.dtype) -> tor
 
 
 def causal_mask(attention_mask: torch.Tensor, q_len: int, dtype: torch.dtype) -> torch.Tensor:
-    """(B, Tk) key mask -> additive (B, 1, Tq, Tk) causal + padding mask for the last Tq positions;
-    None when the plain causal rule on full rows suffices is not expressible here, so always a tensor."""
+    """(B, Tk) key mask -> additive (B, 1, Tq, Tk) mask for the last Tq positions: query i sees key j when j <= i
+    and the key mask keeps j (0), else the dtype's minimum."""
     b, k_len = attention_mask.shape
     i = torch.arange(k_len - q_len, k_len, device=attention_mask.device)[:, None]
     j = torch.arange(k_len, device=attention_mask.device)[None, :]

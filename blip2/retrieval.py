@@ -1,6 +1,6 @@
 """Image-text matching tasks over a Blip2ForImageTextRetrieval: ITM / ITC scores of many texts, gallery ranking with
-an ITM re-rank of the top hits, and Grad-CAM heat maps; image features and text embeddings cached by content in one
-bytes-bounded LRU. `Blip2Runner` (blip2/runner.py) adds generation on top; the app and the CLI call these methods.
+an ITM re-rank of the top hits, and Grad-CAM heat maps; image features and text embeddings cached by content in the
+FeatureCache the Retriever shares with the Captioner (both held by blip2.runner.Blip2Runner).
 
 Special-token strings in user text (a literal "<image>", "[CLS]") are plain text in every path.
 """
@@ -8,84 +8,21 @@ Special-token strings in user text (a literal "<image>", "[CLS]") are plain text
 from __future__ import annotations
 
 import math
-import sys
-import threading
-from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
-from .cache import KVCache
+from .cache import FeatureCache
 from .explain import relevance_grid
-from .images import ImageLike, Keyed, keyed
+from .images import ImageLike, Keyed, keyed, unkeyed
 
 if TYPE_CHECKING:
     from .modeling import Blip2ForImageTextRetrieval
-    from .processing import Blip2Processor, Blip2Tokenizer
+    from .processing import Blip2Processor
 
 VISION_BATCH = 8  # images per vision pass when many miss the cache (a stop check runs between passes)
-
-
-class ByteLRU:
-    """Least-recently-used map bounded by the bytes of its values (tensors, tuples of them, KVCaches, or plain
-    Python values)."""
-
-    def __init__(self, max_bytes: int):
-        self.max_bytes, self.bytes = max_bytes, 0
-        self.items = OrderedDict()  # key -> (value, bytes)
-        self.lock = threading.Lock()
-
-    def get(self, key: Any) -> Any:
-        with self.lock:
-            if key not in self.items:
-                return None
-            self.items.move_to_end(key)
-            return self.items[key][0]
-
-    def pop(self, key: Any) -> Any:
-        with self.lock:
-            value, size = self.items.pop(key, (None, 0))
-            self.bytes -= size
-            return value
-
-    def put(self, key: Any, value: Any) -> None:
-        size = nbytes(value)
-        with self.lock:
-            self.bytes -= self.items.pop(key, (None, 0))[1]
-            if size > self.max_bytes:
-                return
-            self.items[key] = (value, size)
-            self.bytes += size
-            while self.bytes > self.max_bytes:
-                self.bytes -= self.items.popitem(last=False)[1][1]
-
-
-def nbytes(value: torch.Tensor | KVCache | Sequence | str | float | None) -> int:
-    """Bytes held by a tensor, a KVCache, a sequence of them, or a plain Python value (str, number, bool)."""
-    if value is None or isinstance(value, (str, bytes, int, float)):
-        return sys.getsizeof(value)
-    if isinstance(value, torch.Tensor):
-        return value.numel() * value.element_size()
-    if isinstance(value, KVCache):
-        return sum(nbytes(t) for t in value.k + value.v + [x for c in value.cross if c for x in c] if t is not None)
-    return sum(nbytes(v) for v in value)
-
-
-def encode_plain(tokenizer: Blip2Tokenizer, text: str) -> list[int]:
-    """Token ids of user text with the tokenizer's own special tokens around it. Special-token strings inside the
-    text stay plain text, so a literal "<image>" cannot change the image-token count nor "</s>" end the prompt."""
-    backend = tokenizer.backend
-    with getattr(tokenizer, "_lock", nullcontext()):
-        backend.no_truncation()
-        backend.no_padding()
-        backend.encode_special_tokens = True
-        try:
-            return backend.encode(text).ids
-        finally:
-            backend.encode_special_tokens = False
 
 
 def match_score(itm_prob: float, itc: float) -> float:
@@ -116,59 +53,25 @@ def rerank_order(itc: Sequence[float], itm: dict[int, float]) -> list[int]:
     return top + [i for i in by_itc if i not in itm]
 
 
+def pixel_values(model, processor: Blip2Processor, images) -> torch.Tensor:
+    """(B, 3, H, W) pixel values of PIL images for `model`, on its device."""
+    device = next(model.parameters()).device
+    return processor.image_processor(images, return_tensors="pt")["pixel_values"].to(device)
+
+
 class Retriever:
-    """`itm_model`: a Blip2ForImageTextRetrieval with its `itm_processor` (None: matching is refused). `features`:
-    the content-keyed cache of image features and text embeddings; `stats` counts its hits and misses."""
+    """ITM / ITC matching, ranking and heat maps over `model` (a Blip2ForImageTextRetrieval) with its `processor`;
+    image features and text embeddings kept in `features` (shared with the captioner)."""
 
-    def __init__(self, itm_model: Blip2ForImageTextRetrieval | None = None, itm_processor: Blip2Processor | None = None,
-                 features: ByteLRU | None = None,
-                 stats: Counter | None = None):
-        self.itm_model, self.itm_processor = itm_model, itm_processor
-        self.features = features if features is not None else ByteLRU(256 * 2**20)
-        self.stats = stats if stats is not None else Counter()
-
-    def _cached(self, key, compute: Callable[[], object]):
-        value = self.features.get(key)
-        self.stats["feature_hits" if value is not None else "feature_misses"] += 1
-        if value is None:
-            with torch.inference_mode():
-                value = compute()
-            self.features.put(key, value)
-        return value
-
-    def _pixels(self, model, processor, images) -> torch.Tensor:
-        device = next(model.parameters()).device
-        return processor.image_processor(images, return_tensors="pt")["pixel_values"].to(device)
-
-    def _retrieval(self):
-        if self.itm_model is None:
-            raise ValueError("this runner has no image-text matching model")
-        return self.itm_model
+    def __init__(self, model: Blip2ForImageTextRetrieval, processor: Blip2Processor, features: FeatureCache):
+        self.model, self.processor, self.features = model, processor, features
 
     # ---- features, cached by content ---------------------------------------------------------------------
 
-    def _many(self, kind: str, images: Sequence[Keyed], compute, stop: Callable[[], None] | None = None) -> list:
-        """Cached per-image values of `kind` ((1, ...) each); the misses computed VISION_BATCH images at a time
-        by `compute(keyed images) -> (B, ...)`, `stop()` called before each batch."""
-        out = [self.features.get((kind, k.key)) for k in images]
-        missing = [i for i, v in enumerate(out) if v is None]
-        self.stats["feature_hits"] += len(images) - len(missing)
-        self.stats["feature_misses"] += len(missing)
-        for start in range(0, len(missing), VISION_BATCH):
-            if stop is not None:
-                stop()
-            chunk = missing[start:start + VISION_BATCH]
-            with torch.inference_mode():
-                values = compute([images[i] for i in chunk])
-            for j, i in enumerate(chunk):
-                out[i] = values[j:j + 1]
-                self.features.put((kind, images[i].key), out[i])
-        return out
-
     def _vision_states(self, images: Sequence[Keyed], stop=None) -> list[torch.Tensor]:
-        m = self._retrieval()
-        return self._many("vision", images, lambda ks: m.vision_model(
-            self._pixels(m, self.itm_processor, [k.load() for k in ks])).last_hidden_state, stop)
+        m = self.model
+        return self.features.many("vision", [k.key for k in images], lambda chunk: m.vision_model(
+            pixel_values(m, self.processor, [images[i].load() for i in chunk])).last_hidden_state, VISION_BATCH, stop)
 
     def vision_states(self, image: ImageLike) -> torch.Tensor:
         """(1, 1+N, D_v) patch embeddings of the retrieval model for an image, cached (a heat map after a match
@@ -177,46 +80,39 @@ class Retriever:
 
     def itc_images(self, images: Sequence[ImageLike], stop: Callable[[], None] | None = None) -> torch.Tensor:
         """(I, Q, E) normalised ITC embeddings of images, each cached by content (the vision pass too)."""
-        m, images = self._retrieval(), [keyed(i) for i in images]
+        m, images = self.model, [keyed(i) for i in images]
         if not images:
             return torch.empty(0, m.config.num_query_tokens, m.config.image_text_hidden_size)
-        embeds = self._many("itc", images, lambda ks: m.itc_image_embeds(torch.cat(self._vision_states(ks, stop))),
-                            stop)
+        embeds = self.features.many("itc", [k.key for k in images], lambda chunk: m.itc_image_embeds(
+            torch.cat(self._vision_states([images[i] for i in chunk], stop))), VISION_BATCH, stop)
         return torch.cat(embeds)
 
     def itc_texts(self, texts: Sequence[str]) -> torch.Tensor:
         """(T, E) normalised ITC embeddings of texts, each cached."""
-        m = self._retrieval()
+        m = self.model
         if not texts:
             return torch.empty(0, m.config.image_text_hidden_size)
-        return torch.cat([self._cached(("text", t), lambda t=t: m.itc_text_embeds(*self.text_batch([t])[:2])[0])
+        return torch.cat([self.features.get(("text", t), lambda t=t: m.itc_text_embeds(*self.text_batch([t])[:2])[0])
                           for t in texts])
 
-    def image_text_embeddings(self, images: Sequence[ImageLike] = (),
-                              texts: Sequence[str] = ()) -> tuple[torch.Tensor, torch.Tensor]:
-        """Normalised ITC embeddings for search: images (I, Q, E) and texts (T, E), each cached by content.
-        The similarity of image i and text t is max over q of images[i, q] . texts[t]."""
-        return self.itc_images(list(images)), self.itc_texts(list(texts))
-
     def itc_image_batch(self, images: Sequence[ImageLike]) -> torch.Tensor:
-        """(B, Q, E) normalised ITC embeddings of images in one vision pass (not cached: for collections)."""
-        m = self._retrieval()
-        images = [keyed(i).load() for i in images]
+        """(B, Q, E) normalised ITC embeddings of images in one vision pass (not cached, not hashed: for
+        collections)."""
+        m, images = self.model, [unkeyed(i) for i in images]
         with torch.inference_mode():
-            return m.itc_image_embeds(m.vision_model(self._pixels(m, self.itm_processor, images)).last_hidden_state)
+            return m.itc_image_embeds(m.vision_model(pixel_values(m, self.processor, images)).last_hidden_state)
 
     # ---- texts -------------------------------------------------------------------------------------------
 
     def text_batch(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor, list[bool]]:
         """Plain-text ids of the retrieval tokenizer (special-token strings a user typed stay text), cut to the
         Q-Former's positions, right-padded -> (ids (T, L), mask (T, L), truncated per text)."""
-        tok, qcfg = self.itm_processor.tokenizer, self._retrieval().config.qformer_config
-        limit = qcfg.max_position_embeddings
-        rows = [encode_plain(tok, t) for t in texts]
+        tok, limit = self.processor.tokenizer, self.model.config.qformer_config.max_position_embeddings
+        rows = [tok.encode_plain(t) for t in texts]
         truncated = [len(r) > limit for r in rows]
         rows = [r[:limit - 1] + r[-1:] if cut else r for r, cut in zip(rows, truncated)]  # keep [SEP]
         width = max(map(len, rows))
-        device = next(self.itm_model.parameters()).device
+        device = next(self.model.parameters()).device
         pad = tok.pad_token_id or 0
         ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=device)
         mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=device)
@@ -226,7 +122,7 @@ class Retriever:
 
     def match(self, image: ImageLike, texts: Sequence[str]) -> list[Match]:
         """ITM probability and ITC cosine of one image against each text; the image is encoded once (cached)."""
-        m, texts = self._retrieval(), list(texts)
+        m, texts = self.model, list(texts)
         if not texts:
             return []
         image = keyed(image)
@@ -234,14 +130,14 @@ class Retriever:
         ids, mask, truncated = self.text_batch(texts)
         with torch.inference_mode():
             itm = m.itm_logits(vision, ids, mask)[0].float().softmax(-1)[:, 1]  # (T,)
-            img = self._cached(("itc", image.key), lambda: m.itc_image_embeds(vision))  # (1, Q, E)
+            img = self.features.get(("itc", image.key), lambda: m.itc_image_embeds(vision))  # (1, Q, E)
             txt = m.itc_text_embeds(ids, mask)[0]  # (T, E)
             itc = (img[0].float() @ txt.float().t()).amax(0)  # (T,): best query per text
         return [Match(t, float(a), float(c), cut) for t, a, c, cut in zip(texts, itm, itc, truncated)]
 
     def itm_probs(self, images: Sequence[ImageLike], text: str, stop: Callable[[], None] | None = None) -> list[float]:
         """ITM match probability of each image with one text (vision passes cached)."""
-        m, images = self._retrieval(), [keyed(i) for i in images]
+        m, images = self.model, [keyed(i) for i in images]
         if not images:
             return []
         states = torch.cat(self._vision_states(images, stop))  # (I, 1+N, D_v)
@@ -274,4 +170,4 @@ class Retriever:
         states -> ((side, side) relevance, method)."""
         states = self.vision_states(image)
         ids, mask, _ = self.text_batch([text])
-        return relevance_grid(self._retrieval(), states, ids, mask)
+        return relevance_grid(self.model, states, ids, mask)

@@ -1,16 +1,16 @@
-"""BLIP-2 tasks for the CLI and the app: captions, visual question answering over a chat, image-text matching and
-embeddings (blip2/retrieval.py), reusing work across calls.
+"""BLIP-2 tasks for the CLI and the app: a Captioner (captions, visual question answering over a chat, streams,
+batches) and a Retriever (image-text matching and embeddings, blip2/retrieval.py) over one content-keyed
+FeatureCache; `Blip2Runner` holds the two.
 
 Reuse (the results equal a fresh computation):
 * image features, keyed by a hash of the image content, in an LRU bounded in bytes: the language-model-ready query
   embeddings (the vision tower and Q-Former run once per image), the retrieval model's patch embeddings and ITC
   embeddings, and the ITC embeddings of texts;
-* for a decoder-only (OPT) language model, the KV cache of the last prompt (and answer) computed on an image: a new
-  prompt that starts with the same token ids only computes its new tokens (a chat's next turn).
-Context fitting happens here only (`fit`): over-long prompts lose their oldest chat turns first, then
-max_new_tokens is lowered to what the positions leave, and last the text is cut from the left; the
-result says what was done (`dropped_turns`, `truncated`, `max_new_tokens`). Special-token strings in user text (a
-literal "<image>", "</s>") are plain text. Generation stops between tokens when a `stop` callback raises.
+* for a decoder-only (OPT) language model, the KV cache of the last prompt (and answer) computed on an image
+  (PrefixCache): a new prompt that starts with the same token ids only computes its new tokens (a chat's next turn).
+Prompts are fitted to the context by blip2.prompts.fit; the result says what was done (`dropped_turns`, `truncated`,
+`max_new_tokens`). Special-token strings in user text (a literal "<image>", "</s>") are plain text. Generation stops
+between tokens when a `stop` callback raises.
 """
 
 from __future__ import annotations
@@ -22,211 +22,75 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .cache import ByteLRU, FeatureCache, KVCache
+from .decoding import ANSWER, CAPTION
 from .generation import DEFAULT_NEW_TOKENS, Decoding, text_pieces
-from .images import ImageLike, keyed
-from .retrieval import ByteLRU, Retriever, encode_plain
+from .images import ImageLike, keyed, unkeyed
+from .prompts import History, Limits, Prompt, chat_texts, fit, lowered
+from .retrieval import Match, Ranked, Retriever, pixel_values
 
 if TYPE_CHECKING:
     from .modeling import Blip2ForConditionalGeneration, Blip2ForImageTextRetrieval
     from .processing import Blip2Processor
 
-# The demo's decoding defaults, shared by the app and the CLI: a caption gets room to finish its phrase, an answer
-# is short; at least one new token, so an image never gets an empty text.
-CAPTION_DECODING = {"max_new_tokens": 30, "min_new_tokens": 1}
-ANSWER_DECODING = {"max_new_tokens": 20, "min_new_tokens": 1}
-History = Sequence[tuple[str, str]]  # a chat's past turns: (question, answer), oldest first
-MIN_ANSWER_TOKENS = 8  # the fewest new tokens an over-long prompt leaves a decoder before the prompt is cut
-
-
-def truncate_left(ids: list[int], special: list[int], limit: int) -> list[int]:
-    """Keep the special tokens the template added (`special` = ids of the empty text, in front of the text or
-    after it) and the last text tokens, `limit` ids in all."""
-    if len(ids) <= limit:
-        return ids
-    head = len(special) if ids[:len(special)] == special else 0
-    tail = len(special) - head
-    keep = max(limit - len(special), 0)
-    return ids[:head] + ids[len(ids) - tail - keep:len(ids) - tail] + ids[len(ids) - tail:]
-
-
-def chat_turn(question: str, answer: str) -> str:
-    """One past turn: "Question: q Answer: a." (an answer that already ends in . ! or ? keeps its own stop)."""
-    answer = answer.strip()
-    return f"Question: {question} Answer: {answer}{'' if answer.endswith(('.', '!', '?')) else '.'}"
-
-
-def chat_prompt(question: str, history: History = (), short_answer: bool = False) -> str:
-    """The BLIP-2 paper's VQA template over a chat: a `chat_turn` per past (q, a), then "Question: q Answer:", or
-    "Question: q Short answer:" for Flan-T5 (`short_answer`) as the paper prompts it. The app and the CLI both
-    build their prompts here."""
-    turns = [chat_turn(q, a) for q, a in history]
-    return " ".join(turns + [f"Question: {question} {'Short answer' if short_answer else 'Answer'}:"])
-
-
-@dataclass
-class Prompt:
-    """A prompt fitted to the language model's context (`Blip2Runner.fit`)."""
-
-    text: str  # the prompt text used
-    ids: list  # its plain-text token ids
-    dropped_turns: int  # oldest chat turns left out to fit
-    cut: bool  # the text was cut from the left to fit
-    max_new_tokens: int  # new tokens allowed (lowered to what a decoder's positions leave)
-
-    @property
-    def truncated(self) -> bool:
-        return self.dropped_turns > 0 or self.cut
+CAPTION_DECODING, ANSWER_DECODING = CAPTION, ANSWER  # the demo's defaults (blip2.decoding)
 
 
 @dataclass
 class Generated:
     text: str  # the first (best) sequence
     texts: list  # every returned sequence (num_return_sequences)
-    prompt: str  # the prompt text used (after fitting)
-    truncated: bool  # the prompt lost its oldest text (turns, or words cut from the left) to fit the model
-    dropped_turns: int = 0  # oldest chat turns left out
-    max_new_tokens: int | None = None  # the new tokens allowed after fitting
+    fitted: Prompt  # the prompt used, as fitted to the context
+
+    @property
+    def prompt(self) -> str:  # the prompt text used (after fitting)
+        return self.fitted.text
+
+    @property
+    def truncated(self) -> bool:  # the prompt lost its oldest text (turns, or words cut from the left) to fit
+        return self.fitted.truncated
+
+    @property
+    def dropped_turns(self) -> int:  # oldest chat turns left out
+        return self.fitted.dropped_turns
+
+    @property
+    def max_new_tokens(self) -> int:  # the new tokens allowed after fitting
+        return self.fitted.max_new_tokens
 
 
-class TextStream:
-    """Iterating yields the answer's text pieces as they are generated (and runs the decoding); the fitting
-    (`prompt`, `truncated`, `dropped_turns`, `max_new_tokens`) is known before, `text` holds what has come so far.
-    `close()` stops the decoding (a client that went away)."""
+class TextStream(Generated):
+    """A Generated that comes piece by piece: iterating yields the answer's text pieces as they are generated (and
+    runs the decoding); the fitting (`prompt`, `truncated`, `dropped_turns`, `max_new_tokens`) is known before,
+    `text` holds what has come so far (`texts` the whole text once done). `close()` stops the decoding (a client that
+    went away)."""
 
-    def __init__(self, pieces: Iterator[str], fit: Prompt):
-        self.pieces, self.text = pieces, ""
-        self.prompt, self.truncated = fit.text, fit.truncated
-        self.dropped_turns, self.max_new_tokens = fit.dropped_turns, fit.max_new_tokens
+    def __init__(self, pieces: Iterator[str], fitted: Prompt):
+        super().__init__("", [], fitted)
+        self.pieces = pieces
 
     def __iter__(self) -> Iterator[str]:
         for piece in self.pieces:
             self.text += piece
             yield piece
+        self.texts = [self.text]
 
     def close(self) -> None:
         self.pieces.close()
 
 
-def lowered(decoding: dict, max_new_tokens: int) -> dict:
-    """`decoding` with max_new_tokens (and min_new_tokens) at most `max_new_tokens`."""
-    if max_new_tokens >= (decoding.get("max_new_tokens") or DEFAULT_NEW_TOKENS):
-        return decoding
-    decoding = decoding | {"max_new_tokens": max_new_tokens}
-    if decoding.get("min_new_tokens") is not None:
-        decoding["min_new_tokens"] = min(decoding["min_new_tokens"], max_new_tokens)
-    return decoding
+class PrefixCache:
+    """Per image, the KV cache of the last prompt (and answer) a decoder computed on it, with the ids it holds; a
+    later prompt on the image that starts with the same ids takes it and computes only the rest."""
 
+    def __init__(self, max_bytes: int, stats: Counter):
+        self.held = ByteLRU(max_bytes)  # image key -> (ids (T,), KVCache)
+        self.stats = stats
 
-class Blip2Runner(Retriever):
-    """`model`: a Blip2ForConditionalGeneration with its `processor`; `itm_model`: a Blip2ForImageTextRetrieval
-    with its `itm_processor` (matching, search, heat maps: blip2.retrieval.Retriever). Either pair may be None.
-    `stats` counts cache hits."""
-
-    def __init__(self, model: Blip2ForConditionalGeneration | None = None, processor: Blip2Processor | None = None,
-                 itm_model: Blip2ForImageTextRetrieval | None = None, itm_processor: Blip2Processor | None = None,
-                 image_cache_bytes: int = 256 * 2**20, prefix_cache_bytes: int = 256 * 2**20):
-        super().__init__(itm_model, itm_processor, ByteLRU(image_cache_bytes), Counter())
-        self.model, self.processor = model, processor
-        self.prefixes = ByteLRU(prefix_cache_bytes)  # image key -> (token ids (T,) held, KVCache)
-
-    def image_embeds(self, image: ImageLike) -> tuple[torch.Tensor, str]:
-        """(1, Q, D_t) language-model-ready query embeddings of an image, cached by content; and the key."""
-        image, m = keyed(image), self._generator()
-        embeds = self._cached(("lm", image.key), lambda: m.get_image_features(
-            self._pixels(m, self.processor, image.load())).pooler_output)
-        return embeds, image.key
-
-    def _generator(self):
-        if self.model is None:
-            raise ValueError("this runner has no captioning model")
-        return self.model
-
-    # ---- context fitting ---------------------------------------------------------------------------------
-
-    @property
-    def context_size(self) -> int:
-        """Tokens the language model takes: a decoder's positions (image tokens, prompt and answer together), or
-        an encoder-decoder's prompt length (the tokenizer's model_max_length, 512 when unset)."""
-        cfg, tok = self._generator().config, self.processor.tokenizer
-        if not cfg.is_encoder_decoder and getattr(cfg.text_config, "max_position_embeddings", None):
-            return int(cfg.text_config.max_position_embeddings)
-        return int(tok.model_max_length) if tok.model_max_length < 100_000 else 512
-
-    def prompt_length(self, text: str) -> int:
-        """Positions `text` takes in the language model, the image's query tokens included."""
-        return len(encode_plain(self.processor.tokenizer, text)) + self._generator().config.num_query_tokens
-
-    def fit(self, texts: Sequence[str], max_new_tokens: int) -> Prompt:
-        """The first of `texts` (candidate prompts, oldest chat turns dropped a step at a time) that fits with
-        `max_new_tokens`; else, for a decoder, the last one with max_new_tokens lowered to what it leaves
-        (at least MIN_ANSWER_TOKENS); else the last one cut from the left. ValueError when max_new_tokens leaves
-        no room for a prompt at all."""
-        cfg, tok = self._generator().config, self.processor.tokenizer
-        decoder = not cfg.is_encoder_decoder
-        positions = self.context_size - cfg.num_query_tokens if decoder else None  # for prompt + new tokens
-
-        def text_limit(new_tokens):  # prompt ids that leave `new_tokens` positions
-            return min(tok.model_max_length, positions - new_tokens) if decoder else tok.model_max_length
-
-        for dropped, text in enumerate(texts):
-            ids = encode_plain(tok, text)
-            if len(ids) <= text_limit(max_new_tokens):
-                return Prompt(text, ids, dropped, False, max_new_tokens)
-        keep = min(max_new_tokens, MIN_ANSWER_TOKENS) if decoder else max_new_tokens
-        limit = text_limit(keep)
-        if limit < 1:
-            raise ValueError(f"max_new_tokens={keep} leaves no room for a prompt in the language model's "
-                             f"{self.context_size} positions")
-        cut = len(ids) > limit
-        if cut:
-            ids = truncate_left(ids, encode_plain(tok, ""), limit)
-            text = tok.decode(ids, skip_special_tokens=True)
-        new_tokens = min(max_new_tokens, positions - len(ids)) if decoder else max_new_tokens
-        return Prompt(text, ids, dropped, cut, new_tokens)
-
-    def _chat_texts(self, question: str, history: History) -> list[str]:
-        """The chat prompt with all past turns, then without the oldest ones (to fit the context, first first)."""
-        history, short = list(history), bool(self._generator().config.is_encoder_decoder)
-        return [chat_prompt(question, history[i:], short) for i in range(len(history) + 1)]
-
-    def fit_chat(self, question: str, history: History, max_new_tokens: int) -> Prompt:
-        """The chat prompt `ask` uses for this question and history, fitted to the context (see `fit`)."""
-        return self.fit(self._chat_texts(question, history), max_new_tokens)
-
-    # ---- generation --------------------------------------------------------------------------------------
-
-    def _prompt_tensor(self, fit: Prompt) -> torch.Tensor:
-        """(1, T) ids: the image placeholders (absent in the legacy layout) and the prompt's."""
-        cfg = self.model.config
-        placeholders = [cfg.image_token_index] * cfg.num_query_tokens if cfg.image_token_index is not None else []
-        return torch.tensor([placeholders + fit.ids], device=next(self.model.parameters()).device)
-
-    def _fit_decoding(self, texts: Sequence[str], decoding: dict) -> tuple[Prompt, dict]:
-        """The fitted prompt, and the decoding settings with max_new_tokens (and min_new_tokens) lowered to it."""
-        fit = self.fit(texts, decoding.get("max_new_tokens") or DEFAULT_NEW_TOKENS)
-        return fit, lowered(decoding, fit.max_new_tokens)
-
-    def _start(self, image, texts, decoding: dict):
-        """Everything before decoding: cached image embeddings, the fitted prompt, the reusable KV cache prefix."""
-        image_embeds, key = self.image_embeds(image)
-        fit, decoding = self._fit_decoding(texts, decoding)
-        ids = self._prompt_tensor(fit)
-        cache = self._reuse_prefix(key, ids[0]) if self._reuses_prefix else None
-        with torch.no_grad():
-            embeds, mask, input_ids = self.model.generation_inputs(input_ids=ids, image_embeds=image_embeds)
-            run = Decoding(self.model.language_model, embeds, mask, input_ids, cache, **decoding)
-        return run, key, fit
-
-    @property
-    def _reuses_prefix(self):
-        """Only a decoder-only model whose prompt ids hold the image tokens has a KV cache per prompt id."""
-        cfg = self.model.config
-        return not cfg.is_encoder_decoder and cfg.image_token_index is not None
-
-    def _reuse_prefix(self, key, ids):
-        """A KV cache holding the longest common prefix of `ids` with what was last computed on this image (at
-        least one prompt token is left to compute), or None."""
-        held = self.prefixes.pop(key)
+    def take(self, key: str, ids: torch.Tensor) -> KVCache | None:
+        """A KV cache holding the longest common prefix of `ids` (T,) with what was kept for this image (at least
+        one id is left to compute), or None. The cache is the caller's now."""
+        held = self.held.pop(key)
         if held is None:
             return None
         old, cache = held
@@ -239,35 +103,94 @@ class Blip2Runner(Retriever):
         self.stats["prefix_tokens_reused"] += same
         return cache
 
-    def _keep_prefix(self, key, run):
-        """Keep the cache for the next prompt on this image: with one decoding row it holds the prompt and the
-        answer so far, otherwise (beams, samples) the prompt only."""
-        cache, n = run.model.cache, run.prompt.shape[1]
-        if not self._reuses_prefix or cache.length < n:
-            return
-        if cache.k[0].shape[0] == 1 and run.sequences is not None:
-            held = run.sequences[0, :cache.length]
-        else:
-            cache.crop(n)
-            if cache.k[0].shape[0] > 1:
-                cache.reorder(torch.zeros(1, dtype=torch.long, device=run.prompt.device))
-            held = run.prompt[0]
-        self.prefixes.put(key, (held.clone(), cache))
+    def keep(self, key: str, run: Decoding) -> None:
+        """Keep what `run` leaves reusable (Decoding.reusable) for the next prompt on this image."""
+        reusable = run.reusable()
+        if reusable is not None:
+            self.held.put(key, reusable)
 
-    def _decode_texts(self, run):
+
+class Captioner:
+    """Captions and chat answers over `model` (a Blip2ForConditionalGeneration) with its `processor`; the image's
+    query embeddings kept in `features`, a decoder's prompt caches in `prefixes`."""
+
+    def __init__(self, model: Blip2ForConditionalGeneration, processor: Blip2Processor, features: FeatureCache,
+                 prefixes: PrefixCache):
+        self.model, self.processor, self.features, self.prefixes = model, processor, features, prefixes
+        cfg = model.config
+        # only a decoder-only model whose prompt ids hold the image tokens has a KV cache per prompt id
+        self.reuses_prefix = not cfg.is_encoder_decoder and cfg.image_token_index is not None
+
+    def image_embeds(self, image: ImageLike) -> tuple[torch.Tensor, str]:
+        """(1, Q, D_t) language-model-ready query embeddings of an image, cached by content; and the key."""
+        image, m = keyed(image), self.model
+        embeds = self.features.get(("lm", image.key), lambda: m.get_image_features(
+            pixel_values(m, self.processor, image.load())).pooler_output)
+        return embeds, image.key
+
+    # ---- context fitting ---------------------------------------------------------------------------------
+
+    @property
+    def context_size(self) -> int:
+        """Tokens the language model takes: a decoder's positions (image tokens, prompt and answer together), or
+        an encoder-decoder's prompt length (the tokenizer's model_max_length, 512 when unset)."""
+        cfg, tok = self.model.config, self.processor.tokenizer
+        if not cfg.is_encoder_decoder and getattr(cfg.text_config, "max_position_embeddings", None):
+            return int(cfg.text_config.max_position_embeddings)
+        return int(tok.model_max_length) if tok.model_max_length < 100_000 else 512
+
+    def prompt(self, texts: Sequence[str], max_new_tokens: int) -> Prompt:
+        """The first of `texts` (candidate prompts, oldest chat turns dropped a step at a time) fitted to the
+        context with `max_new_tokens` (blip2.prompts.fit)."""
+        cfg, tok = self.model.config, self.processor.tokenizer
+        positions = None if cfg.is_encoder_decoder else self.context_size - cfg.num_query_tokens
+        limits = Limits(tok.model_max_length, positions)
+        done = fit((tok.encode_plain(t) for t in texts), tok.encode_plain(""), limits, max_new_tokens)
+        text = tok.decode(done.ids, skip_special_tokens=True) if done.cut else texts[done.index]
+        return Prompt(text, done.ids, done.index, done.cut, done.max_new_tokens)
+
+    def chat_texts(self, question: str, history: History) -> list[str]:
+        """The chat prompt candidates for a question (Flan-T5 is asked for a short answer, as in the paper)."""
+        return chat_texts(question, history, bool(self.model.config.is_encoder_decoder))
+
+    # ---- generation --------------------------------------------------------------------------------------
+
+    def prompt_ids(self, prompt: Prompt) -> torch.Tensor:
+        """(1, T) ids: the image placeholders (absent in the legacy layout) and the prompt's."""
+        cfg = self.model.config
+        placeholders = [cfg.image_token_index] * cfg.num_query_tokens if cfg.image_token_index is not None else []
+        return torch.tensor([placeholders + prompt.ids], device=next(self.model.parameters()).device)
+
+    def _start(self, image, texts, decoding: dict) -> tuple[Decoding, str, Prompt]:
+        """Everything before decoding: cached image embeddings, the fitted prompt, the reusable KV cache prefix."""
+        image_embeds, key = self.image_embeds(image)
+        fitted = self.prompt(texts, decoding.get("max_new_tokens") or DEFAULT_NEW_TOKENS)
+        ids = self.prompt_ids(fitted)
+        cache = self.prefixes.take(key, ids[0]) if self.reuses_prefix else None
+        with torch.no_grad():
+            embeds, mask, input_ids = self.model.generation_inputs(input_ids=ids, image_embeds=image_embeds)
+            run = Decoding(self.model.language_model, embeds, mask, input_ids, cache,
+                           **lowered(decoding, fitted.max_new_tokens))
+        return run, key, fitted
+
+    def _keep(self, key: str, run: Decoding) -> None:
+        if self.reuses_prefix:
+            self.prefixes.keep(key, run)
+
+    def _texts(self, run: Decoding) -> list[str]:
         new = run.sequences[:, run.prompt.shape[1]:]
-        return self.processor.tokenizer.batch_decode(new, skip_special_tokens=True)
+        return [t.strip() for t in self.processor.tokenizer.batch_decode(new, skip_special_tokens=True)]
 
     def _generate(self, image, texts, decoding: dict) -> Generated:
-        run, key, fit = self._start(image, texts, decoding)
+        run, key, fitted = self._start(image, texts, decoding)
         with torch.no_grad():
             run.run()
-        self._keep_prefix(key, run)
-        out = [t.strip() for t in self._decode_texts(run)]
-        return Generated(out[0], out, fit.text, fit.truncated, fit.dropped_turns, fit.max_new_tokens)
+        self._keep(key, run)
+        out = self._texts(run)
+        return Generated(out[0], out, fitted)
 
     def _stream(self, image, texts, decoding: dict) -> TextStream:
-        run, key, fit = self._start(image, texts, decoding)
+        run, key, fitted = self._start(image, texts, decoding)
         raw = text_pieces(run, self.processor.tokenizer)
 
         def pieces():  # "".join(pieces) == the stripped text that `ask` returns
@@ -282,43 +205,14 @@ class Blip2Runner(Retriever):
                         yield body
             finally:  # also when the consumer stops early
                 raw.close()
-                self._keep_prefix(key, run)
+                self._keep(key, run)
 
-        return TextStream(pieces(), fit)
+        return TextStream(pieces(), fitted)
 
     def caption(self, image: ImageLike, prompt: str = "", **decoding) -> Generated:
         """Describe an image (optionally continuing `prompt`). `decoding`: generate's settings (`stop`: a callback
         run between tokens that ends the decoding by raising)."""
         return self._generate(image, [prompt], decoding)
-
-    def caption_batch(self, images: Sequence[ImageLike], prompt: str | list[str] = "", **decoding) -> list[Generated]:
-        """Describe several images at once: one vision pass for the batch, then the language model over every
-        prompt left-padded to the longest. Greedy decoding and beam search give what `caption` gives each image
-        alone; sampling draws the whole batch from one generator. Returns one Generated per image."""
-        self._generator()
-        images = [keyed(i).load() for i in images]
-        prompts = [prompt] * len(images) if isinstance(prompt, str) else list(prompt)
-        if len(prompts) != len(images):
-            raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
-        if not images:
-            return []
-        m, new_tokens = self.model, decoding.get("max_new_tokens") or DEFAULT_NEW_TOKENS
-        fits = [self.fit([p], new_tokens) for p in prompts]
-        decoding = lowered(decoding, min(f.max_new_tokens for f in fits))  # the batch shares one length
-        rows = [self._prompt_tensor(f) for f in fits]  # (1, T_i) each
-        width = max(r.shape[1] for r in rows)
-        pad = self.processor.tokenizer.pad_token_id or 0
-        ids = torch.cat([torch.nn.functional.pad(r, (width - r.shape[1], 0), value=pad) for r in rows])
-        mask = torch.stack([torch.arange(width, device=ids.device) >= width - r.shape[1] for r in rows]).long()
-        with torch.inference_mode():
-            pixels = self.processor.image_processor(images, return_tensors="pt")["pixel_values"]
-            embeds = m.get_image_features(pixels.to(ids.device)).pooler_output  # (B, Q, D_t)
-            run = Decoding(m.language_model, *m.generation_inputs(input_ids=ids, attention_mask=mask,
-                                                                  image_embeds=embeds), **decoding)
-            run.run()
-        texts, n = [t.strip() for t in self._decode_texts(run)], run.cfg.num_return_sequences  # (B * n,)
-        return [Generated(texts[i * n], texts[i * n:(i + 1) * n], f.text, f.truncated, 0, f.max_new_tokens)
-                for i, f in enumerate(fits)]
 
     def caption_stream(self, image: ImageLike, prompt: str = "", **decoding) -> TextStream:
         """`caption`, its text yielded piece by piece as it is generated."""
@@ -327,8 +221,107 @@ class Blip2Runner(Retriever):
     def ask(self, image: ImageLike, question: str, history: History = (), **decoding) -> Generated:
         """Answer a question about an image, given the chat so far (a list of (question, answer)); the oldest
         turns are left out when the prompt does not fit (`dropped_turns`)."""
-        return self._generate(image, self._chat_texts(question, history), decoding)
+        return self._generate(image, self.chat_texts(question, history), decoding)
 
     def ask_stream(self, image: ImageLike, question: str, history: History = (), **decoding) -> TextStream:
         """`ask`, its answer yielded piece by piece as it is generated."""
-        return self._stream(image, self._chat_texts(question, history), decoding)
+        return self._stream(image, self.chat_texts(question, history), decoding)
+
+    def caption_batch(self, images: Sequence[ImageLike], prompt: str | list[str] = "", **decoding) -> list[Generated]:
+        """Describe several images at once: one vision pass for the batch (nothing cached, nothing hashed), then the
+        language model over every prompt left-padded to the longest. Greedy decoding and beam search give what
+        `caption` gives each image alone; sampling draws the whole batch from one generator. Returns one Generated
+        per image."""
+        images = [unkeyed(i) for i in images]
+        prompts = [prompt] * len(images) if isinstance(prompt, str) else list(prompt)
+        if len(prompts) != len(images):
+            raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
+        if not images:
+            return []
+        m, new_tokens = self.model, decoding.get("max_new_tokens") or DEFAULT_NEW_TOKENS
+        fits = [self.prompt([p], new_tokens) for p in prompts]
+        decoding = lowered(decoding, min(f.max_new_tokens for f in fits))  # the batch shares one length
+        rows = [self.prompt_ids(f) for f in fits]  # (1, T_i) each
+        width = max(r.shape[1] for r in rows)
+        pad = self.processor.tokenizer.pad_token_id or 0
+        ids = torch.cat([torch.nn.functional.pad(r, (width - r.shape[1], 0), value=pad) for r in rows])
+        mask = torch.stack([torch.arange(width, device=ids.device) >= width - r.shape[1] for r in rows]).long()
+        with torch.inference_mode():
+            embeds = m.get_image_features(pixel_values(m, self.processor, images)).pooler_output  # (B, Q, D_t)
+            run = Decoding(m.language_model, *m.generation_inputs(input_ids=ids, attention_mask=mask,
+                                                                  image_embeds=embeds), **decoding)
+            run.run()
+        texts, n = self._texts(run), run.cfg.num_return_sequences  # (B * n,)
+        return [Generated(texts[i * n], texts[i * n:(i + 1) * n], f) for i, f in enumerate(fits)]
+
+
+class Blip2Runner:
+    """The captioner (`model` with its `processor`) and the retriever (`itm_model` with its `itm_processor`) over
+    one FeatureCache; either pair may be None (its methods then refuse). `stats` counts cache hits."""
+
+    def __init__(self, model: Blip2ForConditionalGeneration | None = None, processor: Blip2Processor | None = None,
+                 itm_model: Blip2ForImageTextRetrieval | None = None, itm_processor: Blip2Processor | None = None,
+                 image_cache_bytes: int = 256 * 2**20, prefix_cache_bytes: int = 256 * 2**20):
+        self.stats = Counter()
+        self.features = FeatureCache(image_cache_bytes, self.stats)
+        self.model, self.processor, self.itm_model, self.itm_processor = model, processor, itm_model, itm_processor
+        self._captioner = None if model is None else Captioner(model, processor, self.features,
+                                                               PrefixCache(prefix_cache_bytes, self.stats))
+        self._retriever = None if itm_model is None else Retriever(itm_model, itm_processor, self.features)
+
+    @property
+    def captioner(self) -> Captioner:
+        if self._captioner is None:
+            raise ValueError("this runner has no captioning model")
+        return self._captioner
+
+    @property
+    def retriever(self) -> Retriever:
+        if self._retriever is None:
+            raise ValueError("this runner has no image-text matching model")
+        return self._retriever
+
+    # the captioner's and the retriever's tasks, under the names the app, the CLI and the bench call
+
+    @property
+    def context_size(self) -> int:
+        return self.captioner.context_size
+
+    def image_embeds(self, image: ImageLike) -> tuple[torch.Tensor, str]:
+        return self.captioner.image_embeds(image)
+
+    def caption(self, image: ImageLike, prompt: str = "", **decoding) -> Generated:
+        return self.captioner.caption(image, prompt, **decoding)
+
+    def caption_stream(self, image: ImageLike, prompt: str = "", **decoding) -> TextStream:
+        return self.captioner.caption_stream(image, prompt, **decoding)
+
+    def caption_batch(self, images: Sequence[ImageLike], prompt: str | list[str] = "", **decoding) -> list[Generated]:
+        return self.captioner.caption_batch(images, prompt, **decoding)
+
+    def ask(self, image: ImageLike, question: str, history: History = (), **decoding) -> Generated:
+        return self.captioner.ask(image, question, history, **decoding)
+
+    def ask_stream(self, image: ImageLike, question: str, history: History = (), **decoding) -> TextStream:
+        return self.captioner.ask_stream(image, question, history, **decoding)
+
+    def match(self, image: ImageLike, texts: Sequence[str]) -> list[Match]:
+        return self.retriever.match(image, texts)
+
+    def rank(self, images: Sequence[ImageLike], text: str, rerank_k: int = 0, stop=None) -> list[Ranked]:
+        return self.retriever.rank(images, text, rerank_k, stop)
+
+    def rerank(self, images: Sequence[ImageLike], text: str, itc: Sequence[float], k: int, stop=None) -> list[Ranked]:
+        return self.retriever.rerank(images, text, itc, k, stop)
+
+    def heatmap(self, image: ImageLike, text: str) -> tuple[torch.Tensor, str]:
+        return self.retriever.heatmap(image, text)
+
+    def itc_images(self, images: Sequence[ImageLike], stop=None) -> torch.Tensor:
+        return self.retriever.itc_images(images, stop)
+
+    def itc_texts(self, texts: Sequence[str]) -> torch.Tensor:
+        return self.retriever.itc_texts(texts)
+
+    def itc_image_batch(self, images: Sequence[ImageLike]) -> torch.Tensor:
+        return self.retriever.itc_image_batch(images)

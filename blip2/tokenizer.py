@@ -5,6 +5,8 @@ import base64
 import json
 import os
 import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -19,13 +21,6 @@ LARGE_INTEGER = int(1e20)
 TokenIds = list[int] | torch.Tensor | np.ndarray  # one sequence of token ids
 
 SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
-# the transformers 5.24 classes the BLIP-2 checkpoints name, with their default special tokens
-FAMILIES = {
-    "GPT2Tokenizer": {"unk_token": "<|endoftext|>", "bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>"},
-    "T5Tokenizer": {"eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>"},
-    "BertTokenizer": {"unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD]", "cls_token": "[CLS]",
-                      "mask_token": "[MASK]"},
-}
 _NOT_SAVED = {"added_tokens_decoder", "name_or_path", "is_local", "local_files_only", "add_bos_token", "add_eos_token",
               "additional_special_tokens", "max_len", "vocab_file", "merges_file", "tokenizer_file"}
 
@@ -53,28 +48,77 @@ def _clean_up_tokenization(text):
     return text
 
 
-def _set_pipeline(backend, family, config):
-    """Normaliser, pre-tokeniser and decoder exactly as transformers' GPT2/T5/BertTokenizer classes set them
-    (they rebuild these rather than take them from tokenizer.json)."""
-    if family == "GPT2Tokenizer":
-        backend.normalizer = None
-        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=config.get("add_prefix_space", False))
-        backend.decoder = decoders.ByteLevel()
-    elif family == "T5Tokenizer":  # of the file's normaliser only a SentencePiece charsmap is kept
-        norm = json.loads(backend.to_str()).get("normalizer") or {}
-        charsmap = [n["precompiled_charsmap"] for n in norm.get("normalizers", [norm])
-                    if n.get("type") == "Precompiled"]
-        backend.normalizer = normalizers.Precompiled(base64.b64decode(charsmap[0])) if charsmap else None
-        metaspace = dict(replacement="▁", prepend_scheme="always", split=True)
-        backend.pre_tokenizer = pre_tokenizers.Sequence(
-            [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Metaspace(**metaspace)])
-        backend.decoder = decoders.Metaspace(**metaspace)
-    elif family == "BertTokenizer":
-        backend.normalizer = normalizers.BertNormalizer(
-            clean_text=True, handle_chinese_chars=config.get("tokenize_chinese_chars", True),
-            strip_accents=config.get("strip_accents"), lowercase=config.get("do_lower_case", True))
-        backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-        backend.decoder = decoders.WordPiece(prefix="##")
+def _byte_level(backend, config):
+    backend.normalizer = None
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=config.get("add_prefix_space", False))
+    backend.decoder = decoders.ByteLevel()
+
+
+def _unigram(backend, config):  # of the file's normaliser only a SentencePiece charsmap is kept
+    norm = json.loads(backend.to_str()).get("normalizer") or {}
+    charsmap = [n["precompiled_charsmap"] for n in norm.get("normalizers", [norm]) if n.get("type") == "Precompiled"]
+    backend.normalizer = normalizers.Precompiled(base64.b64decode(charsmap[0])) if charsmap else None
+    metaspace = dict(replacement="▁", prepend_scheme="always", split=True)
+    backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(),
+                                                     pre_tokenizers.Metaspace(**metaspace)])
+    backend.decoder = decoders.Metaspace(**metaspace)
+
+
+def _word_piece(backend, config):
+    backend.normalizer = normalizers.BertNormalizer(
+        clean_text=True, handle_chinese_chars=config.get("tokenize_chinese_chars", True),
+        strip_accents=config.get("strip_accents"), lowercase=config.get("do_lower_case", True))
+    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    backend.decoder = decoders.WordPiece(prefix="##")
+
+
+def _t5_template(tok):  # T5 appends </s>
+    return dict(single=["$A", "</s>"], pair=["$A", "</s>", "$B", "</s>"], special_tokens=[("</s>", tok.eos_token_id)])
+
+
+def _bert_template(tok):  # BERT wraps in [CLS] .. [SEP]
+    cls, sep = tok.cls_token, tok.sep_token
+    return dict(single=f"{cls}:0 $A:0 {sep}:0", pair=f"{cls}:0 $A:0 {sep}:0 $B:1 {sep}:1",
+                special_tokens=[(cls, tok.cls_token_id if tok.cls_token_id is not None else 2),
+                                (sep, tok.sep_token_id if tok.sep_token_id is not None else 3)])
+
+
+def _bos_eos_template(tok):
+    """An explicit add_bos_token / add_eos_token builds the template; else the file's template stays (None)."""
+    if "add_bos_token" not in tok.config and "add_eos_token" not in tok.config:
+        return None
+    bos = tok.bos_token if tok.config.get("add_bos_token") else None
+    eos = tok.eos_token if tok.config.get("add_eos_token") else None
+    single = f"{bos + ':0 ' if bos else ''}$A:0{' ' + eos + ':0' if eos else ''}"
+    pair = f"{single}{' ' + bos + ':1' if bos else ''} $B:1{' ' + eos + ':1' if eos else ''}"
+    specials = [(t, tok.convert_tokens_to_ids(t)) for t in {bos, eos} - {None}]
+    return dict(single=single, pair=pair, special_tokens=specials)
+
+
+@dataclass(frozen=True)
+class Family:
+    """What one transformers tokenizer class sets: its default special tokens, the normaliser / pre-tokeniser /
+    decoder it rebuilds rather than take from tokenizer.json, the template around a text, its model inputs and its
+    default extra special tokens (from the config)."""
+
+    defaults: dict = field(default_factory=dict)
+    pipeline: Callable[[Tokenizer, dict], None] = lambda backend, config: None
+    template: Callable[["Blip2Tokenizer"], dict | None] = _bos_eos_template
+    inputs: tuple = ("input_ids", "attention_mask")
+    extras: Callable[[dict], list | None] = lambda config: None
+
+
+# the transformers 5.24 classes the BLIP-2 checkpoints name; any other class uses tokenizer.json as is (OTHER)
+FAMILIES = {
+    "GPT2Tokenizer": Family({"unk_token": "<|endoftext|>", "bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>"},
+                            _byte_level),
+    "T5Tokenizer": Family({"eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>"}, _unigram, _t5_template,
+                          extras=lambda config: [f"<extra_id_{i}>" for i in range(config.get("extra_ids", 100))]),
+    "BertTokenizer": Family({"unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD]", "cls_token": "[CLS]",
+                             "mask_token": "[MASK]"}, _word_piece, _bert_template,
+                            ("input_ids", "token_type_ids", "attention_mask")),
+}
+OTHER = Family()
 
 
 class Blip2Tokenizer:
@@ -86,8 +130,7 @@ class Blip2Tokenizer:
         self.backend = tokenizer_object
         self.config = config
         self.tokenizer_class = (config.get("tokenizer_class") or "TokenizersBackend").removesuffix("Fast")
-        family = self.tokenizer_class if self.tokenizer_class in FAMILIES else None
-        defaults = FAMILIES.get(family, {})
+        family = FAMILIES.get(self.tokenizer_class, OTHER)
         self.model_max_length = config.get("model_max_length") or config.get("max_len") or VERY_LARGE_INTEGER
         self.padding_side = config.get("padding_side", "right")
         self.truncation_side = config.get("truncation_side", "right")
@@ -95,25 +138,22 @@ class Blip2Tokenizer:
             raise ValueError(f"padding_side and truncation_side must be 'left' or 'right', got "
                              f"{self.padding_side!r}, {self.truncation_side!r}")
         self.clean_up_tokenization_spaces = config.get("clean_up_tokenization_spaces", False)
-        inputs = ["input_ids", "attention_mask"]
-        if family == "BertTokenizer":
-            inputs.insert(1, "token_type_ids")
-        self.model_input_names = list(config.get("model_input_names", inputs))
+        self.model_input_names = list(config.get("model_input_names", family.inputs))
         self._lock = threading.Lock()  # padding/truncation are settings of the shared backend: one call at a time
 
         # named special tokens, plus model-specific ones such as image_token
-        raw = {name: config.get(name, defaults.get(name)) for name in SPECIAL_TOKENS}
+        raw = {name: config.get(name, family.defaults.get(name)) for name in SPECIAL_TOKENS}
         raw |= {k: v for k, v in config.items() if k.endswith("_token") and isinstance(v, (str, dict))}
         extras = config.get("extra_special_tokens") or config.get("additional_special_tokens")
-        if extras is None and family == "T5Tokenizer":
-            extras = [f"<extra_id_{i}>" for i in range(config.get("extra_ids", 100))]
+        if extras is None:
+            extras = family.extras(config)
         if isinstance(extras, dict):
             raw |= extras
             extras = []
         self.special_tokens = {name: _token_text(v) for name, v in raw.items()}
         self.extra_special_tokens = [_token_text(t) for t in extras or []]
 
-        _set_pipeline(self.backend, family, config)
+        family.pipeline(self.backend, config)
 
         # added tokens the config declares, then special tokens that are not added tokens yet (in that order)
         present = {t.content for t in self.backend.get_added_tokens_decoder().values()}
@@ -125,29 +165,9 @@ class Blip2Tokenizer:
                 present.add(token.content)
                 self.backend.add_tokens([token])
 
-        self._set_template(family)
-
-    def _set_template(self, family):
-        """The special tokens around a text: T5 appends </s>, BERT wraps in [CLS] .. [SEP]; for other classes
-        an explicit add_bos_token / add_eos_token builds the template, else the file's template stays."""
-        if family == "T5Tokenizer":
-            template = dict(single=["$A", "</s>"], pair=["$A", "</s>", "$B", "</s>"],
-                            special_tokens=[("</s>", self.eos_token_id)])
-        elif family == "BertTokenizer":
-            cls, sep = self.cls_token, self.sep_token
-            template = dict(single=f"{cls}:0 $A:0 {sep}:0", pair=f"{cls}:0 $A:0 {sep}:0 $B:1 {sep}:1",
-                            special_tokens=[(cls, self.cls_token_id if self.cls_token_id is not None else 2),
-                                            (sep, self.sep_token_id if self.sep_token_id is not None else 3)])
-        elif "add_bos_token" in self.config or "add_eos_token" in self.config:
-            bos = self.bos_token if self.config.get("add_bos_token") else None
-            eos = self.eos_token if self.config.get("add_eos_token") else None
-            single = f"{bos + ':0 ' if bos else ''}$A:0{' ' + eos + ':0' if eos else ''}"
-            pair = f"{single}{' ' + bos + ':1' if bos else ''} $B:1{' ' + eos + ':1' if eos else ''}"
-            template = dict(single=single, pair=pair,
-                            special_tokens=[(t, self.convert_tokens_to_ids(t)) for t in {bos, eos} - {None}])
-        else:
-            return
-        self.backend.post_processor = processors.TemplateProcessing(**template)
+        template = family.template(self)
+        if template is not None:
+            self.backend.post_processor = processors.TemplateProcessing(**template)
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, **hub_kwargs: Any) -> "Blip2Tokenizer":
@@ -304,6 +324,18 @@ class Blip2Tokenizer:
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self(text, add_special_tokens=add_special_tokens)["input_ids"]
+
+    def encode_plain(self, text: str) -> list[int]:
+        """Token ids of user text with the template's special tokens around it; special-token strings inside the
+        text stay plain text, so a literal "<image>" cannot change the image-token count nor "</s>" end a prompt."""
+        with self._lock:
+            self.backend.no_truncation()
+            self.backend.no_padding()
+            self.backend.encode_special_tokens = True
+            try:
+                return self.backend.encode(text).ids
+            finally:
+                self.backend.encode_special_tokens = False
 
     def decode(self, token_ids: TokenIds, skip_special_tokens: bool = False,
                clean_up_tokenization_spaces: bool | None = None) -> str:

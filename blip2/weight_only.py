@@ -1,9 +1,10 @@
 """Weight-only int8 / int4 linears for the CPU, quantized while loading.
 
 int8: one symmetric scale per output channel. A decoding step (under INT8_MATMUL_ROWS rows) runs blip2's own kernel
-(blip2/native.py: each row quantized to int8, int8 x int8 by VNNI; 1.8x PyTorch's), or
+(blip2/native.py: each row quantized to int8, int8 x int8 by VNNI), or
 `torch.ops.aten._weight_int8pack_mm` where that kernel cannot be built; from INT8_MATMUL_ROWS rows the activations
-are quantized per row and `torch._int_mm` multiplies int8 by int8 (6x faster than the packed kernel at 33 rows).
+are quantized per row and `torch._int_mm` multiplies int8 by int8 (faster than the packed kernel from there: the
+README's kernel table, `python -m bench.realsize --kernels`).
 int4: asymmetric groups of `group_size` inputs (scale and zero per group and output channel, torchao's
 "float zero point" scheme: w = (q - 8) * scale + zero), blip2's own kernel (blip2/native.py: activations to int8
 per row and group, int8 x int4 by VNNI; 1.8x PyTorch's kernel at a decoding step, 4x at a prompt pass), or
@@ -43,10 +44,9 @@ FLAGS = {"int8": "int8_weight_only", "int4": "int4_weight_only", "8bit": "8bit",
 GROUP_SIZES = (32, 64, 128, 256)  # what _weight_int4pack_mm_for_cpu accepts
 # int8 from this many rows up (a prompt pass, the vision tower): the activations too are quantized, per row, to
 # int8 and one torch._int_mm runs int8 x int8 -> int32 (oneDNN: AMX / VNNI), both scales applied to the output;
-# decoding steps (1-3 rows) stay weight-only on the packed kernel. `python -m bench.realsize --kernels` (one
-# 10240 x 2560 matrix, 2 threads, ms): the packed kernel took 2.47 at 4 rows, 18.95 at 33 and 23.49 at 64 (then a
-# cast to bf16 + matmul); _int_mm takes 1.30, 2.83 and 3.85. The per-row activation scale adds ~0.9% relative
-# error on Gaussian inputs (tests/test_weight_only.py), as torchao's int8 dynamic-activation scheme does.
+# decoding steps (1-3 rows) stay weight-only. Where _int_mm overtakes the packed kernel: the README's kernel table
+# (`python -m bench.realsize --kernels`). The per-row activation scale's error is bounded in
+# tests/test_weight_only.py, as torchao's int8 dynamic-activation scheme has it.
 INT8_MATMUL_ROWS = 4
 CHUNK_ROWS = 2048  # rows quantized at a time: bounds the float temporaries (a multiple of every packing block)
 

@@ -105,10 +105,11 @@ def test_chat_prompt_drops_the_oldest_turns_to_fit(svc):
     context = loaded.runner.context_size
     turn = ("what color is the large circle in the top left corner of the picture?", "red")
     history = [turn] * (context // 8)
-    prompt = loaded.runner.fit_chat("what shape is it?", history, 20)
+    captioner = loaded.runner.captioner
+    prompt = captioner.prompt(captioner.chat_texts("what shape is it?", history), 20)
     assert prompt.dropped_turns > 0 and prompt.text.startswith("Question: ")
     assert prompt.text.endswith("Question: what shape is it? Answer:")
-    assert loaded.runner.prompt_length(prompt.text) + prompt.max_new_tokens <= context
+    assert loaded.model.config.num_query_tokens + len(prompt.ids) + prompt.max_new_tokens <= context
     kept = prompt.text.count("Question:") - 1
     assert kept + prompt.dropped_turns == len(history)
     assert "Question: {q} Answer: {a}.".format(q=turn[0], a=turn[1]) in prompt.text
@@ -188,13 +189,13 @@ def test_search_ranks_the_right_scene_first(svc, scenes):
 def test_search_reuses_cached_image_embeddings(svc, scenes, monkeypatch):
     """A second query over the same gallery embeds only the text: no vision pass, and no image is decoded again
     for the world caveat's verdict (cached by content hash)."""
-    from blip2.train import world_check
+    from app import service as service_module
 
     paths = [p for _, p in scenes]
     S.app().search.search(paths, "a red circle", 0)
     model = svc.get(svc.default[RETRIEVAL], RETRIEVAL).model
     calls, verdicts = [], []
-    monkeypatch.setattr(world_check, "in_world", lambda im: verdicts.append(1) or True)
+    monkeypatch.setattr(service_module, "in_world", lambda im: verdicts.append(1) or True)
     handle = model.vision_model.register_forward_pre_hook(lambda m, a: calls.append(1))
     try:
         items, table, notice = S.app().search.search(paths, "a blue star in the center", 0)

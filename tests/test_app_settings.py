@@ -412,7 +412,8 @@ def test_flan_t5_chat_asks_for_a_short_answer(scene_path, own_service):
     svc = Service(generation=directory, limits=Limits())
     loaded = svc.get(svc.default[GENERATION], GENERATION)
     assert loaded.is_t5
-    prompt = loaded.runner.fit_chat("and now?", [("what is it?", "a cat")], 8).text
+    captioner = loaded.runner.captioner
+    prompt = captioner.prompt(captioner.chat_texts("and now?", [("what is it?", "a cat")]), 8).text
     assert prompt == "Question: what is it? Answer: a cat. Question: and now? Short answer:"
     answer, _ = last(svc.chat(svc.default[GENERATION], scene_path, "and now?", [("what is it?", "a cat")],
                               stream=False))
@@ -425,7 +426,7 @@ def test_flan_t5_chat_asks_for_a_short_answer(scene_path, own_service):
 
 @pytest.mark.parametrize("family", ["opt", "t5"])
 def test_the_app_and_the_cli_answer_a_chat_alike(scene_path, own_service, family):
-    """One chat template (blip2.runner.chat_prompt): the app's Chat tab and `python -m blip2 ask` (Blip2Runner.ask)
+    """One chat template (blip2.prompts.chat_prompt): the app's Chat tab and `python -m blip2 ask` (Blip2Runner.ask)
     build the same prompt for the same history, "?" and "!" answers included, and answer alike."""
     from app.service import clean_answer
     from blip2.runner import Blip2Runner
@@ -433,7 +434,7 @@ def test_the_app_and_the_cli_answer_a_chat_alike(scene_path, own_service, family
     svc = Service(generation=shared_checkpoint(family), limits=Limits())
     loaded = svc.get(svc.default[GENERATION], GENERATION)
     history = [("is it red?", "yes!"), ("what is it", "a cat?"), ("where", "on the left")]
-    prompt = loaded.runner.fit_chat("and now?", history, 8).text
+    prompt = loaded.runner.captioner.prompt(loaded.runner.captioner.chat_texts("and now?", history), 8).text
     tail = "Short answer:" if family == "t5" else "Answer:"
     assert prompt == ("Question: is it red? Answer: yes! Question: what is it Answer: a cat? Question: where Answer: "
                       f"on the left. Question: and now? {tail}")

@@ -128,7 +128,7 @@ def test_more_new_tokens_than_positions_are_lowered_as_in_the_app(capsys, photo)
     leave gets what they leave, and the CLI says so."""
     model = shared_checkpoint("opt")
     r = runner("opt")
-    room = r.context_size - r.prompt_length("")
+    room = r.context_size - r.model.config.num_query_tokens - len(r.processor.tokenizer.encode_plain(""))
     code, out, _ = run(capsys, "caption", photo, "--model", model, "--max-new-tokens", room + 50, "--json")
     record = json.loads(out)[0]
     assert code == 0 and record["max_new_tokens"] == room and not record["truncated"]

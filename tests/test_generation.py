@@ -215,26 +215,34 @@ def test_text_stream_holds_back_split_characters(tmp_path):
     script = tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
     assert any("\ufffd" in tok.decode([i]) for i in script)  # characters really are split across tokens
     lm = ScriptedLM(script, len(tok))
-    pieces = list(generation.stream(lm, tok, torch.zeros(1, 3, 4), input_ids=torch.tensor([[5, 6, 7]]),
-                                    max_new_tokens=40))
+    def stream(**kw):
+        return generation.text_pieces(generation.Decoding(lm, torch.zeros(1, 3, 4), input_ids=torch.tensor([[5, 6, 7]]),
+                                                          max_new_tokens=40, **kw), tok)
+
+    pieces = list(stream())
     assert "".join(pieces) == text and not any("\ufffd" in p for p in pieces)
     assert len(pieces) > 5
     lm.prompt_len = None  # a beam search streams its finished text at the end
-    assert "".join(generation.stream(lm, tok, torch.zeros(1, 3, 4), input_ids=torch.tensor([[5, 6, 7]]),
-                                     num_beams=2, max_new_tokens=40)) == text
+    assert "".join(stream(num_beams=2)) == text
 
 
-def test_generate_stream_matches_generate(pair, tmp_path):
+def test_text_pieces_match_generate(pair, tmp_path):
     name, _, ours = pair
     vocab = {i: chr(0x41 + i % 26) + ("é" if i % 3 == 0 else "") for i in range(ours.config.text_config.vocab_size)}
     tok = types.SimpleNamespace(decode=lambda ids, skip_special_tokens=True: "".join(vocab[i] for i in ids))
     px = inputs(False)["pixel_values"][:1]
     out = ours.generate(pixel_values=px, max_new_tokens=8)
-    pieces = list(ours.generate_stream(tok, pixel_values=px, max_new_tokens=8))
+
+    def stream(**kw):
+        with torch.no_grad():
+            run = generation.Decoding(ours.language_model, *ours.generation_inputs(pixel_values=px), **kw)
+        return generation.text_pieces(run, tok)
+
+    pieces = list(stream(max_new_tokens=8))
     new = out[0, 1:] if name == "t5" else out[0, NUM_QUERY + 1:]
     assert "".join(pieces) == tok.decode(new.tolist()) and len(pieces) == len(new)
     with pytest.raises(ValueError, match="one sequence"):
-        list(ours.generate_stream(tok, pixel_values=px, do_sample=True, num_return_sequences=2))
+        list(stream(do_sample=True, num_return_sequences=2))
 
 
 def test_reused_prompt_prefix_equals_fresh(pair):
@@ -274,3 +282,18 @@ def test_stop_ends_decoding_between_tokens(pair, kw):
     with pytest.raises(TimeoutError, match="time is up"):
         ours.generate(**inputs(False), stop=stop, **settings)
     assert len(calls) == 3
+
+
+def test_beam_search_steps_one_step_at_a_time(pair):
+    """`steps()` drives a beam search step by step (nothing runs before the first item is asked for) and its
+    result equals generate's."""
+    _, _, ours = pair
+    with torch.no_grad():
+        run = generation.Decoding(ours.language_model, *ours.generation_inputs(**inputs(False)), num_beams=3,
+                                  max_new_tokens=6, min_new_tokens=6)
+        steps = run.steps()
+        assert run.sequences is None
+        first = next(steps)
+        assert first.shape == (2 * 3,) and run.sequences is None
+        assert 1 + sum(1 for _ in steps) == 6
+    assert_same(run.sequences, ours.generate(**inputs(False), num_beams=3, max_new_tokens=6, min_new_tokens=6))

@@ -45,7 +45,7 @@ def test_rows_and_files(built, runner):
     r = table[0]
     assert len(r["hash"]) == 32 and r["bytes"] == os.path.getsize(r["path"]) and (r["width"], r["height"]) == (96, 96)
     assert r["caption"] == runner.caption(r["path"]).text
-    expected = runner.image_text_embeddings([r["path"]])[0][0].numpy()  # (Q, E), the one-by-one path
+    expected = runner.itc_images([r["path"]])[0].numpy()  # (Q, E), the one-by-one path
     assert np.array_equal(np.asarray(r["embedding"], np.float32).reshape(expected.shape), expected)
     assert read_json(os.path.join(out, "meta.json")) == {"model": os.path.abspath(ITM), "num_query_tokens": 32,
                                                                "dim": 64}

@@ -8,9 +8,10 @@ from PIL import Image
 from tiny_checkpoints import shared_checkpoint
 
 import blip2
+from blip2.cache import ByteLRU
 from blip2.processing import Blip2Processor
-from blip2.retrieval import ByteLRU, encode_plain
-from blip2.runner import Blip2Runner, chat_prompt
+from blip2.prompts import Limits, chat_prompt, fit, truncate_left
+from blip2.runner import Blip2Runner
 
 DECODINGS = [dict(max_new_tokens=6), dict(max_new_tokens=5, num_beams=3),
              dict(max_new_tokens=6, do_sample=True, temperature=2.0, seed=4)]
@@ -81,7 +82,7 @@ def test_chat_with_caches_equals_fresh_computation(lm, decoding):
     assert runner.stats["feature_misses"] == 1 and runner.stats["feature_hits"] == 2
     if name == "opt":  # turns 2 and 3 computed only what follows the previous turn's prompt (and answer)
         assert runner.stats["prefix_hits"] == 2 and runner.stats["prefix_tokens_reused"] > 2 * 10
-        sizes = [len(encode_plain(proc.tokenizer, chat_prompt(q, history[:i]))) for i, (q, _) in enumerate(history)]
+        sizes = [len(proc.tokenizer.encode_plain(chat_prompt(q, history[:i]))) for i, (q, _) in enumerate(history)]
         assert runner.stats["prefix_tokens_reused"] >= sum(sizes[:2])
 
 
@@ -118,7 +119,7 @@ def test_over_long_prompts_are_cut_from_the_left(lm):
     assert not runner.caption(img, "", max_new_tokens=4).truncated
     if name == "opt":  # more new tokens than the positions leave: lowered to what they leave (the app's and CLI's)
         got = runner.caption(img, max_new_tokens=limit)
-        assert got.max_new_tokens == limit - len(encode_plain(proc.tokenizer, "")) and not got.truncated
+        assert got.max_new_tokens == limit - len(proc.tokenizer.encode_plain("")) and not got.truncated
 
 
 def test_fitting_reports_dropped_turns_and_lowers_new_tokens(lm):
@@ -129,14 +130,13 @@ def test_fitting_reports_dropped_turns_and_lowers_new_tokens(lm):
     history = [(f"question number {i} about the thing", f"answer {i}") for i in range(40)]
     got = runner.ask(img, "which one?", history, max_new_tokens=4)
     assert got.dropped_turns > 0 and got.prompt.count("Question:") - 1 + got.dropped_turns == len(history)
-    assert runner.fit_chat("which one?", history, 4).text == got.prompt and got.max_new_tokens == 4
+    assert got.max_new_tokens == 4
     if name == "opt":
         positions = runner.context_size - model.config.num_query_tokens  # prompt + new tokens
-        fit = runner.fit_chat("which one?", [], positions)
-        assert not fit.truncated and fit.max_new_tokens == positions - len(fit.ids)
-        assert runner.prompt_length(fit.text) + fit.max_new_tokens == runner.context_size
+        got = runner.ask(img, "which one?", [], max_new_tokens=positions)
+        assert not got.truncated and got.max_new_tokens == positions - len(got.fitted.ids)
         got = runner.caption(img, max_new_tokens=positions, min_new_tokens=positions)
-        assert got.max_new_tokens == positions - len(encode_plain(proc.tokenizer, "")) and not got.truncated
+        assert got.max_new_tokens == positions - len(proc.tokenizer.encode_plain("")) and not got.truncated
 
 
 def test_special_token_strings_in_user_text_stay_text(lm):
@@ -151,7 +151,7 @@ def test_special_token_strings_in_user_text_stay_text(lm):
     prompt = f"Question: what is <image> and </s> here? {ANSWER[name]}"
     ref_tok = transformers.AutoTokenizer.from_pretrained(shared_checkpoint(name))
     plain = ref_tok(prompt, split_special_tokens=True)["input_ids"]
-    assert encode_plain(proc.tokenizer, prompt) == plain and image_id not in plain
+    assert proc.tokenizer.encode_plain(prompt) == plain and image_id not in plain
     got = runner.ask(img, "what is <image> and </s> here?", max_new_tokens=5)
     n = model.config.num_query_tokens if image_id is not None else 0
     ids = torch.tensor([[image_id] * n + plain])
@@ -175,6 +175,23 @@ def test_image_cache_is_keyed_by_content_and_bounded_in_bytes(lm, tmp_path):
     runner.image_embeds(image(6))  # evicts the first (the budget holds one image)
     runner.image_embeds(img)
     assert runner.stats["feature_misses"] == 3 and runner.features.bytes <= size * 1.5
+
+
+def test_fit_is_a_pure_function_of_ids_and_limits():
+    """Candidates are tried oldest-turns-dropped-first; a decoder's new tokens are lowered to what its positions
+    leave (at least 8 before the text is cut); the cut keeps the template's special ids and the last text ids."""
+    special = [2]
+    candidates = [[2] + list(range(10, 40)), [2] + list(range(10, 25)), [2] + list(range(10, 18))]
+    assert fit(candidates, special, Limits(100, 40), 20).index == 1  # 16 ids + 20 new <= 40
+    done = fit(candidates, special, Limits(100, 20), 20)  # none fits: the last, new tokens lowered
+    assert (done.index, done.cut, done.max_new_tokens) == (2, False, 11)
+    done = fit([[2] + list(range(10, 40))], special, Limits(100, 20), 20)  # cut to leave 8 new tokens
+    assert done.cut and done.ids == [2] + list(range(29, 40)) and done.max_new_tokens == 8
+    done = fit([[2] + list(range(10, 40))], special, Limits(12), 50)  # an encoder-decoder: the text limit only
+    assert done.cut and len(done.ids) == 12 and done.max_new_tokens == 50
+    assert truncate_left([5, 6, 7, 1], [1], 3) == [6, 7, 1]  # a special id after the text stays too
+    with pytest.raises(ValueError, match="no room"):
+        fit([[2, 3]], special, Limits(100, 5), 20)
 
 
 def test_byte_lru():
@@ -206,7 +223,7 @@ def test_match_equals_model_forward_and_caches(itm):
     long = runner.match(img, ["word " * 100])[0]
     assert long.truncated and 0 <= long.itm <= 1
     assert runner.match(img, []) == []
-    images, txt = runner.image_text_embeddings([img, image(8)], texts[:2])
+    images, txt = runner.itc_images([img, image(8)]), runner.itc_texts(texts[:2])
     assert images.shape == (2, 4, 8) and txt.shape == (2, 8)
     with torch.no_grad():
         assert torch.allclose(images[:1], model.itc_image_embeds(model.vision_model(px).last_hidden_state), atol=1e-6)

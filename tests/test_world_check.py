@@ -1,18 +1,12 @@
-"""world_check: the rule that tells the embedded model's world scenes from photographs (measured in its docstring)."""
+"""blip2.world_check: the rule that tells the embedded model's world scenes from photographs (its report:
+blip2.train.world_check, figures in the README)."""
 
 import pytest
 from PIL import Image, ImageDraw
 
-from blip2.train.world import RGB, make_split
-from blip2.train.world_check import (
-    SKIMAGE_PHOTOS,
-    THRESHOLD,
-    example_images,
-    in_world,
-    jpeg,
-    skimage_images,
-    world_likeness,
-)
+from blip2.train.world import make_split
+from blip2.train.world_check import SKIMAGE_PHOTOS, example_images, jpeg, skimage_images
+from blip2.world_check import RGB, THRESHOLD, in_world, world_likeness
 
 # seed 1: not the sample the threshold was chosen on (seed 0)
 SCENES = make_split("test", 200, seed=1)

@@ -16,6 +16,8 @@ from functools import lru_cache
 import numpy as np
 from PIL import Image, ImageDraw
 
+from blip2.world_check import RGB
+
 SHAPES = ("circle", "square", "triangle", "diamond", "star", "cross")
 COLORS = ("red", "orange", "yellow", "green", "blue", "purple", "white", "black")
 SIZES = ("small", "large")
@@ -35,10 +37,6 @@ POSITION_PHRASES = {
 }
 PLURALS = {shape: shape + ("es" if shape.endswith("s") else "s") for shape in SHAPES}
 
-RGB = {
-    "red": (220, 35, 35), "orange": (250, 135, 15), "yellow": (250, 225, 30), "green": (30, 165, 55),
-    "blue": (35, 80, 225), "purple": (135, 50, 190), "white": (248, 248, 248), "black": (20, 20, 20),
-}
 # Backgrounds are desaturated mid-tones, so they never look like any object colour (black and white included).
 BG_LEVELS = (100, 170)  # range of background grey levels
 BG_TINT = 14  # max per-channel tint added to the grey
