@@ -6,6 +6,9 @@ checkpoints without `image_token_index`). Retrieval: ITM head on the joint [quer
 cosine between projected query outputs and the projected text [CLS].
 """
 
+import dataclasses
+import json
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,7 +18,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .config import Blip2Config, OPTConfig, T5Config
-from .generation import generate
+from .generation import GenerationConfig, generate
+from .io.hub import MODEL_FILES, resolve_checkpoint
 from .ops import BaseModelOutputWithPooling, BaseModelOutputWithPoolingAndCrossAttentions, ModelOutput, resolve
 from .opt import OPTForCausalLM, causal_lm_loss
 from .pretrained import PretrainedMixin
@@ -241,9 +245,35 @@ class Blip2Model(_Blip2WithLanguageModel):
 
 
 class Blip2ForConditionalGeneration(_Blip2WithLanguageModel):
+    def __init__(self, config: Blip2Config):
+        super().__init__(config)
+        tc = config.text_config  # the reference's generation config of a model config: its token ids
+        ids = {k: getattr(tc, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id",
+                                                 "decoder_start_token_id")}
+        self.generation_config = GenerationConfig(**{k: v for k, v in ids.items() if v is not None})
+
     @classmethod
     def can_generate(cls) -> bool:
         return True
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike | None = None,
+                        **kwargs: Any) -> "Blip2ForConditionalGeneration":
+        """PretrainedMixin.from_pretrained, then the checkpoint's generation_config.json (when it has one) as
+        model.generation_config: generate()'s defaults, as the reference."""
+        out = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        model = out[0] if isinstance(out, tuple) else out
+        if pretrained_model_name_or_path is not None:
+            hub = {k: kwargs[k] for k in ("revision", "cache_dir", "token", "local_files_only") if k in kwargs}
+            path = resolve_checkpoint(pretrained_model_name_or_path, allow_patterns=MODEL_FILES, **hub)
+            model.generation_config = read_generation_config(path, model.generation_config)
+        return out
+
+    def generation_defaults(self) -> dict[str, Any]:
+        """The settings of model.generation_config that differ from GenerationConfig()'s (generate()'s defaults)."""
+        gc, default = self.generation_config, GenerationConfig()
+        return {f.name: getattr(gc, f.name) for f in dataclasses.fields(gc)
+                if getattr(gc, f.name) != getattr(default, f.name)}
 
     def get_image_features(self, pixel_values: Tensor, interpolate_pos_encoding: bool = False,
                            output_attentions: bool | None = None, output_hidden_states: bool | None = None,
@@ -284,7 +314,11 @@ class Blip2ForConditionalGeneration(_Blip2WithLanguageModel):
         see generation.GenerationConfig."""
         inputs = self.generation_inputs(pixel_values, input_ids, attention_mask, inputs_embeds,
                                         interpolate_pos_encoding, image_embeds)
-        return generate(self.language_model, *inputs, streamer=streamer, **generate_kwargs)
+        if "generation_config" in generate_kwargs:  # the reference's generate(generation_config=...)
+            config = generate_kwargs.pop("generation_config")
+            generate_kwargs = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)} | generate_kwargs
+        return generate(self.language_model, *inputs, streamer=streamer,
+                        **(self.generation_defaults() | generate_kwargs))
 
 
 class _Blip2Retrieval(Blip2PreTrainedModel):
@@ -460,3 +494,15 @@ class Blip2VisionModelWithProjection(Blip2PreTrainedModel):
                                      last_hidden_state=vision.last_hidden_state, hidden_states=vision.hidden_states,
                                      attentions=vision.attentions)
         return res if return_dict else res.to_tuple()
+
+
+def read_generation_config(path: str, base: GenerationConfig) -> GenerationConfig:
+    """`base` with the settings of path/generation_config.json that GenerationConfig knows (others, such as
+    transformers_version, are left out)."""
+    file = os.path.join(path, "generation_config.json")
+    if not os.path.isfile(file):
+        return base
+    with open(file, encoding="utf-8") as f:
+        d = json.load(f)
+    names = {f.name for f in dataclasses.fields(base)}
+    return dataclasses.replace(base, **{k: v for k, v in d.items() if k in names})

@@ -413,3 +413,95 @@ def test_config_output_settings_are_honoured_as_the_reference(opt_pair):
         a, b = ref(**kw), ours(**kw)
     assert isinstance(a, tuple) and isinstance(b, tuple) and len(a) == len(b) == 4
     assert (a[0] - b[0]).abs().max() <= 1e-4
+
+
+# --- 2. generation ------------------------------------------------------------------------------------------------
+
+
+def close(a, b, tol=1e-4):
+    """Same shape, same infinities, finite values within tol (tuples compared element by element)."""
+    if isinstance(a, (tuple, list)):
+        return len(a) == len(b) and all(close(x, y, tol) for x, y in zip(a, b))
+    if a is None or b is None:  # an output that should be there
+        return False
+    a, b = a.float(), b.float()
+    fin = torch.isfinite(a)
+    return a.shape == b.shape and torch.equal(fin, torch.isfinite(b)) and torch.equal(a[~fin], b[~fin]) and \
+        bool(((a - b)[fin].abs() <= tol).all())
+
+
+def prompt(b=2):
+    ids = torch.cat([torch.full((b, NUM_QUERY), IMAGE_TOKEN), text(b)], 1)
+    return dict(pixel_values=pixels(b), input_ids=ids, attention_mask=torch.ones_like(ids))
+
+
+ALL = dict(return_dict_in_generate=True, output_scores=True, output_logits=True, output_hidden_states=True,
+           output_attentions=True)
+
+
+@pytest.mark.parametrize("decoding", [dict(max_new_tokens=5), dict(max_new_tokens=5, num_beams=3,
+                                                                      num_return_sequences=2, length_penalty=0.5)])
+def test_generate_dict_outputs_equal_the_reference(opt_pair, decoding):
+    """Scores (a caption's confidence), raw logits, per-step hidden states and attentions, beam scores and
+    indices: each equal to the reference's (its attention weights from its eager attention)."""
+    import copy
+
+    ref, ours, _ = opt_pair
+    ref = copy.deepcopy(ref)
+    ref.set_attn_implementation("eager")
+    assert ours.can_generate() and ref.can_generate()
+    with torch.no_grad():
+        a = ref.generate(**prompt(), **decoding, **ALL)
+        b = ours.generate(**prompt(), **decoding, **ALL)
+    assert type(a).__name__ == type(b).__name__
+    assert torch.equal(a.sequences, b.sequences)
+    assert close(a.scores, b.scores) and close(a.logits, b.logits)
+    assert close(a.hidden_states, b.hidden_states) and close(a.attentions, b.attentions)
+    if "num_beams" in decoding:
+        assert close(a.sequences_scores, b.sequences_scores) and torch.equal(a.beam_indices, b.beam_indices)
+    # a caption's confidence, as users compute it
+    conf = torch.stack(b.scores, 1).softmax(-1).gather(2, b.sequences[:, -len(b.scores):, None]).squeeze(2)
+    assert conf.shape == (b.sequences.shape[0], len(b.scores))
+
+
+def test_generate_dict_outputs_t5(t5_pair):
+    import copy
+
+    ref, ours, _ = t5_pair
+    ref = copy.deepcopy(ref)
+    ref.set_attn_implementation("eager")
+    kw = dict(pixel_values=pixels(), input_ids=text(), max_new_tokens=4, **ALL)
+    with torch.no_grad():
+        a, b = ref.generate(**kw), ours.generate(**kw)
+    assert type(a).__name__ == type(b).__name__ == "GenerateEncoderDecoderOutput"
+    assert torch.equal(a.sequences, b.sequences)
+    for name in ("scores", "logits", "encoder_hidden_states", "encoder_attentions", "decoder_hidden_states",
+                 "decoder_attentions", "cross_attentions"):
+        assert close(getattr(a, name), getattr(b, name)), name
+
+
+def test_generate_bad_words_invalid_values_use_cache_and_generation_config(opt_pair):
+    ref, ours, path = opt_pair
+    with torch.no_grad():
+        plain = ours.generate(**prompt(), max_new_tokens=6)
+        new = plain[:, -6:]
+        banned = [[int(new[0, 0])], [int(new[1, 1]), int(new[1, 2])]]  # one id, and a two-id sequence
+        for kw in (dict(bad_words_ids=banned), dict(remove_invalid_values=True), dict(use_cache=False),
+                   dict(bad_words_ids=banned, num_beams=2)):
+            a = ref.generate(**prompt(), max_new_tokens=6, **kw)
+            b = ours.generate(**prompt(), max_new_tokens=6, **kw)
+            assert torch.equal(a, b), kw
+        assert int(b.shape[1]) and not torch.equal(ours.generate(**prompt(), max_new_tokens=6, bad_words_ids=banned),
+                                                   plain)
+        # remove_invalid_values turns infinities into the dtype's extremes in the scores
+        out = ours.generate(**prompt(), max_new_tokens=3, bad_words_ids=banned, remove_invalid_values=True,
+                            return_dict_in_generate=True, output_scores=True)
+        assert all(torch.isfinite(s).all() for s in out.scores)
+        assert float(out.scores[0][0, banned[0][0]]) == torch.finfo(torch.float32).min
+    with pytest.raises(ValueError, match="bad_words_ids must be a non-empty list"):
+        ours.generate(**prompt(), bad_words_ids=[3, 4])
+    # generation_config: read from the checkpoint, generate()'s defaults
+    assert ours.generation_config.eos_token_id == ref.generation_config.eos_token_id == 50
+    tuned = blip2.Blip2ForConditionalGeneration.from_pretrained(path)
+    tuned.generation_config.max_new_tokens = 3
+    assert tuned.generate(**prompt()).shape[1] == prompt()["input_ids"].shape[1] + 3
