@@ -44,13 +44,19 @@ class PretrainedMixin:
         dtype ("float32" default, "float16", "bfloat16", "auto", or a torch.dtype; torch_dtype is an alias),
         device ("cpu", "cuda:0", ...) or device_map ("auto", "balanced", "balanced_low_0", "sequential", or
         {module name: device | "cpu" | "disk"}) with max_memory ({0: "10GiB", "cpu": "30GiB"}) and
-        offload_folder (for what goes to disk), quantization ("8bit", "4bit", "fp4", QuantizationConfig),
+        offload_folder (for what goes to disk), quantization ("8bit", "4bit", "fp4", QuantizationConfig;
+        load_in_8bit=True / load_in_4bit=True say the same),
         revision, cache_dir, token, local_files_only (hub ids); attn_implementation ("sdpa" or "eager");
         output_loading_info (also return {"missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs"}).
         from_pretrained(None, config=config, state_dict=weights) builds the model from a state dict, as the
         reference does."""
         attn = kwargs.pop("attn_implementation", None)
         check_attn_implementation(attn)
+        for bits in ("8bit", "4bit"):  # the model cards' load_in_8bit=True / load_in_4bit=True
+            if kwargs.pop(f"load_in_{bits}", False):
+                if kwargs.get("quantization") is not None:
+                    raise ValueError(f"pass load_in_{bits} or quantization, not both")
+                kwargs["quantization"] = bits
         info_wanted = kwargs.pop("output_loading_info", False)
         state_dict = kwargs.pop("state_dict", None)
         if state_dict is not None:  # as the reference: from_pretrained(None, config=config, state_dict=weights)
