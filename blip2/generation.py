@@ -574,54 +574,22 @@ def select_rows(out, index: torch.Tensor):
     return out
 
 
-@dataclass
-class GenerateDecoderOnlyOutput(ModelOutput):
-    sequences: torch.Tensor = None
-    scores: tuple | None = None
-    logits: tuple | None = None
-    attentions: tuple | None = None
-    hidden_states: tuple | None = None
-    past_key_values: KVCache | None = None
+def _output_class(name: str, *names: str) -> type:
+    """One of the reference's Generate*Output classes: its fields in its order, all None by default."""
+    return make_dataclass(name, [(n, object, field(default=None)) for n in names], bases=(ModelOutput,))
 
 
-@dataclass
-class GenerateEncoderDecoderOutput(ModelOutput):
-    sequences: torch.Tensor = None
-    scores: tuple | None = None
-    logits: tuple | None = None
-    encoder_attentions: tuple | None = None
-    encoder_hidden_states: tuple | None = None
-    decoder_attentions: tuple | None = None
-    cross_attentions: tuple | None = None
-    decoder_hidden_states: tuple | None = None
-    past_key_values: KVCache | None = None
-
-
-@dataclass
-class GenerateBeamDecoderOnlyOutput(ModelOutput):
-    sequences: torch.Tensor = None
-    sequences_scores: torch.Tensor | None = None
-    scores: tuple | None = None
-    logits: tuple | None = None
-    beam_indices: torch.Tensor | None = None
-    attentions: tuple | None = None
-    hidden_states: tuple | None = None
-    past_key_values: KVCache | None = None
-
-
-@dataclass
-class GenerateBeamEncoderDecoderOutput(ModelOutput):
-    sequences: torch.Tensor = None
-    sequences_scores: torch.Tensor | None = None
-    scores: tuple | None = None
-    logits: tuple | None = None
-    beam_indices: torch.Tensor | None = None
-    encoder_attentions: tuple | None = None
-    encoder_hidden_states: tuple | None = None
-    decoder_attentions: tuple | None = None
-    cross_attentions: tuple | None = None
-    decoder_hidden_states: tuple | None = None
-    past_key_values: KVCache | None = None
+_DECODER_ONLY = ("attentions", "hidden_states", "past_key_values")
+_ENCODER_DECODER = ("encoder_attentions", "encoder_hidden_states", "decoder_attentions", "cross_attentions",
+                    "decoder_hidden_states", "past_key_values")
+GenerateDecoderOnlyOutput = _output_class("GenerateDecoderOnlyOutput", "sequences", "scores", "logits",
+                                          *_DECODER_ONLY)
+GenerateEncoderDecoderOutput = _output_class("GenerateEncoderDecoderOutput", "sequences", "scores", "logits",
+                                             *_ENCODER_DECODER)
+GenerateBeamDecoderOnlyOutput = _output_class("GenerateBeamDecoderOnlyOutput", "sequences", "sequences_scores",
+                                              "scores", "logits", "beam_indices", *_DECODER_ONLY)
+GenerateBeamEncoderDecoderOutput = _output_class("GenerateBeamEncoderDecoderOutput", "sequences", "sequences_scores",
+                                                 "scores", "logits", "beam_indices", *_ENCODER_DECODER)
 
 
 def _lengths(cfg, n, extra, max_pos, attention_mask):

@@ -17,20 +17,22 @@ import blip2
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope="module")
-def opt_pair(tmp_path_factory):
-    path = tmp_path_factory.mktemp("opt")
-    ref = reference_model("Blip2ForConditionalGeneration", config(OPT))
+def pair(tmp_path_factory, text_config):
+    """(reference model, blip2's loaded from what the reference saved, the directory)."""
+    path = tmp_path_factory.mktemp(text_config["model_type"])
+    ref = reference_model("Blip2ForConditionalGeneration", config(text_config))
     ref.save_pretrained(path)
     return ref, blip2.Blip2ForConditionalGeneration.from_pretrained(path), path
+
+
+@pytest.fixture(scope="module")
+def opt_pair(tmp_path_factory):
+    return pair(tmp_path_factory, OPT)
 
 
 @pytest.fixture(scope="module")
 def t5_pair(tmp_path_factory):
-    path = tmp_path_factory.mktemp("t5")
-    ref = reference_model("Blip2ForConditionalGeneration", config(T5))
-    ref.save_pretrained(path)
-    return ref, blip2.Blip2ForConditionalGeneration.from_pretrained(path), path
+    return pair(tmp_path_factory, T5)
 
 
 def pixels(b=2, seed=1):
