@@ -15,8 +15,8 @@ def test_lora_finetuning_trains_saves_loads_and_merges(tmp_path):
     assert f["loss_after"] < 0.8 * f["loss_before"]
     assert 0 < f["trainable"] < 0.05 * f["total"]
     assert {"adapter_config.json", "adapter_model.safetensors"} <= set(f["adapter_files"])
-    # the same weights on another model instance: float32 round-off only
-    assert f["reloaded_max_diff"] <= 1e-4 and f["merged_max_diff"] <= 1e-4 and f["merged_vs_reloaded"] <= 1e-4
+    assert f["reloaded_max_diff"] == 0.0  # the saved adapter on a fresh model: the trained model's logits
+    assert f["merged_max_diff"] <= 1e-4  # W + B @ A folded into one weight: float32 round-off only
     assert f["merged_type"] == "Blip2ForConditionalGeneration"
 
 
