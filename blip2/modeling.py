@@ -314,9 +314,11 @@ class Blip2ForConditionalGeneration(_Blip2WithLanguageModel):
         see generation.GenerationConfig."""
         inputs = self.generation_inputs(pixel_values, input_ids, attention_mask, inputs_embeds,
                                         interpolate_pos_encoding, image_embeds)
-        if "generation_config" in generate_kwargs:  # the reference's generate(generation_config=...)
-            config = generate_kwargs.pop("generation_config")
-            generate_kwargs = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)} | generate_kwargs
+        if "generation_config" in generate_kwargs:  # the reference's generate(generation_config=...): blip2's or
+            config = generate_kwargs.pop("generation_config")  # transformers' GenerationConfig, its set values
+            given = config.to_dict() if hasattr(config, "to_dict") else vars(config)
+            names = {f.name for f in dataclasses.fields(GenerationConfig)}
+            generate_kwargs = {k: v for k, v in given.items() if k in names and v is not None} | generate_kwargs
         return generate(self.language_model, *inputs, streamer=streamer,
                         **(self.generation_defaults() | generate_kwargs))
 

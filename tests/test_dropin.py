@@ -507,3 +507,9 @@ def test_generate_bad_words_invalid_values_use_cache_and_generation_config(opt_p
     tuned = blip2.Blip2ForConditionalGeneration.from_pretrained(path)
     tuned.generation_config.max_new_tokens = 3
     assert tuned.generate(**prompt()).shape[1] == prompt()["input_ids"].shape[1] + 3
+    import transformers  # generate(generation_config=...) with the reference's class, as code written for it does
+
+    gc = transformers.GenerationConfig(max_new_tokens=4, num_beams=2, eos_token_id=50, pad_token_id=1)
+    with torch.no_grad():
+        a, b = ref.generate(**prompt(), generation_config=gc), ours.generate(**prompt(), generation_config=gc)
+    assert torch.equal(a, b) and b.shape[1] == prompt()["input_ids"].shape[1] + 4
