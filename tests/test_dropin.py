@@ -156,6 +156,16 @@ def test_attn_implementation_eager_and_sdpa(opt_pair):
         blip2.Blip2ForConditionalGeneration.from_pretrained(path, attn_implementation="flash_attention_2")
 
 
+def test_attn_implementation_t5(t5_pair):
+    _, _, path = t5_pair
+    eager = blip2.Blip2ForConditionalGeneration.from_pretrained(path, attn_implementation="eager")
+    sdpa = blip2.Blip2ForConditionalGeneration.from_pretrained(path, attn_implementation="sdpa")
+    assert eager.language_model.decoder.block[0].layer[0].SelfAttention.eager
+    kw = dict(pixel_values=pixels(), input_ids=text(), decoder_input_ids=text(2, 3, seed=4))
+    with torch.no_grad():
+        assert (eager(**kw).logits - sdpa(**kw).logits).abs().max() <= 1e-5
+
+
 def test_output_loading_info_and_state_dict(opt_pair, tmp_path):
     ref, ours, path = opt_pair
     model, info = blip2.Blip2ForConditionalGeneration.from_pretrained(path, output_loading_info=True)
