@@ -16,9 +16,9 @@ import time
 
 from PIL import Image
 
-from blip2 import Blip2Runner
 from blip2.catalogue import EMBEDDED_MODELS
 from blip2.index import META, ImageIndex, rerank, text_embedding
+from blip2.retrieval import Retriever
 
 from .errors import RequestError
 from .registry import EMBEDDED, RETRIEVAL, Registry
@@ -41,7 +41,7 @@ class Collection:
     def __len__(self):
         return len(self.index)
 
-    def search(self, runner: Blip2Runner, query: str, k: int, rerank_k: int) -> tuple[list, str]:
+    def search(self, runner: Retriever, query: str, k: int, rerank_k: int) -> tuple[list, str]:
         """The k best images for a (checked) text with the index's retrieval model -> ([(thumbnail, Hit)], notice).
         The caller holds the model's lock."""
         start = time.perf_counter()

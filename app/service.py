@@ -1,5 +1,6 @@
-"""The app's service: validate a request, call the model's Blip2Runner, return results. Every request from the
-browser and from `gradio_client` goes through here, under the model's lock and the request's time limit.
+"""The app's service: validate a request, call the model's engine (a blip2 Captioner or Retriever), return results.
+Every request from the browser and from `gradio_client` goes through here, under the model's lock and the request's
+time limit.
 
 No Gradio import here: the tab modules turn `RequestError` into `gr.Error`.
 """
@@ -258,12 +259,10 @@ class Service:
         loaded = self.registry.get(gen_key, GENERATION, progress)
         img = self._image(image)
         question = clean_text(question, "the question", self.limits.max_prompt_chars)
-        history = [tuple(t) for t in history][-self.limits.max_chat_turns:]
-        new_image = about is not None and about != img.digest
-        if new_image:
-            history = []
-        notes = _join("New image: the conversation starts over." if new_image and about else "", *img.notes,
-                      self.world_caveat(gen_key, [img]))
+        history, restart = [tuple(t) for t in history][-self.limits.max_chat_turns:], ""
+        if history and about is not None and about != img.digest:
+            history, restart = [], "New image: the conversation starts over."
+        notes = _join(restart, *img.notes, self.world_caveat(gen_key, [img]))
         for texts, notice in self.generate(loaded, img, settings, stream, question=question, history=history):
             yield ChatReply(question, clean_answer(texts[0]), _join(notes, notice), history, img.digest)
 
@@ -319,7 +318,7 @@ class Service:
     @gpu
     def search(self, ret_key: str, images: ImageInput | Sequence[ImageInput], query: str, rerank_k: int | None = None,
                progress: Progress | None = None) -> Searched:
-        """Rank a gallery for a text (Blip2Runner.rank: ITC over every image, embeddings cached by content, then
+        """Rank a gallery for a text (Retriever.rank: ITC over every image, embeddings cached by content, then
         the top `rerank_k` re-ranked by ITM log-odds + ITC cosine, as LAVIS re-ranks) -> Searched."""
         loaded = self.registry.get(ret_key, RETRIEVAL, progress)
         query = clean_text(query, "the search text", self.limits.max_prompt_chars)

@@ -15,10 +15,7 @@ FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-ne
 
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with S.one_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ import os
 import app_support as S
 import gradio as gr
 import pytest
-from app_support import get_service, one_thread
 from PIL import Image
 from world_files import ITM, write_scenes
 
@@ -15,12 +14,6 @@ from app.collection import Collection
 from app.render import NOT_RERANKED
 from blip2.bulk import load_runner
 from blip2.index import index_job
-
-
-@pytest.fixture(scope="module")
-def svc():
-    with one_thread():
-        yield get_service()
 
 
 @pytest.fixture(scope="module")

@@ -15,11 +15,7 @@ from app.validation import parse_decoding
 from blip2.decoding import ANSWER, CAPTION
 from blip2.retrieval import match_score
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with S.one_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 SCENES = 6
 
@@ -32,11 +28,7 @@ def scenes(svc, tmp_path_factory):
             enumerate(S.one_object_scenes(SCENES))]
 
 
-def last(gen):
-    out = None
-    for out in gen:
-        pass
-    return out
+last = S.last
 
 
 def test_uses_the_embedded_model(svc):
@@ -107,7 +99,7 @@ def test_chat_prompt_drops_the_oldest_turns_to_fit(svc):
     context = loaded.runner.context_size
     turn = ("what color is the large circle in the top left corner of the picture?", "red")
     history = [turn] * (context // 8)
-    captioner = loaded.runner.captioner
+    captioner = loaded.runner
     prompt = captioner.prompt(captioner.chat_texts("what shape is it?", history), 20)
     assert prompt.dropped_turns > 0 and prompt.text.startswith("Question: ")
     assert prompt.text.endswith("Question: what shape is it? Answer:")

@@ -9,7 +9,6 @@ import threading
 import time
 
 import app_support as S
-import gradio as gr
 import httpx
 import pytest
 from PIL import Image
@@ -18,55 +17,15 @@ from app.config import Limits
 from app.errors import RequestError
 from app.validation import clean_text, load_image, parse_decoding
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with S.one_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def server(svc):
-    return S.get_server()
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return server.client()
-
-
-@pytest.fixture(scope="module")
-def scene_path(tmp_path_factory):
-    _, im = S.scene(0)
-    return S.write(tmp_path_factory.mktemp("scene"), "scene.png", S.png_bytes(im))
-
-
-def run_caption(image, prompt="", **kw):
-    settings = dict(mode="beam search", num_beams=1, temperature=1.0, top_p=0.9, top_k=50, max_new_tokens=3,
-                    min_new_tokens=1, repetition_penalty=1.0, length_penalty=1.0, num_captions=1)
-    settings.update(kw)
-    out = None
-    for out in S.app().caption.caption(image, prompt, *settings.values()):
-        pass
-    return out
-
-
+run_caption, refused = S.run_caption, S.refused
 NORMAL = " ".join(S.scene(0)[0].caption().split()[:3])  # 3 new tokens of the true caption: "a small blue"
 
 
 def normal_ok(scene_path):
     assert run_caption(scene_path) == (NORMAL, "")
-
-
-def refused(fn, *args, match=None, **kwargs):
-    with pytest.raises(gr.Error) as info:
-        out = fn(*args, **kwargs)
-        if hasattr(out, "__next__"):
-            for _ in out:
-                pass
-    if match:
-        assert match.lower() in info.value.message.lower(), info.value.message
-    return info.value.message
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -33,17 +33,6 @@ ENDPOINTS = {  # api name -> the data list after the image (None: the image is a
 
 
 @pytest.fixture(scope="module")
-def server():
-    with S.one_thread():
-        yield S.get_server()
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return server.client()
-
-
-@pytest.fixture(scope="module")
 def secret():
     """A real PNG (a scene the embedded model captions well) with a marker in a text chunk, in a private folder
     outside Gradio's upload folder; removed afterwards."""

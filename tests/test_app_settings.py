@@ -23,11 +23,7 @@ from app.service import Service
 from app.validation import load_image, parse_decoding
 from blip2.decoding import ANSWER
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with S.one_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
@@ -38,34 +34,7 @@ def own_service():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="module")
-def scene_path(tmp_path_factory):
-    _, im = S.scene(0)
-    return S.write(tmp_path_factory.mktemp("scene"), "scene.png", S.png_bytes(im))
-
-
-def last(gen):
-    out = None
-    for out in gen:
-        pass
-    return out
-
-
-def refused(fn, *args, match, **kwargs):
-    """fn (a handler, or a function of the service) refuses the request with a message containing `match`."""
-    with pytest.raises((gr.Error, RequestError)) as info:
-        out = fn(*args, **kwargs)
-        if hasattr(out, "__next__"):
-            last(out)
-    message = getattr(info.value, "message", None) or str(info.value)
-    assert match.lower() in message.lower(), message
-
-
-def run_caption(image, **kw):
-    settings = dict(mode="beam search", num_beams=1, temperature=1.0, top_p=0.9, top_k=50, max_new_tokens=3,
-                    min_new_tokens=1, repetition_penalty=1.0, length_penalty=1.0, num_captions=1)
-    settings.update(kw)
-    return last(S.app().caption.caption(image, "", *settings.values()))
+last, refused, run_caption = S.last, S.refused, S.run_caption
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -417,7 +386,7 @@ def test_flan_t5_chat_asks_for_a_short_answer(scene_path, own_service):
     svc = Service(generation=directory, limits=Limits())
     loaded = svc.registry.get(svc.registry.default[GENERATION], GENERATION)
     assert loaded.is_t5
-    captioner = loaded.runner.captioner
+    captioner = loaded.runner
     prompt = captioner.prompt(captioner.chat_texts("and now?", [("what is it?", "a cat")]), 8).text
     assert prompt == "Question: what is it? Answer: a cat. Question: and now? Short answer:"
     answer = last(svc.chat(svc.registry.default[GENERATION], scene_path, "and now?", [("what is it?", "a cat")],
@@ -439,7 +408,7 @@ def test_the_app_and_the_cli_answer_a_chat_alike(scene_path, own_service, family
     svc = Service(generation=shared_checkpoint(family), limits=Limits())
     loaded = svc.registry.get(svc.registry.default[GENERATION], GENERATION)
     history = [("is it red?", "yes!"), ("what is it", "a cat?"), ("where", "on the left")]
-    prompt = loaded.runner.captioner.prompt(loaded.runner.captioner.chat_texts("and now?", history), 8).text
+    prompt = loaded.runner.prompt(loaded.runner.chat_texts("and now?", history), 8).text
     tail = "Short answer:" if family == "t5" else "Answer:"
     assert prompt == ("Question: is it red? Answer: yes! Question: what is it Answer: a cat? Question: where Answer: "
                       f"on the left. Question: and now? {tail}")

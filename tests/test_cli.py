@@ -8,7 +8,6 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 from tiny_checkpoints import shared_checkpoint
 
@@ -17,13 +16,7 @@ from blip2.__main__ import main
 from blip2.processing import Blip2Processor
 from blip2.runner import Blip2Runner
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
