@@ -27,9 +27,9 @@ def set_threads(svc, threads):
     if threads > 0:
         torch.set_num_threads(threads)
         return
-    models = svc.loaded_models()
+    models = svc.registry.loaded_models()
     params = sum(p.numel() for m in models for p in m.model.parameters())
-    if models and params < 50_000_000 and svc.device == "cpu":
+    if models and params < 50_000_000 and svc.registry.device == "cpu":
         torch.set_num_threads(1)
 
 
@@ -63,15 +63,11 @@ def main(argv=None):
     settings = ModelSettings(dtype=None if args.dtype == "auto" else args.dtype, quantize=args.quantize,
                              device_map=args.device_map)
     try:
-        svc = Service(generation=args.model, retrieval=args.itm_model, settings=settings)
-        if args.index:
-            from app.collection import attach
-
-            collection = attach(svc, args.index)
+        svc = Service(generation=args.model, retrieval=args.itm_model, settings=settings, index=args.index)
         if not args.no_warm_up:
-            svc.warm_up()
-            if args.index:
-                svc.get(collection.key, RETRIEVAL)
+            svc.registry.warm_up()
+            if svc.collection is not None:
+                svc.registry.get(svc.collection.key, RETRIEVAL)
     except Exception as e:  # a startup model that cannot load: say why and stop
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import gradio as gr
 
-from blip2.runner import CAPTION_DECODING
+from blip2.decoding import CAPTION
 
 from . import examples
-from .common import BEAM, decoding_controls, decoding_from, model_event, progress_callback, session_models, user_errors
+from .common import decoding_controls, model_event, progress_callback, session_models, takes_decoding, user_errors
 from .registry import GENERATION
 from .service import Service
-from .validation import DecodingSettings
-
-DEFAULTS = DecodingSettings(mode=BEAM, num_beams=1, num_captions=1, **CAPTION_DECODING)  # the CLI's defaults too
 
 
 def format_captions(captions):
@@ -28,14 +25,10 @@ class CaptionTab:
         self.service = service
 
     @user_errors
-    def caption(self, image, prompt="", mode=DEFAULTS.mode, num_beams=DEFAULTS.num_beams,
-                temperature=DEFAULTS.temperature, top_p=DEFAULTS.top_p, top_k=DEFAULTS.top_k,
-                max_new_tokens=DEFAULTS.max_new_tokens, min_new_tokens=DEFAULTS.min_new_tokens,
-                repetition_penalty=DEFAULTS.repetition_penalty, length_penalty=DEFAULTS.length_penalty,
-                num_captions=DEFAULTS.num_captions, session=None, progress=gr.Progress(track_tqdm=True)):
-        """Caption an image. Yields (caption text, notice); several captions come numbered, one per line."""
-        decoding = decoding_from(self.service.limits, mode, num_beams, temperature, top_p, top_k, max_new_tokens,
-                                 min_new_tokens, repetition_penalty, length_penalty, num_captions)
+    @takes_decoding(CAPTION, captions=True)
+    def caption(self, image, prompt="", decoding=None, session=None, progress=gr.Progress(track_tqdm=True)):
+        """Caption an image. Yields (caption text, notice); several captions come numbered, one per line. The
+        decoding settings (mode, num_beams, ..., num_captions) come between `prompt` and `session`."""
         models = session_models(self.service, session)
         for result in self.service.caption(models[GENERATION], image, prompt, decoding, stream=True,
                                            progress=progress_callback(progress)):
@@ -52,7 +45,7 @@ def build(tab: CaptionTab, session: gr.State):
                                 max_length=limits.max_prompt_chars, elem_id="caption-prompt",
                                 info="The caption continues this text.")
             run = gr.Button("Caption", variant="primary", elem_id="caption-run")
-            controls = decoding_controls(limits, DEFAULTS, captions=True)
+            controls = decoding_controls(limits, CAPTION, captions=True)
         with gr.Column(scale=1):
             output = gr.Textbox(label="Caption", lines=4, interactive=False, elem_id="caption-output",
                                 buttons=["copy"])

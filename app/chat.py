@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import gradio as gr
 
-from blip2.runner import ANSWER_DECODING
+from blip2.decoding import ANSWER
 
 from . import examples
-from .common import BEAM, decoding_controls, decoding_from, model_event, progress_callback, session_models, user_errors
+from .common import decoding_controls, model_event, progress_callback, session_models, takes_decoding, user_errors
 from .registry import GENERATION
 from .service import Service
-from .validation import DecodingSettings, clean_text, load_image
 
-DEFAULTS = DecodingSettings(mode=BEAM, num_beams=1, **ANSWER_DECODING)  # the CLI's defaults too
 DEFAULT_QUESTION = "what is in this picture?"  # asked when an API call leaves the question out
 
 
@@ -49,36 +47,21 @@ class ChatTab:
         self.service = service
 
     @user_errors
-    def chat(self, image, question=None, mode=DEFAULTS.mode, num_beams=DEFAULTS.num_beams,
-             temperature=DEFAULTS.temperature, top_p=DEFAULTS.top_p, top_k=DEFAULTS.top_k,
-             max_new_tokens=DEFAULTS.max_new_tokens, min_new_tokens=DEFAULTS.min_new_tokens,
-             repetition_penalty=DEFAULTS.repetition_penalty, length_penalty=DEFAULTS.length_penalty, history=None,
-             session=None, progress=gr.Progress(track_tqdm=True)):
+    @takes_decoding(ANSWER)
+    def chat(self, image, question=None, decoding=None, history=None, session=None,
+             progress=gr.Progress(track_tqdm=True)):
         """Ask a question about the image (DEFAULT_QUESTION when left out). Yields (chat messages, notice, history
-        state) while the answer streams."""
-        svc = self.service
+        state) while the answer streams. The decoding settings (mode, num_beams, ..., length_penalty) come between
+        `question` and `history`."""
+        svc, state = self.service, _history(history)
         question = DEFAULT_QUESTION if question is None else question
-        decoding = decoding_from(svc.limits, mode, num_beams, temperature, top_p, top_k, max_new_tokens,
-                                 min_new_tokens, repetition_penalty, length_penalty)
-        img = load_image(image, svc.limits)
-        state = _history(history)
-        notes = []
-        if state["digest"] != img.digest:
-            if state["turns"]:
-                notes.append("New image: the conversation starts over.")
-            state = {"digest": img.digest, "turns": []}
-        turns = state["turns"][-svc.limits.max_chat_turns:]
-        models = session_models(svc, session)
-        answer, notice = "", ""
-        for answer, notice in svc.chat(models[GENERATION], img, question, [tuple(t) for t in turns], decoding,
-                                       stream=True, progress=progress_callback(progress)):
-            yield messages(turns, (self._shown(question), answer)), " ".join(notes + [notice]).strip(), state
-        answer = answer or "(no answer)"
-        state["turns"] = (turns + [[self._shown(question), answer]])[-svc.limits.max_chat_turns:]
-        yield messages(state["turns"]), " ".join(notes + [notice]).strip(), state
-
-    def _shown(self, question):
-        return clean_text(question, "the question", self.service.limits.max_prompt_chars)
+        reply = None
+        for reply in svc.chat(session_models(svc, session)[GENERATION], image, question, state["turns"], decoding,
+                              stream=True, progress=progress_callback(progress), about=state["digest"]):
+            yield messages(reply.history, (reply.question, reply.answer)), reply.notice, state
+        turns = [*reply.history, (reply.question, reply.answer or "(no answer)")][-svc.limits.max_chat_turns:]
+        state = {"digest": reply.digest, "turns": [list(t) for t in turns]}
+        yield messages(state["turns"]), reply.notice, state
 
 
 def clear(history=None):
@@ -112,7 +95,7 @@ def build(tab: ChatTab, session: gr.State):
                 ask = gr.Button("Ask", variant="primary", scale=1, elem_id="chat-ask", min_width=80)
                 clear_btn = gr.Button("Clear", scale=1, elem_id="chat-clear", min_width=80)
             notice = gr.Markdown(elem_id="chat-notice", label="Notice")
-            controls = decoding_controls(limits, DEFAULTS)
+            controls = decoding_controls(limits, ANSWER)
             scenes, photos = examples.chat_examples()
             gr.Examples(scenes, inputs=[image, question], label=examples.SCENES_LABEL, examples_per_page=4)
             gr.Examples(photos, inputs=[image, question], label=examples.PHOTOS_LABEL, examples_per_page=4)

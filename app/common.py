@@ -7,13 +7,16 @@ import functools
 import inspect
 import logging
 import traceback
+from collections.abc import Mapping
 
 import gradio as gr
+
+from blip2.decoding import OFFERED
 
 from .config import Limits
 from .errors import RequestError, TimeLimitReached
 from .service import Service
-from .validation import BEAM, MODES, SAMPLING, DecodingSettings, parse_decoding
+from .validation import api_name, decoding_defaults, resource_highs
 
 log = logging.getLogger("blip2.app")
 
@@ -22,7 +25,7 @@ MODEL_CONCURRENCY_ID = "model"  # every event that runs a model shares this conc
 
 def session_models(service: Service, session) -> dict:
     """The models a session uses: its gr.State dict, or the startup defaults."""
-    defaults = service.session_defaults()
+    defaults = service.registry.session_defaults()
     if isinstance(session, dict):
         return {k: session.get(k) or v for k, v in defaults.items()}
     return defaults
@@ -90,12 +93,6 @@ def error_notice(session) -> str:
     return f"⚠️ **Not done:** {message}" if message else ""
 
 
-def decoding_from(limits: Limits, mode, num_beams, temperature, top_p, top_k, max_new_tokens, min_new_tokens,
-                  repetition_penalty, length_penalty, num_captions=1) -> DecodingSettings:
-    return parse_decoding(limits, mode, num_beams, temperature, top_p, top_k, max_new_tokens,
-                          min_new_tokens, repetition_penalty, length_penalty, num_captions)
-
-
 def progress_callback(progress):
     if progress is None:
         return None
@@ -108,35 +105,62 @@ def progress_callback(progress):
     return say
 
 
-def decoding_controls(limits: Limits, defaults: DecodingSettings, captions=False) -> list:
-    """The decoding settings the best BLIP-2 demos offer, in an accordion. Returns the components in the order
-    the handlers take them."""
+def takes_decoding(preset: Mapping[str, int | float], captions: bool = False):
+    """A handler `fn(self, ..., decoding, ...)` whose `decoding` parameter stands for the decoding settings: Gradio
+    (its API) and a direct caller see one parameter per blip2.decoding field in its place (`mode`, `num_beams`,
+    ..., `num_captions` only when `captions`), starting at `decoding_defaults(preset)`; `fn` gets them as one
+    mapping, which the service checks."""
+    defaults = decoding_defaults(preset)
+    names = [name for name in defaults if captions or name != "num_captions"]
+
+    def wrap(fn):
+        signature = inspect.signature(fn)
+        params = list(signature.parameters.values())
+        at = [p.name for p in params].index("decoding")
+        ours = [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=defaults[n]) for n in names]
+        signature = signature.replace(parameters=params[:at] + ours + params[at + 1:])
+
+        def split(args, kwargs) -> dict:
+            bound = signature.bind(*args, **kwargs)
+            values = bound.arguments
+            values["decoding"] = {n: values.pop(n) for n in names if n in values}
+            return values
+
+        if inspect.isgeneratorfunction(fn):
+            @functools.wraps(fn)
+            def handler(*args, **kwargs):
+                return (yield from fn(**split(args, kwargs)))
+        else:
+            @functools.wraps(fn)
+            def handler(*args, **kwargs):
+                return fn(**split(args, kwargs))
+        handler.__signature__ = signature
+        return handler
+    return wrap
+
+
+def decoding_controls(limits: Limits, preset: Mapping[str, int | float], captions: bool = False) -> list:
+    """The decoding settings the best BLIP-2 demos offer (blip2.decoding's fields), in an accordion, starting at
+    `decoding_defaults(preset)`. Returns the components in the order the handlers take them."""
+    defaults, highs = decoding_defaults(preset), resource_highs(limits)
+    rows = {}  # one row per decoding (the mode; beam search only; sampling only; both), in blip2.decoding's order
+    for f in OFFERED:
+        rows.setdefault("mode" if f.choices else f.only, []).append(f)
+    controls = {}
     with gr.Accordion("Decoding settings", open=False):
-        mode = gr.Radio(list(MODES), value=defaults.mode, label="Decoding",
-                        info="Beam search: the most likely text (1 beam = greedy, streamed). "
-                             "Nucleus sampling: varied texts.")
-        with gr.Row():
-            beams = gr.Slider(1, limits.max_beams, value=defaults.num_beams, step=1, label="Beams",
-                              info="beam search only; more beams are not streamed")
-            n = gr.Slider(1, limits.max_captions, value=defaults.num_captions, step=1, label="Number of captions",
-                          visible=captions, info="beam search: at most one per beam")
-        with gr.Row():
-            temperature = gr.Slider(0.1, 2.0, value=defaults.temperature, step=0.05, label="Temperature",
-                                    info="sampling only")
-            top_p = gr.Slider(0.05, 1.0, value=defaults.top_p, step=0.05, label="Top-p", info="sampling only")
-            top_k = gr.Slider(0, 200, value=defaults.top_k, step=1, label="Top-k", info="sampling only; 0 = off")
-        with gr.Row():
-            max_new = gr.Slider(1, limits.max_new_tokens, value=defaults.max_new_tokens, step=1,
-                                label="Max new tokens")
-            min_new = gr.Slider(0, min(limits.max_new_tokens, 50), value=defaults.min_new_tokens, step=1,
-                                label="Min new tokens")
-        with gr.Row():
-            rep = gr.Slider(0.5, 3.0, value=defaults.repetition_penalty, step=0.05, label="Repetition penalty",
-                            info="> 1 discourages repeats")
-            length = gr.Slider(-2.0, 3.0, value=defaults.length_penalty, step=0.1, label="Length penalty",
-                               info="beam search: > 0 favours longer texts")
-    controls = [mode, beams, temperature, top_p, top_k, max_new, min_new, rep, length]
-    return controls + ([n] if captions else [])
+        for row in rows.values():
+            with gr.Row():
+                for f in row:
+                    name, info = api_name(f), f.help + (f"; {f.only} only" if f.only else "")
+                    if f.choices:
+                        controls[name] = gr.Radio(list(f.choices), value=defaults[name], label=f.label.capitalize(),
+                                                  info=info)
+                        continue
+                    low, high, step = f.slider
+                    high = highs[f.name] if high is None else min(high, highs.get(f.name, high))
+                    controls[name] = gr.Slider(low, high, value=defaults[name], step=step, label=f.label.capitalize(),
+                                               info=info, visible=captions or name != "num_captions")
+    return [controls[name] for name in defaults if captions or name != "num_captions"]
 
 
 def model_event(limits: Limits, triggers, fn, inputs, outputs, api_name, notice=None, session=None, **kwargs):
@@ -154,5 +178,5 @@ def model_event(limits: Limits, triggers, fn, inputs, outputs, api_name, notice=
     return event
 
 
-__all__ = ["BEAM", "SAMPLING", "user_errors", "decoding_controls", "decoding_from",
+__all__ = ["user_errors", "decoding_controls", "takes_decoding",
            "model_event", "error_notice", "session_models", "progress_callback", "MODEL_CONCURRENCY_ID"]

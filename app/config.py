@@ -51,9 +51,9 @@ class Flag:
 
 FLAGS = (
     Flag("--model", ("BLIP2_MODEL",), "image-to-text checkpoint for Caption and Chat: a Salesforce/blip2-* hub id "
-         "or a local directory (default: the embedded assets/blip2-tiny)"),
+         "or a local directory (default: the embedded blip2-tiny)"),
     Flag("--itm-model", ("BLIP2_ITM_MODEL",), "image-text matching checkpoint for Matching and Search, e.g. "
-         "Salesforce/blip2-itm-vit-g (default: the embedded assets/blip2-tiny-itm)"),
+         "Salesforce/blip2-itm-vit-g (default: the embedded blip2-tiny-itm)"),
     Flag("--dtype", ("BLIP2_DTYPE",), "auto (CPU: bfloat16 for real checkpoints where the CPU runs it natively, "
          "float32 for the embedded model, said in the startup log; GPU: float16, bfloat16 for Flan-T5, which "
          "overflows in float16), float32, float16 or bfloat16", "auto",

@@ -15,7 +15,6 @@ from .common import model_event, progress_callback, session_models, user_errors
 from .registry import RETRIEVAL
 from .render import MATCH_COLUMNS, match_chart, match_table
 from .service import Service
-from .validation import load_image, parse_texts
 
 
 class MatchingTab:
@@ -29,26 +28,21 @@ class MatchingTab:
         """Rank candidate texts for an image. Returns (table, ITM chart data, ITC chart data, heat map of the best
         text, notice)."""
         svc = self.service
-        img = load_image(image, svc.limits)
-        candidates = parse_texts(texts, svc.limits)
         key = session_models(svc, session)[RETRIEVAL]
-        rows = svc.match(key, img, candidates, progress=progress_callback(progress))
-        heat, _, method = svc.heatmap(key, img, rows[0].text)
-        notice = (f"Best match: **{rows[0].text}** (ITM {rows[0].itm:.3f}). Heat map: {method} for the best match; "
+        result = svc.match(key, image, texts, heatmap=True, progress=progress_callback(progress))
+        best = result.rows[0]
+        notice = (f"Best match: **{best.text}** (ITM {best.itm:.3f}). Heat map: {result.method} for the best match; "
                   "pick another text below to see where the model looks for it.")
-        notice = " ".join(img.notes + [notice, svc.world_caveat(key, [img])]).strip()
-        data = match_chart(rows)
-        return match_table(rows), data, data, heat, notice
+        data = match_chart(result.rows)
+        return match_table(result.rows), data, data, result.heatmap, f"{notice} {result.notice}".strip()
 
     @user_errors
     def heatmap(self, image, text, session=None, progress=gr.Progress(track_tqdm=True)):
         """Heat map over the image of where the Q-Former looks for `text`. Returns (image, notice)."""
         svc = self.service
         key = session_models(svc, session)[RETRIEVAL]
-        img = load_image(image, svc.limits)
-        heat, _, method = svc.heatmap(key, img, text, progress=progress_callback(progress))
-        notice = f"Heat map ({method}) for: **{text if isinstance(text, str) else ''}**"
-        return heat, " ".join([notice, svc.world_caveat(key, [img])]).strip()
+        heat, _, method, caveat = svc.heatmap(key, image, text, progress=progress_callback(progress))
+        return heat, f"Heat map ({method}) for: **{text}** {caveat}".strip()
 
 
 def heatmap_choices(ranking):

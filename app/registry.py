@@ -1,4 +1,5 @@
-"""The app's model registry: the checkpoints on offer, one shared model (and its Blip2Runner) per checkpoint, role
+"""The app's model registry: the checkpoints on offer, one shared model (and its engine: a blip2 Captioner or
+Retriever) per checkpoint, role
 and settings, loaded once under a lock, the least recently used evicted, a memory check before loading."""
 
 from __future__ import annotations
@@ -16,15 +17,17 @@ from dataclasses import dataclass, field
 import psutil
 import torch
 
-from blip2 import Blip2ForConditionalGeneration, Blip2ForImageTextRetrieval, Blip2Processor, Blip2Runner, memory_report
-from blip2.catalogue import CHECKPOINTS, GENERATION, RETRIEVAL
+from blip2 import Blip2ForConditionalGeneration, Blip2ForImageTextRetrieval, Blip2Processor, memory_report
+from blip2.cache import FeatureCache
+from blip2.catalogue import CHECKPOINTS, EMBEDDED_MODELS, GENERATION, RETRIEVAL
 from blip2.dtypes import dtype_name, resolve_dtype
 from blip2.io.hub import resolve_checkpoint
+from blip2.retrieval import Retriever
+from blip2.runner import Captioner, PrefixCache
 from blip2.weight_only import cpu_supports_bf16, quantization_flag
 
 from .config import Limits
 from .errors import RequestError
-from .paths import EMBEDDED_GENERATION, EMBEDDED_RETRIEVAL
 
 log = logging.getLogger("blip2.app")
 
@@ -33,6 +36,7 @@ Progress = Callable[[float, str], None]  # (fraction done, what is happening)
 
 
 LARGE_FLOAT32_BYTES = 2**30  # a real checkpoint (> 268 M parameters), not the embedded model: bfloat16 on a CPU
+CACHE_BYTES = 256 * 2**20  # a model's image-feature cache, and a captioner's prompt (KV prefix) cache
 
 
 @dataclass(frozen=True)
@@ -94,7 +98,7 @@ class Loaded:
     dtype: str
     device: torch.device
     load_s: float
-    runner: Blip2Runner  # the engine over this model: generation, matching, search, feature caches
+    runner: Captioner | Retriever  # the engine over this model (by role): captions and chat, or matching and search
     lock: threading.RLock = field(default_factory=threading.RLock)
 
     @property
@@ -123,9 +127,9 @@ class Registry:
         self.limits = limits or Limits.from_env()
         self.settings = settings or ModelSettings()
         self.catalogue: OrderedDict[str, Checkpoint] = OrderedDict()
-        self.catalogue[EMBEDDED] = Checkpoint(EMBEDDED, ((GENERATION, str(EMBEDDED_GENERATION)),
-                                                         (RETRIEVAL, str(EMBEDDED_RETRIEVAL))),
-                                              "tiny model trained on a world of coloured shapes (offline)")
+        embedded = tuple((role, str(path)) for role, path in EMBEDDED_MODELS.items())
+        self.catalogue[EMBEDDED] = Checkpoint(EMBEDDED, embedded, "tiny model trained on a world of coloured shapes "
+                                              "(offline)")
         for c in extra_checkpoints:
             self.catalogue[c.key] = c
         for c in KNOWN_CHECKPOINTS:
@@ -174,9 +178,13 @@ class Registry:
             return list(self._loaded.values())
 
     def loaded(self, key: str, role: str) -> Loaded | None:
+        """The model of checkpoint `key` for `role` if it is loaded now (nothing is loaded)."""
         c = self.catalogue.get(key)
         source = c.source(role) if c else None
-        return self._loaded.get(self._cache_key(source, role)) if source else None
+        if source is None:
+            return None
+        with self._registry_lock:
+            return self._loaded.get(self._cache_key(source, role))
 
     def get(self, key: str, role: str, progress: Progress | None = None) -> Loaded:
         """The shared model of checkpoint `key` for `role`, loading it (once) if needed."""
@@ -251,8 +259,9 @@ class Registry:
             raise RequestError(f"{c.key} is not an image-to-text checkpoint")
         model.eval()
         device = model.device
-        runner = (Blip2Runner(model=model, processor=processor) if role == GENERATION
-                  else Blip2Runner(itm_model=model, itm_processor=processor))
+        features = FeatureCache(CACHE_BYTES)  # image features by content, per model
+        runner = (Captioner(model, processor, features, PrefixCache(CACHE_BYTES, features.stats))
+                  if role == GENERATION else Retriever(model, processor, features))
         loaded = Loaded(c.key, role, source, model, processor, dtype, device, time.perf_counter() - t0, runner)
         say(1.0, f"{c.key} is ready")
         log.info("loaded %s (%s) in %.1f s", loaded.name, role, loaded.load_s)

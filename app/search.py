@@ -11,7 +11,6 @@ import os
 import gradio as gr
 
 from . import examples
-from .collection import attached
 from .common import model_event, progress_callback, session_models, user_errors
 from .registry import RETRIEVAL
 from .render import SEARCH_COLUMNS, ranked_results
@@ -44,26 +43,21 @@ class SearchTab:
         """Rank gallery images for a text, or search the prebuilt index (python app.py --index; `where`).
         Returns (ranked gallery [(image, caption)], table, notice)."""
         svc = self.service
-        collection = attached(svc)
-        if collection is not None and where != GALLERY:
-            return search_index(collection, query, svc.limits.search_rerank_k if rerank_k is None else rerank_k)
+        if svc.collection is not None and where != GALLERY:
+            shown, notice = svc.search_index(query, INDEX_HITS, rerank_k)
+            items, table = ranked_results([(thumb, os.path.basename(h.path), h.itc, h.itm, h.caption)
+                                           for thumb, h in shown])
+            return items, table, notice
         key = session_models(svc, session)[RETRIEVAL]
-        ranked, skipped = svc.search(key, gallery, query, rerank_k, progress=progress_callback(progress))
+        result = svc.search(key, gallery, query, rerank_k, progress=progress_callback(progress))
         shown = [(img.source if isinstance(img.source, str) else img.image, _name(img, rank), itc, itm)
-                 for rank, (img, itc, itm) in enumerate(ranked, 1)]
+                 for rank, (img, itc, itm) in enumerate(result.hits, 1)]
         items, table = ranked_results(shown)
-        notice = f"Ranked {len(ranked)} image{'s' if len(ranked) != 1 else ''}."
-        if skipped:
-            notice += " Skipped: " + "; ".join(reason for _, reason in skipped[:5])
-        caveat = svc.world_caveat(key, [img for img, _, _ in ranked])
-        notice += f" {caveat}" if caveat else ""
-        return items, table, notice
-
-
-def search_index(collection, query, rerank_k):
-    shown, notice = collection.search(query, INDEX_HITS, rerank_k)
-    items, table = ranked_results([(thumb, os.path.basename(h.path), h.itc, h.itm, h.caption) for thumb, h in shown])
-    return items, table, notice
+        n = len(result.hits)
+        notice = f"Ranked {n} image{'s' if n != 1 else ''}."
+        if result.skipped:
+            notice += " Skipped: " + "; ".join(reason for _, reason in result.skipped[:5])
+        return items, table, f"{notice} {result.notice}".strip()
 
 
 def example_gallery():
@@ -72,7 +66,7 @@ def example_gallery():
 
 def build(tab: SearchTab, session: gr.State):
     limits = tab.service.limits
-    collection = attached(tab.service)
+    collection = tab.service.collection
     with gr.Row(equal_height=False):
         with gr.Column(scale=1):
             where = None if collection is None else gr.Radio(

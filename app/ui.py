@@ -32,7 +32,7 @@ def status_text(svc: Service, models: dict) -> str:
     lines = [f"**Serving:** {gen} (all tabs)", ""] if gen == ret else \
         [f"**Caption & chat:** {gen}", f"**Matching & search:** {ret}"]
     for role, key in ((GENERATION, gen), (RETRIEVAL, ret)):
-        if svc.loaded(key, role) is None:
+        if svc.registry.loaded(key, role) is None:
             lines.append(f"_{key} is loaded on first use._")
     return " · ".join(x for x in lines[:2] if x) + ("  \n" + " ".join(lines[2:]) if lines[2:] else "")
 
@@ -50,10 +50,10 @@ class App:
         """Switch this session to a listed checkpoint (loading it once for everyone; downloads show progress).
         On failure the session keeps the model it had. Returns (session, status)."""
         svc = self.service
-        checkpoint = svc.checkpoint(choice)
+        checkpoint = svc.registry.checkpoint(choice)
         models = session_models(svc, session)
         for role in checkpoint.roles:
-            svc.get(checkpoint.key, role, progress_callback(progress))
+            svc.registry.get(checkpoint.key, role, progress_callback(progress))
         for role in checkpoint.roles:
             models[role] = checkpoint.key
         return models, status_text(svc, models)
@@ -66,26 +66,26 @@ class App:
 
     def model_info(self, session=None):
         """The checkpoints on offer, the loaded models, this session's choice and the server's limits."""
-        return self.service.info(session_models(self.service, session))
+        return self.service.registry.info(session_models(self.service, session))
 
 
 def build_demo(svc: Service) -> gr.Blocks:
     """The app's page over `svc`: the model picker, the tabs and the About tab, wired to one App's handlers."""
     app = App(svc)
     with gr.Blocks(title=TITLE) as demo:
-        session = gr.State(svc.session_defaults())
+        session = gr.State(svc.registry.session_defaults())
         gr.Markdown(f"# {TITLE}\nCaption images, chat about them, match them against texts and search a gallery "
                     "with BLIP-2. The default model is a tiny one trained on a world of coloured shapes: try the "
                     "scene examples, or pick a real checkpoint below.", elem_id="header")
         with gr.Row(equal_height=False, elem_id="model-row"):  # wraps onto separate lines on a phone
             with gr.Column(scale=3, min_width=280):
-                picker = gr.Dropdown(svc.choices(), value=svc.default[GENERATION], label="Model",
+                picker = gr.Dropdown(svc.registry.choices(), value=svc.registry.default[GENERATION], label="Model",
                                      elem_id="model-picker", info="Image-to-text checkpoints serve Caption and Chat; "
                                                                   "ITM checkpoints serve Matching and Search.")
             with gr.Column(scale=1, min_width=140):
                 load = gr.Button("Load model", elem_id="model-load")
             with gr.Column(scale=3, min_width=280):
-                status = gr.Markdown(status_text(svc, svc.session_defaults()), elem_id="model-status")
+                status = gr.Markdown(status_text(svc, svc.registry.session_defaults()), elem_id="model-status")
         with gr.Tabs(elem_id="tabs", overflow_behavior="wrap"):  # every tab in sight on a phone too
             with gr.Tab("Caption", id="caption", elem_id="tab-caption"):
                 caption.build(app.caption, session)

@@ -3,22 +3,24 @@
 * `clean_text`, `parse_texts`: a user's text, normalised and bounded;
 * `load_image` (any file, payload or PIL image -> checked RGB image + content hash): blip2.images opens the file
   (accepted formats only, EXIF-upright, RGB); this module adds the app's limits and the upload gate;
-* `parse_decoding` -> DecodingSettings, and `generate_kwargs()`: the one form that goes down to the runner.
+* `parse_decoding` (API names -> DecodingSettings, checked by blip2.decoding) and `generate_kwargs()`: the one
+  form that goes down to the runner.
 """
 
 from __future__ import annotations
 
 import hashlib
-import math
 import os
 import unicodedata
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from blip2 import decoding
 from blip2.images import FORMAT_NAMES, Keyed, open_image, upright_rgb
 
 from .config import Limits
@@ -268,104 +270,95 @@ def gallery_item_name(item: object, i: int) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------
-# decoding settings
+# decoding settings: blip2.decoding's fields, named in the app's API as they always were
 
-BEAM, SAMPLING = "beam search", "nucleus sampling"
+BEAM, SAMPLING = decoding.BY_NAME["do_sample"].choices
 MODES = (BEAM, SAMPLING)
 _MODE_ALIASES = {"beam search": BEAM, "beam": BEAM, "greedy": BEAM, "beam_search": BEAM,
                  "nucleus sampling": SAMPLING, "nucleus": SAMPLING, "sampling": SAMPLING, "sample": SAMPLING,
                  "nucleus_sampling": SAMPLING, "top-p": SAMPLING}
+API_NAMES = {"do_sample": "mode", "num_return_sequences": "num_captions"}  # the rest keep generate()'s keywords
 
 
-@dataclass
+def api_name(field: decoding.Field) -> str:
+    return API_NAMES.get(field.name, field.name)
+
+
+def decoding_defaults(preset: Mapping[str, int | float]) -> dict:
+    """The first value of each decoding control (API name -> value): blip2.decoding's, over it `preset`
+    (decoding.CAPTION or decoding.ANSWER)."""
+    def first(f):
+        value = preset.get(f.name, f.default if f.start is None else f.start)
+        return f.choices[value] if f.choices else value
+    return {api_name(f): first(f) for f in decoding.OFFERED}
+
+
+def resource_highs(limits: Limits) -> dict:
+    """The upper ends blip2.decoding leaves to the app's resource limits."""
+    return dict(num_beams=limits.max_beams, num_return_sequences=limits.max_captions,
+                max_new_tokens=limits.max_new_tokens, min_new_tokens=limits.max_new_tokens)
+
+
+@dataclass(frozen=True)
 class DecodingSettings:
-    """A request's decoding settings as the app offers them (not blip2.generation.Decoding, the decoding run):
-    `generate_kwargs()` turns them into generate's keywords."""
+    """A request's decoding settings, checked (`parse_decoding`): generate()'s keywords for every field the app
+    offers. Not blip2.generation.Decoding, the decoding run."""
 
-    mode: str = BEAM
-    num_beams: int = 1
-    temperature: float = 1.0
-    top_p: float = 0.9
-    top_k: int = 50
-    max_new_tokens: int = 30
-    min_new_tokens: int = 1
-    repetition_penalty: float = 1.0
-    length_penalty: float = 1.0
-    num_captions: int = 1
+    settings: Mapping[str, bool | int | float]
 
     @property
     def sampling(self) -> bool:
-        return self.mode == SAMPLING
+        return self.settings["do_sample"]
+
+    @property
+    def max_new_tokens(self) -> int:
+        return self.settings["max_new_tokens"]
 
     @property
     def rows(self) -> int:
         """Sequences decoded side by side."""
-        return self.num_captions if self.sampling else self.num_beams
+        return self.settings["num_return_sequences" if self.sampling else "num_beams"]
 
     @property
     def streams(self) -> bool:
         """Whether the text can be streamed token by token (one sequence, no beam search)."""
-        return self.num_captions == 1 and (self.sampling or self.num_beams == 1)
+        return self.settings["num_return_sequences"] == 1 and (self.sampling or self.settings["num_beams"] == 1)
 
     def generate_kwargs(self) -> dict:
-        kw = dict(max_new_tokens=self.max_new_tokens, min_new_tokens=min(self.min_new_tokens, self.max_new_tokens),
-                  repetition_penalty=self.repetition_penalty, num_return_sequences=self.num_captions)
-        if self.sampling:
-            kw.update(do_sample=True, num_beams=1, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
-        else:
-            kw.update(do_sample=False, num_beams=self.num_beams)
-            if self.num_beams > 1:
-                kw["length_penalty"] = self.length_penalty
-        return kw
+        """generate()'s keywords, without those the chosen decoding ignores."""
+        mode = SAMPLING if self.sampling else BEAM
+        return {k: v for k, v in self.settings.items() if decoding.BY_NAME[k].only in (None, mode)}
 
 
-def parse_number(value: object, name: str, lo: float, hi: float, integer: bool = False) -> int | float:
-    """A setting sent by a browser or a script: a number (or numeric string) within [lo, hi]."""
-    if isinstance(value, bool) or value is None:
-        raise RequestError(f"{name} must be a number, got {value!r}")
-    if isinstance(value, str):
-        try:
-            value = float(value.strip())
-        except ValueError:
-            raise RequestError(f"{name} must be a number, got the text {value[:40]!r}") from None
-    if not isinstance(value, (int, float, np.integer, np.floating)):
-        raise RequestError(f"{name} must be a number, got {type(value).__name__}")
-    value = float(value) if not isinstance(value, (int, np.integer)) else int(value)
-    if isinstance(value, float) and not math.isfinite(value):
-        raise RequestError(f"{name} must be a finite number, got {value}")
-    if integer:
-        if float(value) != int(value):
-            raise RequestError(f"{name} must be a whole number, got {value}")
-        value = int(value)
-    if not lo <= value <= hi:
-        raise RequestError(f"{name} must be between {lo:g} and {hi:g}, got {value:g}")
-    return value
-
-
-def parse_decoding(limits: Limits, mode=BEAM, num_beams=1, temperature=1.0, top_p=0.9, top_k=50, max_new_tokens=30,
-                   min_new_tokens=1, repetition_penalty=1.0, length_penalty=1.0, num_captions=1) -> DecodingSettings:
-    """Decoding settings from a request, each checked: type, range, and the beams x tokens budget."""
+def parse_decoding(limits: Limits, values: Mapping | None = None,
+                   preset: Mapping[str, int | float] = decoding.CAPTION) -> DecodingSettings:
+    """A request's decoding settings (API names -> what a browser or a script sent; those left out take
+    `decoding_defaults(preset)`), each checked by blip2.decoding within the app's offered ranges, then the
+    (beams or sampled captions) x max new tokens budget."""
+    values = decoding_defaults(preset) | dict(values or {})
+    unknown = sorted(set(values) - {api_name(f) for f in decoding.OFFERED})
+    if unknown:
+        raise RequestError(f"unknown decoding setting(s): {', '.join(unknown)}")
+    mode = values.pop("mode")
     if not isinstance(mode, str) or mode.strip().lower() not in _MODE_ALIASES:
         raise RequestError(f"decoding mode must be {BEAM!r} or {SAMPLING!r}, got {mode!r}")
-    d = DecodingSettings(
-        mode=_MODE_ALIASES[mode.strip().lower()],
-        num_beams=parse_number(num_beams, "beams", 1, limits.max_beams, integer=True),
-        temperature=parse_number(temperature, "temperature", 0.01, 5.0),
-        top_p=parse_number(top_p, "top-p", 0.01, 1.0),
-        top_k=parse_number(top_k, "top-k", 0, 1000, integer=True),
-        max_new_tokens=parse_number(max_new_tokens, "max new tokens", 1, limits.max_new_tokens, integer=True),
-        min_new_tokens=parse_number(min_new_tokens, "min new tokens", 0, limits.max_new_tokens, integer=True),
-        repetition_penalty=parse_number(repetition_penalty, "repetition penalty", 0.5, 5.0),
-        length_penalty=parse_number(length_penalty, "length penalty", -5.0, 5.0),
-        num_captions=parse_number(num_captions, "number of captions", 1, limits.max_captions, integer=True),
-    )
-    if d.min_new_tokens > d.max_new_tokens:
-        raise RequestError(f"min new tokens ({d.min_new_tokens}) cannot exceed max new tokens ({d.max_new_tokens})")
-    if not d.sampling and d.num_captions > d.num_beams:
-        raise RequestError(f"beam search returns at most one caption per beam: {d.num_captions} captions need "
-                           f"at least {d.num_captions} beams (or use {SAMPLING})")
+    raw = {f.name: values[api_name(f)] for f in decoding.OFFERED if f.name != "do_sample"}
+    raw["do_sample"] = _MODE_ALIASES[mode.strip().lower()] == SAMPLING
+    try:
+        d = DecodingSettings(decoding.check(raw, resource_highs(limits)))
+    except ValueError as e:
+        raise RequestError(str(e)) from None
     if d.rows * d.max_new_tokens > limits.max_beam_tokens:
         what = "sampled captions" if d.sampling else "beams"
         raise RequestError(f"{d.rows} {what} x {d.max_new_tokens} new tokens = {d.rows * d.max_new_tokens} is over "
                            f"the limit of {limits.max_beam_tokens}: lower one of them")
     return d
+
+
+def parse_number(value: object, name: str, lo: float, hi: float, integer: bool = False) -> int | float:
+    """A setting sent by a browser or a script: a number (or numeric string) within [lo, hi]."""
+    field = decoding.Field(name, int if integer else float, None, name, "")
+    try:
+        return decoding.number(field, value, lo, hi, parse=True)
+    except ValueError as e:
+        raise RequestError(str(e)) from None

@@ -3,7 +3,7 @@ and the language model's attention projections, gradient checkpointing, AdamW on
 is saved, loaded back onto a fresh model and merged.
 
     python -m bench.lora                        # the embedded model, 30 steps of batch 8
-    python -m bench.lora --steps 100 --batch 16 --model assets/blip2-tiny --out /tmp/blip2-lora
+    python -m bench.lora --steps 100 --batch 16 --model blip2/assets/blip2-tiny --out /tmp/blip2-lora
 
 The task: the embedded model's scenes (blip2/train/world.py) captioned after a prompt it never saw ("Describe the
 picture:"), with the answer in a new form ("it shows " + the caption), so the loss starts high. Prints the loss
@@ -20,9 +20,10 @@ import time
 import torch
 
 import blip2
+from blip2.catalogue import EMBEDDED_MODELS, GENERATION
 
 PROMPT, ANSWER = "Describe the picture:", " it shows "
-EMBEDDED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "blip2-tiny")
+EMBEDDED = str(EMBEDDED_MODELS[GENERATION])
 # the Q-Former's self- and cross-attention query/value and OPT's q_proj/v_proj (T5: q and v)
 TARGETS = r".*(qformer\.encoder\.layer\.\d+\.(attention|crossattention)\.attention\.(query|value)" \
           r"|language_model\..*\.(q_proj|v_proj|SelfAttention\.q|SelfAttention\.v))"

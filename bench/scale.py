@@ -38,10 +38,11 @@ OUT = os.path.join(ROOT, "bench", "out", "scale")
 sys.path.insert(0, ROOT)
 
 from blip2.bulk import caption_job, find_images, load_runner  # noqa: E402
+from blip2.catalogue import EMBEDDED_MODELS, GENERATION, RETRIEVAL  # noqa: E402
 from blip2.distributed import RaySettings  # noqa: E402
 from blip2.index import ImageIndex, index_job, recall  # noqa: E402
 
-EMBEDDED = (os.path.join(ROOT, "assets", "blip2-tiny"), os.path.join(ROOT, "assets", "blip2-tiny-itm"))
+EMBEDDED = (str(EMBEDDED_MODELS[GENERATION]), str(EMBEDDED_MODELS[RETRIEVAL]))
 
 
 def scenes(n: int) -> str:

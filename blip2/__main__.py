@@ -17,29 +17,28 @@ from typing import Any
 import torch.nn as nn
 
 from .bulk import caption_job, pretrained
+from .catalogue import EMBEDDED_MODELS, GENERATION, RETRIEVAL
 from .config import read_json
+from .decoding import ANSWER, CAPTION, FIELDS, Field
 from .distributed import RaySettings
 from .index import META, index_job, search_command
 from .modeling import Blip2ForConditionalGeneration, Blip2ForImageTextRetrieval
 from .processing import Blip2Processor
-from .runner import ANSWER_DECODING, CAPTION_DECODING, Blip2Runner
+from .runner import Blip2Runner
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_MODEL = os.path.join(ROOT, "assets", "blip2-tiny")
-DEFAULT_ITM_MODEL = os.path.join(ROOT, "assets", "blip2-tiny-itm")
-DECODING = (  # (flag, type, help): generate() settings
-    ("--max-new-tokens", int, "new tokens at most (default: 30 for a caption, 20 for an answer, as in the app)"),
-    ("--min-new-tokens", int, "new tokens at least (default 1, as in the app)"),
-    ("--num-beams", int, "beam search with this many beams"),
-    ("--num-return-sequences", int, "sequences per image (beam search or sampling)"),
-    ("--temperature", float, "sampling temperature"),
-    ("--top-k", int, "sample among the k most likely tokens (0: all; default 50)"),
-    ("--top-p", float, "sample within this probability mass"),
-    ("--repetition-penalty", float, "> 1 discourages repeated tokens"),
-    ("--length-penalty", float, "beam score = log-prob / length ** this"),
-    ("--no-repeat-ngram-size", int, "never repeat an n-gram of this size"),
-    ("--seed", int, "seed for sampling"),
-)
+DEFAULT_MODEL, DEFAULT_ITM_MODEL = str(EMBEDDED_MODELS[GENERATION]), str(EMBEDDED_MODELS[RETRIEVAL])
+
+
+def decoding_flag(cmd: argparse.ArgumentParser, field: Field) -> None:
+    """One decoding setting of blip2.decoding as a flag; left out, generate() (or a caption's / an answer's
+    defaults) decides."""
+    if field.type is bool:
+        cmd.add_argument(field.flag, action="store_true", default=None, help=field.help)
+        return
+    default = (f"{CAPTION[field.name]} for a caption, {ANSWER[field.name]} for an answer" if field.name in CAPTION
+               else field.default)
+    cmd.add_argument(field.flag, type=field.type, metavar=field.name.split("_")[-1].upper(),
+                     help=field.help + ("" if default is None else f" (default: {default})"))
 
 
 def parser() -> argparse.ArgumentParser:
@@ -60,9 +59,8 @@ def parser() -> argparse.ArgumentParser:
                               "bfloat16), 8bit / 4bit (bitsandbytes)")
         cmd.add_argument("--json", action="store_true", help="print JSON")
         if gen:
-            for flag, kind, help_ in DECODING:
-                cmd.add_argument(flag, type=kind, help=help_)
-            cmd.add_argument("--do-sample", action="store_true", help="sample instead of greedy / beam search")
+            for field in FIELDS:
+                decoding_flag(cmd, field)
 
     def bulk(cmd):
         cmd.add_argument("--batch-size", type=int, default=16, help="images per model pass (default 16)")
@@ -79,13 +77,13 @@ def parser() -> argparse.ArgumentParser:
     caption.add_argument("--out", help="write rows to this .parquet or .jsonl (resumable: a rerun skips what it "
                                        "holds) instead of printing")
     common(caption)
-    caption.set_defaults(**CAPTION_DECODING)
+    caption.set_defaults(**CAPTION)
     bulk(caption)
     ask = sub.add_parser("ask", help="answer a question about an image")
     ask.add_argument("image", metavar="IMAGE")
     ask.add_argument("question")
     common(ask)
-    ask.set_defaults(**ANSWER_DECODING)
+    ask.set_defaults(**ANSWER)
     match = sub.add_parser("match", help="image-text matching scores (ITM probability, ITC cosine)")
     match.add_argument("image", metavar="IMAGE")
     match.add_argument("texts", nargs="+", metavar="TEXT")
@@ -120,11 +118,7 @@ def load(cls: type[nn.Module], path: str, args: argparse.Namespace, flag: str) -
 
 
 def decoding_of(args: argparse.Namespace) -> dict:
-    names = [flag[2:].replace("-", "_") for flag, _, _ in DECODING]
-    decoding = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
-    if args.do_sample:
-        decoding["do_sample"] = True
-    return decoding
+    return {f.name: getattr(args, f.name) for f in FIELDS if getattr(args, f.name) is not None}
 
 
 def run_collection(args: argparse.Namespace) -> tuple[Any, str]:

@@ -1,12 +1,18 @@
 """The Salesforce BLIP-2 checkpoints on the Hugging Face Hub: what each one is for.
 
 Kept with the models (as LAVIS keeps its model zoo), so the app's model picker and the README read one
-list. A task names the class that loads the checkpoint.
+list. A task names the class that loads the checkpoint. Also where the embedded tiny checkpoints are.
 """
 
 from dataclasses import dataclass
+from pathlib import Path
 
 GENERATION, RETRIEVAL = "generation", "retrieval"  # Blip2ForConditionalGeneration, Blip2ForImageTextRetrieval
+
+# the embedded tiny checkpoints (trained on a world of coloured shapes by blip2.train), shipped inside the package:
+# the command line's, the app's and the benchmarks' default models
+EMBEDDED_MODELS = {GENERATION: Path(__file__).resolve().parent / "assets" / "blip2-tiny",
+                   RETRIEVAL: Path(__file__).resolve().parent / "assets" / "blip2-tiny-itm"}
 
 
 @dataclass(frozen=True)

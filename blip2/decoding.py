@@ -28,7 +28,7 @@ class Field:
     low: Number | None = None  # the smallest valid value (None: unbounded)
     high: Number | None = None  # the largest valid value (None: unbounded)
     low_open: bool = False  # `low` itself is not valid (a number > 0)
-    only: str | None = None  # "sampling" or "beam search": the only decoding it matters to
+    only: str | None = None  # "nucleus sampling" or "beam search": the only decoding it matters to (choices)
     choices: tuple[str, str] | None = None  # a switch's two values in words (off, on)
     offer: tuple[Number, Number | None] | None = None  # the app's range (None high: a resource limit sets it)
     slider: tuple[Number, Number | None, Number] | None = None  # the app control's (low, high, step)
@@ -49,16 +49,16 @@ class Field:
 
 
 FIELDS: tuple[Field, ...] = (  # in the order of the app's controls and API parameters
-    Field("do_sample", bool, False, "decoding", "beam search: the most likely text (1 beam = greedy, streamed); "
-          "nucleus sampling: varied texts", choices=("beam search", "nucleus sampling")),
-    Field("num_beams", int, 1, "beams", "beam search with this many beams (1: greedy); more beams are not streamed",
-          low=1, only="beam search", offer=(1, None), slider=(1, None, 1)),
-    Field("temperature", float, 1.0, "temperature", "sampling temperature", low=0, low_open=True, only="sampling",
-          offer=(0.01, 5.0), slider=(0.1, 2.0, 0.05)),
+    Field("do_sample", bool, False, "decoding", "nucleus sampling (varied texts) instead of beam search (the most "
+          "likely text; 1 beam = greedy)", choices=("beam search", "nucleus sampling")),
+    Field("num_beams", int, 1, "beams", "beam search with this many beams (1: greedy)", low=1, only="beam search",
+          offer=(1, None), slider=(1, None, 1)),
+    Field("temperature", float, 1.0, "temperature", "sampling temperature", low=0, low_open=True,
+          only="nucleus sampling", offer=(0.01, 5.0), slider=(0.1, 2.0, 0.05)),
     Field("top_p", float, 1.0, "top-p", "sample within this probability mass", low=0, high=1, low_open=True,
-          only="sampling", offer=(0.01, 1.0), slider=(0.05, 1.0, 0.05), start=0.9),
-    Field("top_k", int, 50, "top-k", "sample among the k most likely tokens (0: all)", low=0, only="sampling",
-          offer=(0, 1000), slider=(0, 200, 1)),
+          only="nucleus sampling", offer=(0.01, 1.0), slider=(0.05, 1.0, 0.05), start=0.9),
+    Field("top_k", int, 50, "top-k", "sample among the k most likely tokens (0: all)", low=0,
+          only="nucleus sampling", offer=(0, 1000), slider=(0, 200, 1)),
     Field("max_new_tokens", int, None, "max new tokens", "new tokens at most", low=0, offer=(1, None),
           slider=(1, None, 1)),
     Field("min_new_tokens", int, None, "min new tokens", "new tokens at least", low=0, offer=(0, None),
@@ -73,7 +73,7 @@ FIELDS: tuple[Field, ...] = (  # in the order of the app's controls and API para
     Field("seed", int, None, "seed", "seed for sampling", low=0),
 )
 BY_NAME: dict[str, Field] = {f.name: f for f in FIELDS}
-OFFERED: tuple[Field, ...] = tuple(f for f in FIELDS if f.offer is not None or f.choices)  # the app's controls, in this order
+OFFERED: tuple[Field, ...] = tuple(f for f in FIELDS if f.offer is not None or f.choices)  # the app's, in order
 
 # the defaults of a caption and of a chat answer (the app's and the command line's; generate()'s are the reference's)
 CAPTION: dict[str, Number] = {"max_new_tokens": 30, "min_new_tokens": 1}
@@ -126,9 +126,9 @@ def check(settings: Mapping[str, object], highs: Mapping[str, Number] | None = N
         raise ValueError(f"do_sample must be True or False, got {sampling!r}")
     out: dict = {"do_sample": sampling} if "do_sample" in settings else {}
     for f in FIELDS[1:]:  # do_sample: above
-        value = settings.get(f.name)
-        if value is None:
-            continue
+        if f.name not in settings or (settings[f.name] is None and highs is None):
+            continue  # generate()'s default; a request (with highs) sends every field it sends as a value
+        value = settings[f.name]
         if highs is None:
             if f.name == "temperature" and not sampling:
                 continue  # the reference ignores it without sampling

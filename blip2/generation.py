@@ -251,6 +251,9 @@ class DecoderStepper:
         self.cache.reorder(index)
         self.mask = self.mask.index_select(0, index)
 
+    def close(self):
+        pass
+
 
 class EncoderDecoderStepper:
     """T5: the encoder once, then the decoder one token a step (cross-attention keys/values cached)."""
@@ -275,6 +278,19 @@ class EncoderDecoderStepper:
         self.cache.reorder(index)
         self.mask = self.mask.index_select(0, index)
         self.encoded = self.encoded.index_select(0, index)
+
+    def close(self):
+        pass
+
+
+def own_stepper(lm, inputs_embeds, attention_mask, past_key_values, start_id, want: dict | None = None):
+    """The stepper of a decoding that runs alone: its own KV cache (blip2.scheduler's steppers share a batch).
+    Every stepper has start() -> logits (B, V), step(tokens (N,)) -> logits (N, V), reorder(rows), `cache` (its
+    rows' KVCache) and close(); these also keep their `last` output, with what `want` asks the model for
+    (output_attentions / output_hidden_states, for return_dict_in_generate)."""
+    if lm.config.is_encoder_decoder:
+        return EncoderDecoderStepper(lm, inputs_embeds, attention_mask, start_id, want)
+    return DecoderStepper(lm, inputs_embeds, attention_mask, past_key_values, want)
 
 
 # ---- beam search: a state and a step function over it
@@ -372,29 +388,29 @@ class Decoding:
     `past_key_values`: a KVCache (decoder-only) already holding the first `length` positions of this prompt (a
     reused prefix); only the rest is computed. It is extended (and reordered) in place.
     `stop`: called between tokens (before each step of the language model); it ends the decoding by raising (the
-    app's time limit, a client that went away). The exception reaches the caller; nothing half-done is returned."""
+    app's time limit, a client that went away). The exception reaches the caller; nothing half-done is returned.
+    `stepper`: what builds the stepper (own_stepper's signature): by default the decoding's own; a
+    blip2.scheduler.Scheduler's puts its rows into a shared batch (then `close()` it once done)."""
 
     def __init__(self, lm, inputs_embeds, attention_mask=None, input_ids=None, past_key_values=None,
-                 stop: Callable[[], None] | None = None, **kwargs):
+                 stop: Callable[[], None] | None = None, stepper: Callable = None, **kwargs):
         self.stop = stop or (lambda: None)
         cfg = self.cfg = GenerationConfig.build(lm.config, **kwargs)
         b, t, device = inputs_embeds.shape[0], inputs_embeds.shape[1], inputs_embeds.device
         if attention_mask is None:
             attention_mask = torch.ones(b, t, dtype=torch.long, device=device)
-        encdec = lm.config.is_encoder_decoder
+        self.encdec = encdec = lm.config.is_encoder_decoder
         # return_dict_in_generate: what each step keeps (Record), and what the language model must return for it
         self.record = Record() if cfg.return_dict_in_generate else None
         want = {k: True for k in ("output_attentions", "output_hidden_states") if self.record and getattr(cfg, k)}
         if encdec:
             if past_key_values is not None:
                 raise ValueError("past_key_values (a reused prompt prefix) needs a decoder-only language model")
-            self.stepper = EncoderDecoderStepper(lm, inputs_embeds, attention_mask, cfg.decoder_start_token_id, want)
             prompt = torch.full((b, 1), cfg.decoder_start_token_id, dtype=torch.long, device=device)
         else:
             if past_key_values is not None and not 0 <= past_key_values.length < t:
                 raise ValueError(f"the reused prefix holds {past_key_values.length} positions; it must be shorter "
                                  f"than the prompt ({t})")
-            self.stepper = DecoderStepper(lm, inputs_embeds, attention_mask, past_key_values, want)
             prompt = input_ids if input_ids is not None else torch.zeros(b, 0, dtype=torch.long, device=device)
         self.prompt = prompt.to(device)  # (B, L)
         n = self.prompt.shape[1]
@@ -412,6 +428,10 @@ class Decoding:
             skip = (attention_mask[:, -n:] != 0).int().argmax(1).repeat_interleave(self.expand)
         self.processors = logits_processors(cfg, min_length, self.eos, skip)
         self.sequences = None
+        if want and stepper is not None:
+            raise ValueError("output_attentions / output_hidden_states in generate need the decoding's own stepper")
+        self.stepper = (stepper or own_stepper)(lm, inputs_embeds, attention_mask, past_key_values,
+                                                cfg.decoder_start_token_id, **({"want": want} if want else {}))
 
     def steps(self) -> Iterator[torch.Tensor]:
         if self.max_length <= self.prompt.shape[1]:  # max_new_tokens=0
@@ -434,7 +454,8 @@ class Decoding:
         for process in self.processors:
             scores = process(ids, scores)
         if self.record is not None:
-            self.record.step(self.cfg, logits.float() if raw is None else raw.float(), scores, self.stepper.last)
+            self.record.step(self.cfg, logits.float() if raw is None else raw.float(), scores,
+                             getattr(self.stepper, "last", None))
         return scores
 
     def output(self) -> "ModelOutput":
@@ -448,10 +469,11 @@ class Decoding:
             kw["beam_indices"] = self.beam.src_done[:, :r].flatten(0, 1)[:, :self.sequences.shape[1]
                                                                              - self.prompt.shape[1]].long()
         attn, hidden = rec.get(cfg.output_attentions, rec.attentions), rec.get(cfg.output_hidden_states, rec.hidden)
-        if isinstance(self.stepper, EncoderDecoderStepper):
-            enc = self.stepper.encoder_out
+        if self.encdec:
+            enc = getattr(self.stepper, "encoder_out", None)  # (a scheduler's stepper keeps none)
             return (GenerateBeamEncoderDecoderOutput if beams else GenerateEncoderDecoderOutput)(
-                **kw, encoder_attentions=enc.attentions, encoder_hidden_states=enc.hidden_states,
+                **kw, encoder_attentions=getattr(enc, "attentions", None),
+                encoder_hidden_states=getattr(enc, "hidden_states", None),
                 decoder_attentions=attn, cross_attentions=rec.get(cfg.output_attentions, rec.cross),
                 decoder_hidden_states=hidden)
         return (GenerateBeamDecoderOnlyOutput if beams else GenerateDecoderOnlyOutput)(
@@ -460,8 +482,10 @@ class Decoding:
     def reusable(self) -> tuple[torch.Tensor, KVCache] | None:
         """For a decoder-only model, (ids (T,), cache) to reuse as the prefix of a later prompt: with one decoding
         row the prompt and the answer so far, otherwise (beams, samples, or stopped early) the prompt only."""
+        if self.encdec:
+            return None
         cache, n = self.stepper.cache, self.prompt.shape[1]
-        if not isinstance(self.stepper, DecoderStepper) or cache.length < n:
+        if cache.length < n:
             return None
         if cache.k[0].shape[0] == 1 and self.sequences is not None:
             return self.sequences[0, :cache.length].clone(), cache
@@ -470,6 +494,10 @@ class Decoding:
             cache.reorder(torch.zeros(1, dtype=torch.long, device=self.prompt.device))
         return self.prompt[0].clone(), cache
 
+    def close(self) -> None:
+        """Release what the stepper holds (a batch's rows); the decoding cannot go on after."""
+        self.stepper.close()
+
     def _expanded_start(self):
         """The prompt pass for B rows, then its cache and logits repeated for every beam / sample."""
         logits = self.stepper.start()
@@ -477,9 +505,9 @@ class Decoding:
             index = torch.arange(logits.shape[0], device=logits.device).repeat_interleave(self.expand)
             self.stepper.reorder(index)
             logits = logits.index_select(0, index)
-            if self.record is not None:  # the reference runs the prompt pass on the expanded rows
+            if getattr(self.stepper, "last", None) is not None:  # the reference's prompt pass runs on these rows
                 self.stepper.last = select_rows(self.stepper.last, index)
-                if isinstance(self.stepper, EncoderDecoderStepper):
+                if self.encdec:
                     self.stepper.encoder_out = select_rows(self.stepper.encoder_out, index)
         return logits
 

@@ -10,23 +10,9 @@ from PIL import Image
 from app import examples
 from blip2.retrieval import match_score
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with S.one_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 ENDPOINTS = ["/caption", "/chat", "/clear_chat", "/match", "/heatmap", "/search", "/load_model", "/model_info"]
-
-
-@pytest.fixture(scope="module")
-def server():
-    return S.get_server()
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return server.client()
 
 
 @pytest.fixture(scope="module")

@@ -15,10 +15,7 @@ FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-ne
 
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with S.one_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -170,7 +167,12 @@ def test_matching_tab(page, scene_files):
     first_row = page.locator('#match-table [role=row][aria-rowindex="2"]').first.inner_text()
     assert scene.caption() in first_row, first_row
     assert "Best match" in page.locator("#match-notice").inner_text()
+    assert "cut to the retrieval model" not in page.locator("#match-notice").inner_text()
     shot(page, "matching.png")
+    page.fill("#match-texts textarea", "\n".join(texts + [S.LONG_TEXT]))  # over the retrieval model's 64 positions
+    page.click("#match-run")
+    page.locator("#match-notice").get_by_text("was cut to the retrieval model's 64 text tokens", exact=False).wait_for()
+    idle(page)
 
 
 def test_search_tab(page, scene_files):
@@ -188,6 +190,11 @@ def test_search_tab(page, scene_files):
     first = page.locator('#search-table [role=row][aria-rowindex="2"]').first.inner_text()
     assert "scene3.png" in first, first
     shot(page, "search.png")
+    page.fill("#search-query textarea, #search-query input", S.LONG_TEXT)
+    page.click("#search-run")
+    cut = "was cut to the retrieval model's 64 text tokens"
+    page.locator("#search-notice").get_by_text(cut, exact=False).wait_for()
+    idle(page)
 
 
 def test_example_gallery_and_about(page):

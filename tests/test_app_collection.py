@@ -6,21 +6,14 @@ import os
 import app_support as S
 import gradio as gr
 import pytest
-from app_support import get_service, one_thread
 from PIL import Image
 from world_files import ITM, write_scenes
 
 from app import search
-from app.collection import attach
+from app.collection import Collection
 from app.render import NOT_RERANKED
 from blip2.bulk import load_runner
 from blip2.index import index_job
-
-
-@pytest.fixture(scope="module")
-def svc():
-    with one_thread():
-        yield get_service()
 
 
 @pytest.fixture(scope="module")
@@ -29,9 +22,9 @@ def indexed(tmp_path_factory, svc):
     paths, scenes = write_scenes(d, 30, size=160)
     out = str(d / "index")
     index_job(load_runner(None, ITM), [d], out, ITM, captions=False, progress=False)
-    collection = attach(svc, out)
-    yield collection, paths, scenes
-    del svc.collection  # the other app tests see the app without an index
+    svc.collection = Collection(svc.registry, out)  # as Service(index=out) builds it (test_app_flag: app.py)
+    yield svc.collection, paths, scenes
+    svc.collection = None  # the other app tests see the app without an index
 
 
 def test_search_tab_searches_the_index(indexed):

@@ -1,23 +1,21 @@
 """The app's handler functions called directly on the embedded model: real outputs, checked against the truth
 of generated scenes of the model's world."""
 
+import inspect
 import os
 
 import app_support as S
 import numpy as np
 import pytest
 
-from app import caption, chat
+from app import chat
 from app.registry import GENERATION, RETRIEVAL
 from app.render import NOT_RERANKED
-from app.validation import DecodingSettings
+from app.validation import parse_decoding
+from blip2.decoding import ANSWER, CAPTION
 from blip2.retrieval import match_score
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with S.one_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 SCENES = 6
 
@@ -30,20 +28,16 @@ def scenes(svc, tmp_path_factory):
             enumerate(S.one_object_scenes(SCENES))]
 
 
-def last(gen):
-    out = None
-    for out in gen:
-        pass
-    return out
+last = S.last
 
 
 def test_uses_the_embedded_model(svc):
-    assert svc.default == {GENERATION: "blip2-tiny (embedded)", RETRIEVAL: "blip2-tiny (embedded)"}
+    assert svc.registry.default == {GENERATION: "blip2-tiny (embedded)", RETRIEVAL: "blip2-tiny (embedded)"}
 
 
 def test_caption_is_exact(svc, scenes):
     """The embedded model's captions are exact on 96% of held-out scenes and right on 99% of colours, shapes and
-    positions (assets/blip2-tiny/README.md): every one-object caption must be exact (a flipped, rotated or
+    positions (blip2/assets/blip2-tiny/README.md): every one-object caption must be exact (a flipped, rotated or
     recoloured image pipeline names another position or colour), and on scenes of one to three objects every
     object's size, colour and position (its shapes are 98.7% right: one of these six names a cross for a square)."""
     from blip2.train.world import caption_matches
@@ -101,11 +95,11 @@ def test_chat_follows_a_conversation_and_resets_on_a_new_image(svc, scenes):
 
 
 def test_chat_prompt_drops_the_oldest_turns_to_fit(svc):
-    loaded = svc.get(svc.default[GENERATION], GENERATION)
+    loaded = svc.registry.get(svc.registry.default[GENERATION], GENERATION)
     context = loaded.runner.context_size
     turn = ("what color is the large circle in the top left corner of the picture?", "red")
     history = [turn] * (context // 8)
-    captioner = loaded.runner.captioner
+    captioner = loaded.runner
     prompt = captioner.prompt(captioner.chat_texts("what shape is it?", history), 20)
     assert prompt.dropped_turns > 0 and prompt.text.startswith("Question: ")
     assert prompt.text.endswith("Question: what shape is it? Answer:")
@@ -117,7 +111,7 @@ def test_chat_prompt_drops_the_oldest_turns_to_fit(svc):
 
 def test_chat_shows_the_truncation_notice(svc, scenes):
     scene, path = scenes[2]
-    loaded = svc.get(svc.default[GENERATION], GENERATION)
+    loaded = svc.registry.get(svc.registry.default[GENERATION], GENERATION)
     n = loaded.runner.context_size // 8
     history = {"digest": None, "turns": []}
     conv, notice, history = last(S.app().chat.chat(path, "how many shapes are there?", history=history))
@@ -159,7 +153,7 @@ def test_heatmap_looks_at_the_object(svc, scenes):
     """The heat map's hottest cell of the 3x3 layout is the object's own cell, in every scene (chance: 1 in 9)."""
     for scene, path in scenes:
         o = scene.objects[0]
-        overlay, grid, method = svc.heatmap(svc.default[RETRIEVAL], path, f"a {o.size} {o.color} {o.shape}")
+        overlay, grid, method, _ = svc.heatmap(svc.registry.default[RETRIEVAL], path, f"a {o.size} {o.color} {o.shape}")
         assert grid.shape == (6, 6) and method == "Grad-CAM" and overlay.size == (224, 224)
         assert hottest_cell(grid) == object_cell(scene), (scene.caption(), np.round(grid, 3))
 
@@ -168,7 +162,7 @@ def test_heatmap_handler(svc, scenes):
     scene, path = scenes[0]
     heat, notice = S.app().matching.heatmap(path, scene.caption())
     assert notice == f"Heat map (Grad-CAM) for: **{scene.caption()}**" and heat.size == (224, 224)
-    _, grid, _ = svc.heatmap(svc.default[RETRIEVAL], path, scene.caption())
+    _, grid, _, _ = svc.heatmap(svc.registry.default[RETRIEVAL], path, scene.caption())
     from app.render import overlay_heatmap
     from app.validation import load_image
 
@@ -193,7 +187,7 @@ def test_search_reuses_cached_image_embeddings(svc, scenes, monkeypatch):
 
     paths = [p for _, p in scenes]
     S.app().search.search(paths, "a red circle", 0)
-    model = svc.get(svc.default[RETRIEVAL], RETRIEVAL).model
+    model = svc.registry.get(svc.registry.default[RETRIEVAL], RETRIEVAL).model
     calls, verdicts = [], []
     monkeypatch.setattr(service_module, "in_world", lambda im: verdicts.append(1) or True)
     handle = model.vision_model.register_forward_pre_hook(lambda m, a: calls.append(1))
@@ -205,12 +199,22 @@ def test_search_reuses_cached_image_embeddings(svc, scenes, monkeypatch):
 
 
 def test_decoding_defaults(svc):
-    assert caption.DEFAULTS.streams and chat.DEFAULTS.streams
-    assert DecodingSettings().generate_kwargs() == dict(max_new_tokens=30, min_new_tokens=1, repetition_penalty=1.0,
-                                                num_return_sequences=1, do_sample=False, num_beams=1)
-    assert DecodingSettings(mode="nucleus sampling", num_captions=2, temperature=0.7).generate_kwargs() == dict(
-        max_new_tokens=30, min_new_tokens=1, repetition_penalty=1.0, num_return_sequences=2, do_sample=True,
-        num_beams=1, temperature=0.7, top_p=0.9, top_k=50)
+    assert parse_decoding(svc.limits, {}, CAPTION).generate_kwargs() == dict(
+        max_new_tokens=30, min_new_tokens=1, repetition_penalty=1.0, num_return_sequences=1, do_sample=False,
+        num_beams=1, length_penalty=1.0)
+    sampled = parse_decoding(svc.limits, dict(mode="nucleus sampling", num_captions=2, temperature=0.7), CAPTION)
+    assert sampled.generate_kwargs() == dict(max_new_tokens=30, min_new_tokens=1, repetition_penalty=1.0,
+                                             num_return_sequences=2, do_sample=True, temperature=0.7, top_p=0.9,
+                                             top_k=50)
+    answer = parse_decoding(svc.limits, {}, ANSWER)
+    assert answer.streams and answer.max_new_tokens == 20
+    params = inspect.signature(S.app().caption.caption).parameters  # what Gradio shows as the /caption API
+    assert list(params)[:12] == ["image", "prompt", "mode", "num_beams", "temperature", "top_p", "top_k",
+                                 "max_new_tokens", "min_new_tokens", "repetition_penalty", "length_penalty",
+                                 "num_captions"]
+    assert params["max_new_tokens"].default == 30 and params["top_p"].default == 0.9
+    params = inspect.signature(S.app().chat.chat).parameters
+    assert "num_captions" not in params and params["max_new_tokens"].default == 20 and list(params)[-3] == "history"
 
 
 def test_special_token_strings_are_plain_text_in_match_search_and_heatmap(svc, scenes, monkeypatch):
@@ -218,7 +222,7 @@ def test_special_token_strings_are_plain_text_in_match_search_and_heatmap(svc, s
     them with split_special_tokens=True (plain text), in matching, search and the heat map alike."""
     import transformers
 
-    loaded = svc.get(svc.default[RETRIEVAL], RETRIEVAL)
+    loaded = svc.registry.get(svc.registry.default[RETRIEVAL], RETRIEVAL)
     reference = transformers.AutoTokenizer.from_pretrained(loaded.source)
     seen = []  # (op, token ids of each text row the ITM / ITC heads received)
 
@@ -243,7 +247,7 @@ def test_special_token_strings_are_plain_text_in_match_search_and_heatmap(svc, s
         elif op == "search":
             S.app().search.search([path], text, 1)
         else:
-            svc.heatmap(svc.default[RETRIEVAL], path, text)
+            svc.heatmap(svc.registry.default[RETRIEVAL], path, text)
         plain = reference(text, split_special_tokens=True)["input_ids"]
         special = set(reference.all_special_ids)
         assert len(seen) >= 2 and all(ids == plain for ids in seen), (op, seen, plain)  # ITM and ITC both
@@ -262,7 +266,7 @@ def test_the_chat_placeholder_follows_the_image(scenes):
 def test_the_first_match_runs_the_vision_tower_once(svc):
     """The ranking and the heat map of a new image share one vision pass (the runner's cache)."""
     scene, im = S.scene(7, seed=23)  # an image no other test has shown the model
-    model = svc.get(svc.default[RETRIEVAL], RETRIEVAL).model
+    model = svc.registry.get(svc.registry.default[RETRIEVAL], RETRIEVAL).model
     calls = []
     handle = model.vision_model.register_forward_pre_hook(lambda m, a: calls.append(1))
     try:
@@ -270,3 +274,23 @@ def test_the_first_match_runs_the_vision_tower_once(svc):
     finally:
         handle.remove()
     assert calls == [1] and table["text"][0] == scene.caption() and heat.size == (224, 224)
+
+
+def test_a_text_cut_to_the_retrieval_positions_gets_a_notice(svc, scenes):
+    """Candidate texts and search queries longer than the retrieval model's 64 text positions are scored on their
+    beginning (blip2.retrieval.Match.truncated): the notice says so, and only then."""
+    scene, path = scenes[0]
+    positions = svc.registry.get(svc.registry.default[RETRIEVAL], RETRIEVAL).model.config.qformer_config
+    assert positions.max_position_embeddings == 64 and len(S.LONG_TEXT) < svc.limits.max_candidate_chars
+    *_, notice = S.app().matching.match(path, scene.caption())
+    assert "cut to the retrieval model" not in notice
+    table, *_, notice = S.app().matching.match(path, f"{scene.caption()}\n{S.LONG_TEXT}")
+    assert f"“{S.LONG_TEXT[:60]}” was cut to the retrieval model's 64 text tokens" in notice
+    assert len(table) == 2
+    result = svc.match(svc.registry.default[RETRIEVAL], path, [scene.caption(), S.LONG_TEXT])
+    assert [r.truncated for r in result.rows if r.text == S.LONG_TEXT] == [True]
+    assert not any(r.truncated for r in result.rows if r.text == scene.caption())
+    _, _, notice = S.app().search.search([path], scene.caption(), 0)
+    assert "cut to the retrieval model" not in notice
+    _, _, notice = S.app().search.search([path], S.LONG_TEXT, 0)
+    assert "was cut to the retrieval model's 64 text tokens" in notice

@@ -9,7 +9,6 @@ import threading
 import time
 
 import app_support as S
-import gradio as gr
 import httpx
 import pytest
 from PIL import Image
@@ -18,55 +17,15 @@ from app.config import Limits
 from app.errors import RequestError
 from app.validation import clean_text, load_image, parse_decoding
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with S.one_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def server(svc):
-    return S.get_server()
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return server.client()
-
-
-@pytest.fixture(scope="module")
-def scene_path(tmp_path_factory):
-    _, im = S.scene(0)
-    return S.write(tmp_path_factory.mktemp("scene"), "scene.png", S.png_bytes(im))
-
-
-def run_caption(image, prompt="", **kw):
-    settings = dict(mode="beam search", num_beams=1, temperature=1.0, top_p=0.9, top_k=50, max_new_tokens=3,
-                    min_new_tokens=1, repetition_penalty=1.0, length_penalty=1.0, num_captions=1)
-    settings.update(kw)
-    out = None
-    for out in S.app().caption.caption(image, prompt, *settings.values()):
-        pass
-    return out
-
-
+run_caption, refused = S.run_caption, S.refused
 NORMAL = " ".join(S.scene(0)[0].caption().split()[:3])  # 3 new tokens of the true caption: "a small blue"
 
 
 def normal_ok(scene_path):
     assert run_caption(scene_path) == (NORMAL, "")
-
-
-def refused(fn, *args, match=None, **kwargs):
-    with pytest.raises(gr.Error) as info:
-        out = fn(*args, **kwargs)
-        if hasattr(out, "__next__"):
-            for _ in out:
-                pass
-    if match:
-        assert match.lower() in info.value.message.lower(), info.value.message
-    return info.value.message
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -146,7 +105,7 @@ def test_animated_images_use_their_first_frame(tmp_path, svc, scene_path, fmt):
     text, notice = run_caption(path)
     first = S.write(tmp_path, "first.png", S.png_bytes(S.colour_image((48, 48), checked.image.getpixel((24, 24)))))
     assert text == run_caption(first)[0]  # the caption of the first frame alone
-    assert notice == f"{checked.notes[0]} {svc.world_caveat(svc.default['generation'], [checked])}".strip()
+    assert notice == f"{checked.notes[0]} {svc.world_caveat(svc.registry.default['generation'], [checked])}".strip()
     normal_ok(scene_path)
 
 
@@ -163,7 +122,7 @@ def test_tiny_and_elongated_images_are_handled(tmp_path, svc, size):
     path = S.write(tmp_path, "small.png", S.png_bytes(S.colour_image(size)))
     square = S.write(tmp_path, "square.png", S.png_bytes(S.colour_image((224, 224))))
     assert run_caption(path) == run_caption(square)
-    rows, same = (svc.match(svc.default["retrieval"], p, ["a red square"])[0] for p in (path, square))
+    rows, same = (svc.match(svc.registry.default["retrieval"], p, ["a red square"]).rows[0] for p in (path, square))
     assert abs(rows.itm - same.itm) < 1e-6 and abs(rows.itc - same.itc) < 1e-6
 
 
@@ -240,8 +199,12 @@ def test_bad_decoding_settings(svc, scene_path, settings, message):
 
 
 def test_numeric_strings_are_accepted(svc):
-    d = parse_decoding(svc.limits, "Beam Search", "3", "0.7", "0.9", "40", "12", "0", "1.2", "1", "2")
-    assert (d.num_beams, d.max_new_tokens, d.num_captions, d.temperature) == (3, 12, 2, 0.7)
+    names = ["mode", "num_beams", "temperature", "top_p", "top_k", "max_new_tokens", "min_new_tokens",
+             "repetition_penalty", "length_penalty", "num_captions"]
+    sent = ["Beam Search", "3", "0.7", "0.9", "40", "12", "0", "1.2", "1", "2"]
+    d = parse_decoding(svc.limits, dict(zip(names, sent)))
+    assert d.settings == dict(do_sample=False, num_beams=3, temperature=0.7, top_p=0.9, top_k=40, max_new_tokens=12,
+                              min_new_tokens=0, repetition_penalty=1.2, length_penalty=1.0, num_return_sequences=2)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -277,18 +240,19 @@ def test_broken_checkpoint_gives_a_message_and_the_app_keeps_serving(svc, scene_
     from app.registry import GENERATION, Checkpoint
     from app.ui import App
 
-    source = svc.get(svc.default[GENERATION], GENERATION).source
+    source = svc.registry.get(svc.registry.default[GENERATION], GENERATION).source
     broken = tmp_path / "broken"
     shutil.copytree(source, broken)
     weights = broken / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])  # cut off mid-download
-    svc.catalogue["broken (local)"] = Checkpoint("broken (local)", ((GENERATION, str(broken)),))
+    svc.registry.catalogue["broken (local)"] = Checkpoint("broken (local)", ((GENERATION, str(broken)),))
     try:
-        message = refused(App(svc).load_model, "broken (local)", svc.session_defaults(), match="could not load broken")
+        message = refused(App(svc).load_model, "broken (local)", svc.registry.session_defaults(),
+                          match="could not load broken")
         assert "truncated" in message or "safetensors" in message
     finally:
-        del svc.catalogue["broken (local)"]
-    assert svc.loaded("broken (local)", GENERATION) is None
+        del svc.registry.catalogue["broken (local)"]
+    assert svc.registry.loaded("broken (local)", GENERATION) is None
     normal_ok(scene_path)
 
 
@@ -306,7 +270,7 @@ def test_unknown_model_is_refused(svc):
 
 
 def _generation_model(svc):
-    return svc.get(svc.default["generation"], "generation").model
+    return svc.registry.get(svc.registry.default["generation"], "generation").model
 
 
 def test_model_exception_returns_an_error_and_the_next_request_works(svc, scene_path):
@@ -387,7 +351,7 @@ def test_odd_files_through_the_api(tmp_path, svc, client, scene_path):
         assert [text, notice] == list(run_caption(path)), name  # as the handler captions the same file
     path = S.write(tmp_path, "tiny.png", S.png_bytes(S.colour_image((1, 1))))
     row = client.predict(handle_file(path), "a red square", api_name="/match")[0]["data"][0]
-    direct = svc.match(svc.default["retrieval"], path, ["a red square"])[0]
+    direct = svc.match(svc.registry.default["retrieval"], path, ["a red square"]).rows[0]
     assert row == [1, "a red square", round(direct.itm, 4), round(direct.itc, 4)]  # the table rounds to 4 places
     _client_refused(client, "/etc/passwd", "", api_name="/caption", match="valid dictionary")  # not an upload
     _client_refused(client, None, "", api_name="/caption", match="no image")
@@ -468,7 +432,7 @@ def test_file_access_is_limited_to_examples_and_uploads(server):
 
     assert status(EXAMPLES_DIR / "scene_1.png") == 200
     for path in ("/etc/passwd", ROOT / "app.py", ROOT / "app" / "service.py", EXAMPLES_DIR / ".." / ".." / "app.py",
-                 ROOT / "assets" / "blip2-tiny" / "config.json"):
+                 ROOT / "blip2" / "assets" / "blip2-tiny" / "config.json"):
         assert status(path) in (403, 404), path
     for path in ("/etc/passwd", ROOT / "app.py"):  # a server path sent as an "upload" is not read either
         image = json.dumps({"path": str(path), "meta": {"_type": "gradio.FileData"}})

@@ -20,13 +20,10 @@ from app.errors import RequestError
 from app.registry import EMBEDDED, GENERATION, KNOWN_CHECKPOINTS, RETRIEVAL, Checkpoint, ModelSettings
 from app.render import NOT_RERANKED
 from app.service import Service
-from app.validation import DecodingSettings, load_image
+from app.validation import load_image, parse_decoding
+from blip2.decoding import ANSWER
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with S.one_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
@@ -37,34 +34,7 @@ def own_service():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="module")
-def scene_path(tmp_path_factory):
-    _, im = S.scene(0)
-    return S.write(tmp_path_factory.mktemp("scene"), "scene.png", S.png_bytes(im))
-
-
-def last(gen):
-    out = None
-    for out in gen:
-        pass
-    return out
-
-
-def refused(fn, *args, match, **kwargs):
-    """fn (a handler, or a function of the service) refuses the request with a message containing `match`."""
-    with pytest.raises((gr.Error, RequestError)) as info:
-        out = fn(*args, **kwargs)
-        if hasattr(out, "__next__"):
-            last(out)
-    message = getattr(info.value, "message", None) or str(info.value)
-    assert match.lower() in message.lower(), message
-
-
-def run_caption(image, **kw):
-    settings = dict(mode="beam search", num_beams=1, temperature=1.0, top_p=0.9, top_k=50, max_new_tokens=3,
-                    min_new_tokens=1, repetition_penalty=1.0, length_penalty=1.0, num_captions=1)
-    settings.update(kw)
-    return last(S.app().caption.caption(image, "", *settings.values()))
+last, refused, run_caption = S.last, S.refused, S.run_caption
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -137,7 +107,8 @@ def _time_limit(svc, limits, scene_path, tmp_path):
         steps.append(1)
         time.sleep(0.1)  # a slow model
 
-    handle = svc.get(svc.default[GENERATION], GENERATION).model.language_model.register_forward_pre_hook(slow)
+    lm = svc.registry.get(svc.registry.default[GENERATION], GENERATION).model.language_model
+    handle = lm.register_forward_pre_hook(slow)
     try:
         text, notice = run_caption(scene_path, max_new_tokens=100, min_new_tokens=100)
     finally:
@@ -174,7 +145,7 @@ def _concurrency(svc, limits, scene_path, tmp_path, monkeypatch):
 
 def _chat_turns(svc, limits, scene_path, tmp_path, monkeypatch):
     histories = []
-    runner = svc.get(svc.default[GENERATION], GENERATION).runner
+    runner = svc.registry.get(svc.registry.default[GENERATION], GENERATION).runner
     real = runner.ask_stream
     monkeypatch.setattr(runner, "ask_stream", lambda image, question, history, **kw: histories.append(list(history))
                         or real(image, question, history, **kw))
@@ -188,9 +159,10 @@ def _chat_turns(svc, limits, scene_path, tmp_path, monkeypatch):
 def _loaded_models(svc, limits, scene_path, tmp_path):
     extra = Checkpoint("opt (local)", ((GENERATION, shared_checkpoint("opt")),))
     own = Service(limits=limits, extra_checkpoints=[extra])
-    own.warm_up()
-    assert own.get("opt (local)", GENERATION).key == "opt (local)"  # served, then unloaded: one model per role
-    assert own.loaded("opt (local)", GENERATION) is None and own.loaded(EMBEDDED, GENERATION) is not None
+    own.registry.warm_up()
+    assert own.registry.get("opt (local)", GENERATION).key == "opt (local)"  # served, then unloaded: one model per role
+    assert own.registry.loaded("opt (local)", GENERATION) is None
+    assert own.registry.loaded(EMBEDDED, GENERATION) is not None
 
 
 def _rerank(svc, limits, scene_path, tmp_path):
@@ -257,7 +229,8 @@ def run_main(monkeypatch, argv, env=()):
     def launch(self, **kwargs):
         svc = built[-1]  # the service main built the demo over
         seen.update(kwargs=kwargs, demo=self, svc=svc, threads=torch.get_num_threads(),
-                    loaded=[(k, r) for k in svc.choices() for r in (GENERATION, RETRIEVAL) if svc.loaded(k, r)])
+                    loaded=[(k, r) for k in svc.registry.choices() for r in (GENERATION, RETRIEVAL)
+                            if svc.registry.loaded(k, r)])
 
     monkeypatch.setattr(gr.Blocks, "launch", launch)
     spec = importlib.util.spec_from_file_location("app_main", S.ROOT + "/app.py")
@@ -305,12 +278,12 @@ def test_a_local_model_directory_joins_the_picker(monkeypatch, own_service):
     key = os.path.basename(directory) + " (local)"
     seen = run_main(monkeypatch, ["--model", directory, "--no-warm-up"])
     svc = seen["svc"]
-    assert svc.default[GENERATION] == key and svc.catalogue[key].source(GENERATION) == directory
-    assert svc.catalogue[key].note == "given on the command line (generation)"
+    assert svc.registry.default[GENERATION] == key and svc.registry.catalogue[key].source(GENERATION) == directory
+    assert svc.registry.catalogue[key].note == "given on the command line (generation)"
     picker = next(b for b in seen["demo"].blocks.values() if getattr(b, "elem_id", None) == "model-picker")
     values = [value for _, value in picker.choices]
     assert values == [EMBEDDED] + [c.key for c in KNOWN_CHECKPOINTS] + [key] and picker.value == key
-    assert svc.get(key, GENERATION).source == directory
+    assert svc.registry.get(key, GENERATION).source == directory
 
 
 def test_dtype_auto_rules(monkeypatch, own_service):
@@ -324,11 +297,11 @@ def test_dtype_auto_rules(monkeypatch, own_service):
         ModelSettings("int8").resolved_dtype(False, "cpu")
     seen = run_main(monkeypatch, ["--no-warm-up", "--dtype", "auto", "--model", shared_checkpoint("t5")])
     svc = seen["svc"]
-    assert svc.settings.dtype is None
-    loaded = svc.get(svc.default[GENERATION], GENERATION)  # Flan-T5-style on this CPU: float32
+    assert svc.registry.settings.dtype is None
+    loaded = svc.registry.get(svc.registry.default[GENERATION], GENERATION)  # Flan-T5-style on this CPU: float32
     assert loaded.dtype == "float32" and loaded.model.language_model.shared.weight.dtype == torch.float32
     seen = run_main(monkeypatch, ["--no-warm-up", "--dtype", "bf16"])
-    loaded = seen["svc"].get(EMBEDDED, GENERATION)
+    loaded = seen["svc"].registry.get(EMBEDDED, GENERATION)
     assert loaded.dtype == "bfloat16" and loaded.model.language_projection.weight.dtype == torch.bfloat16
 
 
@@ -340,17 +313,18 @@ def test_least_recently_used_model_is_evicted_and_the_startup_model_stays(own_se
     a = Checkpoint("a (local)", ((GENERATION, shared_checkpoint("opt")),))
     b = Checkpoint("b (local)", ((GENERATION, shared_checkpoint("t5")),))
     svc = Service(limits=Limits(max_loaded_models=2), extra_checkpoints=[a, b])
-    svc.warm_up()
+    svc.registry.warm_up()
 
     def held():
-        return [k for k in (EMBEDDED, "a (local)", "b (local)") if svc.loaded(k, GENERATION)]
+        return [k for k in (EMBEDDED, "a (local)", "b (local)") if svc.registry.loaded(k, GENERATION)]
 
-    svc.get("a (local)", GENERATION)
+    svc.registry.get("a (local)", GENERATION)
     assert held() == [EMBEDDED, "a (local)"]
-    svc.get("b (local)", GENERATION)  # over the limit of 2: a, the least recently used, goes; the startup one stays
+    svc.registry.get("b (local)", GENERATION)  # over the limit of 2: a, the least recently used, goes; the startup
+    # one stays
     assert held() == [EMBEDDED, "b (local)"]
-    svc.get("a (local)", GENERATION)
-    assert held() == [EMBEDDED, "a (local)"] and svc.loaded(EMBEDDED, RETRIEVAL) is not None
+    svc.registry.get("a (local)", GENERATION)
+    assert held() == [EMBEDDED, "a (local)"] and svc.registry.loaded(EMBEDDED, RETRIEVAL) is not None
 
 
 def test_a_model_too_large_for_memory_is_refused_and_the_session_keeps_its_model(own_service, monkeypatch):
@@ -362,21 +336,21 @@ def test_a_model_too_large_for_memory_is_refused_and_the_session_keeps_its_model
     need = blip2.memory_report(path, blip2.Blip2ForConditionalGeneration, dtype="float32").total
     big = Checkpoint("org/big", ((GENERATION, path),))
     svc = Service(limits=Limits(), extra_checkpoints=[big])
-    svc.warm_up()
+    svc.registry.warm_up()
     monkeypatch.setattr(app.registry, "available_memory_bytes", lambda device: need // 2)
     loads = []
     monkeypatch.setattr(blip2.Blip2ForConditionalGeneration, "from_pretrained",
                         classmethod(lambda cls, *a, **k: loads.append(a)))
-    session = svc.session_defaults()
+    session = svc.registry.session_defaults()
     with pytest.raises(gr.Error) as e:
         App(svc).load_model("org/big", session)
     assert e.value.message == (f"Org/big needs about {need / 2**30:.1f} GB of memory (float32), but only "
                                f"{need // 2 / 2**30:.1f} GB is free; still serving the model loaded before (try "
                                "--quantize int4 on a CPU, or --dtype float16 / --quantize 8bit on a GPU)")
-    assert not loads and svc.loaded("org/big", GENERATION) is None and session[GENERATION] == EMBEDDED
+    assert not loads and svc.registry.loaded("org/big", GENERATION) is None and session[GENERATION] == EMBEDDED
     monkeypatch.undo()
     App(svc).load_model("org/big", session)  # with room, the same model loads
-    assert svc.loaded("org/big", GENERATION) is not None
+    assert svc.registry.loaded("org/big", GENERATION) is not None
 
 
 def test_loading_from_the_hub_cache_reports_progress(tmp_path, monkeypatch, own_service):
@@ -389,14 +363,14 @@ def test_loading_from_the_hub_cache_reports_progress(tmp_path, monkeypatch, own_
     hub = Checkpoint("tiny-org/blip2-opt", ((GENERATION, "tiny-org/blip2-opt"),))
     svc = Service(limits=Limits(), extra_checkpoints=[hub])
     calls = []
-    session, status = App(svc).load_model("tiny-org/blip2-opt", svc.session_defaults(),
+    session, status = App(svc).load_model("tiny-org/blip2-opt", svc.registry.session_defaults(),
                                  progress=lambda fraction, desc: calls.append((fraction, desc)))
     assert calls == [(0.0, "Preparing tiny-org/blip2-opt"),
                      (0.1, "Fetching tiny-org/blip2-opt (downloads show their progress here)"),
                      (0.5, "Loading the weights of tiny-org/blip2-opt"),
                      (0.9, "Loading the processor of tiny-org/blip2-opt"), (1.0, "tiny-org/blip2-opt is ready")]
     assert session[GENERATION] == "tiny-org/blip2-opt" and status.startswith("**Caption & chat:** tiny-org/blip2-opt")
-    loaded = svc.loaded("tiny-org/blip2-opt", GENERATION)
+    loaded = svc.registry.loaded("tiny-org/blip2-opt", GENERATION)
     direct = __import__("blip2").Blip2ForConditionalGeneration.from_pretrained(shared_checkpoint("opt"))
     assert all(torch.equal(p, q) for p, q in zip(loaded.model.parameters(), direct.parameters()))
 
@@ -410,16 +384,16 @@ def test_flan_t5_chat_asks_for_a_short_answer(scene_path, own_service):
 
     directory = shared_checkpoint("t5")
     svc = Service(generation=directory, limits=Limits())
-    loaded = svc.get(svc.default[GENERATION], GENERATION)
+    loaded = svc.registry.get(svc.registry.default[GENERATION], GENERATION)
     assert loaded.is_t5
-    captioner = loaded.runner.captioner
+    captioner = loaded.runner
     prompt = captioner.prompt(captioner.chat_texts("and now?", [("what is it?", "a cat")]), 8).text
     assert prompt == "Question: what is it? Answer: a cat. Question: and now? Short answer:"
-    answer, _ = last(svc.chat(svc.default[GENERATION], scene_path, "and now?", [("what is it?", "a cat")],
-                              stream=False))
+    answer = last(svc.chat(svc.registry.default[GENERATION], scene_path, "and now?", [("what is it?", "a cat")],
+                           stream=False)).answer
     image = load_image(scene_path, svc.limits).image
     enc = loaded.processor(images=image, text=prompt, return_tensors="pt")
-    ids = loaded.model.generate(**enc, **DecodingSettings().generate_kwargs())  # the service's default decoding
+    ids = loaded.model.generate(**enc, **parse_decoding(svc.limits, {}, ANSWER).generate_kwargs())  # the default
     expected = clean_answer(loaded.processor.batch_decode(ids[:, 1:], skip_special_tokens=True)[0].strip())
     assert answer == expected  # what generate answers to the Short answer prompt
 
@@ -432,16 +406,16 @@ def test_the_app_and_the_cli_answer_a_chat_alike(scene_path, own_service, family
     from blip2.runner import Blip2Runner
 
     svc = Service(generation=shared_checkpoint(family), limits=Limits())
-    loaded = svc.get(svc.default[GENERATION], GENERATION)
+    loaded = svc.registry.get(svc.registry.default[GENERATION], GENERATION)
     history = [("is it red?", "yes!"), ("what is it", "a cat?"), ("where", "on the left")]
-    prompt = loaded.runner.captioner.prompt(loaded.runner.captioner.chat_texts("and now?", history), 8).text
+    prompt = loaded.runner.prompt(loaded.runner.chat_texts("and now?", history), 8).text
     tail = "Short answer:" if family == "t5" else "Answer:"
     assert prompt == ("Question: is it red? Answer: yes! Question: what is it Answer: a cat? Question: where Answer: "
                       f"on the left. Question: and now? {tail}")
     runner = Blip2Runner(loaded.model, loaded.processor)
     image = load_image(scene_path, svc.limits).image
-    cli = runner.ask(image, "and now?", history, **DecodingSettings(max_new_tokens=8).generate_kwargs())
+    cli = runner.ask(image, "and now?", history, **parse_decoding(svc.limits, {"max_new_tokens": 8}).generate_kwargs())
     assert cli.prompt == prompt
-    app, _ = last(svc.chat(svc.default[GENERATION], scene_path, "and now?", history, DecodingSettings(max_new_tokens=8),
-                           stream=False))
+    app = last(svc.chat(svc.registry.default[GENERATION], scene_path, "and now?", history, {"max_new_tokens": 8},
+                        stream=False)).answer
     assert app == clean_answer(cli.text)

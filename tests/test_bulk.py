@@ -9,13 +9,15 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 from tiny_checkpoints import shared_checkpoint
-from world_files import GEN, ITM, one_thread, write_scenes  # noqa: F401 (one_thread: autouse)
+from world_files import GEN, ITM, write_scenes
 
 import blip2
 from blip2.__main__ import main
 from blip2.bulk import Rows, caption_job, caption_rows, caption_schema, each_or_alone, find_images, load_runner
 from blip2.processing import Blip2Processor
 from blip2.runner import Blip2Runner
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,6 @@
 """python -m blip2 caption | ask | match on tiny checkpoint directories with tokenizers."""
 
+import inspect
 import json
 import os
 import subprocess
@@ -7,7 +8,6 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 from tiny_checkpoints import shared_checkpoint
 
@@ -16,13 +16,7 @@ from blip2.__main__ import main
 from blip2.processing import Blip2Processor
 from blip2.runner import Blip2Runner
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -115,11 +109,12 @@ def test_decoding_defaults_are_the_apps():
     from app import caption, chat
     from blip2.__main__ import parser
 
-    for command, tab in ((["caption", "x.png"], caption), (["ask", "x.png", "what?"], chat)):
+    for command, handler in ((["caption", "x.png"], caption.CaptionTab.caption), (["ask", "x.png", "what?"],
+                                                                                 chat.ChatTab.chat)):
         args = parser().parse_args(command)
-        defaults = tab.DEFAULTS
-        assert (args.max_new_tokens, args.min_new_tokens) == (defaults.max_new_tokens, defaults.min_new_tokens)
-        assert tab.DEFAULTS.generate_kwargs()["max_new_tokens"] == args.max_new_tokens
+        defaults = inspect.signature(handler).parameters  # the app's API and its controls start here
+        assert (args.max_new_tokens, args.min_new_tokens) == (defaults["max_new_tokens"].default,
+                                                              defaults["min_new_tokens"].default)
     assert parser().parse_args(["caption", "x.png"]).max_new_tokens == 30
 
 

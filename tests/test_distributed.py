@@ -3,11 +3,13 @@ as the local jobs. One Ray start for the module (a few seconds on 2 cores)."""
 
 import pyarrow.parquet as pq
 import pytest
-from world_files import GEN, ITM, one_thread, write_scenes  # noqa: F401 (one_thread: autouse)
+from world_files import GEN, ITM, write_scenes
 
 from blip2.bulk import caption_job, load_runner
 from blip2.distributed import RaySettings
 from blip2.index import ImageIndex, index_job
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -354,7 +354,7 @@ def test_config_to_dict_equals_the_reference_for_hub_configs(name):
     import transformers
 
     raw = {"opt-2.7b": OPT_27B, "flan-t5-xl": FLAN_T5_XL}.get(name) or \
-        json.load(open(os.path.join(ROOT, "assets", name.replace("tiny", "blip2-tiny"), "config.json")))
+        json.load(open(os.path.join(ROOT, "blip2", "assets", name.replace("tiny", "blip2-tiny"), "config.json")))
     ref, ours = transformers.Blip2Config.from_dict(raw), blip2.Blip2Config.from_dict(raw)
     a = without(json.loads(json.dumps(ref.to_dict())), REFERENCE_ONLY)
     b = json.loads(json.dumps(ours.to_dict()))

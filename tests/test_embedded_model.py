@@ -5,16 +5,16 @@ model cards give the full evaluation), well above chance: colours 1/8, shapes 1/
 """
 
 import random
-from pathlib import Path
 
 import pytest
 import torch
 
 from blip2 import Blip2ForConditionalGeneration, Blip2ForImageTextRetrieval
+from blip2.catalogue import EMBEDDED_MODELS, GENERATION, RETRIEVAL
 from blip2.processing import Blip2Processor
 from blip2.train import world
 
-GEN, ITM = Path("assets/blip2-tiny"), Path("assets/blip2-tiny-itm")
+GEN, ITM = EMBEDDED_MODELS[GENERATION], EMBEDDED_MODELS[RETRIEVAL]
 SCENES = world.make_split("test", 20, seed=7)  # scenes the evaluation never used
 IMAGES = [s.render(160) for s in SCENES]
 MAX_BYTES = 25 * 2**20

@@ -6,10 +6,11 @@ import numpy as np
 import torch
 
 from blip2 import Blip2ForImageTextRetrieval, Blip2Processor
+from blip2.catalogue import EMBEDDED_MODELS, RETRIEVAL
 from blip2.explain import relevance_grid
 from blip2.train.world import POSITIONS
 
-ITM = str(S.ROOT) + "/assets/blip2-tiny-itm"
+ITM = str(EMBEDDED_MODELS[RETRIEVAL])
 
 
 def _inputs(model, processor, image, text):

@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from world_files import GEN, ITM, one_thread, write_scenes  # noqa: F401 (one_thread: autouse)
+from world_files import GEN, ITM, write_scenes
 
 from blip2.__main__ import main
 from blip2.bulk import load_runner
@@ -16,6 +16,8 @@ from blip2.config import read_json
 from blip2.index import ImageIndex, best_query_scores, index_job, recall, rerank, text_embedding, top_k
 
 N = 200
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -17,12 +17,7 @@ DECODINGS = [dict(max_new_tokens=6), dict(max_new_tokens=5, num_beams=3),
              dict(max_new_tokens=6, do_sample=True, temperature=2.0, seed=4)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module", params=["opt", "t5"])

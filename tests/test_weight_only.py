@@ -314,7 +314,7 @@ def test_weight_only_is_a_cpu_path(opt64, tmp_path):
                                                       device_map={"": "disk"}, offload_folder=str(tmp_path))
 
 
-def test_the_app_serves_an_int4_model(tmp_path):
+def test_the_app_serves_an_int4_model(tmp_path, one_thread):
     """A Service with ModelSettings(quantize="int4") captions scenes of the embedded model's world and names their
     colours as the float model does (test_app_handlers: all but one of 6). The embedded model's lm_head (423 words)
     does not fit int4's blocks of 16: it runs int8, its other language-model linears int4."""
@@ -326,15 +326,14 @@ def test_the_app_serves_an_int4_model(tmp_path):
     from blip2.train.world import caption_matches
 
     svc = Service(settings=ModelSettings(quantize="int4"), limits=Limits(**S.TEST_LIMITS))
-    loaded = svc.get(svc.default[GENERATION], GENERATION)
+    loaded = svc.registry.get(svc.registry.default[GENERATION], GENERATION)
     lm = loaded.model.language_model
     assert lm.model.decoder.layers[0].fc1.bits == 4 and lm.lm_head.bits == 8
     right, scenes = 0, S.one_object_scenes(6)
-    with S.one_thread():
-        for i, scene in enumerate(scenes):
-            path = S.write(tmp_path, f"s{i}.png", S.png_bytes(scene.render(224)))
-            result = list(svc.caption(svc.default[GENERATION], path, stream=False))[-1]
-            right += caption_matches(scene, result.captions[0])["objects"][0]["color"]
+    for i, scene in enumerate(scenes):
+        path = S.write(tmp_path, f"s{i}.png", S.png_bytes(scene.render(224)))
+        result = list(svc.caption(svc.registry.default[GENERATION], path, stream=False))[-1]
+        right += caption_matches(scene, result.captions[0])["objects"][0]["color"]
     assert right >= len(scenes) - 1, f"{right}/{len(scenes)} captions named the right colour"
 
 

@@ -1,6 +1,6 @@
 """Train the embedded tiny BLIP-2 by the paper's two-stage recipe, on the procedural world, on a CPU.
 
-python -m blip2.train --out assets --threads 2           # every stage, then the evaluation (~95 minutes, 2 cores)
+python -m blip2.train --threads 2           # every stage, then the evaluation (~95 minutes, 2 cores)
 python -m blip2.train --stage qformer --steps 20         # one stage, few steps (smoke run)
 
 Writes OUT/blip2-tiny-itm (stage 1) and OUT/blip2-tiny (stage 2); the stage-0 parts (vision.safetensors, lm.safetensors)
@@ -13,13 +13,14 @@ from pathlib import Path
 
 import torch
 
+from blip2.catalogue import EMBEDDED_MODELS, GENERATION
 from blip2.train import evaluate
 from blip2.train.stages import STAGES, Recipe, run
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=Path("assets"))
+    parser.add_argument("--out", type=Path, default=EMBEDDED_MODELS[GENERATION].parent)
     parser.add_argument("--work", type=Path, default=Path("/tmp/blip2-train"))
     parser.add_argument("--stage", choices=("all", *STAGES), default="all")
     parser.add_argument("--steps", type=int, help="steps of every stage run (default: the recipe's)")

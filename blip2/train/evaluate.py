@@ -1,6 +1,6 @@
 """Scores of the trained models on held-out scenes of the world.
 
-python -m blip2.train.evaluate --model assets/blip2-tiny --itm-model assets/blip2-tiny-itm --n 500
+python -m blip2.train.evaluate --n 500   # the embedded blip2/assets/blip2-tiny and blip2-tiny-itm
 
 - captions (empty prompt): exact match of every object and attribute (world.caption_matches), per-attribute rate
 - VQA: one question of each kind per scene ("Question: q Answer:") plus a second-turn question, accuracy per kind
@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from blip2 import Blip2ForConditionalGeneration, Blip2ForImageTextRetrieval
+from blip2.catalogue import EMBEDDED_MODELS, GENERATION, RETRIEVAL
 from blip2.processing import Blip2Processor
 from blip2.train import data, world
 from blip2.weight_only import WeightOnlyConfig
@@ -136,8 +137,8 @@ def evaluate(model_dir, itm_dir, n, split="test", show=0, detail=False, quantiza
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="assets/blip2-tiny")
-    parser.add_argument("--itm-model", default="assets/blip2-tiny-itm")
+    parser.add_argument("--model", default=str(EMBEDDED_MODELS[GENERATION]))
+    parser.add_argument("--itm-model", default=str(EMBEDDED_MODELS[RETRIEVAL]))
     parser.add_argument("--n", type=int, default=500, help="held-out scenes")
     parser.add_argument("--split", default="test", choices=world.SPLITS)
     parser.add_argument("--show", type=int, default=3, help="print this many captions")

@@ -2,12 +2,10 @@
 
 import os
 
-import app_support
-import pytest
-
+from blip2.catalogue import EMBEDDED_MODELS, GENERATION, RETRIEVAL
 from blip2.train import world
 
-GEN, ITM = "assets/blip2-tiny", "assets/blip2-tiny-itm"
+GEN, ITM = str(EMBEDDED_MODELS[GENERATION]), str(EMBEDDED_MODELS[RETRIEVAL])
 
 
 def write_scenes(directory, n, seed=20, size=96):
@@ -20,10 +18,3 @@ def write_scenes(directory, n, seed=20, size=96):
         s.render(size).save(path)
         paths.append(os.path.abspath(path))
     return paths, scenes
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """torch on one thread for a test module (import it there): the tiny models run fastest on one."""
-    with app_support.one_thread():
-        yield

@@ -2,7 +2,6 @@
 builders for the awkward files the robustness tests upload."""
 
 import atexit
-import contextlib
 import hashlib
 import io
 import os
@@ -15,7 +14,7 @@ import zlib
 import numpy as np
 from PIL import Image
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the checkout
 sys.path.insert(0, ROOT)
 
 # Limits the tests rely on (the server-wide ones, set before the service is built)
@@ -24,6 +23,8 @@ TEST_LIMITS = dict(max_upload_mb=2.0, queue_size=8, time_limit_s=30.0)
 _lock = threading.Lock()
 _service = None
 _server = None
+# a text over the retrieval model's 64 text positions, within the app's 300 characters per candidate
+LONG_TEXT = ("a small red circle in the top left and a large blue square in the center " * 4)[:299].strip()
 
 
 def get_service():
@@ -37,7 +38,7 @@ def get_service():
             # development override only: APP_TEST_MODEL / APP_TEST_ITM_MODEL point at other checkpoints
             _service = Service(generation=os.environ.get("APP_TEST_MODEL"),
                                retrieval=os.environ.get("APP_TEST_ITM_MODEL"), limits=Limits(**TEST_LIMITS))
-            _service.warm_up()
+            _service.registry.warm_up()
         return _service
 
 
@@ -48,18 +49,35 @@ def app():
     return App(get_service())
 
 
-@contextlib.contextmanager
-def one_thread():
-    """torch on one thread while the app tests run: the models are tiny, and on a busy machine OpenMP threads
-    waiting on each other make them many times slower (restored afterwards for the other tests)."""
-    import torch
+def last(outputs):
+    """The last of a handler's (or the service's) outputs: a generator's final yield, or a plain return value."""
+    if not hasattr(outputs, "__next__"):
+        return outputs
+    out = None
+    for out in outputs:
+        pass
+    return out
 
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
+
+def refused(fn, *args, match=None, **kwargs) -> str:
+    """fn (a handler, or a function of the service) refuses the request with a message containing `match`;
+    returns the message."""
+    import gradio as gr
+    import pytest
+
+    from app.errors import RequestError
+
+    with pytest.raises((gr.Error, RequestError)) as info:
+        last(fn(*args, **kwargs))
+    message = getattr(info.value, "message", None) or str(info.value)
+    if match:
+        assert match.lower() in message.lower(), message
+    return message
+
+
+def run_caption(image, prompt="", **decoding):
+    """The Caption tab's (caption, notice) for an image: 3 new tokens unless `decoding` says otherwise."""
+    return last(app().caption.caption(image, prompt, **{"max_new_tokens": 3, **decoding}))
 
 
 def free_port():
