@@ -60,8 +60,8 @@ class _Request:
         self.index = index if self.index is None else self.index[index]
 
     @property
-    def cache(self) -> KVCache:
-        """A copy of this request's rows of the batch's cache (a chat prefix to keep)."""
+    def cache(self) -> KVCache | None:
+        """A copy of this request's rows of the batch's cache (a chat prefix to keep); None when it has none."""
         return self.scheduler.rows_of(self)
 
     def close(self) -> None:
@@ -166,10 +166,10 @@ class Scheduler:
                 self.arriving.remove(request)
             self.lock.notify_all()
 
-    def rows_of(self, request: _Request) -> KVCache:
+    def rows_of(self, request: _Request) -> KVCache | None:
         with self.lock:
-            if request not in self.running:
-                raise Closed("the request is not in the batch")
+            if request not in self.running or request.left:  # never joined, or its batch was lost
+                return None
             start = sum(r.rows for r in self.running[:self.running.index(request)])
             return self.batch.cache.rows(start, start + request.rows, request.length)
 
