@@ -78,13 +78,29 @@ class KVCache:
                     store[i] = t[:, :, n:self.length].clone()
         self.length -= n
 
-    def rows(self, start: int, stop: int, last: int) -> "KVCache":
-        """A copy of rows start..stop holding their last `last` positions (one sequence's cache taken out of a
-        batch); the cross-attention keys/values are left out."""
+    def rows(self, start: int, stop: int, positions: torch.Tensor) -> "KVCache":
+        """A copy of rows start..stop holding only `positions` (one sequence's cache taken out of a batch, its
+        padding left behind); the cross-attention keys/values are left out."""
         out = KVCache(len(self.k))
-        out.k = [None if t is None else t[start:stop, :, self.length - last:self.length].clone() for t in self.k]
-        out.v = [None if t is None else t[start:stop, :, self.length - last:self.length].clone() for t in self.v]
-        out.length = last
+        out.k = [None if t is None else t[start:stop].index_select(2, positions) for t in self.k]
+        out.v = [None if t is None else t[start:stop].index_select(2, positions) for t in self.v]
+        out.length = len(positions)
+        return out
+
+    def prefix(self, length: int) -> "KVCache":
+        """A copy holding the first `length` positions (a prompt prefix that several requests reuse)."""
+        out = KVCache(len(self.k))
+        out.k = [None if t is None else t[:, :, :length].clone() for t in self.k]
+        out.v = [None if t is None else t[:, :, :length].clone() for t in self.v]
+        out.length = length
+        return out
+
+    @staticmethod
+    def blank(like: "KVCache", rows: int) -> "KVCache":
+        """An empty cache of `rows` rows shaped as `like` (to pad in front of)."""
+        out = KVCache(len(like.k))
+        out.k = [None if t is None else t.new_zeros(rows, t.shape[1], 0, t.shape[3]) for t in like.k]
+        out.v = [None if t is None else t.new_zeros(rows, t.shape[1], 0, t.shape[3]) for t in like.v]
         return out
 
     @staticmethod

@@ -485,7 +485,7 @@ class Decoding:
         if self.encdec:
             return None
         cache, n = self.stepper.cache, self.prompt.shape[1]
-        if cache.length < n:
+        if cache is None or cache.length < n:  # nothing computed (a failed or batched-out decoding)
             return None
         if cache.k[0].shape[0] == 1 and self.sequences is not None:
             return self.sequences[0, :cache.length].clone(), cache

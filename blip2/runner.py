@@ -117,20 +117,20 @@ class PrefixCache:
         self.stats = stats
 
     def take(self, key: str, ids: torch.Tensor) -> KVCache | None:
-        """A KV cache holding the longest common prefix of `ids` (T,) with what was kept for this image (at least
-        one id is left to compute), or None. The cache is the caller's now."""
-        held = self.held.pop(key)
+        """A copy of the KV cache holding the longest common prefix of `ids` (T,) with what was kept for this image
+        (at least one id is left to compute), or None. What is kept stays for other prompts on the image (several
+        visitors asking about one image at once)."""
+        held = self.held.get(key)
         if held is None:
             return None
         old, cache = held
-        n = min(len(old), len(ids) - 1)
+        n = min(len(old), len(ids) - 1, cache.length)
         same = (old[:n] == ids[:n]).long().cumprod(0).sum().item()
         if same == 0:
             return None
-        cache.crop(same)
         self.stats["prefix_hits"] += 1
         self.stats["prefix_tokens_reused"] += same
-        return cache
+        return cache.prefix(same)
 
     def keep(self, key: str, run: Decoding) -> None:
         """Keep what `run` leaves reusable (Decoding.reusable) for the next prompt on this image."""

@@ -42,7 +42,6 @@ class _Request:
     def __init__(self, scheduler: Scheduler, embeds, mask, prefix: KVCache | None, start_id: int | None):
         self.scheduler, self.prompt = scheduler, (embeds, mask, prefix, start_id)
         self.rows = embeds.shape[0]
-        self.length = 0  # positions of its rows held by the batch (the last ones)
         self.tokens = None  # handed to the loop for the next step, (rows,)
         self.index = None  # rows to take before the next step (beam search's reorder), (rows',)
         self.result = None  # logits (rows, V) or an exception, from the loop
@@ -60,8 +59,8 @@ class _Request:
         self.index = index if self.index is None else self.index[index]
 
     @property
-    def cache(self) -> KVCache:
-        """A copy of this request's rows of the batch's cache (a chat prefix to keep)."""
+    def cache(self) -> KVCache | None:
+        """A copy of this request's rows of the batch's cache (a chat prefix to keep); None when it has none."""
         return self.scheduler.rows_of(self)
 
     def close(self) -> None:
@@ -110,8 +109,9 @@ class Scheduler:
     when no request is left. `stats` counts steps, rows stepped, prompt passes and image encodes."""
 
     def __init__(self, lm, encode: Callable[[torch.Tensor], torch.Tensor] | None = None, max_rows: int = 16,
-                 vision_batch: int = 8):
+                 vision_batch: int = 1, prompts_alone: bool = False):
         self.lm, self.encode_fn, self.max_rows, self.vision_batch = lm, encode, max_rows, vision_batch
+        self.prompts_alone = prompts_alone
         self.encdec = bool(lm.config.is_encoder_decoder)
         self.lock = threading.Condition()
         self.running: list[_Request] = []  # in the batch's row order
@@ -166,12 +166,13 @@ class Scheduler:
                 self.arriving.remove(request)
             self.lock.notify_all()
 
-    def rows_of(self, request: _Request) -> KVCache:
+    def rows_of(self, request: _Request) -> KVCache | None:
         with self.lock:
-            if request not in self.running:
-                raise Closed("the request is not in the batch")
+            if request not in self.running or request.left:  # never joined, or its batch was lost
+                return None
             start = sum(r.rows for r in self.running[:self.running.index(request)])
-            return self.batch.cache.rows(start, start + request.rows, request.length)
+            positions = self.batch.mask[start, :self.batch.cache.length].nonzero()[:, 0]  # the row's own positions
+            return self.batch.cache.rows(start, start + request.rows, positions)
 
     def _wake(self) -> None:
         if self.thread is None:
@@ -275,35 +276,44 @@ class Scheduler:
         else:
             logits = self.lm(input_ids=tokens[:, None], attention_mask=b.mask, past_key_values=b.cache).logits
         for r in stepping:
-            r.tokens, r.length = None, r.length + 1
+            r.tokens = None
         self.stats["steps"] += 1
         self.stats["rows_stepped"] += len(tokens)
         return logits[:, -1]
 
     def _groups(self, arriving: list[_Request]) -> list[list[_Request]]:
-        """Prompt passes that run together: a reused prefix alone, the other prompts in one pass."""
-        alone = [[r] for r in arriving if r.prompt[2] is not None]
-        together = [r for r in arriving if r.prompt[2] is None]
-        return alone + ([together] if together else [])
+        """Prompt passes that run together: every arrival at once (a pass per arrival if `prompts_alone`)."""
+        return [[r] for r in arriving] if self.prompts_alone else [arriving] if arriving else []
 
     def _prompt_pass(self, group: list[_Request]) -> tuple[_Batch, torch.Tensor]:
-        """The group's prompts left-padded to the longest in one pass -> (their batch, logits (rows, V))."""
-        width = max(r.prompt[0].shape[1] for r in group)
-        embeds = torch.cat([F.pad(r.prompt[0], (0, 0, width - r.prompt[0].shape[1], 0)) for r in group])
-        mask = torch.cat([F.pad(r.prompt[1], (width - r.prompt[1].shape[1], 0)) for r in group])
+        """The group's prompts in one pass -> (their batch, logits (rows, V)). OPT: each row's reused prefix (if
+        any) padded in front to the longest, its new positions padded in front to the longest, so every row ends
+        on its last prompt position; the mask hides the padding. T5: the encoder over the prompts, then the
+        decoder's first step."""
         self.stats["prompt_passes"] += 1
         self.stats["prompts"] += len(group)
+        embeds, masks, pasts = zip(*[r.prompt[:3] for r in group])
         if self.encdec:
+            width = max(e.shape[1] for e in embeds)
+            embeds = torch.cat([F.pad(e, (0, 0, width - e.shape[1], 0)) for e in embeds])
+            mask = torch.cat([F.pad(m, (width - m.shape[1], 0)) for m in masks])
             encoded = self.lm.encoder(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
-            cache, start = KVCache(self.lm.num_layers), torch.tensor([r.prompt[3] for r in group for _ in
-                                                                      range(r.rows)], device=embeds.device)
+            start = torch.tensor([r.prompt[3] for r in group for _ in range(r.rows)], device=embeds.device)
+            cache = KVCache(self.lm.num_layers)
             logits = self.lm.decode(start[:, None], encoded, mask, past_key_values=cache)[0][:, -1]
-            for r in group:
-                r.length = 1
             return _Batch(cache, mask.new_ones(len(start), 1), encoded, mask), logits
-        cache = group[0].prompt[2] or KVCache(self.lm.num_layers)
-        logits = self.lm(inputs_embeds=embeds[:, cache.length:], attention_mask=mask, past_key_values=cache,
-                         logits_to_keep=1).logits[:, -1]
-        for r in group:
-            r.length = r.prompt[0].shape[1]
-        return _Batch(cache, mask), logits
+        held = [0 if c is None else c.length for c in pasts]
+        p, n = max(held), max(e.shape[1] - h for e, h in zip(embeds, held))
+        new = torch.cat([F.pad(e[:, h:], (0, 0, n - e.shape[1] + h, 0)) for e, h in zip(embeds, held)])
+        mask = torch.cat([torch.cat([m.new_zeros(m.shape[0], p - h), m[:, :h],
+                                     m.new_zeros(m.shape[0], n - m.shape[1] + h), m[:, h:]], 1)
+                          for m, h in zip(masks, held)])
+        cache = KVCache(self.lm.num_layers)
+        if p:
+            like = next(c for c in pasts if c is not None)
+            pasts = [KVCache.blank(like, e.shape[0]) if c is None else c for c, e in zip(pasts, embeds)]
+            for c in pasts:
+                c.pad_front(p - c.length)
+            cache = KVCache.cat(list(pasts))
+        logits = self.lm(inputs_embeds=new, attention_mask=mask, past_key_values=cache, logits_to_keep=1).logits
+        return _Batch(cache, mask), logits[:, -1]
