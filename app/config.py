@@ -123,7 +123,8 @@ class Limits:
     max_beam_tokens: int = 800  # (beams or sampled captions) x max_new_tokens
     time_limit_s: float = 60.0  # per request; generation stops at the next token once it has passed
     queue_size: int = 16  # requests waiting; more are refused with "queue full"
-    concurrency: int = 1  # model requests running at once (all model events share one concurrency group)
+    concurrency: int = 8  # model requests running at once (one concurrency group): captions and chat answers share
+    # the captioner's batching loop (blip2.scheduler), the others take their model's lock
     max_chat_turns: int = 20  # turns kept in a session's chat history
     max_loaded_models: int = 2  # per role (generation / retrieval), the startup models included
     search_rerank_k: int = 5  # default number of top ITC hits re-ranked with the ITM head

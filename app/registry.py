@@ -4,6 +4,7 @@ and settings, loaded once under a lock, the least recently used evicted, a memor
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -11,7 +12,7 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import psutil
@@ -139,6 +140,8 @@ class Registry:
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self._loaded: OrderedDict[tuple, Loaded] = OrderedDict()
         self._load_lock = threading.Lock()  # one load at a time
+        self._gate = threading.Condition()  # requests running on loaded models, and a load waiting for them
+        self._serving, self._loading = 0, None
         self._registry_lock = threading.Lock()  # guards _loaded (short critical sections only)
 
 
@@ -203,11 +206,34 @@ class Registry:
                 hit = self._loaded.get(ck)
             if hit is not None:
                 return hit
-            loaded = self._load(c, role, source, progress)
+            with self._gate:  # new requests are refused from now; the running ones finish first
+                self._loading = key
+                self._gate.wait_for(lambda: self._serving == 0)
+            try:
+                loaded = self._load(c, role, source, progress)
+            finally:
+                with self._gate:
+                    self._loading = None
             with self._registry_lock:
                 self._loaded[ck] = loaded
                 self._evict(role)
             return loaded
+
+    @contextlib.contextmanager
+    def serving(self) -> Iterator[None]:
+        """Around a request on a loaded model: refused while another checkpoint loads (the load waits for the
+        requests running)."""
+        with self._gate:
+            if self._loading is not None:
+                raise RequestError(f"{self._loading} is loading: new requests wait until it is ready. Try again in "
+                                   "a moment.")
+            self._serving += 1
+        try:
+            yield
+        finally:
+            with self._gate:
+                self._serving -= 1
+                self._gate.notify_all()
 
     def _evict(self, role):
         pinned = {self._cache_key(self.catalogue[self.default[r]].source(r), r) for r in (GENERATION, RETRIEVAL)}

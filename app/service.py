@@ -148,7 +148,7 @@ class Service:
     def request(self, loaded: Loaded, deadline: float | None = None) -> Iterator[float]:
         """One model request: the model's lock, no autograd; yields its deadline."""
         deadline = deadline if deadline is not None else time.monotonic() + self.limits.time_limit_s
-        with loaded.lock, torch.no_grad():
+        with self.registry.serving(), loaded.lock, torch.no_grad():
             yield deadline
 
     def _image(self, image: ImageInput) -> CheckedImage:
@@ -182,36 +182,31 @@ class Service:
         deadline = time.monotonic() + self.limits.time_limit_s
         runner, image = loaded.runner, img.keyed()
         kwargs = decoding.generate_kwargs() | {"stop": partial(_stop_after, deadline)}
-        if stream and decoding.streams:
-            with self.request(loaded, deadline):
-                out = (runner.ask_stream(image, question, history, **kwargs) if question is not None
-                       else runner.caption_stream(image, prompt, **kwargs))
+        # no model lock: the captioner's batching loop (blip2.scheduler) takes every request into its running batch
+        with self.registry.serving():
+            if not (stream and decoding.streams):
+                try:
+                    out = (runner.ask(image, question, history, **kwargs) if question is not None
+                           else runner.caption(image, prompt, **kwargs))
+                except TimeLimitReached:
+                    raise RequestError(f"generation passed the time limit of {self.limits.time_limit_s:g} s: use "
+                                       "fewer beams, fewer captions or fewer new tokens") from None
+                yield out.texts, self._fit_notes(loaded, out, decoding)
+                return
+            out = (runner.ask_stream(image, question, history, **kwargs) if question is not None
+                   else runner.caption_stream(image, prompt, **kwargs))
             pieces, text, stopped = iter(out), "", False
             try:
-                while True:
-                    with self.request(loaded, deadline):
-                        piece = next(pieces, None)
-                    if piece is None:
-                        break
+                for piece in pieces:
                     text += piece
                     yield [text.strip()], self._fit_notes(loaded, out, decoding)
             except TimeLimitReached:
                 stopped = True
-            finally:  # a client that went away: stop decoding now, not at the next step
-                with self.request(loaded, deadline):
-                    pieces.close()
-                    out.close()
+            finally:  # a client that went away: its rows leave the batch at the next step
+                pieces.close()
+                out.close()
             stop = f"Stopped at the time limit of {self.limits.time_limit_s:g} s." if stopped else ""
             yield [text.strip()], _join(self._fit_notes(loaded, out, decoding, ended_early=stopped), stop)
-            return
-        try:
-            with self.request(loaded, deadline):
-                out = (runner.ask(image, question, history, **kwargs) if question is not None
-                       else runner.caption(image, prompt, **kwargs))
-        except TimeLimitReached:
-            raise RequestError(f"generation passed the time limit of {self.limits.time_limit_s:g} s: use fewer "
-                               "beams, fewer captions or fewer new tokens") from None
-        yield out.texts, self._fit_notes(loaded, out, decoding)
 
     def world_caveat(self, key: str, images: list[CheckedImage]) -> str:
         """For the embedded model: a caveat when images lie outside its world of shapes (the measured rule of

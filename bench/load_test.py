@@ -73,16 +73,17 @@ def rss(pid):
 class ServerProcess:
     """`python app.py` on loopback in its own session (Ctrl-C reaches only us; we stop it ourselves)."""
 
-    def __init__(self, port, queue_size, log_path):
-        env = dict(os.environ, **LOCAL_ENV)
+    def __init__(self, port, queue_size, log_path, args=(), env=None):
+        env = dict(os.environ, **LOCAL_ENV, **(env or {}))
         for k in ("GRADIO_SERVER_NAME", "HOST", "BLIP2_SHARE"):
             env.pop(k, None)
         env["BLIP2_QUEUE_SIZE"] = str(queue_size)
         self.log = open(log_path, "w")
         self.port = port
         self.url = f"http://{HOST}:{port}/"
-        self.proc = subprocess.Popen([sys.executable, "app.py", "--host", HOST, "--port", str(port)], cwd=ROOT,
-                                     env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen([sys.executable, "app.py", "--host", HOST, "--port", str(port), *args],
+                                     cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
 
     def wait_ready(self, deadline):
         while time.monotonic() < deadline:

@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 
 class KVCache:
@@ -56,6 +57,70 @@ class KVCache:
     def crop(self, length: int) -> None:
         """Forget everything after the first `length` tokens (reuse of a shared prompt prefix)."""
         self.length = min(self.length, length)
+
+    # ---- a batch of sequences that join and leave (blip2.scheduler): rows aligned on their last position
+
+    def pad_front(self, n: int) -> None:
+        """Put n empty (zero) positions in front of every row, as left padding that a mask hides."""
+        if n == 0:
+            return
+        for store in (self.k, self.v):
+            for i, t in enumerate(store):
+                if t is not None:
+                    store[i] = torch.cat([t.new_zeros(*t.shape[:2], n, t.shape[3]), t[:, :, :self.length]], 2)
+        self.length += n
+
+    def drop_front(self, n: int) -> None:
+        """Forget the first n positions of every row (padding no row needs any more)."""
+        for store in (self.k, self.v):
+            for i, t in enumerate(store):
+                if t is not None:
+                    store[i] = t[:, :, n:self.length].clone()
+        self.length -= n
+
+    def rows(self, start: int, stop: int, positions: torch.Tensor) -> "KVCache":
+        """A copy of rows start..stop holding only `positions` (one sequence's cache taken out of a batch, its
+        padding left behind); the cross-attention keys/values are left out."""
+        out = KVCache(len(self.k))
+        out.k = [None if t is None else t[start:stop].index_select(2, positions) for t in self.k]
+        out.v = [None if t is None else t[start:stop].index_select(2, positions) for t in self.v]
+        out.length = len(positions)
+        return out
+
+    def prefix(self, length: int) -> "KVCache":
+        """A copy holding the first `length` positions (a prompt prefix that several requests reuse)."""
+        out = KVCache(len(self.k))
+        out.k = [None if t is None else t[:, :, :length].clone() for t in self.k]
+        out.v = [None if t is None else t[:, :, :length].clone() for t in self.v]
+        out.length = length
+        return out
+
+    @staticmethod
+    def blank(like: "KVCache", rows: int) -> "KVCache":
+        """An empty cache of `rows` rows shaped as `like` (to pad in front of)."""
+        out = KVCache(len(like.k))
+        out.k = [None if t is None else t.new_zeros(rows, t.shape[1], 0, t.shape[3]) for t in like.k]
+        out.v = [None if t is None else t.new_zeros(rows, t.shape[1], 0, t.shape[3]) for t in like.v]
+        return out
+
+    @staticmethod
+    def cat(caches: "list[KVCache]") -> "KVCache":
+        """The rows of caches of one length, one after another; cross-attention keys/values padded with zeros
+        to the longest encoder output (a mask hides the padding)."""
+        length = caches[0].length
+        if any(c.length != length for c in caches):
+            raise ValueError(f"caches of lengths {[c.length for c in caches]} cannot be stacked: pad them first")
+        out = KVCache(len(caches[0].k))
+        out.length = length
+        for name in ("k", "v"):
+            setattr(out, name, [None if c0 is None else torch.cat([getattr(c, name)[i][:, :, :length] for c in caches])
+                                for i, c0 in enumerate(getattr(caches[0], name))])
+        for i, c0 in enumerate(caches[0].cross):
+            if c0 is not None:
+                s = max(c.cross[i][0].shape[2] for c in caches)
+                out.cross[i] = tuple(torch.cat([F.pad(c.cross[i][j], (0, 0, 0, s - c.cross[i][j].shape[2]))
+                                                for c in caches]) for j in (0, 1))
+        return out
 
 
 class ByteLRU:

@@ -5,11 +5,10 @@ model. Hub configs are sparse (only non-default keys), so every absent field tak
 Keys we do not use are kept in `extra` and written back unchanged.
 """
 
-import dataclasses
 import json
 import os
-from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any, ClassVar, TypeVar
 
 
 class ConfigError(ValueError):
@@ -17,38 +16,113 @@ class ConfigError(ValueError):
 
 
 C = TypeVar("C", bound="_Config")
+COMMON = ("architectures", "output_hidden_states", "output_attentions", "return_dict", "dtype", "_name_or_path")
 
 
-@dataclass
+@dataclass(init=False)
 class _Config:
+    """Keyword constructor as the reference's: known keys set fields, unknown keys are kept (readable as attributes,
+    written back by to_dict); `torch_dtype` is read as `dtype`. The settings every reference config carries and the
+    models honour come first."""
+
     extra: dict = field(default_factory=dict, repr=False)  # unknown keys, preserved on save
+    architectures: list | None = None
+    output_hidden_states: bool = False
+    output_attentions: bool = False
+    return_dict: bool = True
+    dtype: str | None = None
+    _name_or_path: str = ""
 
     model_type = ""
+    base_config_key = ""  # where this config sits inside a Blip2Config
+    is_encoder_decoder = False
+    sub_configs: ClassVar[dict] = {}
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        own = [f.name for f in fields(self) if f.name != "extra" and f.name not in COMMON]
+        if len(args) > len(own):
+            raise TypeError(f"{type(self).__name__} takes at most {len(own)} positional arguments")
+        for name, value in zip(own, args):
+            if name in kwargs:
+                raise TypeError(f"{type(self).__name__} got {name!r} twice")
+            kwargs[name] = value
+        raw = dict(kwargs)
+        if "torch_dtype" in kwargs:
+            dtype = kwargs.pop("torch_dtype")
+            kwargs.setdefault("dtype", dtype)
+        kind = kwargs.pop("model_type", self.model_type)
+        if kind != self.model_type:
+            raise ConfigError(f"{type(self).__name__} needs model_type {self.model_type!r}, got {kind!r}")
+        attn = kwargs.pop("attn_implementation", None)
+        for derived in ("is_encoder_decoder", "use_decoder_only_language_model", "transformers_version"):
+            kwargs.pop(derived, None)  # recomputed here, never read from a file
+        extra = dict(kwargs.pop("extra", None) or {})
+        for f in fields(self):
+            if f.name == "extra":
+                continue
+            default = f.default if f.default is not MISSING else f.default_factory()
+            object.__setattr__(self, f.name, kwargs.pop(f.name, default))
+        object.__setattr__(self, "extra", {**extra, **kwargs})
+        if self.dtype is not None and not isinstance(self.dtype, str):  # a torch.dtype
+            self.dtype = str(self.dtype).removeprefix("torch.")
+        object.__setattr__(self, "_attn_implementation", attn)
+        self._post_init(raw)
 
     @classmethod
     def from_dict(cls: type[C], d: dict, **overrides: Any) -> C:
-        d = {**d, **overrides}
-        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
-        known = {k: v for k, v in d.items() if k in names}
-        extra = {k: v for k, v in d.items() if k not in names and k != "model_type"}
-        try:
-            cfg = cls(**known, extra=extra)
-        except TypeError as e:
-            raise ConfigError(f"{cls.__name__}: {e}") from None
-        cfg._post_init(d)
-        return cfg
+        return cls(**{**d, **overrides})
 
     def _post_init(self, raw: dict):
         pass
 
+    @classmethod
+    def from_pretrained(cls: type[C], path: str | os.PathLike, **overrides: Any) -> C:
+        """config.json of a directory; a sub-config reads its part of a full Blip2Config directory."""
+        d = read_json(os.path.join(path, "config.json"))
+        if cls.base_config_key and d.get("model_type") == "blip-2":
+            d = d.get(cls.base_config_key) or {}
+        return cls.from_dict(d, **overrides)
+
+    @property
+    def name_or_path(self) -> str:
+        return self._name_or_path
+
     def to_dict(self) -> dict:
-        out = {**self.extra, "model_type": self.model_type}
-        for f in dataclasses.fields(self):
+        out = {**self.extra, "model_type": self.model_type, "is_encoder_decoder": self.is_encoder_decoder}
+        for f in fields(self):
             if f.name == "extra":
                 continue
             v = getattr(self, f.name)
             out[f.name] = v.to_dict() if isinstance(v, _Config) else v
         return dict(sorted(out.items()))
+
+    def to_diff_dict(self) -> dict:
+        """to_dict without the common settings at their defaults (what save_pretrained writes)."""
+        defaults = {f.name: f.default for f in fields(_Config) if f.name in COMMON}
+        defaults["is_encoder_decoder"] = False
+        out = {}
+        for k, v in self.to_dict().items():
+            if k in defaults and v == defaults[k] and not (k == "dtype" and self.model_type == "blip-2"):
+                continue
+            sub = getattr(self, k, None) if k.endswith("_config") else None
+            out[k] = sub.to_diff_dict() if isinstance(sub, _Config) else v
+        return out
+
+    def to_json_string(self, use_diff: bool = True) -> str:
+        return json.dumps(self.to_diff_dict() if use_diff else self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    def to_json_file(self, path: str | os.PathLike, use_diff: bool = True) -> None:
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(self.to_json_string(use_diff))
+
+    def get_text_config(self, decoder: bool | None = None, encoder: bool | None = None) -> "_Config":
+        return self
+
+    def __setattr__(self, name, value):  # a new public attribute is a kept key, as the reference's
+        if name.startswith("_") or name in self.__dataclass_fields__ or hasattr(type(self), name):
+            object.__setattr__(self, name, value)
+        else:
+            self.__dict__.setdefault("extra", {})[name] = value
 
     def __getattr__(self, name):  # unknown keys (e.g. `projection_dim`) stay readable
         extra = self.__dict__.get("extra", {})
@@ -57,7 +131,7 @@ class _Config:
         raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
 
 
-@dataclass
+@dataclass(init=False)
 class Blip2VisionConfig(_Config):
     model_type = "blip_2_vision_model"
     hidden_size: int = 1408
@@ -73,7 +147,7 @@ class Blip2VisionConfig(_Config):
     qkv_bias: bool = True
 
 
-@dataclass
+@dataclass(init=False)
 class Blip2QFormerConfig(_Config):
     model_type = "blip_2_qformer"
     vocab_size: int = 30522
@@ -93,7 +167,7 @@ class Blip2QFormerConfig(_Config):
     use_qformer_text_input: bool = False
 
 
-@dataclass
+@dataclass(init=False)
 class OPTConfig(_Config):
     model_type = "opt"
     vocab_size: int = 50272
@@ -125,7 +199,7 @@ class OPTConfig(_Config):
             self.word_embed_proj_dim = self.hidden_size
 
 
-@dataclass
+@dataclass(init=False)
 class T5Config(_Config):
     model_type = "t5"
     vocab_size: int = 32128
@@ -172,46 +246,53 @@ class T5Config(_Config):
 
 
 TEXT_CONFIGS = {"opt": OPTConfig, "t5": T5Config}
+Blip2VisionConfig.base_config_key = "vision_config"
+Blip2QFormerConfig.base_config_key = "qformer_config"
 
 
-@dataclass
+def text_config_from(value: "dict | _Config | None") -> OPTConfig | T5Config:
+    """A language-model config from a dict (by its model_type, OPT by default) or a config object."""
+    if isinstance(value, _Config):
+        return value
+    value = value or {"model_type": "opt"}
+    kind = value.get("model_type", "opt")
+    if kind not in TEXT_CONFIGS:
+        raise ConfigError(f"text_config.model_type {kind!r} is not supported (supported: {', '.join(TEXT_CONFIGS)})")
+    return TEXT_CONFIGS[kind].from_dict(value)
+
+
+@dataclass(init=False)
 class Blip2Config(_Config):
+    """vision_config / qformer_config / text_config take dicts or config objects (None: the defaults, an OPT
+    text model)."""
+
     model_type = "blip-2"
-    vision_config: Blip2VisionConfig = field(default_factory=Blip2VisionConfig)
-    qformer_config: Blip2QFormerConfig = field(default_factory=Blip2QFormerConfig)
-    text_config: Any = field(default_factory=OPTConfig)
+    sub_configs = {"vision_config": Blip2VisionConfig, "qformer_config": Blip2QFormerConfig,
+                   "text_config": OPTConfig}  # text_config: OPTConfig or T5Config by its model_type
+    vision_config: Blip2VisionConfig | None = None
+    qformer_config: Blip2QFormerConfig | None = None
+    text_config: OPTConfig | T5Config | None = None
     num_query_tokens: int = 32
     image_text_hidden_size: int = 256
     image_token_index: int | None = None
     initializer_factor: float = 1.0
     initializer_range: float = 0.02
 
-    @classmethod
-    def from_dict(cls, d: dict, **overrides: Any) -> "Blip2Config":
-        d = {**d, **overrides}
-        if d.get("model_type", "blip-2") != "blip-2":
-            raise ConfigError(f"config model_type is {d['model_type']!r}, expected 'blip-2'")
-        sub = {}
-        for name, sub_cls in (("vision_config", Blip2VisionConfig), ("qformer_config", Blip2QFormerConfig)):
-            v = d.get(name) or {}
-            sub[name] = v if isinstance(v, _Config) else sub_cls.from_dict(v)
-        text = d.get("text_config") or {"model_type": "opt"}
-        if not isinstance(text, _Config):
-            kind = text.get("model_type", "opt")
-            if kind not in TEXT_CONFIGS:
-                raise ConfigError(
-                    f"text_config.model_type {kind!r} is not supported (supported: {', '.join(TEXT_CONFIGS)})")
-            text = TEXT_CONFIGS[kind].from_dict(text)
-        sub["text_config"] = text
-        # derived in the reference's post-init: recomputed here, never read from the file
-        d = {k: v for k, v in d.items() if k not in ("use_decoder_only_language_model", "is_encoder_decoder")}
-        return super().from_dict({**d, **sub})
-
     def _post_init(self, raw):
+        if "image_token_id" in self.extra:  # the reference's alias
+            self.image_token_index = self.extra.pop("image_token_id")
+        for name, sub_cls in (("vision_config", Blip2VisionConfig), ("qformer_config", Blip2QFormerConfig)):
+            v = getattr(self, name)
+            if not isinstance(v, _Config):
+                object.__setattr__(self, name, sub_cls.from_dict(v or {}))
+        object.__setattr__(self, "text_config", text_config_from(self.text_config))
         self.qformer_config.encoder_hidden_size = self.vision_config.hidden_size
-        self.extra.pop("torch_dtype", None)
-        if "dtype" in self.extra and not isinstance(self.extra["dtype"], str):
-            self.extra.pop("dtype")
+
+    @classmethod
+    def from_vision_qformer_text_configs(cls, vision_config: Blip2VisionConfig, qformer_config: Blip2QFormerConfig,
+                                         text_config: OPTConfig | T5Config | None = None,
+                                         **kwargs: Any) -> "Blip2Config":
+        return cls(vision_config=vision_config, qformer_config=qformer_config, text_config=text_config, **kwargs)
 
     @property
     def use_decoder_only_language_model(self) -> bool:
@@ -225,16 +306,12 @@ class Blip2Config(_Config):
     def image_token_id(self) -> int | None:
         return self.image_token_index
 
-    def to_dict(self) -> dict:
-        d = super().to_dict()
-        d["use_decoder_only_language_model"] = self.use_decoder_only_language_model
-        if self.is_encoder_decoder:
-            d["is_encoder_decoder"] = True
-        return dict(sorted(d.items()))
+    def get_text_config(self, decoder: bool | None = None, encoder: bool | None = None) -> OPTConfig | T5Config:
+        return self.text_config
 
-    @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, **overrides: Any) -> "Blip2Config":
-        return cls.from_dict(read_json(os.path.join(path, "config.json")), **overrides)
+    def to_dict(self) -> dict:
+        return dict(sorted({**super().to_dict(),
+                            "use_decoder_only_language_model": self.use_decoder_only_language_model}.items()))
 
     def save_pretrained(self, path: str | os.PathLike, architecture: str | None = None,
                         dtype: str = "float32") -> None:

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from . import decoding
 from .cache import KVCache
+from .ops import ModelOutput
 from .tokenizer import TextStreamDecoder
 
 DEFAULT_NEW_TOKENS = 20  # the reference's default max_length, counted on top of the prompt
@@ -37,6 +38,15 @@ class ReferenceSettings:
     bos_token_id: int | None = None
     decoder_start_token_id: int | None = None
     generator: torch.Generator | None = None  # sampling RNG (default: torch's global one, as the reference)
+    bad_words_ids: list | None = None  # token sequences never to generate (a list of lists of ids)
+    remove_invalid_values: bool = False  # nan -> 0 and +-inf -> the dtype's extremes in the scores
+    use_cache: bool = True  # accepted for the reference's signature: blip2 always decodes over its KV cache
+    # what generate returns: the ids, or (return_dict_in_generate) a Generate*Output holding also what these ask for
+    return_dict_in_generate: bool = False
+    output_scores: bool = False
+    output_logits: bool = False
+    output_attentions: bool = False
+    output_hidden_states: bool = False
 
     @classmethod
     def build(cls, lm_config, **kwargs):
@@ -73,6 +83,11 @@ class ReferenceSettings:
             raise ValueError(f"eos_token_id must be a token id or a list of them, got {self.eos_token_id!r}")
         if self.seed is not None and self.generator is not None:
             raise ValueError("pass either seed or generator, not both")
+        words = self.bad_words_ids
+        if words is not None and (not isinstance(words, (list, tuple)) or not words or not all(
+                isinstance(w, (list, tuple)) and w and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
+                                                           for i in w) for w in words)):
+            raise ValueError(f"bad_words_ids must be a non-empty list of non-empty lists of token ids, got {words!r}")
 
 
 # The reference's decoding settings with its global defaults: blip2.decoding's FIELDS, then ReferenceSettings'.
@@ -112,6 +127,34 @@ class NoRepeatNGram:
         banned = torch.zeros(n, v + 1, dtype=torch.bool, device=ids.device)
         banned.scatter_(1, torch.where(matches, windows[..., -1].clamp(max=v), v), True)
         return scores.masked_fill(banned[:, :v], -math.inf)
+
+
+@dataclass
+class BadWords:
+    """The reference's NoBadWordsLogitsProcessor: a word's last id is banned where the ids so far end with the rest
+    of it (always, for one-id words). EOS alone is never banned."""
+
+    words: list  # lists of ids
+
+    def __call__(self, ids, scores):
+        banned = torch.zeros_like(scores, dtype=torch.bool)
+        for word in self.words:
+            *prefix, last = word
+            if last >= scores.shape[-1] or len(prefix) > ids.shape[1]:
+                continue
+            hit = (ids[:, ids.shape[1] - len(prefix):] == ids.new_tensor(prefix)).all(1) if prefix else True
+            banned[:, last] |= hit
+        return scores.masked_fill(banned, -math.inf)
+
+
+@dataclass
+class RemoveInvalid:
+    """The reference's InfNanRemoveLogitsProcessor."""
+
+    def __call__(self, ids, scores):
+        out = torch.where(scores != scores, 0.0, scores)
+        out = torch.where(scores == math.inf, torch.finfo(scores.dtype).max, out)
+        return torch.where(scores == -math.inf, torch.finfo(scores.dtype).min, out)
 
 
 @dataclass
@@ -163,8 +206,13 @@ def logits_processors(cfg: GenerationConfig, min_length: int, eos: torch.Tensor 
         out.append(RepetitionPenalty(cfg.repetition_penalty, skip))
     if cfg.no_repeat_ngram_size:
         out.append(NoRepeatNGram(cfg.no_repeat_ngram_size))
+    if cfg.bad_words_ids:
+        eos_ids = set(eos.tolist()) if eos is not None else set()
+        out.append(BadWords([list(w) for w in cfg.bad_words_ids if not (len(w) == 1 and w[0] in eos_ids)]))
     if eos is not None:
         out.append(MinLength(min_length, eos))
+    if cfg.remove_invalid_values:
+        out.append(RemoveInvalid())
     if cfg.do_sample:
         keep = (len(eos) + 1 if eos is not None else 2) if cfg.num_beams > 1 else 1  # beams keep room for EOS
         if cfg.temperature != 1.0:
@@ -181,43 +229,68 @@ def logits_processors(cfg: GenerationConfig, min_length: int, eos: torch.Tensor 
 class DecoderStepper:
     """OPT: the prompt's embeddings in one pass (after any prefix already in `cache`), then one token a step."""
 
-    def __init__(self, lm, inputs_embeds, attention_mask, cache):
+    def __init__(self, lm, inputs_embeds, attention_mask, cache, want: dict | None = None):
         self.lm, self.embeds, self.mask = lm, inputs_embeds, attention_mask
         self.cache = cache if cache is not None else KVCache(lm.num_layers)
+        self.want = want or {}  # output_attentions / output_hidden_states for return_dict_in_generate
+        self.last = None  # the last pass's output (its attentions and hidden states when wanted)
 
     def start(self):
         new = self.embeds[:, self.cache.length:]
-        out = self.lm(inputs_embeds=new, attention_mask=self.mask, past_key_values=self.cache, logits_to_keep=1)
-        return out.logits[:, -1]  # (B, V)
+        self.last = self.lm(inputs_embeds=new, attention_mask=self.mask, past_key_values=self.cache, logits_to_keep=1,
+                            **self.want)
+        return self.last.logits[:, -1]  # (B, V)
 
     def step(self, tokens):  # tokens (N,)
         self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], 1)], dim=1)
-        return self.lm(input_ids=tokens[:, None], attention_mask=self.mask, past_key_values=self.cache).logits[:, -1]
+        self.last = self.lm(input_ids=tokens[:, None], attention_mask=self.mask, past_key_values=self.cache,
+                            **self.want)
+        return self.last.logits[:, -1]
 
     def reorder(self, index):
         self.cache.reorder(index)
         self.mask = self.mask.index_select(0, index)
 
+    def close(self):
+        pass
+
 
 class EncoderDecoderStepper:
     """T5: the encoder once, then the decoder one token a step (cross-attention keys/values cached)."""
 
-    def __init__(self, lm, inputs_embeds, attention_mask, start_id):
+    def __init__(self, lm, inputs_embeds, attention_mask, start_id, want: dict | None = None):
         self.lm, self.mask, self.start_id = lm, attention_mask, start_id
-        self.encoded = lm.encoder(inputs_embeds=inputs_embeds, attention_mask=attention_mask).last_hidden_state
+        self.want = want or {}  # output_attentions / output_hidden_states for return_dict_in_generate
+        self.encoder_out = lm.encoder(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **self.want)
+        self.encoded = self.encoder_out.last_hidden_state
         self.cache = KVCache(lm.num_layers)
+        self.last = None  # the last decoder pass's output
 
     def start(self):
         return self.step(torch.full(self.encoded.shape[:1], self.start_id, device=self.encoded.device))
 
     def step(self, tokens):
-        logits, _ = self.lm.decode(tokens[:, None], self.encoded, self.mask, past_key_values=self.cache)
+        logits, self.last = self.lm.decode(tokens[:, None], self.encoded, self.mask, past_key_values=self.cache,
+                                           **self.want)
         return logits[:, -1]
 
     def reorder(self, index):
         self.cache.reorder(index)
         self.mask = self.mask.index_select(0, index)
         self.encoded = self.encoded.index_select(0, index)
+
+    def close(self):
+        pass
+
+
+def own_stepper(lm, inputs_embeds, attention_mask, past_key_values, start_id, want: dict | None = None):
+    """The stepper of a decoding that runs alone: its own KV cache (blip2.scheduler's steppers share a batch).
+    Every stepper has start() -> logits (B, V), step(tokens (N,)) -> logits (N, V), reorder(rows), `cache` (its
+    rows' KVCache) and close(); these also keep their `last` output, with what `want` asks the model for
+    (output_attentions / output_hidden_states, for return_dict_in_generate)."""
+    if lm.config.is_encoder_decoder:
+        return EncoderDecoderStepper(lm, inputs_embeds, attention_mask, start_id, want)
+    return DecoderStepper(lm, inputs_embeds, attention_mask, past_key_values, want)
 
 
 # ---- beam search: a state and a step function over it
@@ -315,26 +388,29 @@ class Decoding:
     `past_key_values`: a KVCache (decoder-only) already holding the first `length` positions of this prompt (a
     reused prefix); only the rest is computed. It is extended (and reordered) in place.
     `stop`: called between tokens (before each step of the language model); it ends the decoding by raising (the
-    app's time limit, a client that went away). The exception reaches the caller; nothing half-done is returned."""
+    app's time limit, a client that went away). The exception reaches the caller; nothing half-done is returned.
+    `stepper`: what builds the stepper (own_stepper's signature): by default the decoding's own; a
+    blip2.scheduler.Scheduler's puts its rows into a shared batch (then `close()` it once done)."""
 
     def __init__(self, lm, inputs_embeds, attention_mask=None, input_ids=None, past_key_values=None,
-                 stop: Callable[[], None] | None = None, **kwargs):
+                 stop: Callable[[], None] | None = None, stepper: Callable = None, **kwargs):
         self.stop = stop or (lambda: None)
         cfg = self.cfg = GenerationConfig.build(lm.config, **kwargs)
         b, t, device = inputs_embeds.shape[0], inputs_embeds.shape[1], inputs_embeds.device
         if attention_mask is None:
             attention_mask = torch.ones(b, t, dtype=torch.long, device=device)
-        encdec = lm.config.is_encoder_decoder
+        self.encdec = encdec = lm.config.is_encoder_decoder
+        # return_dict_in_generate: what each step keeps (Record), and what the language model must return for it
+        self.record = Record() if cfg.return_dict_in_generate else None
+        want = {k: True for k in ("output_attentions", "output_hidden_states") if self.record and getattr(cfg, k)}
         if encdec:
             if past_key_values is not None:
                 raise ValueError("past_key_values (a reused prompt prefix) needs a decoder-only language model")
-            self.stepper = EncoderDecoderStepper(lm, inputs_embeds, attention_mask, cfg.decoder_start_token_id)
             prompt = torch.full((b, 1), cfg.decoder_start_token_id, dtype=torch.long, device=device)
         else:
             if past_key_values is not None and not 0 <= past_key_values.length < t:
                 raise ValueError(f"the reused prefix holds {past_key_values.length} positions; it must be shorter "
                                  f"than the prompt ({t})")
-            self.stepper = DecoderStepper(lm, inputs_embeds, attention_mask, past_key_values)
             prompt = input_ids if input_ids is not None else torch.zeros(b, 0, dtype=torch.long, device=device)
         self.prompt = prompt.to(device)  # (B, L)
         n = self.prompt.shape[1]
@@ -352,6 +428,10 @@ class Decoding:
             skip = (attention_mask[:, -n:] != 0).int().argmax(1).repeat_interleave(self.expand)
         self.processors = logits_processors(cfg, min_length, self.eos, skip)
         self.sequences = None
+        if want and stepper is not None:
+            raise ValueError("output_attentions / output_hidden_states in generate need the decoding's own stepper")
+        self.stepper = (stepper or own_stepper)(lm, inputs_embeds, attention_mask, past_key_values,
+                                                cfg.decoder_start_token_id, **({"want": want} if want else {}))
 
     def steps(self) -> Iterator[torch.Tensor]:
         if self.max_length <= self.prompt.shape[1]:  # max_new_tokens=0
@@ -366,19 +446,46 @@ class Decoding:
             pass
         return self.sequences
 
-    def scores(self, ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    def scores(self, ids: torch.Tensor, logits: torch.Tensor, raw: torch.Tensor | None = None) -> torch.Tensor:
         """A step's scores (N, V) fp32: the processors over `logits` (N, V) given every token so far (N, T). Every
-        step of either search comes through here."""
+        step of either search comes through here (beam search hands its log-probabilities, and the model's `raw`
+        logits), and so does the record of return_dict_in_generate."""
         scores = logits.float()
         for process in self.processors:
             scores = process(ids, scores)
+        if self.record is not None:
+            self.record.step(self.cfg, logits.float() if raw is None else raw.float(), scores,
+                             getattr(self.stepper, "last", None))
         return scores
+
+    def output(self) -> "ModelOutput":
+        """What generate returns with return_dict_in_generate, as the reference's Generate*Output classes."""
+        cfg, rec, beams = self.cfg, self.record, self.cfg.num_beams > 1
+        kw = dict(sequences=self.sequences, scores=rec.get(cfg.output_scores, rec.scores),
+                  logits=rec.get(cfg.output_logits, rec.logits), past_key_values=self.stepper.cache)
+        if beams:
+            r = cfg.num_return_sequences
+            kw["sequences_scores"] = self.beam.scores_done[:, :r].flatten() if cfg.output_scores else None
+            kw["beam_indices"] = self.beam.src_done[:, :r].flatten(0, 1)[:, :self.sequences.shape[1]
+                                                                             - self.prompt.shape[1]].long()
+        attn, hidden = rec.get(cfg.output_attentions, rec.attentions), rec.get(cfg.output_hidden_states, rec.hidden)
+        if self.encdec:
+            enc = getattr(self.stepper, "encoder_out", None)  # (a scheduler's stepper keeps none)
+            return (GenerateBeamEncoderDecoderOutput if beams else GenerateEncoderDecoderOutput)(
+                **kw, encoder_attentions=getattr(enc, "attentions", None),
+                encoder_hidden_states=getattr(enc, "hidden_states", None),
+                decoder_attentions=attn, cross_attentions=rec.get(cfg.output_attentions, rec.cross),
+                decoder_hidden_states=hidden)
+        return (GenerateBeamDecoderOnlyOutput if beams else GenerateDecoderOnlyOutput)(
+            **kw, attentions=attn, hidden_states=hidden)
 
     def reusable(self) -> tuple[torch.Tensor, KVCache] | None:
         """For a decoder-only model, (ids (T,), cache) to reuse as the prefix of a later prompt: with one decoding
         row the prompt and the answer so far, otherwise (beams, samples, or stopped early) the prompt only."""
+        if self.encdec:
+            return None
         cache, n = self.stepper.cache, self.prompt.shape[1]
-        if not isinstance(self.stepper, DecoderStepper) or cache.length < n:
+        if cache is None or cache.length < n:  # nothing computed (a failed or batched-out decoding)
             return None
         if cache.k[0].shape[0] == 1 and self.sequences is not None:
             return self.sequences[0, :cache.length].clone(), cache
@@ -387,6 +494,10 @@ class Decoding:
             cache.reorder(torch.zeros(1, dtype=torch.long, device=self.prompt.device))
         return self.prompt[0].clone(), cache
 
+    def close(self) -> None:
+        """Release what the stepper holds (a batch's rows); the decoding cannot go on after."""
+        self.stepper.close()
+
     def _expanded_start(self):
         """The prompt pass for B rows, then its cache and logits repeated for every beam / sample."""
         logits = self.stepper.start()
@@ -394,6 +505,10 @@ class Decoding:
             index = torch.arange(logits.shape[0], device=logits.device).repeat_interleave(self.expand)
             self.stepper.reorder(index)
             logits = logits.index_select(0, index)
+            if getattr(self.stepper, "last", None) is not None:  # the reference's prompt pass runs on these rows
+                self.stepper.last = select_rows(self.stepper.last, index)
+                if self.encdec:
+                    self.stepper.encoder_out = select_rows(self.stepper.encoder_out, index)
         return logits
 
     def _sample_steps(self):
@@ -436,7 +551,8 @@ class Decoding:
             if cur > n:
                 self.stop()
                 logits = self.stepper.step(state.running[:, :, cur - 1].flatten())
-            log_probs = self.scores(state.running[:, :, :cur].flatten(0, 1), F.log_softmax(logits.float(), dim=-1))
+            log_probs = self.scores(state.running[:, :, :cur].flatten(0, 1), F.log_softmax(logits.float(), dim=-1),
+                                    raw=logits)
             state, rows, over = beam_step(state, log_probs, cur, n, self.max_length, cfg, self.eos, self.generator)
             self.stepper.reorder(rows)
             yield state.running[:, :, cur].flatten()
@@ -444,6 +560,64 @@ class Decoding:
             if over:
                 break
         self.sequences = beam_result(state, n, cfg.num_return_sequences)
+        self.beam = state
+
+
+# ---- return_dict_in_generate: the reference's output classes and the record each step adds to
+
+@dataclass
+class Record:
+    """Per step: raw logits and processed scores (N, V); the language model's attentions and hidden states (tuples
+    over layers); T5's cross-attentions."""
+
+    scores: list = field(default_factory=list)
+    logits: list = field(default_factory=list)
+    attentions: list = field(default_factory=list)
+    hidden: list = field(default_factory=list)
+    cross: list = field(default_factory=list)
+
+    def step(self, cfg, logits, scores, out) -> None:
+        if cfg.output_scores:
+            self.scores.append(scores)
+        if cfg.output_logits:
+            self.logits.append(logits)
+        if cfg.output_attentions:
+            self.attentions.append(out.attentions)
+            self.cross.append(getattr(out, "cross_attentions", None))
+        if cfg.output_hidden_states:
+            self.hidden.append(out.hidden_states)
+
+    @staticmethod
+    def get(wanted: bool, steps: list) -> tuple | None:
+        return tuple(steps) if wanted else None
+
+
+def select_rows(out, index: torch.Tensor):
+    """A model output with the rows of its tensors (and tuples of them) taken at `index`."""
+    for k, v in list(vars(out).items()):
+        if isinstance(v, torch.Tensor):
+            setattr(out, k, v.index_select(0, index))
+        elif isinstance(v, tuple) and v and all(isinstance(t, torch.Tensor) for t in v):
+            setattr(out, k, tuple(t.index_select(0, index) for t in v))
+    return out
+
+
+def _output_class(name: str, *names: str) -> type:
+    """One of the reference's Generate*Output classes: its fields in its order, all None by default."""
+    return make_dataclass(name, [(n, object, field(default=None)) for n in names], bases=(ModelOutput,))
+
+
+_DECODER_ONLY = ("attentions", "hidden_states", "past_key_values")
+_ENCODER_DECODER = ("encoder_attentions", "encoder_hidden_states", "decoder_attentions", "cross_attentions",
+                    "decoder_hidden_states", "past_key_values")
+GenerateDecoderOnlyOutput = _output_class("GenerateDecoderOnlyOutput", "sequences", "scores", "logits",
+                                          *_DECODER_ONLY)
+GenerateEncoderDecoderOutput = _output_class("GenerateEncoderDecoderOutput", "sequences", "scores", "logits",
+                                             *_ENCODER_DECODER)
+GenerateBeamDecoderOnlyOutput = _output_class("GenerateBeamDecoderOnlyOutput", "sequences", "sequences_scores",
+                                              "scores", "logits", "beam_indices", *_DECODER_ONLY)
+GenerateBeamEncoderDecoderOutput = _output_class("GenerateBeamEncoderDecoderOutput", "sequences", "sequences_scores",
+                                                 "scores", "logits", "beam_indices", *_ENCODER_DECODER)
 
 
 def _lengths(cfg, n, extra, max_pos, attention_mask):
@@ -479,14 +653,15 @@ def generate(lm, inputs_embeds, attention_mask=None, input_ids=None, streamer=No
     step, then end(); not with beam search (as the reference)."""
     run = Decoding(lm, inputs_embeds, attention_mask, input_ids, past_key_values, **kwargs)
     if streamer is None:
-        return run.run()
+        run.run()
+        return run.output() if run.cfg.return_dict_in_generate else run.sequences
     if run.cfg.num_beams > 1:
         raise ValueError("streamer cannot be used with beam search (num_beams > 1), as in the reference")
     streamer.put(run.prompt.repeat_interleave(run.expand, 0).cpu())
     for token in run.steps():
         streamer.put(token.cpu())
     streamer.end()
-    return run.sequences
+    return run.output() if run.cfg.return_dict_in_generate else run.sequences
 
 
 def text_pieces(run: Decoding, tokenizer, skip_special_tokens=True):

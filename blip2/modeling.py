@@ -6,6 +6,9 @@ checkpoints without `image_token_index`). Retrieval: ITM head on the joint [quer
 cosine between projected query outputs and the projected text [CLS].
 """
 
+import dataclasses
+import json
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,8 +18,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .config import Blip2Config, OPTConfig, T5Config
-from .generation import generate
-from .ops import BaseModelOutputWithPooling, BaseModelOutputWithPoolingAndCrossAttentions, ModelOutput
+from .generation import GenerationConfig, generate
+from .io.hub import MODEL_FILES, resolve_checkpoint
+from .ops import BaseModelOutputWithPooling, BaseModelOutputWithPoolingAndCrossAttentions, ModelOutput, resolve
 from .opt import OPTForCausalLM, causal_lm_loss
 from .pretrained import PretrainedMixin
 from .qformer import Blip2QFormerModel, Blip2TextEmbeddings
@@ -84,8 +88,8 @@ class Blip2PreTrainedModel(PretrainedMixin, nn.Module):
         if hasattr(self, "language_model") and hasattr(self.language_model, "tie_weights"):
             self.language_model.tie_weights()
 
-    def query_features(self, image_embeds: Tensor, output_attentions: bool = False,
-                       output_hidden_states: bool = False) -> QFormerOutput:
+    def query_features(self, image_embeds: Tensor, output_attentions: bool | None = None,
+                       output_hidden_states: bool | None = None) -> QFormerOutput:
         """Q-Former pass of the learned queries over image patches (B, 1+N, D_v) -> its output."""
         queries = self.query_tokens.expand(image_embeds.shape[0], -1, -1)
         return self.qformer(queries, encoder_hidden_states=image_embeds, output_attentions=output_attentions,
@@ -103,16 +107,27 @@ class _Blip2WithLanguageModel(Blip2PreTrainedModel):
         self.qformer = Blip2QFormerModel(config.qformer_config)
         self.language_projection = nn.Linear(config.qformer_config.hidden_size, config.text_config.hidden_size)
         self.language_model = language_model_for(config.text_config)
+        self.init_switches()
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.language_model.get_input_embeddings()
 
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        lm = self.language_model
+        if isinstance(lm, T5ForConditionalGeneration):
+            lm.shared = lm.encoder._embed[0] = lm.decoder._embed[0] = value
+        else:
+            lm.model.decoder.embed_tokens = value
+
     def get_output_embeddings(self) -> nn.Linear:
         return self.language_model.lm_head
 
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.language_model.lm_head = value
+
     def image_features(self, pixel_values: Tensor, interpolate_pos_encoding: bool = False,
-                       output_attentions: bool = False,
-                       output_hidden_states: bool = False) -> BaseModelOutputWithVisionQformerOutputs:
+                       output_attentions: bool | None = None,
+                       output_hidden_states: bool | None = None) -> BaseModelOutputWithVisionQformerOutputs:
         """pixels -> BaseModelOutputWithVisionQformerOutputs whose pooler_output holds the language-model-ready
         query embeddings (B, Q, D_t)."""
         vision = self.vision_model(pixel_values, interpolate_pos_encoding, output_attentions, output_hidden_states)
@@ -126,8 +141,11 @@ class _Blip2WithLanguageModel(Blip2PreTrainedModel):
 
     def merge_image_tokens(self, query_embeds: Tensor, input_ids: Tensor | None, attention_mask: Tensor | None,
                            inputs_embeds: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """Put the projected queries (B, Q, D) into the text embeddings: at the image-token positions, or in
-        front of the text when the ids hold none (older checkpoints). Returns (embeds, attention_mask)."""
+        """Put the projected queries (B_i, Q, D) into the text embeddings (B, T, D) as the reference does: in
+        order, into whatever image-token positions the ids hold (a row with fewer than Q image tokens takes the
+        next queries, a text without image tokens gets no image); more image tokens than B_i x Q is an error. One
+        image (B_i = 1) with Q image tokens in each of several rows serves every row. Checkpoints without
+        image_token_index (older ones) get the queries in front of the text. Returns (embeds, attention_mask)."""
         if inputs_embeds is None:
             if input_ids is None:
                 raise ValueError("input_ids (or inputs_embeds) are required")
@@ -136,23 +154,31 @@ class _Blip2WithLanguageModel(Blip2PreTrainedModel):
             attention_mask = torch.ones(inputs_embeds.shape[:2], dtype=torch.long, device=inputs_embeds.device)
         query_embeds = query_embeds.to(inputs_embeds.device, inputs_embeds.dtype)
         b, q = query_embeds.shape[:2]
-        if query_embeds.shape[0] == 1 and inputs_embeds.shape[0] > 1:  # one image, several prompts
-            query_embeds = query_embeds.expand(inputs_embeds.shape[0], -1, -1)
-        elif query_embeds.shape[0] != inputs_embeds.shape[0]:
-            raise ValueError(f"{b} images but {inputs_embeds.shape[0]} text rows: batch sizes must match")
+        rows = inputs_embeds.shape[0]
         token = self.config.image_token_index
-        counts = (input_ids == token).sum(1) if token is not None and input_ids is not None else None
-        if counts is None or not counts.any():  # legacy layout: [queries; text]
+        if token is None:  # legacy layout: [queries; text]
+            if b == 1 and rows > 1:
+                query_embeds = query_embeds.expand(rows, -1, -1)
+            elif b != rows:
+                raise ValueError(f"{b} images but {rows} text rows: batch sizes must match")
             if query_embeds.shape[-1] != inputs_embeds.shape[-1]:
                 raise ValueError(f"query embeddings of width {query_embeds.shape[-1]} cannot precede text "
                                  f"embeddings of width {inputs_embeds.shape[-1]}")
-            ones = torch.ones(attention_mask.shape[0], q, dtype=attention_mask.dtype, device=attention_mask.device)
+            ones = torch.ones(rows, q, dtype=attention_mask.dtype, device=attention_mask.device)
             return torch.cat([query_embeds, inputs_embeds], 1), torch.cat([ones, attention_mask], 1)
-        if not bool((counts == q).all()):
-            raise ValueError(f"input_ids rows hold {counts.tolist()} image tokens (id {token}); each row needs "
-                             f"exactly num_query_tokens={q} (use Blip2Processor with images and text)")
-        mask = (input_ids == token)[..., None].to(inputs_embeds.device)
-        return inputs_embeds.masked_scatter(mask, query_embeds), attention_mask
+        if input_ids is not None:
+            mask = input_ids.to(inputs_embeds.device) == token  # (B, T)
+        else:  # the reference finds the image token's embedding among the given embeddings
+            image_row = self.get_input_embeddings()(torch.tensor(token, device=inputs_embeds.device))
+            mask = (inputs_embeds == image_row).all(-1)
+        n = int(mask.sum())
+        if b == 1 and rows > 1 and n > q:
+            query_embeds, b = query_embeds.expand(rows, -1, -1), rows
+        if n > b * q:
+            raise ValueError(f"the text holds {n} image tokens (id {token}) but {b} image(s) give {b * q} query "
+                             f"embeddings ({q} each): use Blip2Processor with images and text, which puts {q} "
+                             f"image tokens in each row")
+        return inputs_embeds.masked_scatter(mask[..., None], query_embeds), attention_mask
 
     def language_forward(self, inputs_embeds: Tensor, attention_mask: Tensor, decoder_input_ids: Tensor | None,
                          decoder_attention_mask: Tensor | None, labels: Tensor | None,
@@ -174,8 +200,11 @@ class _Blip2WithLanguageModel(Blip2PreTrainedModel):
                 attention_mask: Tensor | None = None, decoder_input_ids: Tensor | None = None,
                 decoder_attention_mask: Tensor | None = None, labels: Tensor | None = None,
                 interpolate_pos_encoding: bool = False, inputs_embeds: Tensor | None = None,
-                output_attentions: bool = False, output_hidden_states: bool = False, return_dict: bool = True,
-                **_: Any) -> Blip2ForConditionalGenerationModelOutput | tuple:
+                output_attentions: bool | None = None, output_hidden_states: bool | None = None,
+                return_dict: bool | None = None, **_: Any) -> Blip2ForConditionalGenerationModelOutput | tuple:
+        """output_attentions / output_hidden_states: None leaves each part to its own config's setting (the
+        vision, Q-Former and text configs), as the reference; return_dict: None takes this config's."""
+        return_dict = resolve(return_dict, self.config, "return_dict")
         feats = self.image_features(pixel_values, interpolate_pos_encoding, output_attentions, output_hidden_states)
         embeds, mask = self.merge_image_tokens(feats.pooler_output, input_ids, attention_mask, inputs_embeds)
         loss, logits, out = self.language_forward(embeds, mask, decoder_input_ids, decoder_attention_mask, labels,
@@ -190,9 +219,11 @@ class _Blip2WithLanguageModel(Blip2PreTrainedModel):
 class Blip2Model(_Blip2WithLanguageModel):
     def get_text_features(self, input_ids: Tensor, attention_mask: Tensor | None = None,
                           decoder_input_ids: Tensor | None = None, decoder_attention_mask: Tensor | None = None,
-                          labels: Tensor | None = None, output_attentions: bool = False,
-                          output_hidden_states: bool = False, **_: Any) -> BaseModelOutputWithPooling:
+                          labels: Tensor | None = None, output_attentions: bool | None = None,
+                          output_hidden_states: bool | None = None, **_: Any) -> BaseModelOutputWithPooling:
         """Text-only hidden states: OPT decoder output, or the T5 encoder output."""
+        output_attentions = resolve(output_attentions, self.config.text_config, "output_attentions")
+        output_hidden_states = resolve(output_hidden_states, self.config.text_config, "output_hidden_states")
         if self.config.use_decoder_only_language_model:
             out = self.language_model.model(input_ids, attention_mask, output_attentions=output_attentions,
                                             output_hidden_states=output_hidden_states)
@@ -203,7 +234,7 @@ class Blip2Model(_Blip2WithLanguageModel):
                                           attentions=out.attentions)
 
     def get_image_features(self, pixel_values: Tensor, interpolate_pos_encoding: bool = False,
-                           output_attentions: bool = False, output_hidden_states: bool = False,
+                           output_attentions: bool | None = None, output_hidden_states: bool | None = None,
                            **_: Any) -> BaseModelOutputWithPooling:
         return self.vision_model(pixel_values, interpolate_pos_encoding, output_attentions, output_hidden_states)
 
@@ -214,8 +245,38 @@ class Blip2Model(_Blip2WithLanguageModel):
 
 
 class Blip2ForConditionalGeneration(_Blip2WithLanguageModel):
+    def __init__(self, config: Blip2Config):
+        super().__init__(config)
+        tc = config.text_config  # the reference's generation config of a model config: its token ids
+        ids = {k: getattr(tc, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id",
+                                                 "decoder_start_token_id")}
+        self.generation_config = GenerationConfig(**{k: v for k, v in ids.items() if v is not None})
+
+    @classmethod
+    def can_generate(cls) -> bool:
+        return True
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike | None = None,
+                        **kwargs: Any) -> "Blip2ForConditionalGeneration":
+        """PretrainedMixin.from_pretrained, then the checkpoint's generation_config.json (when it has one) as
+        model.generation_config: generate()'s defaults, as the reference."""
+        out = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        model = out[0] if isinstance(out, tuple) else out
+        if pretrained_model_name_or_path is not None:
+            hub = {k: kwargs[k] for k in ("revision", "cache_dir", "token", "local_files_only") if k in kwargs}
+            path = resolve_checkpoint(pretrained_model_name_or_path, allow_patterns=MODEL_FILES, **hub)
+            model.generation_config = read_generation_config(path, model.generation_config)
+        return out
+
+    def generation_defaults(self) -> dict[str, Any]:
+        """The settings of model.generation_config that differ from GenerationConfig()'s (generate()'s defaults)."""
+        gc, default = self.generation_config, GenerationConfig()
+        return {f.name: getattr(gc, f.name) for f in dataclasses.fields(gc)
+                if getattr(gc, f.name) != getattr(default, f.name)}
+
     def get_image_features(self, pixel_values: Tensor, interpolate_pos_encoding: bool = False,
-                           output_attentions: bool = False, output_hidden_states: bool = False,
+                           output_attentions: bool | None = None, output_hidden_states: bool | None = None,
                            **_: Any) -> BaseModelOutputWithVisionQformerOutputs:
         return self.image_features(pixel_values, interpolate_pos_encoding, output_attentions, output_hidden_states)
 
@@ -253,7 +314,13 @@ class Blip2ForConditionalGeneration(_Blip2WithLanguageModel):
         see generation.GenerationConfig."""
         inputs = self.generation_inputs(pixel_values, input_ids, attention_mask, inputs_embeds,
                                         interpolate_pos_encoding, image_embeds)
-        return generate(self.language_model, *inputs, streamer=streamer, **generate_kwargs)
+        if "generation_config" in generate_kwargs:  # the reference's generate(generation_config=...): blip2's or
+            config = generate_kwargs.pop("generation_config")  # transformers' GenerationConfig, its set values
+            given = config.to_dict() if hasattr(config, "to_dict") else vars(config)
+            names = {f.name for f in dataclasses.fields(GenerationConfig)}
+            generate_kwargs = {k: v for k, v in given.items() if k in names and v is not None} | generate_kwargs
+        return generate(self.language_model, *inputs, streamer=streamer,
+                        **(self.generation_defaults() | generate_kwargs))
 
 
 class _Blip2Retrieval(Blip2PreTrainedModel):
@@ -266,8 +333,8 @@ class _Blip2Retrieval(Blip2PreTrainedModel):
         return input_ids, attention_mask
 
     def text_features(self, input_ids: Tensor, attention_mask: Tensor | None = None,
-                      position_ids: Tensor | None = None, output_attentions: bool = False,
-                      output_hidden_states: bool = False) -> QFormerOutput:
+                      position_ids: Tensor | None = None, output_attentions: bool | None = None,
+                      output_hidden_states: bool | None = None) -> QFormerOutput:
         """Q-Former text path (no queries, no image): (B, T, D_q)."""
         embeds = self.embeddings(input_ids, position_ids)
         return self.qformer(embeds, query_length=0, attention_mask=attention_mask,
@@ -286,12 +353,16 @@ class Blip2ForImageTextRetrieval(_Blip2Retrieval):
         self.vision_projection = nn.Linear(d, config.image_text_hidden_size)
         self.text_projection = nn.Linear(d, config.image_text_hidden_size)
         self.itm_head = nn.Linear(d, 2)
+        self.init_switches()
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.embeddings.word_embeddings
 
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embeddings.word_embeddings = value
+
     def itm_logits(self, image_embeds: Tensor, input_ids: Tensor, attention_mask: Tensor | None = None,
-                   output_attentions: bool = False) -> tuple[Tensor, QFormerOutput]:
+                   output_attentions: bool | None = None) -> tuple[Tensor, QFormerOutput]:
         """ITM on paired rows, or one image (batch 1) against every text row. input_ids hold text only.
         image_embeds (B|1, 1+N, D_v) -> logits (B, 2) and the Q-Former output over [queries; text]."""
         b = input_ids.shape[0]
@@ -321,8 +392,9 @@ class Blip2ForImageTextRetrieval(_Blip2Retrieval):
 
     def forward(self, pixel_values: Tensor | None = None, input_ids: Tensor | None = None,
                 attention_mask: Tensor | None = None, use_image_text_matching_head: bool = False,
-                output_attentions: bool = False, output_hidden_states: bool = False, return_dict: bool = True,
-                **_: Any) -> Blip2ImageTextMatchingModelOutput | tuple:
+                output_attentions: bool | None = None, output_hidden_states: bool | None = None,
+                return_dict: bool | None = None, **_: Any) -> Blip2ImageTextMatchingModelOutput | tuple:
+        return_dict = resolve(return_dict, self.config, "return_dict")
         if input_ids is None:
             raise ValueError("input_ids are required")
         rows = pixel_values.shape[0]
@@ -366,6 +438,8 @@ def expand_rows(out: ModelOutput, rows: int) -> ModelOutput:
 
 
 class Blip2TextModelWithProjection(_Blip2Retrieval):
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = False  # as the reference
     def __init__(self, config: Blip2Config):
         super().__init__()
         self.config = config
@@ -374,13 +448,19 @@ class Blip2TextModelWithProjection(_Blip2Retrieval):
         self.embeddings = Blip2TextEmbeddings(config.qformer_config)
         self.qformer = Blip2QFormerModel(config.qformer_config)
         self.text_projection = nn.Linear(d, config.image_text_hidden_size)
+        self.init_switches()
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.embeddings.word_embeddings
 
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embeddings.word_embeddings = value
+
     def forward(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
-                position_ids: Tensor | None = None, output_attentions: bool = False,
-                output_hidden_states: bool = False, return_dict: bool = True, **_: Any) -> Blip2TextModelOutput | tuple:
+                position_ids: Tensor | None = None, output_attentions: bool | None = None,
+                output_hidden_states: bool | None = None, return_dict: bool | None = None,
+                **_: Any) -> Blip2TextModelOutput | tuple:
+        return_dict = resolve(return_dict, self.config, "return_dict")
         if input_ids is None:
             raise ValueError("input_ids are required")
         out = self.text_features(input_ids, attention_mask, position_ids, output_attentions, output_hidden_states)
@@ -400,10 +480,15 @@ class Blip2VisionModelWithProjection(Blip2PreTrainedModel):
         self.query_tokens = nn.Parameter(torch.zeros(1, config.num_query_tokens, d))
         self.qformer = Blip2QFormerModel(config.qformer_config)
         self.vision_projection = nn.Linear(d, config.image_text_hidden_size)
+        self.init_switches()
 
-    def forward(self, pixel_values: Tensor | None = None, output_attentions: bool = False,
-                output_hidden_states: bool = False, return_dict: bool = True,
+    def get_input_embeddings(self) -> nn.Conv2d:
+        return self.vision_model.embeddings.patch_embedding
+
+    def forward(self, pixel_values: Tensor | None = None, output_attentions: bool | None = None,
+                output_hidden_states: bool | None = None, return_dict: bool | None = None,
                 **_: Any) -> Blip2VisionModelOutput | tuple:
+        return_dict = resolve(return_dict, self.config, "return_dict")
         vision = self.vision_model(pixel_values, output_attentions=output_attentions,
                                    output_hidden_states=output_hidden_states)
         q = self.query_features(vision.last_hidden_state).last_hidden_state.to(self.vision_projection.weight.dtype)
@@ -411,3 +496,15 @@ class Blip2VisionModelWithProjection(Blip2PreTrainedModel):
                                      last_hidden_state=vision.last_hidden_state, hidden_states=vision.hidden_states,
                                      attentions=vision.attentions)
         return res if return_dict else res.to_tuple()
+
+
+def read_generation_config(path: str, base: GenerationConfig) -> GenerationConfig:
+    """`base` with the settings of path/generation_config.json that GenerationConfig knows (others, such as
+    transformers_version, are left out)."""
+    file = os.path.join(path, "generation_config.json")
+    if not os.path.isfile(file):
+        return base
+    with open(file, encoding="utf-8") as f:
+        d = json.load(f)
+    names = {f.name for f in dataclasses.fields(base)}
+    return dataclasses.replace(base, **{k: v for k, v in d.items() if k in names})

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 
 class Linear(nn.Linear):
@@ -127,19 +128,44 @@ def activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
     return ACT2FN[name]
 
 
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
-              scale: float | None = None, need_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+              scale: float | None = None, need_weights: bool = False,
+              eager: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """q (B, H, Tq, hd), k/v (B, H, Tk, hd), additive float mask broadcastable to (B, H, Tq, Tk).
-    Returns (B, Tq, H*hd) and the attention weights when asked (eager path, as the reference's)."""
-    if need_weights:
+    Returns (B, Tq, H*hd) and the attention weights when asked. The eager path (matmul + softmax, as the
+    reference's eager attention) serves attn_implementation="eager" and every call that wants the weights;
+    otherwise torch's scaled_dot_product_attention."""
+    w = None
+    if need_weights or eager:
         w = (q @ k.transpose(-1, -2)) * (scale if scale is not None else q.shape[-1] ** -0.5)
         if mask is not None:
             w = w + mask
         w = w.softmax(-1)
         out = w @ v
     else:
-        out, w = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale), None
-    return out.transpose(1, 2).flatten(2), w
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    return out.transpose(1, 2).flatten(2), w if need_weights else None
+
+
+class CheckpointedLayers:
+    """Mixed into a stack of transformer layers: `run(layer, *args)` recomputes the layer in the backward pass
+    when gradient checkpointing is on (PretrainedMixin.gradient_checkpointing_enable) and the stack trains."""
+
+    gradient_checkpointing = False
+    checkpoint_kwargs: dict = {}
+
+    def run(self, layer: nn.Module, *args: Any) -> Any:
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(layer, *args, **self.checkpoint_kwargs)
+        return layer(*args)
+
+
+def resolve(value: bool | None, config: Any, name: str) -> bool:
+    """A forward argument, or the config's setting of the same name when it is None (as the reference)."""
+    return getattr(config, name) if value is None else value
 
 
 def padding_mask(attention_mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:

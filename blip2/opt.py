@@ -9,7 +9,16 @@ from torch import Tensor
 
 from .cache import KVCache
 from .config import OPTConfig
-from .ops import BaseModelOutputWithPast, CausalLMOutputWithPast, Linear, activation, attention, causal_mask
+from .ops import (
+    BaseModelOutputWithPast,
+    CausalLMOutputWithPast,
+    CheckpointedLayers,
+    Linear,
+    activation,
+    attention,
+    causal_mask,
+    resolve,
+)
 
 
 class OPTAttention(nn.Module):
@@ -22,6 +31,7 @@ class OPTAttention(nn.Module):
         self.k_proj = Linear(d, d, bias=bias)
         self.v_proj = Linear(d, d, bias=bias)
         self.out_proj = Linear(d, d, bias=bias)
+        self.eager = False  # attn_implementation="eager" (PretrainedMixin.set_attn_implementation)
 
     def forward(self, x: Tensor, mask: Tensor | None, cache: KVCache | None, layer: int,
                 need_weights: bool = False) -> tuple[Tensor, Tensor | None]:
@@ -31,7 +41,7 @@ class OPTAttention(nn.Module):
         v = self.v_proj(x).unflatten(-1, (h, -1)).transpose(1, 2)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, H, past + T, hd)
-        out, w = attention(q, k, v, mask, scale=1.0, need_weights=need_weights)
+        out, w = attention(q, k, v, mask, scale=1.0, need_weights=need_weights, eager=self.eager)
         return self.out_proj(out), w
 
 
@@ -60,7 +70,7 @@ class OPTDecoderLayer(nn.Module):
         return x, w
 
 
-class OPTDecoder(nn.Module):
+class OPTDecoder(CheckpointedLayers, nn.Module):
     def __init__(self, config: OPTConfig):
         super().__init__()
         d, p = config.hidden_size, config.word_embed_proj_dim
@@ -105,7 +115,8 @@ class OPTDecoder(nn.Module):
         for i, layer in enumerate(self.layers):
             if output_hidden_states:
                 hidden.append(x)
-            x, w = layer(x, mask, cache, i, output_attentions)
+            x, w = layer(x, mask, cache, i, output_attentions) if cache is not None else \
+                self.run(layer, x, mask, cache, i, output_attentions)
             attns.append(w)
         if cache is not None:
             cache.advance(t)
@@ -154,11 +165,18 @@ class OPTForCausalLM(nn.Module):
     def num_layers(self) -> int:
         return len(self.model.decoder.layers)
 
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
     def forward(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
                 inputs_embeds: Tensor | None = None, past_key_values: KVCache | None = None, use_cache: bool = False,
-                labels: Tensor | None = None, position_ids: Tensor | None = None, output_attentions: bool = False,
-                output_hidden_states: bool = False, return_dict: bool = True, logits_to_keep: int = 0,
-                **_: Any) -> CausalLMOutputWithPast | tuple:
+                labels: Tensor | None = None, position_ids: Tensor | None = None,
+                output_attentions: bool | None = None, output_hidden_states: bool | None = None,
+                return_dict: bool | None = None, logits_to_keep: int = 0, **_: Any) -> CausalLMOutputWithPast | tuple:
+        """output_attentions / output_hidden_states / return_dict: None takes the config's setting."""
+        output_attentions = resolve(output_attentions, self.config, "output_attentions")
+        output_hidden_states = resolve(output_hidden_states, self.config, "output_hidden_states")
+        return_dict = resolve(return_dict, self.config, "return_dict")
         out = self.model.decoder(input_ids, attention_mask, inputs_embeds, past_key_values, use_cache,
                                  position_ids, output_attentions, output_hidden_states)
         h = out.last_hidden_state

@@ -1,6 +1,7 @@
 """Blip2Processor: a drop-in for transformers' Blip2Processor (5.24): BlipImageProcessor (image_processing.py) and
 Blip2Tokenizer (tokenizer.py), with the "<image>" placeholders BLIP-2 expects prepended to the text."""
 
+import json
 import os
 from typing import Any
 
@@ -14,30 +15,66 @@ from .tokenizer import Blip2Tokenizer
 
 class Blip2Processor:
     """Images -> pixel_values and text -> input_ids / attention_mask, with num_query_tokens "<image>"
-    placeholders prepended to every text row when images come with the text (transformers 5.24)."""
+    placeholders prepended to every text row when images come with the text (transformers 5.24). The tokenizer
+    may be any object with the Hugging Face tokenizer API (a transformers tokenizer, say), as the image processor
+    any with BlipImageProcessor's."""
+
+    attributes = ["image_processor", "tokenizer"]
 
     def __init__(self, image_processor: BlipImageProcessor, tokenizer: Blip2Tokenizer,
-                 num_query_tokens: int | None = None):
+                 num_query_tokens: int | None = None, **_: Any):
         self.image_processor = image_processor
         self.tokenizer = tokenizer
         self.num_query_tokens = num_query_tokens
-        if hasattr(tokenizer, "image_token"):
+        if getattr(tokenizer, "image_token", None) is not None:
             self.image_token = tokenizer.image_token
         else:  # like the reference: a special added token taking the next free id (or its existing id)
             self.image_token = "<image>"
             tokenizer.add_tokens([AddedToken("<image>", normalized=False, special=True)], special_tokens=True)
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike, **hub_kwargs: Any) -> "Blip2Processor":
+    def from_pretrained(cls, directory: str | os.PathLike, image_processor: BlipImageProcessor | None = None,
+                        tokenizer: Blip2Tokenizer | None = None, num_query_tokens: int | None = None,
+                        **hub_kwargs: Any) -> "Blip2Processor":
         """A local directory or a hub id (revision=, cache_dir=, token=, local_files_only=): only the processor
-        and tokenizer files are fetched."""
+        and tokenizer files are fetched. image_processor= / tokenizer= / num_query_tokens= replace what the
+        directory holds, as the reference's keyword overrides."""
         directory = resolve_checkpoint(directory, allow_patterns=PROCESSOR_FILES + ["config.json"], **hub_kwargs)
         config = load_json(os.path.join(directory, "processor_config.json"), {})
-        if "image_processor" in config:  # transformers 5.x nests the image processor config here
+        if image_processor is not None:
+            pass
+        elif "image_processor" in config:  # transformers 5.x nests the image processor config here
             image_processor = BlipImageProcessor.from_dict(config["image_processor"])
         else:
             image_processor = BlipImageProcessor.from_pretrained(directory)
-        return cls(image_processor, Blip2Tokenizer.from_pretrained(directory), config.get("num_query_tokens"))
+        if tokenizer is None:
+            tokenizer = Blip2Tokenizer.from_pretrained(directory)
+        if num_query_tokens is None:
+            num_query_tokens = config.get("num_query_tokens")
+        return cls(image_processor, tokenizer, num_query_tokens)
+
+    @classmethod
+    def get_attributes(cls) -> list[str]:
+        return list(cls.attributes)
+
+    @property
+    def model_input_names(self) -> list[str]:
+        """pixel_values and the tokenizer's input names, as the reference lists them."""
+        names = ["pixel_values"] + list(getattr(self.tokenizer, "model_input_names", ["input_ids", "attention_mask"]))
+        return list(dict.fromkeys(names))
+
+    def to_dict(self) -> dict:
+        """processor_config.json's content as the reference writes it (the image processor nested)."""
+        image = {k: v for k, v in self.image_processor.to_dict().items() if k != "processor_class"}
+        return {"image_processor": image, "num_query_tokens": self.num_query_tokens,
+                "processor_class": type(self).__name__}
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}:\n- image_processor: {self.image_processor!r}\n- tokenizer: " \
+               f"{self.tokenizer!r}\n\n{self.to_json_string()}"
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Hub layout: preprocessor_config.json, processor_config.json and the tokenizer files."""

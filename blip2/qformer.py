@@ -8,7 +8,14 @@ import torch.nn as nn
 from torch import Tensor
 
 from .config import Blip2QFormerConfig
-from .ops import BaseModelOutputWithPoolingAndCrossAttentions, activation, attention, padding_mask
+from .ops import (
+    BaseModelOutputWithPoolingAndCrossAttentions,
+    CheckpointedLayers,
+    activation,
+    attention,
+    padding_mask,
+    resolve,
+)
 from .pretrained import PretrainedMixin
 
 
@@ -23,6 +30,7 @@ class Blip2QFormerMultiHeadAttention(nn.Module):
         self.query = nn.Linear(d, d)
         self.key = nn.Linear(kv, d)
         self.value = nn.Linear(kv, d)
+        self.eager = False  # attn_implementation="eager" (PretrainedMixin.set_attn_implementation)
 
     def forward(self, x: Tensor, context: Tensor, mask: Tensor | None = None,
                 need_weights: bool = False) -> tuple[Tensor, Tensor | None]:
@@ -33,7 +41,7 @@ class Blip2QFormerMultiHeadAttention(nn.Module):
         v = self.value(context).unflatten(-1, (h, -1)).transpose(1, 2)
         if k.shape[0] != q.shape[0]:
             k, v = k.expand(q.shape[0], -1, -1, -1), v.expand(q.shape[0], -1, -1, -1)
-        return attention(q, k, v, mask, need_weights=need_weights)
+        return attention(q, k, v, mask, need_weights=need_weights, eager=self.eager)
 
 
 class Blip2QFormerSelfOutput(nn.Module):
@@ -118,7 +126,7 @@ class Blip2QFormerLayer(nn.Module):
         return q, self_w, cross_w
 
 
-class Blip2QFormerEncoder(nn.Module):
+class Blip2QFormerEncoder(CheckpointedLayers, nn.Module):
     def __init__(self, config: Blip2QFormerConfig):
         super().__init__()
         self.layer = nn.ModuleList(Blip2QFormerLayer(config, i) for i in range(config.num_hidden_layers))
@@ -127,6 +135,7 @@ class Blip2QFormerEncoder(nn.Module):
 class Blip2QFormerModel(PretrainedMixin, nn.Module):
     config_class = Blip2QFormerConfig
     checkpoint_prefix = "qformer."
+    main_input_name = "input_ids"  # as the reference's, although its input is query_embeds
     _keep_in_fp32_modules = ("",)  # the whole Q-Former stays fp32 under fp16
 
     def __init__(self, config: Blip2QFormerConfig):
@@ -134,15 +143,19 @@ class Blip2QFormerModel(PretrainedMixin, nn.Module):
         self.config = config
         self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.encoder = Blip2QFormerEncoder(config)
+        self.init_switches()
 
     def forward(self, query_embeds: Tensor, query_length: int | None = None, attention_mask: Tensor | None = None,
                 encoder_hidden_states: Tensor | None = None, encoder_attention_mask: Tensor | None = None,
-                output_attentions: bool = False, output_hidden_states: bool = False, return_dict: bool = True,
-                **_: Any) -> BaseModelOutputWithPoolingAndCrossAttentions | tuple:
+                output_attentions: bool | None = None, output_hidden_states: bool | None = None,
+                return_dict: bool | None = None, **_: Any) -> BaseModelOutputWithPoolingAndCrossAttentions | tuple:
         """query_embeds (B, L, D): the first `query_length` positions are queries (default: all L), the rest
         text. attention_mask: (B, L) keys to keep, or (B, L, L) which key each position may see (training's
         image-grounded generation uses a causal text part). encoder_attention_mask is accepted for compatibility;
         BLIP-2 never masks image tokens."""
+        output_attentions = resolve(output_attentions, self.config, "output_attentions")
+        output_hidden_states = resolve(output_hidden_states, self.config, "output_hidden_states")
+        return_dict = resolve(return_dict, self.config, "return_dict")
         if query_length is None:
             query_length = query_embeds.shape[1]
         mask_dtype = query_embeds.dtype  # the reference takes the mask's min value from the incoming dtype
@@ -160,7 +173,7 @@ class Blip2QFormerModel(PretrainedMixin, nn.Module):
         for layer in self.encoder.layer:
             if output_hidden_states:
                 hidden.append(x)
-            x, w, cw = layer(x, mask, encoder_hidden_states, query_length, output_attentions)
+            x, w, cw = self.encoder.run(layer, x, mask, encoder_hidden_states, query_length, output_attentions)
             attns.append(w)
             if cw is not None:
                 cross.append(cw)

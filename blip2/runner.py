@@ -15,8 +15,11 @@ between tokens when a `stop` callback raises.
 
 from __future__ import annotations
 
+import queue
+import threading
 from collections import Counter
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -28,6 +31,7 @@ from .generation import DEFAULT_NEW_TOKENS, Decoding, text_pieces
 from .images import ImageLike, keyed, unkeyed
 from .prompts import History, Limits, Prompt, chat_texts, fit, lowered
 from .retrieval import Match, Ranked, Retriever, pixel_values
+from .scheduler import Closed, Scheduler
 
 if TYPE_CHECKING:
     from .modeling import Blip2ForConditionalGeneration, Blip2ForImageTextRetrieval
@@ -79,6 +83,31 @@ class TextStream(Generated):
         self.pieces.close()
 
 
+def in_thread(items: Iterator[str], closed: threading.Event) -> Iterator[str]:
+    """`items`, produced in a thread of their own from the first `next()` on, so that a slow consumer never holds up
+    the batch; closing this iterator sets `closed` (the producer stops at its next check). The producer's error is
+    raised here."""
+    handed: queue.Queue = queue.Queue()
+    done = object()
+
+    def produce():
+        try:
+            for item in items:
+                handed.put(item)
+            handed.put(done)
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+            handed.put(e)
+
+    threading.Thread(target=produce, name="blip2-stream", daemon=True).start()
+    try:
+        while (item := handed.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        closed.set()
+
+
 class PrefixCache:
     """Per image, the KV cache of the last prompt (and answer) a decoder computed on it, with the ids it holds; a
     later prompt on the image that starts with the same ids takes it and computes only the rest."""
@@ -88,20 +117,20 @@ class PrefixCache:
         self.stats = stats
 
     def take(self, key: str, ids: torch.Tensor) -> KVCache | None:
-        """A KV cache holding the longest common prefix of `ids` (T,) with what was kept for this image (at least
-        one id is left to compute), or None. The cache is the caller's now."""
-        held = self.held.pop(key)
+        """A copy of the KV cache holding the longest common prefix of `ids` (T,) with what was kept for this image
+        (at least one id is left to compute), or None. What is kept stays for other prompts on the image (several
+        visitors asking about one image at once)."""
+        held = self.held.get(key)
         if held is None:
             return None
         old, cache = held
-        n = min(len(old), len(ids) - 1)
+        n = min(len(old), len(ids) - 1, cache.length)
         same = (old[:n] == ids[:n]).long().cumprod(0).sum().item()
         if same == 0:
             return None
-        cache.crop(same)
         self.stats["prefix_hits"] += 1
         self.stats["prefix_tokens_reused"] += same
-        return cache
+        return cache.prefix(same)
 
     def keep(self, key: str, run: Decoding) -> None:
         """Keep what `run` leaves reusable (Decoding.reusable) for the next prompt on this image."""
@@ -117,6 +146,7 @@ class Captioner:
     def __init__(self, model: Blip2ForConditionalGeneration, processor: Blip2Processor, features: FeatureCache,
                  prefixes: PrefixCache):
         self.model, self.processor, self.features, self.prefixes = model, processor, features, prefixes
+        self.scheduler = Scheduler(model.language_model, lambda pixels: model.get_image_features(pixels).pooler_output)
         cfg = model.config
         # only a decoder-only model whose prompt ids hold the image tokens has a KV cache per prompt id
         self.reuses_prefix = not cfg.is_encoder_decoder and cfg.image_token_index is not None
@@ -124,8 +154,8 @@ class Captioner:
     def image_embeds(self, image: ImageLike) -> tuple[torch.Tensor, str]:
         """(1, Q, D_t) language-model-ready query embeddings of an image, cached by content; and the key."""
         image, m = keyed(image), self.model
-        embeds = self.features.get(("lm", image.key), lambda: m.get_image_features(
-            pixel_values(m, self.processor, image.load())).pooler_output)
+        embeds = self.features.get(("lm", image.key), lambda: self.scheduler.encode(
+            pixel_values(m, self.processor, image.load())))
         return embeds, image.key
 
     # ---- context fitting ---------------------------------------------------------------------------------
@@ -161,40 +191,56 @@ class Captioner:
         placeholders = [cfg.image_token_index] * cfg.num_query_tokens if cfg.image_token_index is not None else []
         return torch.tensor([placeholders + prompt.ids], device=next(self.model.parameters()).device)
 
-    def _start(self, image, texts, decoding: dict) -> tuple[Decoding, str, Prompt]:
-        """Everything before decoding: cached image embeddings, the fitted prompt, the reusable KV cache prefix."""
-        image_embeds, key = self.image_embeds(image)
-        fitted = self.prompt(texts, decoding.get("max_new_tokens") or DEFAULT_NEW_TOKENS)
+    def _start(self, image_embeds: torch.Tensor, fitted: Prompt, decoding: dict, key: str | None) -> Decoding:
+        """A decoding of the fitted prompt on the image in the scheduler's batch, from the reusable KV cache prefix
+        kept for the image `key` (None: none)."""
         ids = self.prompt_ids(fitted)
-        cache = self.prefixes.take(key, ids[0]) if self.reuses_prefix else None
+        cache = self.prefixes.take(key, ids[0]) if key is not None and self.reuses_prefix else None
         with torch.no_grad():
             embeds, mask, input_ids = self.model.generation_inputs(input_ids=ids, image_embeds=image_embeds)
-            run = Decoding(self.model.language_model, embeds, mask, input_ids, cache,
-                           **lowered(decoding, fitted.max_new_tokens))
-        return run, key, fitted
+            return Decoding(self.model.language_model, embeds, mask, input_ids, cache,
+                            stepper=self.scheduler.stepper, **lowered(decoding, fitted.max_new_tokens))
 
-    def _keep(self, key: str, run: Decoding) -> None:
-        if self.reuses_prefix:
-            self.prefixes.keep(key, run)
+    def _fitted(self, texts: Sequence[str], decoding: dict) -> Prompt:
+        return self.prompt(texts, decoding.get("max_new_tokens") or DEFAULT_NEW_TOKENS)
 
     def _texts(self, run: Decoding) -> list[str]:
         new = run.sequences[:, run.prompt.shape[1]:]
         return [t.strip() for t in self.processor.tokenizer.batch_decode(new, skip_special_tokens=True)]
 
-    def _generate(self, image, texts, decoding: dict) -> Generated:
-        run, key, fitted = self._start(image, texts, decoding)
-        with torch.no_grad():
-            run.run()
-        self._keep(key, run)
+    def _finish(self, run: Decoding, key: str | None) -> None:
+        """Keep the prefix for the image's next prompt, and leave the batch."""
+        try:
+            if key is not None and self.reuses_prefix:
+                self.prefixes.keep(key, run)
+        finally:
+            run.close()
+
+    def _generate(self, image_embeds: torch.Tensor, fitted: Prompt, decoding: dict, key: str | None) -> Generated:
+        run = self._start(image_embeds, fitted, decoding, key)
+        try:
+            with torch.no_grad():
+                run.run()
+        finally:
+            self._finish(run, key)
         out = self._texts(run)
         return Generated(out[0], out, fitted)
 
     def _stream(self, image, texts, decoding: dict) -> TextStream:
-        run, key, fitted = self._start(image, texts, decoding)
-        raw = text_pieces(run, self.processor.tokenizer)
+        image_embeds, key = self.image_embeds(image)
+        fitted = self._fitted(texts, decoding)
+        closed, stop = threading.Event(), decoding.get("stop")
 
-        def pieces():  # "".join(pieces) == the stripped text that `ask` returns
-            pending, started = "", False
+        def stop_or_closed():  # between tokens: the consumer went away, or the caller's own stop
+            if closed.is_set():
+                raise Closed("the text stream was closed")
+            if stop is not None:
+                stop()
+
+        run = self._start(image_embeds, fitted, decoding | {"stop": stop_or_closed}, key)
+
+        def pieces():  # "".join(pieces) == the stripped text that `ask` returns; runs in its own thread
+            raw, pending, started = text_pieces(run, self.processor.tokenizer), "", False
             try:
                 for piece in raw:
                     piece = pending + piece if started else piece.lstrip()
@@ -205,14 +251,15 @@ class Captioner:
                         yield body
             finally:  # also when the consumer stops early
                 raw.close()
-                self._keep(key, run)
+                self._finish(run, key)
 
-        return TextStream(pieces(), fitted)
+        return TextStream(in_thread(pieces(), closed), fitted)
 
     def caption(self, image: ImageLike, prompt: str = "", **decoding) -> Generated:
         """Describe an image (optionally continuing `prompt`). `decoding`: generate's settings (`stop`: a callback
         run between tokens that ends the decoding by raising)."""
-        return self._generate(image, [prompt], decoding)
+        image_embeds, key = self.image_embeds(image)
+        return self._generate(image_embeds, self._fitted([prompt], decoding), decoding, key)
 
     def caption_stream(self, image: ImageLike, prompt: str = "", **decoding) -> TextStream:
         """`caption`, its text yielded piece by piece as it is generated."""
@@ -221,38 +268,29 @@ class Captioner:
     def ask(self, image: ImageLike, question: str, history: History = (), **decoding) -> Generated:
         """Answer a question about an image, given the chat so far (a list of (question, answer)); the oldest
         turns are left out when the prompt does not fit (`dropped_turns`)."""
-        return self._generate(image, self.chat_texts(question, history), decoding)
+        image_embeds, key = self.image_embeds(image)
+        return self._generate(image_embeds, self._fitted(self.chat_texts(question, history), decoding), decoding, key)
 
     def ask_stream(self, image: ImageLike, question: str, history: History = (), **decoding) -> TextStream:
         """`ask`, its answer yielded piece by piece as it is generated."""
         return self._stream(image, self.chat_texts(question, history), decoding)
 
     def caption_batch(self, images: Sequence[ImageLike], prompt: str | list[str] = "", **decoding) -> list[Generated]:
-        """Describe several images at once: one vision pass for the batch (nothing cached, nothing hashed), then the
-        language model over every prompt left-padded to the longest. Greedy decoding and beam search give what
-        `caption` gives each image alone; sampling draws the whole batch from one generator. Returns one Generated
-        per image."""
+        """Describe several images at once: each a request of the scheduler's batch (the images encoded together,
+        nothing cached, nothing hashed), so each gets what `caption` gives it alone (sampling: with `seed`, the
+        caption `caption` draws with that seed). Returns one Generated per image."""
         images = [unkeyed(i) for i in images]
         prompts = [prompt] * len(images) if isinstance(prompt, str) else list(prompt)
         if len(prompts) != len(images):
             raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
-        if not images:
-            return []
-        m, new_tokens = self.model, decoding.get("max_new_tokens") or DEFAULT_NEW_TOKENS
-        fits = [self.prompt([p], new_tokens) for p in prompts]
-        decoding = lowered(decoding, min(f.max_new_tokens for f in fits))  # the batch shares one length
-        rows = [self.prompt_ids(f) for f in fits]  # (1, T_i) each
-        width = max(r.shape[1] for r in rows)
-        pad = self.processor.tokenizer.pad_token_id or 0
-        ids = torch.cat([torch.nn.functional.pad(r, (width - r.shape[1], 0), value=pad) for r in rows])
-        mask = torch.stack([torch.arange(width, device=ids.device) >= width - r.shape[1] for r in rows]).long()
-        with torch.inference_mode():
-            embeds = m.get_image_features(pixel_values(m, self.processor, images)).pooler_output  # (B, Q, D_t)
-            run = Decoding(m.language_model, *m.generation_inputs(input_ids=ids, attention_mask=mask,
-                                                                  image_embeds=embeds), **decoding)
-            run.run()
-        texts, n = self._texts(run), run.cfg.num_return_sequences  # (B * n,)
-        return [Generated(texts[i * n], texts[i * n:(i + 1) * n], f) for i, f in enumerate(fits)]
+        fits = [self._fitted([p], decoding) for p in prompts]
+
+        def one(image, fitted):
+            embeds = self.scheduler.encode(pixel_values(self.model, self.processor, [image]))
+            return self._generate(embeds, fitted, decoding, None)
+
+        with ThreadPoolExecutor(max(len(images), 1), thread_name_prefix="blip2-caption") as pool:
+            return list(pool.map(one, images, fits))
 
 
 class Blip2Runner:

@@ -10,7 +10,17 @@ from torch import Tensor
 
 from .cache import KVCache
 from .config import T5Config
-from .ops import BaseModelOutput, Linear, Seq2SeqLMOutput, activation, attention, causal_mask, padding_mask
+from .ops import (
+    BaseModelOutput,
+    CheckpointedLayers,
+    Linear,
+    Seq2SeqLMOutput,
+    activation,
+    attention,
+    causal_mask,
+    padding_mask,
+    resolve,
+)
 
 
 class T5LayerNorm(nn.Module):
@@ -55,6 +65,7 @@ class T5Attention(nn.Module):
         self.k = Linear(config.d_model, inner, bias=False)
         self.v = Linear(config.d_model, inner, bias=False)
         self.o = Linear(inner, config.d_model, bias=False)
+        self.eager = False  # attn_implementation="eager" (PretrainedMixin.set_attn_implementation)
         if has_relative_attention_bias:
             self.relative_attention_bias = nn.Embedding(self.num_buckets, config.num_heads)
 
@@ -81,7 +92,7 @@ class T5Attention(nn.Module):
             k, v = self.heads(self.k(context)), self.heads(self.v(context))
             if cache is not None:
                 cache.cross[layer] = (k, v)
-        out, w = attention(q, k, v, bias, scale=1.0, need_weights=need_weights)  # T5 does not scale
+        out, w = attention(q, k, v, bias, scale=1.0, need_weights=need_weights, eager=self.eager)  # T5: no scale
         return self.o(out), w
 
 
@@ -171,7 +182,7 @@ class T5Block(nn.Module):
         return clamp_fp16(self.layer[-1](x)), w, cw
 
 
-class T5Stack(nn.Module):
+class T5Stack(CheckpointedLayers, nn.Module):
     def __init__(self, config: T5Config, embed_tokens: nn.Embedding, is_decoder: bool):
         super().__init__()
         self.is_decoder = is_decoder
@@ -206,7 +217,9 @@ class T5Stack(nn.Module):
         for i, block in enumerate(self.block):
             if output_hidden_states:
                 hidden.append(x)
-            x, w, cw = block(x, bias, encoder_hidden_states, context_mask, cache, i, output_attentions)
+            x, w, cw = block(x, bias, encoder_hidden_states, context_mask, cache, i, output_attentions) \
+                if cache is not None else \
+                self.run(block, x, bias, encoder_hidden_states, context_mask, cache, i, output_attentions)
             attns.append(w)
             cross.append(cw)
         if cache is not None:
@@ -236,6 +249,9 @@ class T5ForConditionalGeneration(nn.Module):
     def get_input_embeddings(self) -> nn.Embedding:
         return self.shared
 
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
     def get_encoder(self) -> T5Stack:
         return self.encoder
 
@@ -263,8 +279,12 @@ class T5ForConditionalGeneration(nn.Module):
                 decoder_input_ids: Tensor | None = None, decoder_attention_mask: Tensor | None = None,
                 encoder_outputs: BaseModelOutput | tuple | None = None, inputs_embeds: Tensor | None = None,
                 labels: Tensor | None = None, past_key_values: KVCache | None = None, use_cache: bool = False,
-                output_attentions: bool = False, output_hidden_states: bool = False, return_dict: bool = True,
-                **_: Any) -> Seq2SeqLMOutput | tuple:
+                output_attentions: bool | None = None, output_hidden_states: bool | None = None,
+                return_dict: bool | None = None, **_: Any) -> Seq2SeqLMOutput | tuple:
+        """output_attentions / output_hidden_states / return_dict: None takes the config's setting."""
+        output_attentions = resolve(output_attentions, self.config, "output_attentions")
+        output_hidden_states = resolve(output_hidden_states, self.config, "output_hidden_states")
+        return_dict = resolve(return_dict, self.config, "return_dict")
         if encoder_outputs is None:
             encoder_outputs = self.encoder(input_ids, attention_mask, inputs_embeds,
                                            output_attentions=output_attentions,

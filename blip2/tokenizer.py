@@ -14,6 +14,7 @@ import torch
 from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
 from .features import BatchFeature, dump_json, load_json
+from .io.hub import PROCESSOR_FILES, resolve_checkpoint
 
 VERY_LARGE_INTEGER = int(1e30)  # model_max_length of a tokenizer without a limit
 LARGE_INTEGER = int(1e20)
@@ -169,9 +170,12 @@ class Blip2Tokenizer:
             self.backend.post_processor = processors.TemplateProcessing(**template)
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike) -> "Blip2Tokenizer":
+    def from_pretrained(cls, directory: str | os.PathLike, **hub_kwargs: Any) -> "Blip2Tokenizer":
         """Read tokenizer.json (or vocab.json + merges.txt, or vocab.txt) and tokenizer_config.json,
-        special_tokens_map.json and added_tokens.json the way transformers 5.24 does."""
+        special_tokens_map.json and added_tokens.json the way transformers 5.24 does, from a directory or a hub id
+        (revision=, cache_dir=, token=, local_files_only=; only the tokenizer files are fetched)."""
+        directory = resolve_checkpoint(directory, allow_patterns=PROCESSOR_FILES, **hub_kwargs)
+
         def path(name):
             return os.path.join(directory, name)
         config = load_json(path("tokenizer_config.json"), {})

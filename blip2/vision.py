@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .config import Blip2VisionConfig
-from .ops import BaseModelOutputWithPooling, activation, attention
+from .ops import BaseModelOutputWithPooling, CheckpointedLayers, activation, attention, resolve
 from .pretrained import PretrainedMixin
 
 
@@ -53,11 +53,12 @@ class Blip2Attention(nn.Module):
         self.num_heads = config.num_attention_heads
         self.qkv = nn.Linear(d, 3 * d, bias=config.qkv_bias)  # rows [q | k | v]; bias = [q_bias, 0, v_bias]
         self.projection = nn.Linear(d, d)
+        self.eager = False  # attn_implementation="eager" (PretrainedMixin.set_attn_implementation)
 
     def forward(self, x: Tensor, need_weights: bool = False) -> tuple[Tensor, Tensor | None]:
         b, t, d = x.shape
         q, k, v = self.qkv(x).view(b, t, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
-        out, w = attention(q, k, v, need_weights=need_weights)
+        out, w = attention(q, k, v, need_weights=need_weights, eager=self.eager)
         return self.projection(out), w
 
 
@@ -86,7 +87,7 @@ class Blip2EncoderLayer(nn.Module):
         return x + self.mlp(self.layer_norm2(x)), w
 
 
-class Blip2Encoder(nn.Module):
+class Blip2Encoder(CheckpointedLayers, nn.Module):
     def __init__(self, config: Blip2VisionConfig):
         super().__init__()
         self.layers = nn.ModuleList(Blip2EncoderLayer(config) for _ in range(config.num_hidden_layers))
@@ -102,17 +103,25 @@ class Blip2VisionModel(PretrainedMixin, nn.Module):
         self.embeddings = Blip2VisionEmbeddings(config)
         self.encoder = Blip2Encoder(config)
         self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.init_switches()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.embeddings
 
     def forward(self, pixel_values: Tensor | None = None, interpolate_pos_encoding: bool = False,
-                output_attentions: bool = False, output_hidden_states: bool = False, return_dict: bool = True,
-                **_: Any) -> BaseModelOutputWithPooling | tuple:
+                output_attentions: bool | None = None, output_hidden_states: bool | None = None,
+                return_dict: bool | None = None, **_: Any) -> BaseModelOutputWithPooling | tuple:
+        """output_attentions / output_hidden_states / return_dict: None takes the config's setting."""
         check_pixel_values(pixel_values, self.config)
+        output_attentions = resolve(output_attentions, self.config, "output_attentions")
+        output_hidden_states = resolve(output_hidden_states, self.config, "output_hidden_states")
+        return_dict = resolve(return_dict, self.config, "return_dict")
         x = self.embeddings(pixel_values, interpolate_pos_encoding)  # (B, 1 + N, D)
         hidden, attns = [], []
         for layer in self.encoder.layers:
             if output_hidden_states:
                 hidden.append(x)
-            x, w = layer(x, output_attentions)
+            x, w = self.encoder.run(layer, x, output_attentions)
             attns.append(w)
         if output_hidden_states:
             hidden.append(x)

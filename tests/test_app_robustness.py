@@ -199,7 +199,7 @@ def test_queue_is_bounded(svc, server, scene_path):
     client = server.client()
     jobs = []
     try:
-        for _ in range(svc.limits.queue_size + 3):
+        for _ in range(svc.limits.queue_size + svc.limits.concurrency + 3):  # those running, then the queue
             jobs.append(client.submit(handle_file(scene_path), "", "beam search", 1, 1.0, 0.9, 50, 40, 40, 1.0, 1.0,
                                       1, api_name="/caption"))
         full = []
