@@ -9,10 +9,13 @@ dense_act_fn="gelu", the retrieval Q-Former's vocabulary of 30523 with its text 
 
 write_checkpoint(name, path): random N(0, 0.02) weights (layer norms 1, biases 0) in bf16 safetensors shards of
 2 GB in the Hugging Face layout, never more than one shard in memory, into path.tmp renamed when complete.
-Loadable by blip2 and by transformers alike.
+Loadable by blip2 and by transformers alike. weights=False writes the same files with every tensor's bytes left as
+a hole (a sparse file: headers only on disk), for what reads only the headers (blip2.memory_report, the app's
+memory check).
 """
 
 import json
+import math
 import os
 
 SHARD = 2 * 10**9
@@ -63,9 +66,9 @@ def is_written(path: str) -> bool:
     return os.path.isfile(os.path.join(path, "model.safetensors.index.json"))
 
 
-def write_checkpoint(name: str, path: str) -> str:
+def write_checkpoint(name: str, path: str, weights: bool = True) -> str:
     """Write Salesforce/blip2-{name}'s architecture with random weights once (into path.tmp, renamed when
-    complete), one shard at a time. Returns path."""
+    complete), one shard at a time; weights=False: headers only (sparse shards). Returns path."""
     if is_written(path):
         return path
     import torch
@@ -92,6 +95,10 @@ def write_checkpoint(name: str, path: str) -> str:
     weight_map, total = {}, 0
     for i, keys in enumerate(groups, 1):
         shard = f"model-{i:05d}-of-{len(groups):05d}.safetensors"
+        if not weights:
+            weight_map |= dict.fromkeys(keys, shard)
+            total += write_header(os.path.join(tmp, shard), {k: shapes[k] for k in keys})
+            continue
         tensors = {}
         for key in keys:
             t = torch.empty(shapes[key], dtype=torch.bfloat16)
@@ -113,3 +120,19 @@ def write_checkpoint(name: str, path: str) -> str:
         json.dump({**config, "torch_dtype": "bfloat16"}, f, indent=1)
     os.rename(tmp, path)
     return path
+
+
+def write_header(file: str, shapes: dict) -> int:
+    """A bf16 safetensors file whose tensors' bytes are a hole (sparse): the header, then the data's size. Returns
+    the data's bytes."""
+    header, offset = {}, 0
+    for key, shape in shapes.items():
+        n = 2 * math.prod(shape)
+        header[key] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    text = json.dumps({"__metadata__": {"format": "pt"}, **header}).encode()
+    text += b" " * (-len(text) % 8)
+    with open(file, "wb") as f:
+        f.write(len(text).to_bytes(8, "little") + text)
+        f.truncate(8 + len(text) + offset)
+    return offset
