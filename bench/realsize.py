@@ -150,6 +150,11 @@ def child(name: str, model_name: str, path: str, saved: str, tokens: int, vqa_to
         logits = model(pixel_values=pixels, input_ids=caption_ids, **kw).logits[0, -1].float()
     torch.save(logits, os.path.join(out, f"logits-{model_name}-{name}.pt"))
     qc = (model.config.extra if lib != "hf" else {}).get("quantization_config") or {}
+    with torch.no_grad():  # the 32 query outputs the language model reads, for the vision tower's precision
+        features = model.get_image_features(pixels)
+    features = getattr(features, "pooler_output", features)
+    torch.save({"features": features.float(), "vision": bool(qc.get("include_vision"))},
+               os.path.join(out, f"features-{model_name}-{name}.pt"))
     if name == "blip2-int4" and saved_layout(saved) != qc["int4_layout"]:
         shutil.rmtree(saved, ignore_errors=True)  # none yet, or packed for the other kernel
         model.save_pretrained(saved + ".tmp", max_shard_size="2GB")
@@ -385,10 +390,30 @@ def report(model_name, results, names, args):
     if "ids" in a and "ids" in b:
         same = "yes" if a["ids"] == b["ids"] else "NO"
         print(f"\nthe saved int4 copy generates the same ids as the int4 model: {same}")
+    features_report(model_name, args.cache)
     hf = best.get("hf-bf16")
     if hf and "error" not in hf:
         print("\ncaption speed-up over transformers bf16: " + ", ".join(
             f"{n} {hf['warm'] / best[n]['warm']:.2f}x" for n in names if "error" not in best[n]))
+
+
+def features_report(model_name: str, cache: str) -> None:
+    """The query features (what the language model reads of the image) of every run so far, for this checkpoint,
+    whose vision tower was quantized, against those of every run whose vision tower stayed bf16."""
+    import glob
+
+    import torch
+
+    runs = {os.path.basename(f)[len(f"features-{model_name}-"):-3]: torch.load(f)
+            for f in sorted(glob.glob(os.path.join(cache, f"features-{model_name}-*.pt")))}
+    for name, r in runs.items():
+        if r["vision"]:
+            for ref_name, ref in runs.items():
+                if not ref["vision"]:
+                    a, b = r["features"].flatten(), ref["features"].flatten()
+                    print(f"\nquery features, {name} (vision tower quantized) vs {ref_name} (bf16): relative error "
+                          f"{((a - b).norm() / b.norm()).item():.4f}, cosine "
+                          f"{torch.nn.functional.cosine_similarity(a, b, 0).item():.4f}")
 
 
 if __name__ == "__main__":
