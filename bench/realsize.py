@@ -21,7 +21,8 @@ an AMD EPYC), so that the vision tower's precision is decided as on such a CPU; 
 output `wo` in bf16. transformers bf16 runs only where the checkpoint fits in 16 GB with 1 GB to spare.
 A floors process measures in the same run the read bandwidth (sum of a 1 GiB float32 tensor) and the bf16 matmul
 throughput; the floors: encode FLOPs / matmul rate, the prompt's FLOPs / matmul rate, a decoding step's weight
-bytes / bandwidth. The CPUs may be shared: the load average and free memory are printed beside every figure.
+bytes / bandwidth. The CPUs may be shared: the load average and free memory are printed beside every figure, and
+the children's OpenMP threads wait passively (WAIT_POLICY below).
 """
 
 import argparse
@@ -49,6 +50,11 @@ RUNS = {  # name -> (library, quantization, environment)
     "blip2-int4-noamx-vision-bf16": ("blip2", {"bits": 4, "include_vision": False}, NO_AMX),
     "hf-bf16": ("hf", None, {}), "hf-8bit": ("hf", "8bit", {})}
 DEFAULT_RUNS = "blip2-int4,blip2-int4-saved,hf-bf16"
+# OpenMP threads that wait passively (sleep at once) rather than spin: on a machine whose other processes keep its
+# cores busy, a spinning thread spends its time slice waiting for a descheduled peer at every parallel region (200+
+# per decoding step), and a 2-thread decoding step ran ~10x slower (64 int4 2560 x 2560 matmuls at 1 row, load 7-10
+# on 2 cores: 81-214 ms spinning, 20.6 passive, 24.9 on 1 thread). $OMP_WAIT_POLICY, where set, wins.
+WAIT_POLICY = "PASSIVE"
 FITS = 16e9 - 1e9  # a bf16 checkpoint transformers runs here: its bytes plus 1 GB of activations and runtime
 QUESTION = list(range(1000, 1012))  # 12 token ids: "Question: what is in the picture? Answer:"-sized
 GENERATION_ONLY = "the bench times image-to-text checkpoints; {} has no language model (its vision tower and " \
@@ -255,6 +261,7 @@ def kernels(threads: int, repeat: int = 15):
 
 def run(env: dict, *args) -> dict:
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error", TQDM_DISABLE="1", **env)
+    env.setdefault("OMP_WAIT_POLICY", WAIT_POLICY)
     p = subprocess.run([sys.executable, "-m", "bench.realsize", *args], env=env, capture_output=True, text=True,
                        cwd=ROOT)
     line = next((ln for ln in reversed(p.stdout.splitlines()) if ln.startswith("{")), None)
@@ -314,7 +321,8 @@ def main(argv=None):
 
 def bench_model(model: str, names: list[str], args) -> None:
     path, saved = (os.path.join(args.cache, f"blip2-{model}-{kind}") for kind in ("random", "int4"))
-    print(f"\n## {model}: checkpoint {write_checkpoint(model, path)} ({machine()})", flush=True)
+    print(f"\n## {model}: checkpoint {write_checkpoint(model, path)} ({machine()}; OMP_WAIT_POLICY="
+          f"{os.environ.get('OMP_WAIT_POLICY', WAIT_POLICY)})", flush=True)
     if "blip2-int4-saved" in names and not os.path.isdir(saved) and "blip2-int4" not in names:
         names.insert(0, "blip2-int4")  # it writes the saved copy
     too_big = bf16_bytes(path) > FITS
