@@ -14,7 +14,8 @@ Each setting runs in a fresh process (its peak resident memory, VmHWM, is its ow
 interleaved A B C A B C so that the neighbours' load hits them alike: load (and VmHWM right after it: the peak while
 quantizing), first caption, warm caption (greedy, `--tokens` new tokens, forced with min_new_tokens), a VQA answer
 (a 12-token question, `--vqa-tokens` new tokens), encode (vision + Q-Former + projection), decode seconds per token
-((caption - a 1-token caption) / (tokens - 1)), the last prompt position's logits relative to blip2 bf16's (when
+(the median time between two new tokens of the captions, timed by a streamer: a burst of load on a shared machine
+moves the median little), the last prompt position's logits relative to blip2 bf16's (when
 that ran). "blip2-int4-saved" reloads the int4 copy that the blip2-int4 run saved; "-aten" runs int4 on PyTorch's
 kernel; "-noamx" keeps oneDNN off AMX (ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16: AVX-512 with bf16 dot products, as on
 an AMD EPYC), so that the vision tower's precision is decided as on such a CPU; "-wo-bf16" keeps T5's feed-forward
@@ -139,16 +140,19 @@ def child(name: str, model_name: str, path: str, saved: str, tokens: int, vqa_to
     pixels = torch.randn(1, 3, side, side, generator=torch.Generator().manual_seed(0)).bfloat16()
     caption_ids, vqa_ids = (torch.tensor([ids]) for ids in prompts(config))
 
+    clocks = []
+
     def generate(ids, n):
+        clocks.append(Clock())
         with torch.no_grad():
             return model.generate(pixel_values=pixels, input_ids=ids, attention_mask=torch.ones_like(ids),
-                                  max_new_tokens=n, min_new_tokens=n, do_sample=False)
+                                  max_new_tokens=n, min_new_tokens=n, do_sample=False, streamer=clocks[-1])
 
     t = time.perf_counter()
     first_ids = generate(caption_ids, tokens)
     first = time.perf_counter() - t
     warm = best_time(lambda: generate(caption_ids, tokens), best_of)
-    one = best_time(lambda: generate(caption_ids, 1), best_of)
+    steps = [b - a for c in clocks for a, b in zip(c.times[1:], c.times[2:])]  # each new token after the first
     vqa = best_time(lambda: generate(vqa_ids, vqa_tokens), best_of)
     with torch.no_grad():
         encode = best_time(lambda: model.get_image_features(pixels), best_of)
@@ -166,10 +170,24 @@ def child(name: str, model_name: str, path: str, saved: str, tokens: int, vqa_to
         model.save_pretrained(saved + ".tmp", max_shard_size="2GB")
         os.rename(saved + ".tmp", saved)
     prompt = caption_ids.shape[1] if not model.config.is_encoder_decoder else 0
-    return dict(name=name, load_s=load_s, load_rss=load_rss, load_hwm=load_hwm, first=first, warm=warm, one=one,
-                vqa=vqa, encode=encode, decode=(warm - one) / max(tokens - 1, 1), hwm=status("VmHWM"),
+    return dict(name=name, load_s=load_s, load_rss=load_rss, load_hwm=load_hwm, first=first, warm=warm,
+                vqa=vqa, encode=encode, decode=statistics.median(steps), hwm=status("VmHWM"),
                 rss=status("VmRSS"), stream=stream_bytes(model.language_model), vision=qc.get("include_vision"),
                 ids=first_ids[0, prompt:].tolist())
+
+
+class Clock:
+    """A streamer (the Hugging Face protocol both libraries call) that notes the time of each put: the prompt's ids,
+    then every new token."""
+
+    def __init__(self):
+        self.times = []
+
+    def put(self, _ids) -> None:
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
 
 
 def saved_layout(saved: str) -> int | None:
