@@ -441,6 +441,8 @@ def plan_config(quantization: Any, raw: dict) -> tuple["WeightOnlyConfig | None"
     """
     qc = (raw or {}).get("quantization_config")
     saved = WeightOnlyConfig.coerce(qc) if isinstance(qc, dict) and qc.get("quant_method") == METHOD else None
+    if saved and "modules_to_not_convert" not in qc:  # saved before T5's wo was quantized: it is float in the file
+        saved = replace(saved, modules_to_not_convert=("wo",))
     asked = WeightOnlyConfig.coerce(quantization)
     if saved and asked and replace(asked, include_vision=saved.include_vision) != saved:
         raise QuantizationError(f"this checkpoint was saved quantized {saved.name} (group size {saved.group_size}); "

@@ -126,3 +126,17 @@ def test_t5_int4_generation_is_stable_where_float16_overflows(t5_64):
 
     print(f"logits rel. err. vs bf16: wo int4 {err(out):.3f}, wo bf16 {err(logits(kept, steps)):.3f}")
     assert err(out) < 1.3 * err(logits(kept, steps))
+
+
+def test_a_t5_int4_copy_saved_before_wo_was_quantized_loads(t5_64, tmp_path):
+    """Such a copy has `wo` in bf16 and no modules_to_not_convert in its config.json: it loads with `wo` as saved."""
+    kept = Blip2ForConditionalGeneration.from_pretrained(t5_64, dtype=torch.bfloat16, quantization={
+        "bits": 4, "modules_to_not_convert": ["wo"]})
+    ids = generate(kept)
+    kept.save_pretrained(tmp_path)
+    config = json.load(open(tmp_path / "config.json"))
+    del config["quantization_config"]["modules_to_not_convert"]
+    json.dump(config, open(tmp_path / "config.json", "w"))
+    again = Blip2ForConditionalGeneration.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    assert type(again.language_model.encoder.block[0].layer[1].DenseReluDense.wo) is not WeightOnlyLinear
+    assert torch.equal(generate(again), ids)
