@@ -15,7 +15,8 @@ interleaved A B C A B C so that the neighbours' load hits them alike: load (and 
 quantizing), first caption, warm caption (greedy, `--tokens` new tokens, forced with min_new_tokens), a VQA answer
 (a 12-token question, `--vqa-tokens` new tokens), encode (vision + Q-Former + projection), decode seconds per token
 (the median time between two new tokens of the captions, timed by a streamer: a burst of load on a shared machine
-moves the median little), the last prompt position's logits relative to blip2 bf16's (when
+moves the median little; beside it this process's CPU seconds per token / threads, what a quiet machine
+would take with both threads busy), the last prompt position's logits relative to blip2 bf16's (when
 that ran). "blip2-int4-saved" reloads the int4 copy that the blip2-int4 run saved; "-aten" runs int4 on PyTorch's
 kernel; "-noamx" keeps oneDNN off AMX (ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16: AVX-512 with bf16 dot products, as on
 an AMD EPYC), so that the vision tower's precision is decided as on such a CPU; "-wo-bf16" keeps T5's feed-forward
@@ -151,8 +152,11 @@ def child(name: str, model_name: str, path: str, saved: str, tokens: int, vqa_to
     t = time.perf_counter()
     first_ids = generate(caption_ids, tokens)
     first = time.perf_counter() - t
+    cpu = time.process_time()
     warm = best_time(lambda: generate(caption_ids, tokens), best_of)
+    warm_cpu = (time.process_time() - cpu) / best_of / threads
     steps = [b - a for c in clocks for a, b in zip(c.times[1:], c.times[2:])]  # each new token after the first
+    steps_cpu = [b - a for c in clocks for a, b in zip(c.cpu[1:], c.cpu[2:])]
     vqa = best_time(lambda: generate(vqa_ids, vqa_tokens), best_of)
     with torch.no_grad():
         encode = best_time(lambda: model.get_image_features(pixels), best_of)
@@ -171,7 +175,8 @@ def child(name: str, model_name: str, path: str, saved: str, tokens: int, vqa_to
         os.rename(saved + ".tmp", saved)
     prompt = caption_ids.shape[1] if not model.config.is_encoder_decoder else 0
     return dict(name=name, load_s=load_s, load_rss=load_rss, load_hwm=load_hwm, first=first, warm=warm,
-                vqa=vqa, encode=encode, decode=statistics.median(steps), hwm=status("VmHWM"),
+                vqa=vqa, encode=encode, decode=statistics.median(steps), warm_cpu=warm_cpu,
+                decode_cpu=statistics.median(steps_cpu) / threads, hwm=status("VmHWM"),
                 rss=status("VmRSS"), stream=stream_bytes(model.language_model), vision=qc.get("include_vision"),
                 ids=first_ids[0, prompt:].tolist())
 
@@ -181,10 +186,11 @@ class Clock:
     then every new token."""
 
     def __init__(self):
-        self.times = []
+        self.times, self.cpu = [], []  # wall-clock and this process's CPU seconds
 
     def put(self, _ids) -> None:
         self.times.append(time.perf_counter())
+        self.cpu.append(time.process_time())
 
     def end(self) -> None:
         pass
@@ -393,9 +399,9 @@ def report(model_name, results, names, args):
           f"{max(r['bandwidth_best'] for r in fl) / 1e9:.1f}), bf16 matmul {flops / 1e9:.0f} GFLOP/s; encode "
           f"{encode_gflop:.1f} GFLOP -> {enc_floor:.2f} s, {len(caption_ids)}-token prompt {prompt_gflop:.0f} "
           f"GFLOP -> {prompt_floor:.2f} s")
-    print(f"| setting | load s | peak RSS while loading | first caption | {args.tokens}-token caption | VQA answer | "
-          f"encode | decode / token | decode floor | x floor | caption floor | peak RSS (VmHWM) | logits rel. err. "
-          f"vs blip2 bf16 | vision |")
+    print(f"| setting | load s | peak RSS while loading | first caption | {args.tokens}-token caption (CPU s / "
+          f"threads) | VQA answer | encode | decode / token (CPU s / threads) | decode floor | x floor | caption floor "
+          f"| peak RSS (VmHWM) | logits rel. err. vs blip2 bf16 | vision |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name in names:
         r = best[name]
@@ -411,8 +417,10 @@ def report(model_name, results, names, args):
             err = f"{((lg - ref).norm() / ref.norm()).item():.4f}"
         vision = {True: "int (blip2's kernels)", False: "bf16", None: "bf16"}[r["vision"]] if \
             RUNS[name][0] != "hf" else "bf16"
+        cpu = (f" ({r['warm_cpu']:.2f} s)", f" ({r['decode_cpu']:.3f} s)") if "warm_cpu" in r else ("", "")
         print(f"| {name} | {r['load_s']:.1f} s | {r['load_hwm'] / gib:.2f} GiB | {r['first']:.2f} s | "
-              f"{r['warm']:.2f} s | {r['vqa']:.2f} s | {r['encode']:.2f} s | {r['decode']:.3f} s | {floor:.3f} s "
+              f"{r['warm']:.2f} s{cpu[0]} | {r['vqa']:.2f} s | {r['encode']:.2f} s | {r['decode']:.3f} s{cpu[1]} | "
+              f"{floor:.3f} s "
               f"({r['stream'] / 1e9:.2f} GB) | {r['decode'] / floor:.2f}x | {cap_floor:.2f} s | "
               f"{r['hwm'] / gib:.2f} GiB | {err} | {vision} |")
     a, b = best.get("blip2-int4", {}), best.get("blip2-int4-saved", {})
