@@ -18,9 +18,10 @@ activations are bf16 / float32, quantized per row and group with float32 scales,
 tests/test_t5_int4.py feeds it activations beyond float16's range). `modules_to_not_convert` keeps layers by name
 (a name component such as "wo", or a module path), as transformers' option of that name does.
 The vision tower, the Q-Former and language_projection (include_vision): by default (None) decided at load for this
-CPU by timing one ViT-g matrix at the vision tower's 257 rows in the model's dtype against these kernels
-(vision_prefers_int): a CPU with AMX runs bf16 faster and keeps it, one without (AVX-512 / AVX2 only) runs the
-kernels faster; the log says which and the times. True / False force it. A saved copy records what was done.
+CPU by timing the vision tower's own MLP matrix at its rows (ViT-g: 6144 x 1408, 257 rows) in the model's dtype
+against these kernels (vision_prefers_int): a CPU with AMX runs bf16 faster and keeps it, one without (AVX-512 /
+AVX2 only) runs the kernels faster; the log says which and the times. True / False force it. A saved copy records
+what was done.
 A layer int4 cannot take (out_features not a multiple of 16, in_features not a multiple of the group size)
 falls back to int8 per channel: `WeightOnlyConfig.fallbacks` lists them.
 
@@ -382,10 +383,11 @@ def vision_prefers_int(n: int, k: int, m: int, bits: int, group_size: int, dtype
     fp, qt = (min(v[1:]) * 1e3 for v in times.values())
     wins = qt <= FASTER * fp
     try:
-        flags = set(next(ln for ln in open("/proc/cpuinfo") if ln.startswith("flags")).split())
-    except (OSError, StopIteration):
-        flags = set()
-    cpu = ("AMX" if "amx_bf16" in flags else "no AMX") + (f", ONEDNN_MAX_CPU_ISA={os.environ['ONEDNN_MAX_CPU_ISA']}"
+        with open("/proc/cpuinfo") as f:
+            amx = any(ln.startswith("flags") and " amx_bf16" in ln for ln in f)
+    except OSError:
+        amx = False
+    cpu = ("AMX" if amx else "no AMX") + (f", ONEDNN_MAX_CPU_ISA={os.environ['ONEDNN_MAX_CPU_ISA']}"
                                                           if os.environ.get("ONEDNN_MAX_CPU_ISA") else "")
     log.info("vision tower and Q-Former: %s (its %d x %d MLP matrix at %d rows: %s %.1f ms, int%d %.1f ms; %s)",
              f"int{bits} on blip2's kernels" if wins else f"kept in {str(dtype).removeprefix('torch.')}", n, k, m,
