@@ -332,9 +332,22 @@ class Registry:
         if need > free:
             where = "GPU " if self.device != "cpu" else ""
             how = self.settings.quantize or dtype
-            raise RequestError(f"{c.key} needs about {need / 2**30:.1f} GB of {where}memory ({how}), but only "
-                               f"{free / 2**30:.1f} GB is free; still serving the model loaded before (try "
-                               "--quantize int4 on a CPU, or --dtype float16 / --quantize 8bit on a GPU)")
+            said = (f"{c.key} needs about {need / 2**30:.1f} GB of {where}memory ({how}), but only "
+                    f"{free / 2**30:.1f} GB is free; still serving the model loaded before")
+            int4 = self._int4_bytes(cls, source) if self.device == "cpu" and how != "int4" else None
+            if int4 is not None and int4 <= free:
+                raise RequestError(f"{said}. In int4 it needs about {int4 / 2**30:.1f} GB, which fits: start the "
+                                   "app with --quantize int4 (BLIP2_QUANTIZE=int4)")
+            raise RequestError(f"{said} (try --quantize int4 on a CPU, or --dtype float16 / --quantize 8bit on a "
+                               "GPU)")
+
+    def _int4_bytes(self, cls: type, source: str) -> int | None:
+        """The model's bytes in bfloat16 with weight-only int4 (--quantize int4), None when that cannot be known."""
+        try:
+            return memory_report(source, cls, dtype="bfloat16", device="cpu", quantization="int4_weight_only").total
+        except Exception as e:  # noqa: BLE001 -- only the advice is lost
+            log.info("no int4 estimate for %s: %s: %s", source, type(e).__name__, e)
+            return None
 
     def warm_up(self) -> None:
         """Load the startup models (called before the server starts)."""

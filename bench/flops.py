@@ -29,10 +29,26 @@ def encode_flops(model: Blip2ForConditionalGeneration) -> int:
 
 
 def prompt_flops(model: Blip2ForConditionalGeneration, tokens: int) -> int:
-    """The OPT language model's first generation step over a prompt of `tokens` embeddings: every decoder layer,
-    then the logits of the last position. The layers are run one by one because OPTDecoder.forward checks the
-    positions' values, which a meta tensor does not hold (the position embedding it adds costs no FLOPs)."""
+    """The language model's first generation step over a prompt of `tokens` embeddings. OPT: every decoder layer,
+    then the logits of the last position (the layers run one by one because OPTDecoder.forward checks the
+    positions' values, which a meta tensor does not hold; the position embedding it adds costs no FLOPs). T5: the
+    encoder over the prompt, then one decoder step (with the cross-attention's keys and values) and its logits."""
     lm = model.language_model
+    if model.config.is_encoder_decoder:
+        x = torch.empty(1, tokens, lm.config.d_model, device=model.device, dtype=model.dtype)
+        start = torch.zeros(1, 1, dtype=torch.long, device=x.device)
+
+        def stack(blocks, h, context):  # block by block: T5Stack.forward checks the mask's values
+            bias = blocks.block[0].layer[0].SelfAttention.position_bias(h.shape[1], h.shape[1], h.device)
+            for i, block in enumerate(blocks.block):
+                h = block(h, bias, context, None, None, i, False)[0]
+            return blocks.final_layer_norm(h)
+
+        def run():
+            context = stack(lm.encoder, x, None)
+            lm.lm_head(stack(lm.decoder, lm.shared(start), context))
+
+        return counted(run)
     decoder = lm.model.decoder
     x = torch.empty(1, tokens, lm.config.word_embed_proj_dim, device=model.device, dtype=model.dtype)
     mask = causal_mask(torch.ones(1, tokens, dtype=torch.long, device=x.device), tokens, x.dtype)

@@ -1,25 +1,30 @@
-"""The real size on a small CPU: blip2-opt-2.7b's exact architecture with random weights, bf16 / int8 / int4.
+"""The real sizes on a small CPU: each Salesforce BLIP-2 checkpoint's exact architecture with random weights.
 
-    python -m bench.realsize                      # every setting, 2 rounds (about 17 min on 2 cores)
-    python -m bench.realsize --runs blip2-int4,hf-bf16 --repeat 1 --tokens 10   # a quick look
-    python -m bench.realsize --cache DIR          # where the 7.5 GB checkpoint is written once
+    python -m bench.realsize --model opt-2.7b     # blip2 int4 (quantized while loading), its saved copy, transformers
+    python -m bench.realsize --model opt-2.7b,opt-6.7b,flan-t5-xl,flan-t5-xxl      # the README's table
+    python -m bench.realsize --model opt-2.7b --runs blip2-int4-noamx,blip2-int4-noamx-vision-bf16   # no AMX
+    python -m bench.realsize --cache DIR          # where the checkpoints (7.5-24 GB each) are written once
     python -m bench.realsize --kernels            # only the int8 / int4 kernels against bf16, per row count
 
-The checkpoint: the Hub config.json of Salesforce/blip2-opt-2.7b (ViT-g/14 39 x 1408, Q-Former 12 x 768 with 32
-queries, OPT-2.7b 32 x 2560, vocabulary 50304; 3.745 B parameters), random N(0, 0.02) weights (layer norms 1,
-biases 0), bf16 safetensors shards in the Hugging Face layout, written once to the cache folder (default
-~/.cache/blip2-bench/realsize, or $BLIP2_BENCH_CACHE) without ever holding the model: one shard at a time.
-Loadable by blip2 and by transformers alike.
+The checkpoints: bench/checkpoints.py (the Hub config.json of Salesforce/blip2-{model}, random N(0, 0.02) weights,
+bf16 safetensors shards written one at a time) into the cache folder (default ~/.cache/blip2-bench/realsize, or
+$BLIP2_BENCH_CACHE).
 
 Each setting runs in a fresh process (its peak resident memory, VmHWM, is its own), one at a time, the settings
-interleaved A B C A B C so that the neighbours' load hits them alike: load, first caption, warm caption (greedy,
-`--tokens` new tokens, forced with min_new_tokens), encode (vision + Q-Former + projection), decode seconds per
-token ((caption - a 1-token caption) / (tokens - 1)), the last prompt position's logits relative to blip2 bf16's.
-"blip2-int4-saved" reloads the int4 model that the blip2-int4 run saved (load s, RSS); "blip2-int4-aten" runs int4
-on PyTorch's kernel (BLIP2_KERNELS=aten) instead of blip2's. A floors process measures
-in the same run the read bandwidth (sum of a 1 GiB float32 tensor) and the bf16 matmul throughput; the floors: encode
-FLOPs / matmul rate, the 33-token prompt's FLOPs / matmul rate, a decoding step's weight bytes / bandwidth.
-The CPUs are shared with other engineers: the load average (`uptime`) is printed beside the table.
+interleaved A B C A B C so that the neighbours' load hits them alike: load (and VmHWM right after it: the peak while
+quantizing), first caption, warm caption (greedy, `--tokens` new tokens, forced with min_new_tokens), a VQA answer
+(a 12-token question, `--vqa-tokens` new tokens), encode (vision + Q-Former + projection), decode seconds per token
+(the median time between two new tokens of the captions, timed by a streamer: a burst of load on a shared machine
+moves the median little; beside it this process's CPU seconds per token / threads, what a quiet machine
+would take with both threads busy), the last prompt position's logits relative to blip2 bf16's (when
+that ran). "blip2-int4-saved" reloads the int4 copy that the blip2-int4 run saved; "-aten" runs int4 on PyTorch's
+kernel; "-noamx" keeps oneDNN off AMX (ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16: AVX-512 with bf16 dot products, as on
+an AMD EPYC), so that the vision tower's precision is decided as on such a CPU; "-wo-bf16" keeps T5's feed-forward
+output `wo` in bf16. transformers bf16 runs only where the checkpoint fits in 16 GB with 1 GB to spare.
+A floors process measures in the same run the read bandwidth (sum of a 1 GiB float32 tensor) and the bf16 matmul
+throughput; the floors: encode FLOPs / matmul rate, the prompt's FLOPs / matmul rate, a decoding step's weight
+bytes / bandwidth. The CPUs may be shared: the load average and free memory are printed beside every figure, and
+the children's OpenMP threads wait passively (WAIT_POLICY below).
 """
 
 import argparse
@@ -33,72 +38,29 @@ import subprocess
 import sys
 import time
 
+from bench.checkpoints import MODELS, hub_config, write_checkpoint
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CACHE = os.environ.get("BLIP2_BENCH_CACHE") or os.path.expanduser("~/.cache/blip2-bench/realsize")
-# Salesforce/blip2-opt-2.7b's config.json (Hub), stored in bf16
-CONFIG = {
-    "architectures": ["Blip2ForConditionalGeneration"], "image_text_hidden_size": 256, "image_token_index": 50265,
-    "initializer_factor": 1.0, "initializer_range": 0.02, "model_type": "blip-2", "num_query_tokens": 32,
-    "qformer_config": {"classifier_dropout": None, "model_type": "blip_2_qformer"},
-    "text_config": {"_name_or_path": "facebook/opt-2.7b", "activation_dropout": 0.0,
-                    "architectures": ["OPTForCausalLM"], "eos_token_id": 50118, "ffn_dim": 10240, "hidden_size": 2560,
-                    "model_type": "opt", "num_attention_heads": 32, "num_hidden_layers": 32, "prefix": "</s>",
-                    "torch_dtype": "float16", "vocab_size": 50304, "word_embed_proj_dim": 2560},
-    "torch_dtype": "bfloat16", "use_decoder_only_language_model": True,
-    "vision_config": {"dropout": 0.0, "initializer_factor": 1.0, "model_type": "blip_2_vision_model",
-                      "num_channels": 3, "projection_dim": 512}}
-RUNS = {  # name -> (library, quantization); "-aten": PyTorch's int4 kernel (blip2's switched off)
-    "blip2-bf16": ("blip2", None), "blip2-int8": ("blip2", "int8_weight_only"),
-    "blip2-int4": ("blip2", "int4_weight_only"), "blip2-int4-aten": ("blip2", "int4_weight_only"),
-    "hf-bf16": ("hf", None), "hf-8bit": ("hf", "8bit"), "blip2-int4-saved": ("blip2-saved", None)}
-PROMPT = 33  # 32 image tokens + BOS: a caption without a prompt
-SHARD = 2 * 10**9
-
-
-def make_checkpoint(path: str) -> str:
-    """Write the random checkpoint once (into path.tmp, renamed when complete)."""
-    if os.path.isfile(os.path.join(path, "model.safetensors.index.json")):
-        return path
-    import torch
-    from safetensors.torch import save_file
-    from transformers import Blip2Config, Blip2ForConditionalGeneration
-
-    with torch.device("meta"):
-        meta = Blip2ForConditionalGeneration(Blip2Config.from_dict(CONFIG))
-    shapes = {k: tuple(v.shape) for k, v in meta.state_dict().items() if k != "language_model.lm_head.weight"}  # tied
-    tmp = path + ".tmp"
-    os.makedirs(tmp, exist_ok=True)
-    gen = torch.Generator().manual_seed(0)
-    groups, size = [[]], 0
-    for key, shape in shapes.items():
-        n = 2 * torch.Size(shape).numel()
-        if groups[-1] and size + n > SHARD:
-            groups, size = groups + [[]], 0
-        groups[-1].append(key)
-        size += n
-    weight_map, total = {}, 0
-    for i, keys in enumerate(groups, 1):
-        name = f"model-{i:05d}-of-{len(groups):05d}.safetensors"
-        tensors = {}
-        for key in keys:
-            t = torch.empty(shapes[key], dtype=torch.bfloat16)
-            if key.endswith("bias"):
-                t.zero_()
-            elif "norm" in key.lower() and key.endswith("weight"):
-                t.fill_(1.0)
-            else:
-                t.normal_(0, 0.02, generator=gen)
-            tensors[key] = t
-            weight_map[key] = name
-            total += t.numel() * 2
-        save_file(tensors, os.path.join(tmp, name), metadata={"format": "pt"})
-        print(f"  wrote {name}", flush=True)
-    with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
-        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=1)
-    with open(os.path.join(tmp, "config.json"), "w") as f:
-        json.dump(CONFIG, f, indent=1)
-    os.rename(tmp, path)
-    return path
+NO_AMX = {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"}
+RUNS = {  # name -> (library, quantization, environment)
+    "blip2-bf16": ("blip2", None, {}), "blip2-int8": ("blip2", "int8_weight_only", {}),
+    "blip2-int4": ("blip2", "int4_weight_only", {}), "blip2-int4-saved": ("blip2-saved", None, {}),
+    "blip2-int4-aten": ("blip2", "int4_weight_only", {"BLIP2_KERNELS": "aten"}),
+    "blip2-int4-wo-bf16": ("blip2", {"bits": 4, "modules_to_not_convert": ["wo"]}, {}),
+    "blip2-int4-noamx": ("blip2", "int4_weight_only", NO_AMX),
+    "blip2-int4-noamx-vision-bf16": ("blip2", {"bits": 4, "include_vision": False}, NO_AMX),
+    "hf-bf16": ("hf", None, {}), "hf-8bit": ("hf", "8bit", {})}
+DEFAULT_RUNS = "blip2-int4,blip2-int4-saved,hf-bf16"
+# OpenMP threads that wait passively (sleep at once) rather than spin: on a machine whose other processes keep its
+# cores busy, a spinning thread spends its time slice waiting for a descheduled peer at every parallel region (200+
+# per decoding step), and a 2-thread decoding step ran ~10x slower (64 int4 2560 x 2560 matmuls at 1 row, load 7-10
+# on 2 cores: 81-214 ms spinning, 20.6 passive, 24.9 on 1 thread). $OMP_WAIT_POLICY, where set, wins.
+WAIT_POLICY = "PASSIVE"
+FITS = 16e9 - 1e9  # a bf16 checkpoint transformers runs here: its bytes plus 1 GB of activations and runtime
+QUESTION = list(range(1000, 1012))  # 12 token ids: "Question: what is in the picture? Answer:"-sized
+GENERATION_ONLY = "the bench times image-to-text checkpoints; {} has no language model (its vision tower and " \
+                  "Q-Former are those of the others, timed in their encode column)"
 
 
 def status(field: str) -> int:
@@ -107,12 +69,27 @@ def status(field: str) -> int:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
 
 
+def machine() -> str:
+    """The load average (1, 5, 15 min) and the memory available now."""
+    with open("/proc/meminfo") as f:
+        avail = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    return f"load {load_average()}, {avail / 2**30:.1f} GiB free"
+
+
 def stream_bytes(lm) -> int:
-    """Weight bytes a decoding step reads: every language-model parameter but the position table and (unless
-    lm_head shares it) the token table, of which one row is gathered."""
+    """Weight bytes a decoding step reads: OPT: every parameter but the position table and (unless lm_head shares
+    it) the token table, of which one row is gathered; T5: the decoder's and lm_head's, less the cross-attention's
+    keys and values (computed once from the encoder's output, then cached)."""
     tied = lm.lm_head.weight is lm.get_input_embeddings().weight
-    return sum(p.numel() * p.element_size() for n, p in lm.named_parameters()
-               if "embed_positions" not in n and ("embed_tokens" not in n or tied))
+    t5 = hasattr(lm, "encoder")
+
+    def read(n: str) -> bool:
+        if t5:
+            return n.startswith(("decoder.", "lm_head.")) and ".EncDecAttention.k." not in n and \
+                ".EncDecAttention.v." not in n and "embed_tokens" not in n
+        return "embed_positions" not in n and ("embed_tokens" not in n or tied)
+
+    return sum(p.numel() * p.element_size() for n, p in lm.named_parameters() if read(n))
 
 
 def best_time(fn, repeat=2):
@@ -124,16 +101,25 @@ def best_time(fn, repeat=2):
     return min(out)
 
 
-def child(name: str, path: str, saved: str, tokens: int, threads: int, out: str) -> dict:
+def prompts(config: dict) -> tuple[list[int], list[int]]:
+    """The caption's and the VQA question's input ids: the 32 image tokens, then BOS (OPT) or the question, then
+    EOS (T5's encoder input ends with it)."""
+    image = [config["image_token_index"]] * config["num_query_tokens"]
+    if config["text_config"]["model_type"] == "t5":
+        return image + [1], image + QUESTION + [1]
+    return image + [2], image + [2] + QUESTION
+
+
+def child(name: str, model_name: str, path: str, saved: str, tokens: int, vqa_tokens: int, threads: int,
+          out: str, best_of: int = 2) -> dict:
     """One setting in this (fresh) process."""
     import torch
 
     torch.set_num_threads(threads)
-    lib, quant = RUNS[name]
-    if name.endswith("-aten"):
-        os.environ["BLIP2_KERNELS"] = "aten"
+    lib, quant, _ = RUNS[name]
     if quant == "8bit":
         __import__("bitsandbytes")
+    config = hub_config(model_name)
     t = time.perf_counter()
     if lib == "hf":
         import transformers
@@ -143,37 +129,71 @@ def child(name: str, path: str, saved: str, tokens: int, threads: int, out: str)
             kw = dict(quantization_config=transformers.BitsAndBytesConfig(load_in_8bit=True), device_map="cpu")
         model = transformers.Blip2ForConditionalGeneration.from_pretrained(path, dtype=torch.bfloat16, **kw).eval()
     else:
+        import logging
+
         import blip2
 
+        logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")  # the load's decisions, in stderr
         source = saved if lib == "blip2-saved" else path
         model = blip2.Blip2ForConditionalGeneration.from_pretrained(source, dtype=torch.bfloat16, quantization=quant)
-    load_s, load_rss = time.perf_counter() - t, status("VmRSS")
-    pixels = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0)).bfloat16()
-    ids = torch.tensor([[CONFIG["image_token_index"]] * (PROMPT - 1) + [2]])
-    mask = torch.ones_like(ids)
+    load_s, load_rss, load_hwm = time.perf_counter() - t, status("VmRSS"), status("VmHWM")
+    side = config["vision_config"].get("image_size", 224)
+    pixels = torch.randn(1, 3, side, side, generator=torch.Generator().manual_seed(0)).bfloat16()
+    caption_ids, vqa_ids = (torch.tensor([ids]) for ids in prompts(config))
 
-    def caption(n):
+    clocks = []
+
+    def generate(ids, n):
+        clocks.append(Clock())
         with torch.no_grad():
-            return model.generate(pixel_values=pixels, input_ids=ids, attention_mask=mask, max_new_tokens=n,
-                                  min_new_tokens=n, do_sample=False)
+            return model.generate(pixel_values=pixels, input_ids=ids, attention_mask=torch.ones_like(ids),
+                                  max_new_tokens=n, min_new_tokens=n, do_sample=False, streamer=clocks[-1])
 
     t = time.perf_counter()
-    first_ids = caption(tokens)
+    first_ids = generate(caption_ids, tokens)
     first = time.perf_counter() - t
-    warm = best_time(lambda: caption(tokens))
-    one = best_time(lambda: caption(1))
+    cpu = time.process_time()
+    warm = best_time(lambda: generate(caption_ids, tokens), best_of)
+    warm_cpu = (time.process_time() - cpu) / best_of / threads
+    steps = [b - a for c in clocks for a, b in zip(c.times[1:], c.times[2:])]  # each new token after the first
+    steps_cpu = [b - a for c in clocks for a, b in zip(c.cpu[1:], c.cpu[2:])]
+    vqa = best_time(lambda: generate(vqa_ids, vqa_tokens), best_of)
     with torch.no_grad():
-        encode = best_time(lambda: model.get_image_features(pixels))
-        logits = model(pixel_values=pixels, input_ids=ids, attention_mask=mask).logits[0, -1].float()
-    torch.save(logits, os.path.join(out, f"logits-{name}.pt"))
-    if name == "blip2-int4" and saved_layout(saved) != model.config.extra["quantization_config"]["int4_layout"]:
+        encode = best_time(lambda: model.get_image_features(pixels), best_of)
+        kw = {"decoder_input_ids": torch.zeros(1, 1, dtype=torch.long)} if model.config.is_encoder_decoder else {}
+        logits = model(pixel_values=pixels, input_ids=caption_ids, **kw).logits[0, -1].float()
+    torch.save(logits, os.path.join(out, f"logits-{model_name}-{name}.pt"))
+    qc = (model.config.extra if lib != "hf" else {}).get("quantization_config") or {}
+    with torch.no_grad():  # the 32 query outputs the language model reads, for the vision tower's precision
+        features = model.get_image_features(pixels)
+    features = getattr(features, "pooler_output", features)
+    torch.save({"features": features.float(), "vision": bool(qc.get("include_vision"))},
+               os.path.join(out, f"features-{model_name}-{name}.pt"))
+    if name == "blip2-int4" and saved_layout(saved) != qc["int4_layout"]:
         shutil.rmtree(saved, ignore_errors=True)  # none yet, or packed for the other kernel
         model.save_pretrained(saved + ".tmp", max_shard_size="2GB")
         os.rename(saved + ".tmp", saved)
-    return dict(name=name, load_s=load_s, load_rss=load_rss, first=first, warm=warm, one=one, encode=encode,
-                decode=(warm - one) / max(tokens - 1, 1), hwm=status("VmHWM"),
-                stream=stream_bytes(model.language_model),
-                ids=first_ids[0, PROMPT:].tolist())
+    prompt = caption_ids.shape[1] if not model.config.is_encoder_decoder else 0
+    return dict(name=name, load_s=load_s, load_rss=load_rss, load_hwm=load_hwm, first=first, warm=warm,
+                vqa=vqa, encode=encode, decode=statistics.median(steps), warm_cpu=warm_cpu,
+                decode_cpu=statistics.median(steps_cpu) / threads, hwm=status("VmHWM"),
+                rss=status("VmRSS"), stream=stream_bytes(model.language_model), vision=qc.get("include_vision"),
+                ids=first_ids[0, prompt:].tolist())
+
+
+class Clock:
+    """A streamer (the Hugging Face protocol both libraries call) that notes the time of each put: the prompt's ids,
+    then every new token."""
+
+    def __init__(self):
+        self.times, self.cpu = [], []  # wall-clock and this process's CPU seconds
+
+    def put(self, _ids) -> None:
+        self.times.append(time.perf_counter())
+        self.cpu.append(time.process_time())
+
+    def end(self) -> None:
+        pass
 
 
 def saved_layout(saved: str) -> int | None:
@@ -263,14 +283,17 @@ def kernels(threads: int, repeat: int = 15):
         print(f"| {name}, {m} | " + " | ".join(row) + " |", flush=True)
 
 
-def run(*args) -> dict:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error", TQDM_DISABLE="1")
+def run(env: dict, *args) -> dict:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error", TQDM_DISABLE="1", **env)
+    env.setdefault("OMP_WAIT_POLICY", WAIT_POLICY)
     p = subprocess.run([sys.executable, "-m", "bench.realsize", *args], env=env, capture_output=True, text=True,
                        cwd=ROOT)
     line = next((ln for ln in reversed(p.stdout.splitlines()) if ln.startswith("{")), None)
     if p.returncode or line is None:
         return dict(error=(p.stderr.strip().splitlines() or [f"exit {p.returncode}"])[-1])
-    return json.loads(line)
+    result = json.loads(line)
+    result["log"] = [ln for ln in p.stderr.splitlines() if ln.startswith("blip2.")]
+    return result
 
 
 def load_average() -> str:
@@ -278,55 +301,83 @@ def load_average() -> str:
         return " ".join(f.read().split()[:3])
 
 
+def bf16_bytes(path: str) -> int:
+    with open(os.path.join(path, "model.safetensors.index.json")) as f:
+        return json.load(f)["metadata"]["total_size"]
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m bench.realsize")
-    ap.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated, of {', '.join(RUNS)}")
-    ap.add_argument("--repeat", type=int, default=2, help="rounds over the settings (the best of each is shown)")
+    ap.add_argument("--model", default="opt-2.7b", help=f"comma-separated, of {', '.join(MODELS)}")
+    ap.add_argument("--runs", default=DEFAULT_RUNS, help=f"comma-separated, of {', '.join(RUNS)}")
+    ap.add_argument("--repeat", type=int, default=1, help="rounds over the settings (the best of each is shown)")
     ap.add_argument("--tokens", type=int, default=20, help="new tokens per caption")
+    ap.add_argument("--vqa-tokens", type=int, default=5, help="new tokens per VQA answer")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--cache", default=CACHE, help="where the checkpoint (and the saved int4 copy) live")
+    ap.add_argument("--best-of", type=int, default=2, help="timings within a process: the best of this many")
+    ap.add_argument("--cache", default=CACHE, help="where the checkpoints (and the saved int4 copies) live")
     ap.add_argument("--kernels", action="store_true", help="only time the packed kernels against bf16 per row count")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.kernels:
         kernels(args.threads)
         return 0
-    path, saved = os.path.join(args.cache, "blip2-opt-2.7b-random"), os.path.join(args.cache, "blip2-opt-2.7b-int4")
+    models, names = args.model.split(","), args.runs.split(",")
+    unknown = [m for m in models if m not in MODELS] + [n for n in names if n not in RUNS]
+    if unknown:
+        ap.error(f"unknown model(s) or run(s) {', '.join(unknown)}: models {', '.join(MODELS)}; runs "
+                 f"{', '.join(RUNS)}")
+    retrieval = [m for m in models if m.startswith("itm-")]
+    if retrieval:
+        ap.error(GENERATION_ONLY.format(", ".join(retrieval)))
     if args.child:
+        model = models[0]
+        path, saved = (os.path.join(args.cache, f"blip2-{model}-{kind}") for kind in ("random", "int4"))
         result = floors(args.threads) if args.child == "floors" else \
-            child(args.child, path, saved, args.tokens, args.threads, args.cache)
+            child(args.child, model, path, saved, args.tokens, args.vqa_tokens, args.threads, args.cache,
+                  args.best_of)
         print(json.dumps(result))
         return 0
-    names = args.runs.split(",")
-    unknown = [n for n in names if n not in RUNS]
-    if unknown:
-        ap.error(f"unknown run(s) {', '.join(unknown)}: choose from {', '.join(RUNS)}")
-    print(f"checkpoint: {make_checkpoint(path)}", flush=True)
-    if "blip2-int4-saved" in names and not os.path.isdir(saved) and "blip2-int4" not in names:
-        names.insert(0, "blip2-int4")  # it writes the saved copy
-    common = ["--tokens", str(args.tokens), "--threads", str(args.threads), "--cache", args.cache]
-    results, loads = {n: [] for n in names + ["floors"]}, []
-    for i in range(args.repeat):
-        for name in names + ["floors"]:
-            r = run("--child", name, *common)
-            loads.append(load_average())
-            results[name].append(r)
-            print(f"round {i + 1} {name}: " + (r["error"] if "error" in r else ", ".join(
-                f"{k} {v:.3g}" for k, v in r.items() if isinstance(v, float))) + f"  (load avg {loads[-1]})",
-                flush=True)
-    report(results, names, args, loads)
+    for model in models:
+        bench_model(model, list(names), args)
     return 0
 
 
-def report(results, names, args, loads):
+def bench_model(model: str, names: list[str], args) -> None:
+    path, saved = (os.path.join(args.cache, f"blip2-{model}-{kind}") for kind in ("random", "int4"))
+    print(f"\n## {model}: checkpoint {write_checkpoint(model, path)} ({machine()}; OMP_WAIT_POLICY="
+          f"{os.environ.get('OMP_WAIT_POLICY', WAIT_POLICY)})", flush=True)
+    if "blip2-int4-saved" in names and not os.path.isdir(saved) and "blip2-int4" not in names:
+        names.insert(0, "blip2-int4")  # it writes the saved copy
+    too_big = bf16_bytes(path) > FITS
+    skipped = [n for n in names if n.startswith("hf-bf16") and too_big]
+    common = ["--model", model, "--tokens", str(args.tokens), "--vqa-tokens", str(args.vqa_tokens), "--threads",
+              str(args.threads), "--cache", args.cache, "--best-of", str(args.best_of)]
+    results = {n: [] for n in names + ["floors"]}
+    for i in range(args.repeat):
+        for name in [n for n in names if n not in skipped] + ["floors"]:
+            r = run(RUNS[name][2] if name in RUNS else {}, "--child", name, *common)
+            r["machine"] = machine()
+            results[name].append(r)
+            print(f"round {i + 1} {name}: " + (r["error"] if "error" in r else ", ".join(
+                f"{k} {v:.3g}" for k, v in r.items() if isinstance(v, float))) + f"  ({r['machine']})", flush=True)
+            for line in r.get("log", []):
+                print(f"    {line}")
+    for n in skipped:
+        results[n] = [dict(error=f"does not fit in 16 GB ({bf16_bytes(path) / 1e9:.1f} GB of bf16 weights)")]
+    report(model, results, names, args)
+
+
+def report(model_name, results, names, args):
     import torch
 
     from bench.flops import encode_flops, meta_model, prompt_flops
     from blip2 import Blip2Config
 
-    model = meta_model(Blip2Config.from_dict(CONFIG))  # FLOPs counted on the meta device
-    encode_gflop, prompt_gflop = encode_flops(model) / 1e9, prompt_flops(model, PROMPT) / 1e9
-
+    config = hub_config(model_name)
+    caption_ids, _ = prompts(config)
+    model = meta_model(Blip2Config.from_dict(config))  # FLOPs counted on the meta device
+    encode_gflop, prompt_gflop = encode_flops(model) / 1e9, prompt_flops(model, len(caption_ids)) / 1e9
     fl = [r for r in results["floors"] if "error" not in r]
     bandwidth = statistics.median(r["bandwidth"] for r in fl)
     flops = max(r["flops"] for r in fl)
@@ -334,46 +385,72 @@ def report(results, names, args, loads):
     best = {}
     for name in names:
         ok = [r for r in results[name] if "error" not in r]
-        if not ok:
-            best[name] = results[name][0]
-            continue
-        best[name] = {k: (min(r[k] for r in ok) if k != "hwm" else max(r[k] for r in ok)) if isinstance(ok[0][k], float)
-                      or k == "hwm" else ok[0][k] for k in ok[0]}
-    ref_path = os.path.join(args.cache, "logits-blip2-bf16.pt")
+        best[name] = results[name][0] if not ok else {
+            k: (min(r[k] for r in ok) if k not in ("hwm", "load_hwm") else max(r[k] for r in ok))
+            if isinstance(ok[0][k], float) or k in ("hwm", "load_hwm") else ok[0][k] for k in ok[0]}
+    ref_path = os.path.join(args.cache, f"logits-{model_name}-blip2-bf16.pt")
     ref = torch.load(ref_path) if os.path.exists(ref_path) else None
     gib = 2**30
-    print(f"\n{args.tokens}-token caption, {args.threads} threads, best of {args.repeat} interleaved rounds; "
-          f"load average during the runs: {loads[0]} .. {loads[-1]} (1, 5, 15 min)")
+    print(f"\n### {model_name}: {args.tokens}-token caption, {args.vqa_tokens}-token VQA answer, {args.threads} "
+          f"threads, best of {args.repeat} interleaved round(s) x {args.best_of} in each process; machine during the "
+          "runs: "
+          + "; ".join(dict.fromkeys(r["machine"] for rs in results.values() for r in rs if "machine" in r)))
     print(f"floors (same run): read bandwidth {bandwidth / 1e9:.1f} GB/s (median; best "
           f"{max(r['bandwidth_best'] for r in fl) / 1e9:.1f}), bf16 matmul {flops / 1e9:.0f} GFLOP/s; encode "
-          f"{encode_gflop:.1f} GFLOP -> {enc_floor:.2f} s, {PROMPT}-token prompt {prompt_gflop:.0f} "
+          f"{encode_gflop:.1f} GFLOP -> {enc_floor:.2f} s, {len(caption_ids)}-token prompt {prompt_gflop:.0f} "
           f"GFLOP -> {prompt_floor:.2f} s")
-    print(f"| setting | load s | first caption | {args.tokens}-token caption | encode | decode / token | "
-          f"decode floor | x floor | caption floor | peak RSS (VmHWM) | logits rel. err. vs blip2 bf16 |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print(f"| setting | load s | peak RSS while loading | first caption | {args.tokens}-token caption (CPU s / "
+          f"threads) | VQA answer | encode | decode / token (CPU s / threads) | decode floor | x floor | caption floor "
+          f"| peak RSS (VmHWM) | logits rel. err. vs blip2 bf16 | vision |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name in names:
         r = best[name]
         if "error" in r:
-            print(f"| {name} | error: {r['error']} |")
+            print(f"| {name} | {r['error']} |")
             continue
         floor = r["stream"] / bandwidth
         cap_floor = enc_floor + prompt_floor + (args.tokens - 1) * floor
         err = "-"
-        path = os.path.join(args.cache, f"logits-{name}.pt")
+        path = os.path.join(args.cache, f"logits-{model_name}-{name}.pt")
         if ref is not None and os.path.exists(path):
             lg = torch.load(path)
             err = f"{((lg - ref).norm() / ref.norm()).item():.4f}"
-        print(f"| {name} | {r['load_s']:.1f} s | {r['first']:.2f} s | {r['warm']:.2f} s | {r['encode']:.2f} s | "
-              f"{r['decode']:.3f} s | {floor:.3f} s ({r['stream'] / 1e9:.2f} GB) | {r['decode'] / floor:.1f}x | "
-              f"{cap_floor:.2f} s | {r['hwm'] / gib:.2f} GiB | {err} |")
+        vision = {True: "int (blip2's kernels)", False: "bf16", None: "bf16"}[r["vision"]] if \
+            RUNS[name][0] != "hf" else "bf16"
+        cpu = (f" ({r['warm_cpu']:.2f} s)", f" ({r['decode_cpu']:.3f} s)") if "warm_cpu" in r else ("", "")
+        print(f"| {name} | {r['load_s']:.1f} s | {r['load_hwm'] / gib:.2f} GiB | {r['first']:.2f} s | "
+              f"{r['warm']:.2f} s{cpu[0]} | {r['vqa']:.2f} s | {r['encode']:.2f} s | {r['decode']:.3f} s{cpu[1]} | "
+              f"{floor:.3f} s "
+              f"({r['stream'] / 1e9:.2f} GB) | {r['decode'] / floor:.2f}x | {cap_floor:.2f} s | "
+              f"{r['hwm'] / gib:.2f} GiB | {err} | {vision} |")
     a, b = best.get("blip2-int4", {}), best.get("blip2-int4-saved", {})
     if "ids" in a and "ids" in b:
         same = "yes" if a["ids"] == b["ids"] else "NO"
         print(f"\nthe saved int4 copy generates the same ids as the int4 model: {same}")
+    features_report(model_name, args.cache)
     hf = best.get("hf-bf16")
     if hf and "error" not in hf:
         print("\ncaption speed-up over transformers bf16: " + ", ".join(
             f"{n} {hf['warm'] / best[n]['warm']:.2f}x" for n in names if "error" not in best[n]))
+
+
+def features_report(model_name: str, cache: str) -> None:
+    """The query features (what the language model reads of the image) of every run so far, for this checkpoint,
+    whose vision tower was quantized, against those of every run whose vision tower stayed bf16."""
+    import glob
+
+    import torch
+
+    runs = {os.path.basename(f)[len(f"features-{model_name}-"):-3]: torch.load(f)
+            for f in sorted(glob.glob(os.path.join(cache, f"features-{model_name}-*.pt")))}
+    for name, r in runs.items():
+        if r["vision"]:
+            for ref_name, ref in runs.items():
+                if not ref["vision"]:
+                    a, b = r["features"].flatten(), ref["features"].flatten()
+                    print(f"\nquery features, {name} (vision tower quantized) vs {ref_name} (bf16): relative error "
+                          f"{((a - b).norm() / b.norm()).item():.4f}, cosine "
+                          f"{torch.nn.functional.cosine_similarity(a, b, 0).item():.4f}")
 
 
 if __name__ == "__main__":

@@ -13,9 +13,16 @@ A decoding step, which streams every weight once, reads 2x (int8) or ~3.5x (int4
 
 Which layers: every linear of the language model, lm_head included (its 50304 x 2560 matrix is 5% of a
 decoding step's bytes: it pays like any other; an OPT lm_head tied to the input embeddings gets a quantized copy,
-the embedding table stays as it is); T5's feed-forward output `wo` stays as it is (as bitsandbytes keeps it).
-`include_vision=True` also quantizes the vision tower, the Q-Former and language_projection (off by default:
-their passes have hundreds of rows, where these kernels are slower than a bf16 matmul).
+the embedding table stays as it is), T5's feed-forward output `wo` included: bitsandbytes and the reference keep
+`wo` unquantized because Flan-T5's activations there overflow float16, and nothing here is float16 (the
+activations are bf16 / float32, quantized per row and group with float32 scales, summed in int32;
+tests/test_t5_int4.py feeds it activations beyond float16's range). `modules_to_not_convert` keeps layers by name
+(a name component such as "wo", or a module path), as transformers' option of that name does.
+The vision tower, the Q-Former and language_projection (include_vision): by default (None) decided at load for this
+CPU by timing the vision tower's own MLP matrix at its rows (ViT-g: 6144 x 1408, 257 rows) in the model's dtype
+against these kernels (vision_prefers_int): a CPU with AMX runs bf16 faster and keeps it, one without (AVX-512 /
+AVX2 only) runs the kernels faster; the log says which and the times. True / False force it. A saved copy records
+what was done.
 A layer int4 cannot take (out_features not a multiple of 16, in_features not a multiple of the group size)
 falls back to int8 per channel: `WeightOnlyConfig.fallbacks` lists them.
 
@@ -26,7 +33,10 @@ records the layout it was packed in; loading it where another kernel runs repack
 the packed bytes are used as they are on disk.
 """
 
+import functools
 import logging
+import os
+import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -56,7 +66,8 @@ class WeightOnlyConfig:
     bits: int = 4  # 8 (per output channel) or 4 (per group)
     group_size: int = 64  # int4: inputs sharing a scale and zero (32, 64, 128 or 256)
     include_lm_head: bool = True
-    include_vision: bool = False  # also the vision tower, the Q-Former and language_projection
+    include_vision: bool | None = None  # the vision tower, the Q-Former, language_projection; None: per CPU at load
+    modules_to_not_convert: tuple[str, ...] = ()  # layers kept as they are: name components ("wo") or module paths
     fallbacks: list = field(default_factory=list, compare=False)  # int4 layers kept in int8 (shape), filled on load
 
     def __post_init__(self):
@@ -66,6 +77,7 @@ class WeightOnlyConfig:
         if self.group_size not in GROUP_SIZES:
             raise QuantizationError(f"group_size={self.group_size!r}: the int4 CPU kernel takes "
                                     f"{', '.join(map(str, GROUP_SIZES))}")
+        self.modules_to_not_convert = tuple(self.modules_to_not_convert or ())
 
     @property
     def name(self) -> str:
@@ -74,7 +86,8 @@ class WeightOnlyConfig:
     def to_dict(self, layout: int) -> dict:
         d = asdict(self)
         d.pop("fallbacks")
-        return {"quant_method": METHOD, **d, "int4_layout": layout}
+        return {"quant_method": METHOD, **d, "modules_to_not_convert": list(self.modules_to_not_convert),
+                "int4_layout": layout}
 
     @classmethod
     def coerce(cls, q: Any) -> "WeightOnlyConfig | None":
@@ -87,7 +100,7 @@ class WeightOnlyConfig:
         if isinstance(q, dict):
             if q.get("quant_method") not in (None, METHOD):
                 return None
-            keys = {"bits", "group_size", "include_lm_head", "include_vision"}
+            keys = {"bits", "group_size", "include_lm_head", "include_vision", "modules_to_not_convert"}
             return cls(**{k: v for k, v in q.items() if k in keys})
         if str(getattr(q, "quant_method", "")).lower().endswith("torchao"):  # transformers.TorchAoConfig
             kind, kwargs = q.quant_type, dict(getattr(q, "quant_type_kwargs", None) or {})
@@ -100,7 +113,7 @@ class WeightOnlyConfig:
                                         f"and int4_weight_only")
             skip = set(getattr(q, "modules_to_not_convert", None) or ())
             head = bool(getattr(q, "include_input_output_embeddings", False)) and "lm_head" not in skip
-            return cls(bits=NAMES[kind], include_lm_head=head,
+            return cls(bits=NAMES[kind], include_lm_head=head, modules_to_not_convert=tuple(sorted(skip)),
                        **({"group_size": kwargs["group_size"]} if kwargs.get("group_size") else {}))
         key = str(q).lower()
         return cls(bits=NAMES[key]) if key in NAMES else None
@@ -337,22 +350,70 @@ def is_weight_only(module: nn.Module) -> bool:
     return isinstance(module, WeightOnlyLinear)
 
 
-def eligible(name: str, q: WeightOnlyConfig) -> bool:
-    """Linear layers (by module name) this config quantizes."""
-    if name.split(".")[-1] == "wo":
+FASTER = 0.8  # the kernels replace the float matmul in the vision tower where they take at most this share of its time
+
+
+def eligible(name: str, q: WeightOnlyConfig, vision: bool) -> bool:
+    """Linear layers (by module name) this config quantizes; `vision`: the vision tower, Q-Former and projection."""
+    if any(f".{m}." in f".{name}." for m in q.modules_to_not_convert):
         return False
     if name.endswith("lm_head"):
         return q.include_lm_head
     if name.startswith("language_model."):
         return True
-    return q.include_vision and name.startswith(("vision_model.", "qformer.", "language_projection"))
+    return vision and name.startswith(("vision_model.", "qformer.", "language_projection"))
+
+
+@functools.cache
+def vision_prefers_int(n: int, k: int, m: int, bits: int, group_size: int, dtype: torch.dtype) -> bool:
+    """Whether this CPU runs the vision tower's matmuls faster on these kernels than in `dtype`: its (n, k) MLP
+    matrix (ViT-g's fc1: 6144 x 1408) at its m rows (257 at 224 px), best of 3 interleaved after a warm-up, each
+    way (about 0.1-0.5 s for ViT-g, once per process and shape). Logged with the times and the CPU's AMX flag
+    (AMX makes bf16 win)."""
+    if bits == 4 and not native.available():
+        log.info("vision tower and Q-Former: kept in %s (PyTorch's int4 kernel is slower than a float matmul at "
+                 "%d rows)", str(dtype).removeprefix("torch."), m)
+        return False
+    g = torch.Generator().manual_seed(0)
+    w, x = torch.randn(n, k, generator=g).mul_(0.02).to(dtype), torch.randn(m, k, generator=g).to(dtype)
+    bits = 4 if bits == 4 and fits_int4(n, k, group_size) else 8
+    lin = WeightOnlyLinear(k, n, False, bits, group_size, dtype, device="cpu")
+    lin.load("weight", w)
+    times = {"float": [], "int": []}
+    with torch.no_grad():
+        for _ in range(4):
+            for kind, f in (("float", lambda: nn.functional.linear(x, w)), ("int", lambda: lin(x))):
+                t = time.perf_counter()
+                f()
+                times[kind].append(time.perf_counter() - t)
+    fp, qt = (min(v[1:]) * 1e3 for v in times.values())
+    wins = qt <= FASTER * fp
+    try:
+        with open("/proc/cpuinfo") as f:
+            amx = any(ln.startswith("flags") and " amx_bf16" in ln for ln in f)
+    except OSError:
+        amx = False
+    cpu = ("AMX" if amx else "no AMX") + (f", ONEDNN_MAX_CPU_ISA={os.environ['ONEDNN_MAX_CPU_ISA']}"
+                                                          if os.environ.get("ONEDNN_MAX_CPU_ISA") else "")
+    log.info("vision tower and Q-Former: %s (its %d x %d MLP matrix at %d rows: %s %.1f ms, int%d %.1f ms; %s)",
+             f"int{bits} on blip2's kernels" if wins else f"kept in {str(dtype).removeprefix('torch.')}", n, k, m,
+             str(dtype).removeprefix("torch."), fp, bits, qt, cpu)
+    return wins
 
 
 def replace_linears(model: nn.Module, q: WeightOnlyConfig, layout: int | None = None) -> list[str]:
     """Swap the eligible linears of a meta-device model for WeightOnlyLinear (scales in the dtype each weight
     had; int4 in `layout`, a saved checkpoint's, default the kernel in use's). An lm_head tied to the input
-    embeddings is untied (it gets its own quantized weight). Returns the names."""
-    names = [n for n, m in model.named_modules() if type(m) in (nn.Linear, Linear) and eligible(n, q)]
+    embeddings is untied (it gets its own quantized weight). The vision tower's precision: q.include_vision, or
+    where None, vision_prefers_int for the model's dtype. Returns the names."""
+    vision = q.include_vision
+    if vision is None:
+        mlp = next((m for n, m in model.named_modules() if n.startswith("vision_model.") and n.endswith(".fc1")), None)
+        vc = getattr(model.config, "vision_config", None)
+        rows = (vc.image_size // vc.patch_size) ** 2 + 1 if vc else 0
+        vision = mlp is not None and vision_prefers_int(mlp.out_features, mlp.in_features, rows, q.bits,
+                                                        q.group_size, mlp.weight.dtype)
+    names = [n for n, m in model.named_modules() if type(m) in (nn.Linear, Linear) and eligible(n, q, vision)]
     for n in names:
         lin = model.get_submodule(n)
         bits = 4 if q.bits == 4 and fits_int4(lin.out_features, lin.in_features, q.group_size) else 8
@@ -391,8 +452,10 @@ def plan_config(quantization: Any, raw: dict) -> tuple["WeightOnlyConfig | None"
     so: then its int4_layout is checked, as a packing blip2 writes)."""
     qc = (raw or {}).get("quantization_config")
     saved = WeightOnlyConfig.coerce(qc) if isinstance(qc, dict) and qc.get("quant_method") == METHOD else None
+    if saved and "modules_to_not_convert" not in qc:  # saved before T5's wo was quantized: it is float in the file
+        saved = replace(saved, modules_to_not_convert=("wo",))
     asked = WeightOnlyConfig.coerce(quantization)
-    if saved and asked and asked != saved:
+    if saved and asked and replace(asked, include_vision=saved.include_vision) != saved:
         raise QuantizationError(f"this checkpoint was saved quantized {saved.name} (group size {saved.group_size}); "
                                 f"it loads as it is: drop quantization={quantization!r}, or quantize the original "
                                 f"float checkpoint instead")
@@ -406,5 +469,7 @@ def plan_config(quantization: Any, raw: dict) -> tuple["WeightOnlyConfig | None"
 
 
 def mark_config(model: nn.Module, q: WeightOnlyConfig) -> None:
-    """Record the quantization in model.config, so that save_pretrained writes it to config.json."""
-    model.config.extra["quantization_config"] = q.to_dict(int4_layout())
+    """Record the quantization in model.config, so that save_pretrained writes it to config.json; include_vision
+    as done (a saved copy holds the vision tower as it is now)."""
+    vision = any(is_weight_only(m) for n, m in model.named_modules() if n.startswith("vision_model."))
+    model.config.extra["quantization_config"] = replace(q, include_vision=vision).to_dict(int4_layout())

@@ -471,3 +471,40 @@ def test_every_load_ends_with_every_parameter_in_place(opt64, monkeypatch):
     monkeypatch.setattr(WeightOnlyLinear, "load", wrong_dtype)
     with pytest.raises(CheckpointError, match=r"weight is int32, its kernel needs int8"):
         Blip2ForConditionalGeneration.from_pretrained(path, quantization="int8_weight_only")
+
+
+@pytest.mark.parametrize("faster", [True, False])
+def test_the_vision_tower_is_quantized_where_this_cpu_runs_the_kernels_faster(opt64, tmp_path, monkeypatch, faster):
+    """include_vision=None (the default): decided at load by timing the model's own vision MLP matrix at its rows
+    (weight_only.vision_prefers_int, here replaced by its answer); a saved copy records what was done and loads so."""
+    from blip2 import weight_only
+
+    path, image_id = opt64
+    asked = []
+    monkeypatch.setattr(weight_only, "vision_prefers_int", lambda *a: asked.append(a) or faster)
+    model = Blip2ForConditionalGeneration.from_pretrained(path, dtype=torch.bfloat16, quantization="int4_weight_only")
+    fc1 = model.vision_model.encoder.layers[0].mlp.fc1
+    side, patch = (getattr(model.config.vision_config, k) for k in ("image_size", "patch_size"))
+    assert asked[0] == (fc1.out_features, fc1.in_features, (side // patch) ** 2 + 1, 4, 64, torch.bfloat16)
+    vision = [type(m) is WeightOnlyLinear for n, m in model.named_modules()
+              if n.startswith(("vision_model.", "qformer.", "language_projection")) and hasattr(m, "in_features")]
+    assert vision and all(v == faster for v in vision)
+    ids = generate(model, image_id)
+    model.save_pretrained(tmp_path)
+    assert json.load(open(tmp_path / "config.json"))["quantization_config"]["include_vision"] is faster
+    monkeypatch.setattr(weight_only, "vision_prefers_int", lambda *a: not faster)  # another CPU: loads as saved
+    again = Blip2ForConditionalGeneration.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    assert (type(again.vision_model.encoder.layers[0].mlp.fc1) is WeightOnlyLinear) == faster
+    assert generate(again, image_id) == ids
+
+
+def test_vision_prefers_int_times_both_and_says_so(caplog):
+    from blip2 import weight_only
+
+    weight_only.vision_prefers_int.cache_clear()
+    with caplog.at_level("INFO", logger="blip2.weight_only"):
+        answer = weight_only.vision_prefers_int(256, 128, 65, 4, 64, torch.bfloat16)
+    assert isinstance(answer, bool)
+    said = " ".join(r.getMessage() for r in caplog.records)
+    assert "vision tower and Q-Former: " in said and "256 x 128 MLP matrix at 65 rows" in said and "AMX" in said
+    weight_only.vision_prefers_int.cache_clear()

@@ -9,7 +9,7 @@ python -m blip2.train.evaluate --n 500   # the embedded blip2/assets/blip2-tiny 
 - with --detail, VQA accuracy per question form ("what color is the SHAPE?") and per number of objects: which
   references the answers resolve
 - with --quantize int8 / int4 (--group-size), the captioning model's language model runs weight-only quantized
-  (blip2/weight_only.py); the retrieval model has no language model and is unchanged
+  (blip2/weight_only.py), and with --vision int its vision tower and Q-Former too; the retrieval model is unchanged
 """
 
 import argparse
@@ -145,9 +145,14 @@ def main():
     parser.add_argument("--detail", action="store_true", help="VQA accuracy per question form and scene size too")
     parser.add_argument("--quantize", choices=("int8", "int4"), help="weight-only quantized language model")
     parser.add_argument("--group-size", type=int, default=WeightOnlyConfig.group_size, help="int4 group size")
+    parser.add_argument("--vision", choices=("auto", "int", "float"), default="auto",
+                        help="with --quantize: the vision tower and Q-Former quantized too (int), kept (float), or "
+                             "as decided for this CPU at load (auto)")
     args = parser.parse_args()
     torch.set_num_threads(2)
-    quant = args.quantize and WeightOnlyConfig(bits=int(args.quantize[3:]), group_size=args.group_size)
+    vision = {"auto": None, "int": True, "float": False}[args.vision]
+    quant = args.quantize and WeightOnlyConfig(bits=int(args.quantize[3:]), group_size=args.group_size,
+                                               include_vision=vision)
     for name, value in evaluate(args.model, args.itm_model, args.n, args.split, args.show, args.detail,
                                 quant or None).items():
         print(f"{name:24s} {100 * value:6.2f}%")
