@@ -321,7 +321,9 @@ def test_processor_overrides_and_a_foreign_tokenizer():
 # --- 5. configs -----------------------------------------------------------------------------------------------
 
 sys.path.insert(0, ROOT)
-from bench.realsize import CONFIG as OPT_27B  # noqa: E402  (Salesforce/blip2-opt-2.7b's Hub config.json)
+from bench.checkpoints import hub_config  # noqa: E402  (Salesforce/blip2-*'s Hub config.json)
+
+OPT_27B = {**hub_config("opt-2.7b"), "torch_dtype": "float32"}  # the Hub file names its dtype
 
 # Salesforce/blip2-flan-t5-xl's Hub config.json
 FLAN_T5_XL = {
