@@ -252,9 +252,9 @@ def app_part(path: str, tokens: int, work: str) -> list[dict]:
         conc = at_once([caption(c, p) for c, p in zip(clients, pictures[4:] + pictures[:2])])
         check = one_after_another([caption(c, p) for c, p in zip(clients, pictures[4:] + pictures[:2])])[1]
         out.append(report("app", "captions", seq, conc, check))
-        results = [one_after_another([chat(c, pictures[5], q) for c, q in zip(clients, QUESTIONS)]),
-                   at_once([chat(c, pictures[5], q) for c, q in zip(clients, QUESTIONS)])]
-        out.append(report("app", "chat", *results))
+        seq = one_after_another([chat(c, pictures[5], q) for c, q in zip(clients, QUESTIONS)])
+        fresh = [load_test.make_client(server.url) for _ in QUESTIONS]  # new sessions: no chat history yet
+        out.append(report("app", "chat", seq, at_once([chat(c, pictures[5], q) for c, q in zip(fresh, QUESTIONS)])))
     finally:
         server.stop()
     return out
