@@ -5,16 +5,18 @@ A request's Decoding (blip2.generation) runs in its caller's thread as when it r
 its own generator, beam search, its `stop` callback, its stream. Only its stepper is the scheduler's (`stepper`, the
 factory Decoding takes): `start()` hands the prompt to the loop, `step(tokens)` hands the next tokens, and each
 waits for its rows' logits. The loop thread waits until every row in the batch has handed its tokens, then runs one
-forward pass for all of them, then the prompt passes of the requests that arrived meanwhile (several at once,
-left-padded to the longest; a prompt with a reused chat prefix alone, from its prefix), and merges those rows into
-the batch; image encodes wait for the same moment and run together. A request leaves when its decoding ends, fails
-or is stopped (`close()`): its rows go at the next step.
+forward pass for all of them, then one prompt pass for the requests that arrived meanwhile, and merges their rows
+into the batch; an image encode waits for the same moment (one image a turn, so a running batch never stalls for
+more than one). A request leaves when its decoding ends, fails or is stopped (`close()`): its rows go at the next
+step.
 
 Layout: padding. The rows are aligned on their last position: a shorter row is padded in front and the attention
 mask hides the padding; OPT's positions come from the mask and T5's relative position bias depends only on the
-distance between positions, so each row sees what it sees alone. Padding that no row needs any more is dropped when
-rows leave. (The alternative, a ragged layout with one cache per request, needs one attention call per request and
-layer on every step, and changes to the models; `python -m bench.concurrency --layout` measures what padding costs.)
+distance between positions, so each row sees what it sees alone (float32: the same ids, tests/test_scheduler.py).
+In a prompt pass, a row's reused chat prefix and its new positions are each padded in front, so the masked holes
+sit between them. Padding that no row needs any more is dropped when rows leave. A ragged layout (one cache per
+request) would need one attention call per request and layer on every step, and changes to the models; padding
+costs attention over a few masked positions, small beside the weights a step reads.
 Beam search and several samples per request are rows of the same batch: the Decoding reorders its own rows.
 """
 
