@@ -59,6 +59,14 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture
+def own_service():
+    """Tests that build their own Service (or run app.py's main) put torch's thread count back afterwards."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def svc():
     """The app's service on the embedded model, built once per process (tests/support/app_support.py)."""

@@ -1,7 +1,6 @@
 """The app's handler functions called directly on the embedded model: real outputs, checked against the truth
 of generated scenes of the model's world."""
 
-import inspect
 import os
 
 import app_support as S
@@ -11,8 +10,6 @@ import pytest
 from app import chat
 from app.registry import GENERATION, RETRIEVAL
 from app.render import NOT_RERANKED
-from app.validation import parse_decoding
-from blip2.decoding import ANSWER, CAPTION
 from blip2.retrieval import match_score
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -94,21 +91,6 @@ def test_chat_follows_a_conversation_and_resets_on_a_new_image(svc, scenes):
     assert chat.clear(state)[2]["turns"] == []
 
 
-def test_chat_prompt_drops_the_oldest_turns_to_fit(svc):
-    loaded = svc.registry.get(svc.registry.default[GENERATION], GENERATION)
-    context = loaded.runner.context_size
-    turn = ("what color is the large circle in the top left corner of the picture?", "red")
-    history = [turn] * (context // 8)
-    captioner = loaded.runner
-    prompt = captioner.prompt(captioner.chat_texts("what shape is it?", history), 20)
-    assert prompt.dropped_turns > 0 and prompt.text.startswith("Question: ")
-    assert prompt.text.endswith("Question: what shape is it? Answer:")
-    assert loaded.model.config.num_query_tokens + len(prompt.ids) + prompt.max_new_tokens <= context
-    kept = prompt.text.count("Question:") - 1
-    assert kept + prompt.dropped_turns == len(history)
-    assert "Question: {q} Answer: {a}.".format(q=turn[0], a=turn[1]) in prompt.text
-
-
 def test_chat_shows_the_truncation_notice(svc, scenes):
     scene, path = scenes[2]
     loaded = svc.registry.get(svc.registry.default[GENERATION], GENERATION)
@@ -180,81 +162,6 @@ def test_search_ranks_the_right_scene_first(svc, scenes):
         assert (table["ITM probability"] != NOT_RERANKED).sum() == 3  # the top 3 re-ranked by ITM
 
 
-def test_search_reuses_cached_image_embeddings(svc, scenes, monkeypatch):
-    """A second query over the same gallery embeds only the text: no vision pass, and no image is decoded again
-    for the world caveat's verdict (cached by content hash)."""
-    from app import service as service_module
-
-    paths = [p for _, p in scenes]
-    S.app().search.search(paths, "a red circle", 0)
-    model = svc.registry.get(svc.registry.default[RETRIEVAL], RETRIEVAL).model
-    calls, verdicts = [], []
-    monkeypatch.setattr(service_module, "in_world", lambda im: verdicts.append(1) or True)
-    handle = model.vision_model.register_forward_pre_hook(lambda m, a: calls.append(1))
-    try:
-        items, table, notice = S.app().search.search(paths, "a blue star in the center", 0)
-    finally:
-        handle.remove()
-    assert calls == [] and verdicts == [] and len(items) == len(paths)
-
-
-def test_decoding_defaults(svc):
-    assert parse_decoding(svc.limits, {}, CAPTION).generate_kwargs() == dict(
-        max_new_tokens=30, min_new_tokens=1, repetition_penalty=1.0, num_return_sequences=1, do_sample=False,
-        num_beams=1, length_penalty=1.0)
-    sampled = parse_decoding(svc.limits, dict(mode="nucleus sampling", num_captions=2, temperature=0.7), CAPTION)
-    assert sampled.generate_kwargs() == dict(max_new_tokens=30, min_new_tokens=1, repetition_penalty=1.0,
-                                             num_return_sequences=2, do_sample=True, temperature=0.7, top_p=0.9,
-                                             top_k=50)
-    answer = parse_decoding(svc.limits, {}, ANSWER)
-    assert answer.streams and answer.max_new_tokens == 20
-    params = inspect.signature(S.app().caption.caption).parameters  # what Gradio shows as the /caption API
-    assert list(params)[:12] == ["image", "prompt", "mode", "num_beams", "temperature", "top_p", "top_k",
-                                 "max_new_tokens", "min_new_tokens", "repetition_penalty", "length_penalty",
-                                 "num_captions"]
-    assert params["max_new_tokens"].default == 30 and params["top_p"].default == 0.9
-    params = inspect.signature(S.app().chat.chat).parameters
-    assert "num_captions" not in params and params["max_new_tokens"].default == 20 and list(params)[-3] == "history"
-
-
-def test_special_token_strings_are_plain_text_in_match_search_and_heatmap(svc, scenes, monkeypatch):
-    """What a user types is text: "<image>", "[CLS]", "</s>" reach the Q-Former as the reference tokenizer reads
-    them with split_special_tokens=True (plain text), in matching, search and the heat map alike."""
-    import transformers
-
-    loaded = svc.registry.get(svc.registry.default[RETRIEVAL], RETRIEVAL)
-    reference = transformers.AutoTokenizer.from_pretrained(loaded.source)
-    seen = []  # (op, token ids of each text row the ITM / ITC heads received)
-
-    def recording(name, ids_at):
-        real = getattr(loaded.model, name)
-
-        def record(*args, **kwargs):
-            ids, mask = args[ids_at], args[ids_at + 1]
-            seen.extend(ids[i][mask[i].bool()].tolist() for i in range(ids.shape[0]))
-            return real(*args, **kwargs)
-        return record
-
-    monkeypatch.setattr(loaded.model, "itm_logits", recording("itm_logits", 1))
-    monkeypatch.setattr(loaded.model, "itc_text_embeds", recording("itc_text_embeds", 0))
-    _, path = scenes[0]
-    texts = {"match": "a <image> circle [CLS] here", "search": "a </s> star [CLS] <image>",
-             "heatmap": "[CLS] a </s> cross"}
-    for op, text in texts.items():
-        seen.clear()
-        if op == "match":
-            S.app().matching.match(path, text)
-        elif op == "search":
-            S.app().search.search([path], text, 1)
-        else:
-            svc.heatmap(svc.registry.default[RETRIEVAL], path, text)
-        plain = reference(text, split_special_tokens=True)["input_ids"]
-        special = set(reference.all_special_ids)
-        assert len(seen) >= 2 and all(ids == plain for ids in seen), (op, seen, plain)  # ITM and ITC both
-        special |= {reference.cls_token_id, reference.sep_token_id}
-        assert not special & set(plain[1:-1]) and special & set(reference(text)["input_ids"][1:-1]), op  # raw: not
-
-
 def test_the_chat_placeholder_follows_the_image(scenes):
     """No image: say to upload one; an image: say to ask. Either way the conversation starts over."""
     empty, notice, history = chat.new_image(None, {"digest": "x", "turns": [["q", "a"]]})
@@ -262,35 +169,3 @@ def test_the_chat_placeholder_follows_the_image(scenes):
     loaded, _, _ = chat.new_image(scenes[0][1])
     assert loaded["placeholder"] == chat.READY != chat.NO_IMAGE
 
-
-def test_the_first_match_runs_the_vision_tower_once(svc):
-    """The ranking and the heat map of a new image share one vision pass (the runner's cache)."""
-    scene, im = S.scene(7, seed=23)  # an image no other test has shown the model
-    model = svc.registry.get(svc.registry.default[RETRIEVAL], RETRIEVAL).model
-    calls = []
-    handle = model.vision_model.register_forward_pre_hook(lambda m, a: calls.append(1))
-    try:
-        table, _, _, heat, _ = S.app().matching.match(im, f"{scene.caption()}\na large white cross in the top right")
-    finally:
-        handle.remove()
-    assert calls == [1] and table["text"][0] == scene.caption() and heat.size == (224, 224)
-
-
-def test_a_text_cut_to_the_retrieval_positions_gets_a_notice(svc, scenes):
-    """Candidate texts and search queries longer than the retrieval model's 64 text positions are scored on their
-    beginning (blip2.retrieval.Match.truncated): the notice says so, and only then."""
-    scene, path = scenes[0]
-    positions = svc.registry.get(svc.registry.default[RETRIEVAL], RETRIEVAL).model.config.qformer_config
-    assert positions.max_position_embeddings == 64 and len(S.LONG_TEXT) < svc.limits.max_candidate_chars
-    *_, notice = S.app().matching.match(path, scene.caption())
-    assert "cut to the retrieval model" not in notice
-    table, *_, notice = S.app().matching.match(path, f"{scene.caption()}\n{S.LONG_TEXT}")
-    assert f"“{S.LONG_TEXT[:60]}” was cut to the retrieval model's 64 text tokens" in notice
-    assert len(table) == 2
-    result = svc.match(svc.registry.default[RETRIEVAL], path, [scene.caption(), S.LONG_TEXT])
-    assert [r.truncated for r in result.rows if r.text == S.LONG_TEXT] == [True]
-    assert not any(r.truncated for r in result.rows if r.text == scene.caption())
-    _, _, notice = S.app().search.search([path], scene.caption(), 0)
-    assert "cut to the retrieval model" not in notice
-    _, _, notice = S.app().search.search([path], S.LONG_TEXT, 0)
-    assert "was cut to the retrieval model's 64 text tokens" in notice

@@ -1,6 +1,5 @@
-"""What the README promises about configuring the app: every BLIP2_<LIMIT> variable takes effect, the command
-line (HOST / PORT, --threads, --no-warm-up, a local --model directory in the picker, --dtype auto), the model
-registry (eviction, the memory refusal, load progress from the hub cache) and Flan-T5's chat prompt."""
+"""What the README promises about configuring the app: every BLIP2_<LIMIT> variable takes effect, and the command
+line (HOST / PORT, --threads, --no-warm-up, a local --model directory in the picker, --dtype auto)."""
 
 import dataclasses
 import time
@@ -10,28 +9,18 @@ import gradio as gr
 import pytest
 import torch
 from PIL import Image
-from tiny_checkpoints import fake_hub_cache, shared_checkpoint
+from tiny_checkpoints import shared_checkpoint
 
 import app.common
 import app.ui
-import blip2
 from app.config import Limits
 from app.errors import RequestError
 from app.registry import EMBEDDED, GENERATION, KNOWN_CHECKPOINTS, RETRIEVAL, Checkpoint, ModelSettings
 from app.render import NOT_RERANKED
 from app.service import Service
-from app.validation import load_image, parse_decoding
-from blip2.decoding import ANSWER
+from app.validation import load_image
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture
-def own_service():
-    """Tests that build their own Service (or run app.py's main) put torch's thread count back afterwards."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
 
 
 last, refused, run_caption = S.last, S.refused, S.run_caption
@@ -303,119 +292,3 @@ def test_dtype_auto_rules(monkeypatch, own_service):
     seen = run_main(monkeypatch, ["--no-warm-up", "--dtype", "bf16"])
     loaded = seen["svc"].registry.get(EMBEDDED, GENERATION)
     assert loaded.dtype == "bfloat16" and loaded.model.language_projection.weight.dtype == torch.bfloat16
-
-
-# ----------------------------------------------------------------------------------------------------
-# the model registry
-
-
-def test_least_recently_used_model_is_evicted_and_the_startup_model_stays(own_service):
-    a = Checkpoint("a (local)", ((GENERATION, shared_checkpoint("opt")),))
-    b = Checkpoint("b (local)", ((GENERATION, shared_checkpoint("t5")),))
-    svc = Service(limits=Limits(max_loaded_models=2), extra_checkpoints=[a, b])
-    svc.registry.warm_up()
-
-    def held():
-        return [k for k in (EMBEDDED, "a (local)", "b (local)") if svc.registry.loaded(k, GENERATION)]
-
-    svc.registry.get("a (local)", GENERATION)
-    assert held() == [EMBEDDED, "a (local)"]
-    svc.registry.get("b (local)", GENERATION)  # over the limit of 2: a, the least recently used, goes; the startup
-    # one stays
-    assert held() == [EMBEDDED, "b (local)"]
-    svc.registry.get("a (local)", GENERATION)
-    assert held() == [EMBEDDED, "a (local)"] and svc.registry.loaded(EMBEDDED, RETRIEVAL) is not None
-
-
-def test_a_model_too_large_for_memory_is_refused_and_the_session_keeps_its_model(own_service, monkeypatch):
-    """The check reads blip2.memory_report's bytes for the load's settings, before loading anything."""
-    import app.registry
-    from app.ui import App
-
-    path = shared_checkpoint("opt")
-    need = blip2.memory_report(path, blip2.Blip2ForConditionalGeneration, dtype="float32").total
-    big = Checkpoint("org/big", ((GENERATION, path),))
-    svc = Service(limits=Limits(), extra_checkpoints=[big])
-    svc.registry.warm_up()
-    monkeypatch.setattr(app.registry, "available_memory_bytes", lambda device: need // 2)
-    loads = []
-    monkeypatch.setattr(blip2.Blip2ForConditionalGeneration, "from_pretrained",
-                        classmethod(lambda cls, *a, **k: loads.append(a)))
-    session = svc.registry.session_defaults()
-    with pytest.raises(gr.Error) as e:
-        App(svc).load_model("org/big", session)
-    assert e.value.message == (f"Org/big needs about {need / 2**30:.1f} GB of memory (float32), but only "
-                               f"{need // 2 / 2**30:.1f} GB is free; still serving the model loaded before (try "
-                               "--quantize int4 on a CPU, or --dtype float16 / --quantize 8bit on a GPU)")
-    assert not loads and svc.registry.loaded("org/big", GENERATION) is None and session[GENERATION] == EMBEDDED
-    monkeypatch.undo()
-    App(svc).load_model("org/big", session)  # with room, the same model loads
-    assert svc.registry.loaded("org/big", GENERATION) is not None
-
-
-def test_loading_from_the_hub_cache_reports_progress(tmp_path, monkeypatch, own_service):
-    """A hub id resolved offline from the Hugging Face cache (HF_HUB_OFFLINE=1); the load reports each step."""
-    from app.ui import App
-
-    fake_hub_cache(tmp_path / "hub", "tiny-org/blip2-opt", shared_checkpoint("opt"))
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    hub = Checkpoint("tiny-org/blip2-opt", ((GENERATION, "tiny-org/blip2-opt"),))
-    svc = Service(limits=Limits(), extra_checkpoints=[hub])
-    calls = []
-    session, status = App(svc).load_model("tiny-org/blip2-opt", svc.registry.session_defaults(),
-                                 progress=lambda fraction, desc: calls.append((fraction, desc)))
-    assert calls == [(0.0, "Preparing tiny-org/blip2-opt"),
-                     (0.1, "Fetching tiny-org/blip2-opt (downloads show their progress here)"),
-                     (0.5, "Loading the weights of tiny-org/blip2-opt"),
-                     (0.9, "Loading the processor of tiny-org/blip2-opt"), (1.0, "tiny-org/blip2-opt is ready")]
-    assert session[GENERATION] == "tiny-org/blip2-opt" and status.startswith("**Caption & chat:** tiny-org/blip2-opt")
-    loaded = svc.registry.loaded("tiny-org/blip2-opt", GENERATION)
-    direct = __import__("blip2").Blip2ForConditionalGeneration.from_pretrained(shared_checkpoint("opt"))
-    assert all(torch.equal(p, q) for p, q in zip(loaded.model.parameters(), direct.parameters()))
-
-
-# ----------------------------------------------------------------------------------------------------
-# Flan-T5's chat prompt
-
-
-def test_flan_t5_chat_asks_for_a_short_answer(scene_path, own_service):
-    from app.service import clean_answer
-
-    directory = shared_checkpoint("t5")
-    svc = Service(generation=directory, limits=Limits())
-    loaded = svc.registry.get(svc.registry.default[GENERATION], GENERATION)
-    assert loaded.is_t5
-    captioner = loaded.runner
-    prompt = captioner.prompt(captioner.chat_texts("and now?", [("what is it?", "a cat")]), 8).text
-    assert prompt == "Question: what is it? Answer: a cat. Question: and now? Short answer:"
-    answer = last(svc.chat(svc.registry.default[GENERATION], scene_path, "and now?", [("what is it?", "a cat")],
-                           stream=False)).answer
-    image = load_image(scene_path, svc.limits).image
-    enc = loaded.processor(images=image, text=prompt, return_tensors="pt")
-    ids = loaded.model.generate(**enc, **parse_decoding(svc.limits, {}, ANSWER).generate_kwargs())  # the default
-    expected = clean_answer(loaded.processor.batch_decode(ids[:, 1:], skip_special_tokens=True)[0].strip())
-    assert answer == expected  # what generate answers to the Short answer prompt
-
-
-@pytest.mark.parametrize("family", ["opt", "t5"])
-def test_the_app_and_the_cli_answer_a_chat_alike(scene_path, own_service, family):
-    """One chat template (blip2.prompts.chat_prompt): the app's Chat tab and `python -m blip2 ask` (Blip2Runner.ask)
-    build the same prompt for the same history, "?" and "!" answers included, and answer alike."""
-    from app.service import clean_answer
-    from blip2.runner import Blip2Runner
-
-    svc = Service(generation=shared_checkpoint(family), limits=Limits())
-    loaded = svc.registry.get(svc.registry.default[GENERATION], GENERATION)
-    history = [("is it red?", "yes!"), ("what is it", "a cat?"), ("where", "on the left")]
-    prompt = loaded.runner.prompt(loaded.runner.chat_texts("and now?", history), 8).text
-    tail = "Short answer:" if family == "t5" else "Answer:"
-    assert prompt == ("Question: is it red? Answer: yes! Question: what is it Answer: a cat? Question: where Answer: "
-                      f"on the left. Question: and now? {tail}")
-    runner = Blip2Runner(loaded.model, loaded.processor)
-    image = load_image(scene_path, svc.limits).image
-    cli = runner.ask(image, "and now?", history, **parse_decoding(svc.limits, {"max_new_tokens": 8}).generate_kwargs())
-    assert cli.prompt == prompt
-    app = last(svc.chat(svc.registry.default[GENERATION], scene_path, "and now?", history, {"max_new_tokens": 8},
-                        stream=False)).answer
-    assert app == clean_answer(cli.text)

@@ -303,8 +303,8 @@ def test_a_checkpoint_saved_by_blip2s_kernel_loads_where_pytorchs_serves(opt64, 
             "assert fa.layout == fb.layout != 0, (fa.layout, fb.layout)\n"
             "assert torch.equal(fa.weight, fb.weight) and torch.equal(fa.scales_and_zeros, fb.scales_and_zeros)\n"
             "assert t.generate(a, int(sys.argv[3])) == t.generate(b, int(sys.argv[3]))\n")
-    run_with({"BLIP2_KERNELS": "aten", "PYTHONPATH": f"{ROOT}:{ROOT}/tests"}, code, str(tmp_path), path,
-             str(image_id))
+    paths = f"{ROOT}:{ROOT}/tests:{ROOT}/tests/support"  # test_weight_only imports the helpers in tests/support
+    run_with({"BLIP2_KERNELS": "aten", "PYTHONPATH": paths}, code, str(tmp_path), path, str(image_id))
 
 
 def test_weight_only_is_a_cpu_path(opt64, tmp_path):

@@ -273,3 +273,27 @@ def write(tmp_path, name, data):
     with open(path, "wb") as f:
         f.write(data)
     return path
+
+
+def generation_model(svc):
+    """The shared service's captioning model (the embedded one)."""
+    return svc.registry.get(svc.registry.default["generation"], "generation").model
+
+
+def normal_ok(scene_path):
+    """After a refused request, the next one runs normally: scene 0's caption, 3 new tokens, no notice."""
+    assert run_caption(scene_path) == (NORMAL, "")
+
+
+NORMAL = " ".join(scene(0)[0].caption().split()[:3])  # 3 new tokens of the true caption: "a small blue"
+# files every tab refuses: (name, bytes, suffix, what the message says)
+BAD_IMAGES = [
+    ("zero bytes", lambda: b"", ".jpg", "empty file"),
+    ("text renamed .jpg", lambda: b"this is not an image, just text\n" * 20, ".jpg", "not a file this app can read"),
+    ("html renamed .png", lambda: b"<html><body>hello</body></html>", ".png", "not a file this app can read"),
+    ("truncated PNG", lambda: png_bytes(colour_image((300, 300)))[:300], ".png", "truncated or corrupt"),
+    ("truncated JPEG", lambda: jpeg_bytes(Image.effect_noise((300, 300), 50))[:2000], ".jpg", "truncated"),
+    ("decompression bomb", lambda: bomb_png(), ".png", "limit"),
+    ("over the pixel limit", lambda: bomb_png(8000, 8000), ".png", "megapixels"),
+    ("extreme aspect ratio", lambda: png_bytes(colour_image((2000, 20))), ".png", "aspect ratio"),
+]
