@@ -162,11 +162,21 @@ class Scheduler:
         return result
 
     def leave(self, request: _Request) -> None:
+        """Take the request out of the batch. The last one to leave waits for the loop's thread to end, so that
+        no thread of the loop outlives the work (a process that exits next ends cleanly)."""
         with self.lock:
             request.left = True
             if request in self.arriving:
                 self.arriving.remove(request)
             self.lock.notify_all()
+            thread = self.thread
+            self.lock.wait_for(lambda: self.thread is None or self._busy(), timeout=10)
+            done = self.thread is None
+        if done and thread is not None and thread is not threading.current_thread():
+            thread.join()
+
+    def _busy(self) -> bool:
+        return bool(self.arriving or self.encodes or any(not r.left for r in self.running))
 
     def rows_of(self, request: _Request) -> KVCache | None:
         with self.lock:
@@ -196,6 +206,7 @@ class Scheduler:
                     while not self._ready():
                         if not (self.running or self.arriving or self.encodes):
                             self.thread = None
+                            self.lock.notify_all()  # the last request to leave waits for this
                             return
                         self.lock.wait()
                     if not self.running and self.arriving and not self.encodes:  # a burst: let the rest arrive
