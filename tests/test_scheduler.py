@@ -89,7 +89,7 @@ def test_requests_in_the_batch_get_what_they_get_alone(lm):
     assert [g.text for g in got] == [alone(model, proc, r).text for r in REQUESTS]
     stats = runner.captioner.scheduler.stats
     assert stats["rows_stepped"] > stats["steps"]  # rows really shared steps
-    assert runner.captioner.scheduler.thread is None or not runner.captioner.scheduler.running
+    assert not runner.captioner.scheduler.running and runner.captioner.scheduler.batch is None  # all freed
 
 
 def test_many_at_once_and_beam_search_as_rows(lm):
