@@ -1,20 +1,22 @@
 """The batching loop under the captioner (continuous batching): every decoding of one language model puts its rows
-into one running batch, and one thread steps that batch.
+into one running batch, and one forward pass a turn steps that batch.
 
 A request's Decoding (blip2.generation) runs in its caller's thread as when it runs alone: processors, sampling with
 its own generator, beam search, its `stop` callback, its stream. Only its stepper is the scheduler's (`stepper`, the
 factory Decoding takes): `start()` hands the prompt to the loop, `step(tokens)` hands the next tokens, and each
-waits for its rows' logits. The loop thread waits until every row in the batch has handed its tokens, then runs one
-forward pass for all of them, then the prompt passes of the requests that arrived meanwhile (several at once,
-left-padded to the longest; a prompt with a reused chat prefix alone, from its prefix), and merges those rows into
-the batch; image encodes wait for the same moment and run together. A request leaves when its decoding ends, fails
-or is stopped (`close()`): its rows go at the next step.
+waits for its rows' logits. Once every row in the batch has handed its tokens, one of the waiting threads runs the
+turn (the loop has no thread of its own: a lone request runs in its thread as alone): one forward pass for all of
+them, then one prompt pass for the requests that arrived meanwhile, whose rows it merges into the batch; an image
+encode waits for the same moment (one image a turn, so a running batch never stalls for more than one). A request
+leaves when its decoding ends, fails or is stopped (`close()`): its rows go at the next turn.
 
 Layout: padding. The rows are aligned on their last position: a shorter row is padded in front and the attention
 mask hides the padding; OPT's positions come from the mask and T5's relative position bias depends only on the
-distance between positions, so each row sees what it sees alone. Padding that no row needs any more is dropped when
-rows leave. (The alternative, a ragged layout with one cache per request, needs one attention call per request and
-layer on every step, and changes to the models; `python -m bench.concurrency --layout` measures what padding costs.)
+distance between positions, so each row sees what it sees alone (float32: the same ids, tests/test_scheduler.py).
+In a prompt pass, a row's reused chat prefix and its new positions are each padded in front, so the masked holes
+sit between them. Padding that no row needs any more is dropped when rows leave. A ragged layout (one cache per
+request) would need one attention call per request and layer on every step, and changes to the models; padding
+costs attention over a few masked positions, small beside the weights a step reads.
 Beam search and several samples per request are rows of the same batch: the Decoding reorders its own rows.
 """
 
@@ -104,9 +106,9 @@ class _Batch:
 
 class Scheduler:
     """The batching loop over one language model `lm`. `encode` (pixel values (B, 3, H, W) -> (B, ...) image
-    features) runs image encodes in the loop, `vision_batch` images at a time; `max_rows` bounds the rows that
-    join (a request's beams or samples may take it past). The loop's thread starts with the first request and ends
-    when no request is left. `stats` counts steps, rows stepped, prompt passes and image encodes."""
+    features) runs image encodes in the loop, `vision_batch` images a turn; `max_rows` bounds the rows that join (a
+    request's beams or samples may take it past). The loop has no thread of its own: each turn runs in the thread
+    of a request that waits for it. `stats` counts steps, rows stepped, prompt passes and image encodes."""
 
     def __init__(self, lm, encode: Callable[[torch.Tensor], torch.Tensor] | None = None, max_rows: int = 16,
                  vision_batch: int = 1, prompts_alone: bool = False):
@@ -118,7 +120,7 @@ class Scheduler:
         self.arriving: list[_Request] = []
         self.encodes: list[list] = []  # [pixels, result]
         self.batch: _Batch | None = None
-        self.thread: threading.Thread | None = None
+        self.leading = False  # a thread is running a turn
         self.stats = Counter()
 
     # ---- called from the requests' threads
@@ -130,13 +132,11 @@ class Scheduler:
         return _Request(self, inputs_embeds, attention_mask, past_key_values, start_id)
 
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Image features of pixels (B, 3, H, W), computed in the loop together with other requests' images."""
+        """Image features of pixels (B, 3, H, W), computed in a turn of the loop between decoding steps."""
         job = [pixels, None]
         with self.lock:
             self.encodes.append(job)
-            self._wake()
-            while job[1] is None:
-                self.lock.wait()
+            self._wait(lambda: job[1] is not None)
         if isinstance(job[1], BaseException):
             raise job[1]
         return job[1]
@@ -151,19 +151,20 @@ class Scheduler:
                 self.arriving.append(request)
             else:
                 request.tokens = tokens
-            self._wake()
-            while request.result is None:
-                self.lock.wait()
+            self._wait(lambda: request.result is not None)
             result, request.result = request.result, None
         if isinstance(result, BaseException):
             raise result
         return result
 
     def leave(self, request: _Request) -> None:
+        """Take the request out of the batch (its rows go at the next turn); a waiting request may lead it now."""
         with self.lock:
             request.left = True
             if request in self.arriving:
                 self.arriving.remove(request)
+            if not self.leading and all(r.left for r in self.running):  # the last one: free the batch now
+                self.running, self.batch = [], None
             self.lock.notify_all()
 
     def rows_of(self, request: _Request) -> KVCache | None:
@@ -174,52 +175,57 @@ class Scheduler:
             positions = self.batch.mask[start, :self.batch.cache.length].nonzero()[:, 0]  # the row's own positions
             return self.batch.cache.rows(start, start + request.rows, positions)
 
-    def _wake(self) -> None:
-        if self.thread is None:
-            self.thread = threading.Thread(target=self._loop, name="blip2-scheduler", daemon=True)
-            self.thread.start()
-        self.lock.notify_all()
-
-    # ---- the loop's thread
+    # ---- the loop: its turns run in the requests' own threads
 
     def _ready(self) -> bool:
         """Every request in the batch has handed its tokens (or left), and there is something to do."""
         waiting = any(not r.left and r.tokens is None for r in self.running)
         return not waiting and bool(self.encodes or self.arriving or self.running)
 
-    def _loop(self) -> None:
-        with torch.no_grad():
-            while True:
-                with self.lock:
-                    while not self._ready():
-                        if not (self.running or self.arriving or self.encodes):
-                            self.thread = None
-                            return
-                        self.lock.wait()
-                    if not self.running and self.arriving and not self.encodes:  # a burst: let the rest arrive
-                        self.lock.wait(GATHER_S)
-                    self._drop_left()
-                    stepping, room = list(self.running), self.max_rows - sum(r.rows for r in self.running)
-                    arriving = []
-                    while self.arriving and (self.arriving[0].rows <= room or not (stepping or arriving)):
-                        room -= self.arriving[0].rows
-                        arriving.append(self.arriving.pop(0))
-                    encodes, self.encodes = self.encodes[:self.vision_batch], self.encodes[self.vision_batch:]
-                try:
+    def _wait(self, done: Callable[[], bool]) -> None:
+        """(the lock held) Until done(): whenever the batch is ready and no thread is running a turn, run it here.
+        So a lone request decodes in its own thread, as alone, and no thread outlives the work."""
+        while not done():
+            if not self.leading and self._ready():
+                self._turn()
+            else:
+                self.lock.wait()
+
+    def _turn(self) -> None:
+        """(the lock held, released while the model runs) One turn: drop the rows that left, then the image encodes,
+        the batch's step and the arrivals' prompt passes; hand every result to its waiter."""
+        self.leading = True
+        try:
+            if not self.running and self.arriving and not self.encodes:  # a burst: let the rest arrive
+                self.lock.wait(GATHER_S)
+            self._drop_left()
+            stepping, room = list(self.running), self.max_rows - sum(r.rows for r in self.running)
+            arriving = []
+            while self.arriving and (self.arriving[0].rows <= room or not (stepping or arriving)):
+                room -= self.arriving[0].rows
+                arriving.append(self.arriving.pop(0))
+            encodes, self.encodes = self.encodes[:self.vision_batch], self.encodes[self.vision_batch:]
+            self.lock.release()
+            try:
+                with torch.inference_mode():  # whatever mode the leading thread is in: the batch's tensors alike
                     results = self._run(stepping, arriving, encodes)
-                except Exception as e:  # the batch is lost: every request in this turn gets the error
-                    results = [(target, e) for target in stepping + arriving + encodes]
-                    with self.lock:
-                        for r in self.running:
-                            r.left = True
-                        self.running, self.batch = [], None
-                with self.lock:
-                    for target, result in results:
-                        if isinstance(target, _Request):
-                            target.result = result
-                        else:
-                            target[1] = result
-                    self.lock.notify_all()
+                lost = False
+            except Exception as e:  # the batch is lost: every request in this turn gets the error
+                results, lost = [(target, e) for target in stepping + arriving + encodes], True
+            finally:
+                self.lock.acquire()
+            if lost:
+                for r in self.running:
+                    r.left = True
+                self.running, self.batch = [], None
+            for target, result in results:
+                if isinstance(target, _Request):
+                    target.result = result
+                else:
+                    target[1] = result
+        finally:
+            self.leading = False
+            self.lock.notify_all()
 
     def _drop_left(self) -> None:
         """Take the rows of requests that left out of the batch, and apply the reorders the others asked for."""

@@ -6,6 +6,7 @@ import threading
 import app_support as S
 import pytest
 from gradio_client import handle_file
+from threads import in_threads
 from tiny_checkpoints import shared_checkpoint
 
 from app.errors import RequestError
@@ -24,28 +25,21 @@ def test_eight_clients_stream_at_once_and_one_goes_away(svc, server, scene_path)
     alone = [S.last(svc.chat(key, scene_path, q, [], LONG)).answer for q in QUESTIONS]
     steps_before = scheduler.stats["steps"]
     clients = [server.client() for _ in QUESTIONS]
-    results, received, errors = [None] * len(QUESTIONS), [0] * len(QUESTIONS), []
+    results, received = [None] * len(QUESTIONS), [0] * len(QUESTIONS)
     go = threading.Barrier(len(QUESTIONS))
 
     def visitor(i):
-        try:
-            go.wait()
-            job = clients[i].submit(handle_file(scene_path), QUESTIONS[i], **LONG, api_name="/chat")
-            for output in job:
-                received[i] += 1
-                if i == 0 and received[i] == 2:  # the visitor closes the tab mid-answer
-                    job.cancel()
-                    return
-            content = job.outputs()[-1][0][-1]["content"]  # the last chat message: the answer
-            results[i] = content if isinstance(content, str) else "".join(part["text"] for part in content)
-        except Exception as e:  # noqa: BLE001 - reported below
-            errors.append(e)
+        go.wait()
+        job = clients[i].submit(handle_file(scene_path), QUESTIONS[i], **LONG, api_name="/chat")
+        for _ in job:
+            received[i] += 1
+            if i == 0 and received[i] == 2:  # the visitor closes the tab mid-answer
+                job.cancel()
+                return
+        content = job.outputs()[-1][0][-1]["content"]  # the last chat message: the answer
+        results[i] = content if isinstance(content, str) else "".join(part["text"] for part in content)
 
-    threads = [threading.Thread(target=visitor, args=(i,)) for i in range(len(QUESTIONS))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(180)
+    errors = in_threads(visitor, len(QUESTIONS))
     assert not errors, errors
     assert results[1:] == alone[1:]  # the others: as alone, streamed to the end
     assert all(n > 2 for n in received[1:])

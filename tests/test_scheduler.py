@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from threads import in_threads
 from tiny_checkpoints import shared_checkpoint
 
 import blip2
@@ -56,7 +57,7 @@ def alone(model, proc, request):
 def staggered(runner, requests, after=2):
     """Run the requests in threads, each one starting once the previous one has decoded `after` tokens (so that
     each arrives in the middle of the others' decoding). Returns their results in order."""
-    results, errors = [None] * len(requests), []
+    results = [None] * len(requests)
     started = [threading.Event() for _ in requests]
 
     def worker(i):
@@ -71,16 +72,10 @@ def staggered(runner, requests, after=2):
 
         try:
             results[i] = call(runner, requests[i], stop)
-        except Exception as e:  # noqa: BLE001 - reported below
-            errors.append(e)
         finally:
             started[i].set()
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(requests))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
+    errors = in_threads(worker, len(requests))
     assert not errors, errors
     return results
 
@@ -94,7 +89,7 @@ def test_requests_in_the_batch_get_what_they_get_alone(lm):
     assert [g.text for g in got] == [alone(model, proc, r).text for r in REQUESTS]
     stats = runner.captioner.scheduler.stats
     assert stats["rows_stepped"] > stats["steps"]  # rows really shared steps
-    assert runner.captioner.scheduler.thread is None or not runner.captioner.scheduler.running
+    assert not runner.captioner.scheduler.running and runner.captioner.scheduler.batch is None  # all freed
 
 
 def test_many_at_once_and_beam_search_as_rows(lm):
@@ -112,11 +107,7 @@ def test_many_at_once_and_beam_search_as_rows(lm):
         go.wait()
         results[i] = call(runner, requests[i])
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(requests))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
+    assert not in_threads(worker, len(requests))
     assert [g.texts for g in results] == [alone(model, proc, r).texts for r in requests]
     assert runner.captioner.scheduler.stats["prompts"] > runner.captioner.scheduler.stats["prompt_passes"]
 
