@@ -1,9 +1,9 @@
 """Text generation over the language models, as transformers 5.24 generates: greedy, multinomial sampling and
 beam search (with or without sampling), the reference's logits processors in the reference's order, one KV cache
 (extra rows are the prompt's cache repeated, beams are rows reordered in place), HF-style streamers and a
-text-streaming generator. Pieces: the logits processors (built once per call), the steppers (the language model's
-prompt pass and one step), beam search (a step function over a BeamState), and Decoding, whose `steps()` drives
-them.
+text-streaming generator. Pieces: the logits processors (blip2/logits.py, built once per call), the steppers
+(the language model's prompt pass and one step), beam search (blip2/beam.py, a step function over a BeamState),
+and Decoding, whose `steps()` drives them.
 
 Return value (as the reference): decoder-only -> prompt ids + new ids; encoder-decoder -> decoder_start + new ids.
 Rows that finished early are padded with pad_token_id (beam search: with pad_token_id or, when that is 0 or unset,
@@ -18,7 +18,9 @@ import torch
 import torch.nn.functional as F
 
 from . import decoding
+from .beam import BeamState, beam_result, beam_step
 from .cache import KVCache
+from .logits import logits_processors
 from .ops import ModelOutput
 from .tokenizer import TextStreamDecoder
 
@@ -97,133 +99,6 @@ GenerationConfig = make_dataclass(
                                            "num_beams, ..., seed) and ReferenceSettings' (max_length, ...)."})
 
 
-# ---- logits processors: (ids (N, T) every token so far, scores (N, V) fp32) -> scores, in the reference's order
-
-@dataclass
-class RepetitionPenalty:
-    penalty: float
-    skip: torch.Tensor | None  # (N,) leading ids not penalised (a decoder-only prompt's left padding), or None
-
-    def __call__(self, ids, scores):
-        (n, t), v = ids.shape, scores.shape[-1]
-        ids_in = ids.clamp(max=v)  # column v collects what the penalty must not touch
-        if self.skip is not None:
-            ids_in = ids_in.masked_fill(torch.arange(t, device=ids.device) < self.skip[:, None], v)
-        seen = torch.zeros(n, v + 1, dtype=torch.bool, device=ids.device).scatter_(1, ids_in, True)[:, :v]
-        p = self.penalty
-        return torch.where(seen, torch.where(scores < 0, scores * p, scores / p), scores)
-
-
-@dataclass
-class NoRepeatNGram:
-    size: int
-
-    def __call__(self, ids, scores):  # ban the tokens that would complete an n-gram seen before
-        (n, t), v = ids.shape, scores.shape[-1]
-        if t < self.size:
-            return scores
-        windows = ids.unfold(1, self.size, 1)  # (N, W, size)
-        matches = (windows[..., :-1] == ids[:, t + 1 - self.size:][:, None]).all(-1)
-        banned = torch.zeros(n, v + 1, dtype=torch.bool, device=ids.device)
-        banned.scatter_(1, torch.where(matches, windows[..., -1].clamp(max=v), v), True)
-        return scores.masked_fill(banned[:, :v], -math.inf)
-
-
-@dataclass
-class BadWords:
-    """The reference's NoBadWordsLogitsProcessor: a word's last id is banned where the ids so far end with the rest
-    of it (always, for one-id words). EOS alone is never banned."""
-
-    words: list  # lists of ids
-
-    def __call__(self, ids, scores):
-        banned = torch.zeros_like(scores, dtype=torch.bool)
-        for word in self.words:
-            *prefix, last = word
-            if last >= scores.shape[-1] or len(prefix) > ids.shape[1]:
-                continue
-            hit = (ids[:, ids.shape[1] - len(prefix):] == ids.new_tensor(prefix)).all(1) if prefix else True
-            banned[:, last] |= hit
-        return scores.masked_fill(banned, -math.inf)
-
-
-@dataclass
-class RemoveInvalid:
-    """The reference's InfNanRemoveLogitsProcessor."""
-
-    def __call__(self, ids, scores):
-        out = torch.where(scores != scores, 0.0, scores)
-        out = torch.where(scores == math.inf, torch.finfo(scores.dtype).max, out)
-        return torch.where(scores == -math.inf, torch.finfo(scores.dtype).min, out)
-
-
-@dataclass
-class MinLength:
-    min_length: int  # EOS is banned while the rows hold fewer ids
-    eos: torch.Tensor  # (E,)
-
-    def __call__(self, ids, scores):
-        if ids.shape[1] >= self.min_length:
-            return scores
-        return scores.masked_fill(torch.isin(torch.arange(scores.shape[-1], device=ids.device), self.eos), -math.inf)
-
-
-@dataclass
-class Temperature:
-    temperature: float
-
-    def __call__(self, ids, scores):
-        return scores / self.temperature
-
-
-@dataclass
-class TopK:
-    k: int
-    keep: int  # the fewest tokens left
-
-    def __call__(self, ids, scores):
-        k = min(max(self.k, self.keep), scores.shape[-1])
-        return scores.masked_fill(scores < torch.topk(scores, k)[0][..., -1:], -math.inf)
-
-
-@dataclass
-class TopP:
-    p: float
-    keep: int
-
-    def __call__(self, ids, scores):
-        sorted_scores, order = torch.sort(scores, descending=False)
-        remove = sorted_scores.softmax(-1).cumsum(-1) <= (1 - self.p)
-        remove[..., -self.keep:] = False
-        return scores.masked_fill(remove.scatter(1, order, remove), -math.inf)
-
-
-def logits_processors(cfg: GenerationConfig, min_length: int, eos: torch.Tensor | None,
-                      skip: torch.Tensor | None) -> list[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
-    """The processors `cfg` asks for, in the reference's order (warpers last, only when sampling)."""
-    out = []
-    if cfg.repetition_penalty != 1.0:
-        out.append(RepetitionPenalty(cfg.repetition_penalty, skip))
-    if cfg.no_repeat_ngram_size:
-        out.append(NoRepeatNGram(cfg.no_repeat_ngram_size))
-    if cfg.bad_words_ids:
-        eos_ids = set(eos.tolist()) if eos is not None else set()
-        out.append(BadWords([list(w) for w in cfg.bad_words_ids if not (len(w) == 1 and w[0] in eos_ids)]))
-    if eos is not None:
-        out.append(MinLength(min_length, eos))
-    if cfg.remove_invalid_values:
-        out.append(RemoveInvalid())
-    if cfg.do_sample:
-        keep = (len(eos) + 1 if eos is not None else 2) if cfg.num_beams > 1 else 1  # beams keep room for EOS
-        if cfg.temperature != 1.0:
-            out.append(Temperature(cfg.temperature))
-        if cfg.top_k:
-            out.append(TopK(cfg.top_k, keep))
-        if cfg.top_p < 1.0:
-            out.append(TopP(cfg.top_p, keep))
-    return out
-
-
 # ---- steppers: the prompt pass, then one token a step, over one KV cache
 
 class DecoderStepper:
@@ -291,93 +166,6 @@ def own_stepper(lm, inputs_embeds, attention_mask, past_key_values, start_id, wa
     if lm.config.is_encoder_decoder:
         return EncoderDecoderStepper(lm, inputs_embeds, attention_mask, start_id, want)
     return DecoderStepper(lm, inputs_embeds, attention_mask, past_key_values, want)
-
-
-# ---- beam search: a state and a step function over it
-
-@dataclass
-class BeamState:
-    """The reference's vectorised beam search for B prompts of n ids, k beams each, rows up to max_length."""
-
-    running: torch.Tensor  # (B, k, max_length) the running beams' ids
-    running_scores: torch.Tensor  # (B, k) their summed log-probabilities
-    running_src: torch.Tensor  # (B, k, new) flat source row of each new token
-    sequences: torch.Tensor  # (B, k, max_length) the best finished hypotheses
-    scores_done: torch.Tensor  # (B, k) their length-normalised scores
-    src_done: torch.Tensor  # (B, k, new)
-    finished: torch.Tensor  # (B, k) bool: a hypothesis slot is filled
-    improvable: torch.Tensor  # (B, 1) bool: a running beam can still beat the worst finished one
-
-    @classmethod
-    def start(cls, prompt: torch.Tensor, k: int, max_length: int, fill: int) -> "BeamState":
-        (b, n), device = prompt.shape, prompt.device
-        running = prompt.new_full((b, k, max_length), fill)
-        running[:, :, :n] = prompt[:, None]
-        running_scores = torch.zeros(b, k, device=device)
-        running_scores[:, 1:] = -1e9  # only the first beam's continuations count at the first step
-        src = torch.full((b, k, max_length - n), -1, dtype=torch.int32, device=device)
-        finished = torch.zeros(b, k, dtype=torch.bool, device=device)
-        return cls(running, running_scores, src, running.clone(), torch.full((b, k), -1e9, device=device), src.clone(),
-                   finished, torch.ones(b, 1, dtype=torch.bool, device=device))
-
-
-def beam_step(state: BeamState, log_probs: torch.Tensor, cur: int, n: int, max_length: int, cfg: GenerationConfig,
-              eos: torch.Tensor | None, generator: torch.Generator | None) -> tuple[BeamState, torch.Tensor, bool]:
-    """One step: keep the best `keep` continuations of all beams (log_probs (B*k, V), processed), run the best k
-    unfinished ones on, and merge finished ones (score / new_length ** length_penalty) into the k best hypotheses.
-    Returns the new state, the rows (B*k,) the stepper's cache must take, and whether the search is over."""
-    s, k = state, cfg.num_beams
-    b, v = s.running.shape[0], log_probs.shape[-1]
-    keep = max(2, 1 + (0 if eos is None else len(eos))) * k
-    log_probs = (log_probs.view(b, k, v) + s.running_scores[:, :, None]).view(b, k * v)
-    if cfg.do_sample:
-        pick = torch.multinomial(F.softmax(log_probs, dim=-1), keep, generator=generator)
-        top_scores, order = log_probs.gather(1, pick).sort(dim=-1, descending=True)
-        pick = pick.gather(1, order)
-    else:
-        top_scores, pick = torch.topk(log_probs, keep)  # (B, keep)
-    beam = pick // v
-    top_seq = _gather(s.running, beam)  # (B, keep, max_length)
-    top_seq[:, :, cur] = pick % v
-    top_src = _gather(s.running_src, beam)
-    top_src[:, :, cur - n] = (beam + torch.arange(b, device=beam.device)[:, None] * k).int()
-    hits = torch.full((b, keep), cur + 1 >= max_length, dtype=torch.bool, device=beam.device)
-    if eos is not None:
-        hits |= torch.isin(top_seq[:, :, cur], eos)
-    # the best unfinished continuations run on
-    run_scores = top_scores + hits.to(torch.float32) * -1.0e9
-    nxt = torch.topk(run_scores, k)[1]
-    running, running_scores, running_src = _gather(top_seq, nxt), _gather(run_scores, nxt), _gather(top_src, nxt)
-    # finished continuations among the top k join the hypotheses if they score better
-    just_done = hits & (torch.arange(keep, device=beam.device) < k)[None, :]
-    done_scores = top_scores / ((cur + 1 - n) ** cfg.length_penalty)
-    full = torch.all(s.finished, dim=-1, keepdim=True) & (cfg.early_stopping is True)
-    done_scores += full.to(torch.float32) * -1.0e9
-    done_scores += (~s.improvable).to(torch.float32) * -1.0e9
-    done_scores += (~just_done) * -1.0e9
-    merged = torch.topk(torch.cat((s.scores_done, done_scores), 1), k)[1]
-    sequences = _gather(torch.cat((s.sequences, top_seq), 1), merged)
-    scores_done = _gather(torch.cat((s.scores_done, done_scores), 1), merged)
-    src_done = _gather(torch.cat((s.src_done, top_src), 1), merged)
-    finished = _gather(torch.cat((s.finished, just_done), 1), merged)
-    # can a running beam still beat the worst finished hypothesis?
-    if cfg.early_stopping == "never" and cfg.length_penalty > 0.0:
-        best_len = max_length - n
-    else:
-        best_len = cur + 1 - n
-    best_running = running_scores[:, :1] / (best_len ** cfg.length_penalty)
-    worst_done = torch.where(finished, torch.min(scores_done, dim=1, keepdim=True)[0], -1.0e9)
-    improvable = s.improvable & torch.any(best_running > worst_done, dim=-1, keepdim=True)
-    open_beams = ~(torch.all(finished) & (cfg.early_stopping is True))
-    over = not bool(torch.any(improvable) & open_beams & ~torch.all(hits))
-    state = BeamState(running, running_scores, running_src, sequences, scores_done, src_done, finished, improvable)
-    return state, running_src[:, :, cur - n].flatten().long(), over
-
-
-def beam_result(state: BeamState, n: int, r: int) -> torch.Tensor:
-    """The r best hypotheses per prompt (B*r, n + longest new), as the reference returns them."""
-    sequences, src = state.sequences[:, :r].flatten(0, 1), state.src_done[:, :r].flatten(0, 1)
-    return sequences[:, :n + int((src + 1).bool().sum(1).max())]
 
 
 class Decoding:
@@ -640,11 +428,6 @@ def _lengths(cfg, n, extra, max_pos, attention_mask):
         max_length = min(max_length, n + max_pos - real)
     min_length = n + cfg.min_new_tokens if cfg.min_new_tokens is not None else max((cfg.min_length or 0) - extra, 0)
     return max_length, min_length
-
-
-def _gather(t, index):
-    """Select along dim 1 (beams) per batch row: t (B, K, ...), index (B, J) -> (B, J, ...)."""
-    return torch.take_along_dim(t, index.view(*index.shape, *[1] * (t.dim() - 2)), dim=1)
 
 
 @torch.no_grad()
