@@ -26,7 +26,6 @@ from typing import TYPE_CHECKING
 import torch
 
 from .cache import ByteLRU, FeatureCache, KVCache
-from .decoding import ANSWER, CAPTION
 from .generation import DEFAULT_NEW_TOKENS, Decoding, text_pieces
 from .images import ImageLike, keyed, unkeyed
 from .prompts import History, Limits, Prompt, chat_texts, fit, lowered
@@ -36,9 +35,6 @@ from .scheduler import Closed, Scheduler
 if TYPE_CHECKING:
     from .modeling import Blip2ForConditionalGeneration, Blip2ForImageTextRetrieval
     from .processing import Blip2Processor
-
-CAPTION_DECODING, ANSWER_DECODING = CAPTION, ANSWER  # the demo's defaults (blip2.decoding)
-
 
 @dataclass
 class Generated:
@@ -363,6 +359,3 @@ class Blip2Runner:
 
     def itc_image_batch(self, images: Sequence[ImageLike]) -> torch.Tensor:
         return self.retriever.itc_image_batch(images)
-
-    def text_batch(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor, list[bool]]:
-        return self.retriever.text_batch(texts)

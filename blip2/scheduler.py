@@ -111,9 +111,8 @@ class Scheduler:
     of a request that waits for it. `stats` counts steps, rows stepped, prompt passes and image encodes."""
 
     def __init__(self, lm, encode: Callable[[torch.Tensor], torch.Tensor] | None = None, max_rows: int = 16,
-                 vision_batch: int = 1, prompts_alone: bool = False):
+                 vision_batch: int = 1):
         self.lm, self.encode_fn, self.max_rows, self.vision_batch = lm, encode, max_rows, vision_batch
-        self.prompts_alone = prompts_alone
         self.encdec = bool(lm.config.is_encoder_decoder)
         self.lock = threading.Condition()
         self.running: list[_Request] = []  # in the batch's row order
@@ -258,18 +257,17 @@ class Scheduler:
         if stepping:
             logits = self._step(stepping)
             out += list(zip(stepping, logits.split([r.rows for r in stepping])))
-        for group in self._groups(arriving):
+        if arriving:
             try:
-                batch, logits = self._prompt_pass(group)
-            except Exception as e:  # a prompt that cannot run fails alone
-                out += [(r, e) for r in group]
-                continue
+                batch, logits = self._prompt_pass(arriving)
+            except Exception as e:  # the arrivals' prompt pass failed: they get the error, the batch runs on
+                return out + [(r, e) for r in arriving]
             if self.batch is None:
                 self.batch = batch
             else:
                 self.batch.join(batch)
-            self.running += group
-            out += list(zip(group, logits.split([r.rows for r in group])))
+            self.running += arriving
+            out += list(zip(arriving, logits.split([r.rows for r in arriving])))
         return out
 
     def _step(self, stepping: list[_Request]) -> torch.Tensor:
@@ -286,10 +284,6 @@ class Scheduler:
         self.stats["steps"] += 1
         self.stats["rows_stepped"] += len(tokens)
         return logits[:, -1]
-
-    def _groups(self, arriving: list[_Request]) -> list[list[_Request]]:
-        """Prompt passes that run together: every arrival at once (a pass per arrival if `prompts_alone`)."""
-        return [[r] for r in arriving] if self.prompts_alone else [arriving] if arriving else []
 
     def _prompt_pass(self, group: list[_Request]) -> tuple[_Batch, torch.Tensor]:
         """The group's prompts in one pass -> (their batch, logits (rows, V)). OPT: each row's reused prefix (if
