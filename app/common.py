@@ -143,12 +143,13 @@ def decoding_controls(limits: Limits, preset: Mapping[str, int | float], caption
     """The decoding settings the best BLIP-2 demos offer (blip2.decoding's fields), in an accordion, starting at
     `decoding_defaults(preset)`. Returns the components in the order the handlers take them."""
     defaults, highs = decoding_defaults(preset), resource_highs(limits)
-    rows = {}  # one row per decoding (the mode; beam search only; sampling only; both), in blip2.decoding's order
+    groups = {}  # by decoding (the mode; beam search only; sampling only; both), in blip2.decoding's order
     for f in OFFERED:
-        rows.setdefault("mode" if f.choices else f.only, []).append(f)
+        groups.setdefault("mode" if f.choices else f.only, []).append(f)
+    rows = [g[i:i + 2] for g in groups.values() for i in range(0, len(g), 2)]  # two a row: room for their help
     controls = {}
     with gr.Accordion("Decoding settings", open=False):
-        for row in rows.values():
+        for row in rows:
             with gr.Row():
                 for f in row:
                     name, info = api_name(f), f.help + (f"; {f.only} only" if f.only else "")
