@@ -272,9 +272,9 @@ class Captioner:
         return self._stream(image, self.chat_texts(question, history), decoding)
 
     def caption_batch(self, images: Sequence[ImageLike], prompt: str | list[str] = "", **decoding) -> list[Generated]:
-        """Describe several images at once: each a request of the scheduler's batch (the images encoded together,
-        nothing cached, nothing hashed), so each gets what `caption` gives it alone (sampling: with `seed`, the
-        caption `caption` draws with that seed). Returns one Generated per image."""
+        """Describe several images at once: each a request of the scheduler's batch (the images encoded in its
+        turns, one a turn; nothing cached, nothing hashed), so each gets what `caption` gives it alone (sampling:
+        with `seed`, the caption `caption` draws with that seed). Returns one Generated per image."""
         images = [unkeyed(i) for i in images]
         prompts = [prompt] * len(images) if isinstance(prompt, str) else list(prompt)
         if len(prompts) != len(images):
