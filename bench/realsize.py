@@ -23,8 +23,8 @@ an AMD EPYC), so that the vision tower's precision is decided as on such a CPU; 
 output `wo` in bf16. transformers bf16 runs only where the checkpoint fits in 16 GB with 1 GB to spare.
 A floors process measures in the same run the read bandwidth (sum of a 1 GiB float32 tensor) and the bf16 matmul
 throughput; the floors: encode FLOPs / matmul rate, the prompt's FLOPs / matmul rate, a decoding step's weight
-bytes / bandwidth. The CPUs may be shared: the load average and free memory are printed beside every figure, and
-the children's OpenMP threads wait passively (WAIT_POLICY below).
+bytes / bandwidth. The CPUs may be shared: the load average and free memory are printed beside every figure (on a
+busy machine, run with `--omp-wait passive`: WAIT_POLICIES below).
 """
 
 import argparse
@@ -52,11 +52,14 @@ RUNS = {  # name -> (library, quantization, environment)
     "blip2-int4-noamx-vision-bf16": ("blip2", {"bits": 4, "include_vision": False}, NO_AMX),
     "hf-bf16": ("hf", None, {}), "hf-8bit": ("hf", "8bit", {})}
 DEFAULT_RUNS = "blip2-int4,blip2-int4-saved,hf-bf16"
-# OpenMP threads that wait passively (sleep at once) rather than spin: on a machine whose other processes keep its
-# cores busy, a spinning thread spends its time slice waiting for a descheduled peer at every parallel region (200+
-# per decoding step), and a 2-thread decoding step ran ~10x slower (64 int4 2560 x 2560 matmuls at 1 row, load 7-10
-# on 2 cores: 81-214 ms spinning, 20.6 passive, 24.9 on 1 thread). $OMP_WAIT_POLICY, where set, wins.
-WAIT_POLICY = "PASSIVE"
+# How the children's OpenMP threads wait between parallel regions (--omp-wait). "library": as blip2's users run
+# (libgomp's default: spin a while, then sleep), for a quiet machine. "passive" (OMP_WAIT_POLICY=PASSIVE: sleep at
+# once), for a machine whose other processes keep its cores busy: there a spinning thread spends its time slice
+# waiting for a descheduled peer at every parallel region (200+ per decoding step), and a 2-thread decoding step ran
+# ~10x slower (64 int4 2560 x 2560 matmuls at 1 row, load 7-10 on 2 cores: 81-214 ms spinning, 20.6 passive, 24.9
+# on 1 thread); on a quiet machine passive waiting costs a wake-up per region instead (Flan-T5-XL int4 decoding
+# step: 51 ms library, 82 ms passive). $OMP_WAIT_POLICY, where set, wins over both.
+WAIT_POLICIES = {"library": None, "passive": "PASSIVE"}
 FITS = 16e9 - 1e9  # a bf16 checkpoint transformers runs here: its bytes plus 1 GB of activations and runtime
 QUESTION = list(range(1000, 1012))  # 12 token ids: "Question: what is in the picture? Answer:"-sized
 GENERATION_ONLY = "the bench times image-to-text checkpoints; {} has no language model (its vision tower and " \
@@ -283,9 +286,10 @@ def kernels(threads: int, repeat: int = 15):
         print(f"| {name}, {m} | " + " | ".join(row) + " |", flush=True)
 
 
-def run(env: dict, *args) -> dict:
+def run(env: dict, wait: str, *args) -> dict:
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error", TQDM_DISABLE="1", **env)
-    env.setdefault("OMP_WAIT_POLICY", WAIT_POLICY)
+    if WAIT_POLICIES[wait]:
+        env.setdefault("OMP_WAIT_POLICY", WAIT_POLICIES[wait])
     p = subprocess.run([sys.executable, "-m", "bench.realsize", *args], env=env, capture_output=True, text=True,
                        cwd=ROOT)
     line = next((ln for ln in reversed(p.stdout.splitlines()) if ln.startswith("{")), None)
@@ -316,6 +320,8 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--best-of", type=int, default=2, help="timings within a process: the best of this many")
     ap.add_argument("--cache", default=CACHE, help="where the checkpoints (and the saved int4 copies) live")
+    ap.add_argument("--omp-wait", choices=WAIT_POLICIES, default="library",
+                    help="how the OpenMP threads wait: library (quiet machine) or passive (shared, busy machine)")
     ap.add_argument("--kernels", action="store_true", help="only time the packed kernels against bf16 per row count")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -345,8 +351,9 @@ def main(argv=None):
 
 def bench_model(model: str, names: list[str], args) -> None:
     path, saved = (os.path.join(args.cache, f"blip2-{model}-{kind}") for kind in ("random", "int4"))
-    print(f"\n## {model}: checkpoint {write_checkpoint(model, path)} ({machine()}; OMP_WAIT_POLICY="
-          f"{os.environ.get('OMP_WAIT_POLICY', WAIT_POLICY)})", flush=True)
+    wait = os.environ.get("OMP_WAIT_POLICY") or WAIT_POLICIES[args.omp_wait] or "unset (libgomp's default)"
+    print(f"\n## {model}: checkpoint {write_checkpoint(model, path)} ({machine()}; OMP_WAIT_POLICY={wait})",
+          flush=True)
     if "blip2-int4-saved" in names and not os.path.isdir(saved) and "blip2-int4" not in names:
         names.insert(0, "blip2-int4")  # it writes the saved copy
     too_big = bf16_bytes(path) > FITS
@@ -356,7 +363,7 @@ def bench_model(model: str, names: list[str], args) -> None:
     results = {n: [] for n in names + ["floors"]}
     for i in range(args.repeat):
         for name in [n for n in names if n not in skipped] + ["floors"]:
-            r = run(RUNS[name][2] if name in RUNS else {}, "--child", name, *common)
+            r = run(RUNS[name][2] if name in RUNS else {}, args.omp_wait, "--child", name, *common)
             r["machine"] = machine()
             results[name].append(r)
             print(f"round {i + 1} {name}: " + (r["error"] if "error" in r else ", ".join(
