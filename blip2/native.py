@@ -133,7 +133,8 @@ def load(path: Path) -> ctypes.CDLL:
     p, i = ctypes.c_void_p, ctypes.c_int
     for f in kernels:
         f.restype = i
-    kernels[1].argtypes = kernels[2].argtypes = [p, i, i, i, i, p, p, i, p, i]
+    kernels[1].argtypes = [p, i, i, i, i, p, p, i, p, p, i, i]  # blip2_int4_mm
+    kernels[2].argtypes = [p, i, i, i, i, p, p, i, p, p, i, i]  # blip2_int8_mm
     return lib
 
 
@@ -183,10 +184,15 @@ def isa() -> str:
     return {2: "avx512-vnni", 1: "avx2"}.get(lib.blip2_isa(), "") if lib else ""
 
 
+OUT_DTYPES = (torch.bfloat16, torch.float32)  # what the kernels write (bfloat16 rounded as torch rounds)
+
+
 def int4_mm(x: torch.Tensor, weight: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int,
+            bias: torch.Tensor | None = None, dtype: torch.dtype = torch.float32,
             lib: ctypes.CDLL | None = None) -> torch.Tensor:
-    """(M, K) bfloat16 / float32 x @ W^T -> (M, N) float32. weight: uint8 (N, K/2) in blip2's packed layout
-    (weight_only.pack_int4 with layout 0); scales_and_zeros: bfloat16 (N/16, K/group, 16, 2)."""
+    """(M, K) bfloat16 / float32 x @ W^T + bias -> (M, N) in `dtype` (bfloat16: the product rounded, then the sum
+    with the bias, as y.to(bfloat16) + bias). weight: uint8 (N, K/2) in blip2's packed layout (weight_only.pack_int4
+    with layout 0); scales_and_zeros: bfloat16 (N/16, K/group, 16, 2); bias (N,) in `dtype`, or None."""
     lib = lib or library()
     k, n = x.shape[1], weight.shape[0]
     if x.dtype not in (torch.bfloat16, torch.float32) or scales_and_zeros.dtype != torch.bfloat16:
@@ -197,17 +203,16 @@ def int4_mm(x: torch.Tensor, weight: torch.Tensor, scales_and_zeros: torch.Tenso
     if scales_and_zeros.shape != (n // 16, k // group_size, 16, 2):
         raise ValueError(f"int4_mm: scales_and_zeros {tuple(scales_and_zeros.shape)}, expected "
                          f"{(n // 16, k // group_size, 16, 2)}")
-    if not (weight.is_contiguous() and scales_and_zeros.is_contiguous()) or \
-            {t.device.type for t in (x, weight, scales_and_zeros)} != {"cpu"}:
-        raise ValueError("int4_mm: the packed weight and its scales must be contiguous, all three on the CPU (a "
-                         "tensor on the meta device was never loaded)")
-    return launch(lib.blip2_int4_mm, x, n, weight.data_ptr(), scales_and_zeros.data_ptr(), group_size)
+    check_memory("int4_mm", x, weight, scales_and_zeros, bias, n, dtype)
+    return launch(lib.blip2_int4_mm, x, n, dtype, weight.data_ptr(), scales_and_zeros.data_ptr(), group_size,
+                  bias=bias)
 
 
-def int8_mm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor,
-            lib: ctypes.CDLL | None = None) -> torch.Tensor:
-    """(M, K) bfloat16 / float32 x @ (weight * scales[:, None])^T -> (M, N) float32; weight int8 (N, K) as saved,
-    scales (N,) bfloat16 / float32. For a few rows (decoding steps): every row reads the whole weight."""
+def int8_mm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None,
+            dtype: torch.dtype = torch.float32, lib: ctypes.CDLL | None = None) -> torch.Tensor:
+    """(M, K) bfloat16 / float32 x @ (weight * scales[:, None])^T + bias -> (M, N) in `dtype` (as int4_mm); weight
+    int8 (N, K) as saved, scales (N,) bfloat16 / float32. For a few rows (decoding steps): every row reads the whole
+    weight."""
     lib = lib or library()
     k, n = x.shape[1], weight.shape[0]
     if x.dtype not in (torch.bfloat16, torch.float32) or scales.dtype not in (torch.bfloat16, torch.float32):
@@ -215,19 +220,32 @@ def int8_mm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor,
     if weight.dtype != torch.int8 or weight.shape != (n, k) or scales.shape != (n,):
         raise ValueError(f"int8_mm: weight {tuple(weight.shape)} {weight.dtype} and scales {tuple(scales.shape)} "
                          f"do not fit {k} inputs")
-    if not (weight.is_contiguous() and scales.is_contiguous()) or \
-            {t.device.type for t in (x, weight, scales)} != {"cpu"}:
-        raise ValueError("int8_mm: the weight and its scales must be contiguous, all three on the CPU (a tensor on "
-                         "the meta device was never loaded)")
-    return launch(lib.blip2_int8_mm, x, n, weight.data_ptr(), scales.data_ptr(), int(scales.dtype == torch.bfloat16))
+    check_memory("int8_mm", x, weight, scales, bias, n, dtype)
+    return launch(lib.blip2_int8_mm, x, n, dtype, weight.data_ptr(), scales.data_ptr(),
+                  int(scales.dtype == torch.bfloat16), bias=bias)
 
 
-def launch(kernel, x: torch.Tensor, n: int, *args: int) -> torch.Tensor:
-    """y (M, N) float32 from `kernel`(x, x is bf16, M, K, N, *args, y, threads), the kernels' one calling convention."""
+def check_memory(name: str, x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
+                 n: int, dtype: torch.dtype) -> None:
+    """The kernels read raw memory: every tensor contiguous on the CPU (a tensor on the meta device has none), the
+    bias (N,) in the output's dtype."""
+    if dtype not in OUT_DTYPES or (bias is not None and (bias.dtype != dtype or bias.shape != (n,))):
+        raise TypeError(f"{name} writes bfloat16 or float32 with a bias (N,) of that dtype, got {dtype} and "
+                        f"{None if bias is None else (bias.dtype, tuple(bias.shape))}")
+    if not (x.is_cpu and weight.is_cpu and scales.is_cpu and weight.is_contiguous() and scales.is_contiguous() and
+            (bias is None or bias.is_cpu and bias.is_contiguous())):
+        raise ValueError(f"{name}: the weight, its scales and the bias must be contiguous, all on the CPU (a tensor on "
+                         f"the meta device was never loaded)")
+
+
+def launch(kernel, x: torch.Tensor, n: int, dtype: torch.dtype, *args: int, bias: torch.Tensor | None) -> torch.Tensor:
+    """y (M, N) in `dtype` from `kernel`(x, x is bf16, M, K, N, *args, bias, y, y is bf16, threads), the kernels' one
+    calling convention."""
     x = x.contiguous()
     m, k = x.shape
-    y = torch.empty(m, n, dtype=torch.float32)
-    threads = torch.get_num_threads()
-    if m and kernel(x.data_ptr(), int(x.dtype == torch.bfloat16), m, k, n, *args, y.data_ptr(), threads):
+    y = torch.empty(m, n, dtype=dtype)
+    if m and kernel(x.data_ptr(), int(x.dtype == torch.bfloat16), m, k, n, *args,
+                    None if bias is None else bias.data_ptr(), y.data_ptr(), int(dtype == torch.bfloat16),
+                    torch.get_num_threads()):
         raise MemoryError(f"{kernel.__name__}: no memory for the quantized activations ({m} x {k})")
     return y

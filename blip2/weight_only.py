@@ -314,23 +314,32 @@ class WeightOnlyLinear(nn.Module):
         return w.reshape(self.out_features, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1])  # (M, K)
+        x2 = x.reshape(-1, x.shape[-1])  # (M, K)
+        # blip2's kernels add the bias and round to the model's dtype themselves (the two ops below, without their
+        # passes over y: a decoding step of OPT-2.7B called them 384 times)
+        fused = native.available() and self.dtype in native.OUT_DTYPES
+        out = {"bias": self.bias, "dtype": self.dtype} if fused else {}
         if self.bits == 4 and self.layout == 0:
-            x2 = x2 if x2.dtype in (torch.bfloat16, torch.float32) else x2.float()
-            y = native.int4_mm(x2, self.weight, self.scales_and_zeros, self.group_size)
+            y = native.int4_mm(kernel_input(x2), self.weight, self.scales_and_zeros, self.group_size, **out)
         elif self.bits == 4:
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(self.dtype).contiguous(), self.weight,
-                                                           self.group_size, self.scales_and_zeros)
+            y, fused = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(self.dtype).contiguous(), self.weight,
+                                                                  self.group_size, self.scales_and_zeros), False
         elif x2.shape[0] < INT8_MATMUL_ROWS and native.available():
-            y = native.int8_mm(x2 if x2.dtype in (torch.bfloat16, torch.float32) else x2.float(), self.weight,
-                               self.scales)
-        elif x2.shape[0] >= INT8_MATMUL_ROWS or self.in_features % 32:  # (PyTorch's packed int8 kernel reads
-            y = int8_matmul(x2.to(self.dtype).contiguous(), self.weight, self.scales)  # past a bf16 row of 32k+r)
-        else:
-            y = torch.ops.aten._weight_int8pack_mm(x2.to(self.dtype).contiguous(), self.weight, self.scales)
-        y = y.reshape(*shape[:-1], self.out_features).to(self.dtype)
-        return (y if self.bias is None else y + self.bias).to(x.dtype)
+            y = native.int8_mm(kernel_input(x2), self.weight, self.scales, **out)
+        elif x2.shape[0] >= INT8_MATMUL_ROWS or self.in_features % 32:  # (PyTorch's packed int8 kernel below
+            y, fused = int8_matmul(x2.to(self.dtype).contiguous(), self.weight, self.scales), False  # reads past a
+        else:  # bf16 row of 32k+r)
+            y, fused = torch.ops.aten._weight_int8pack_mm(x2.to(self.dtype).contiguous(), self.weight,
+                                                          self.scales), False
+        y = y.reshape(*x.shape[:-1], self.out_features)
+        if not fused:
+            y = y.to(self.dtype) if self.bias is None else y.to(self.dtype) + self.bias
+        return y.to(x.dtype)
+
+
+def kernel_input(x: torch.Tensor) -> torch.Tensor:
+    """Activations as blip2's kernels take them: bfloat16 or float32."""
+    return x if x.dtype in (torch.bfloat16, torch.float32) else x.float()
 
 
 def int8_matmul(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:

@@ -4,6 +4,7 @@ group or a machine that cannot build the kernel, quantize -> save -> load, a che
 and the app serving int4."""
 
 import contextlib
+import functools
 import json
 import os
 import subprocess
@@ -98,6 +99,44 @@ def test_the_avx2_build_gives_the_same_bits_as_this_one(tmp_path):
 
 
 AVX2_FLAGS = {"avx2": ("-O3", "-mavx2", "-mfma"), "avx2-vnni": ("-O3", "-march=native", "-mno-avx512f")}
+
+
+@needs_native
+@pytest.mark.parametrize("build", ["here", "avx2"])
+def test_the_kernels_add_the_bias_and_round_as_torch_does(build, tmp_path):
+    """The kernels write the model's dtype with the bias added (a decoding step's linears no longer run two torch
+    ops after each kernel): bit for bit what the float32 product, .to(dtype) and + bias gave, for bfloat16 (rounded
+    to nearest even, then the sum rounded again) and float32, at every row count, inf and NaN rows included."""
+    lib = None
+    if build != "here":
+        flags = (*AVX2_FLAGS[build], "-fopenmp", "-shared", "-fPIC", "-std=c++17")
+        lib = native.load(native.build(os.environ.get("CXX", "c++"), flags, tmp_path))
+    torch.manual_seed(0)
+    for dtype in (torch.bfloat16, torch.float32):
+        int4 = WeightOnlyLinear(256, 96, True, 4, 64, dtype, device="cpu")
+        int4.load("weight", torch.randn(96, 256).to(dtype))
+        int8 = WeightOnlyLinear(300, 37, True, 8, 64, dtype, device="cpu")
+        int8.load("weight", torch.randn(37, 300).to(dtype))
+        bias4, bias8 = torch.randn(96).to(dtype) * 10, torch.randn(37).to(dtype) * 10
+        for m in (1, 2, 3, 9, 33):
+            for k, layer, bias in ((256, int4, bias4), (300, int8, bias8)):
+                x = torch.randn(m, k).to(dtype) * 3
+                x[0, 0] = float("inf") if m > 2 else x[0, 0]
+                x[-1, 1] = float("nan") if m > 1 else x[-1, 1]
+                if layer.bits == 4:
+                    run = functools.partial(native.int4_mm, x, layer.weight, layer.scales_and_zeros, 64, lib=lib)
+                else:
+                    run = functools.partial(native.int8_mm, x, layer.weight, layer.scales, lib=lib)
+                product = run()  # float32
+                assert product.dtype == torch.float32
+                for b in (None, bias):
+                    fused = run(bias=b, dtype=dtype)
+                    ref = product.to(dtype) if b is None else product.to(dtype) + b
+                    assert fused.dtype == dtype
+                    assert torch.equal(fused.isnan(), ref.isnan())
+                    assert torch.equal(fused.nan_to_num(), ref.nan_to_num()), (dtype, m, k, b is None)
+    with pytest.raises(TypeError, match="bias"):
+        native.int4_mm(x[:, :256], int4.weight, int4.scales_and_zeros, 64, bias=bias4, dtype=torch.bfloat16)
 
 
 @needs_native

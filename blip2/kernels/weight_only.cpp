@@ -49,7 +49,7 @@ inline int32_t load4(const int8_t* p) {
     return v;
 }
 
-inline float bf16(uint16_t h) {
+inline float bf16f(uint16_t h) {
     uint32_t u = (uint32_t)h << 16;
     float f;
     memcpy(&f, &u, 4);
@@ -57,8 +57,41 @@ inline float bf16(uint16_t h) {
 }
 
 inline float load_float(const void* p, int is_bf16, size_t i) {
-    return is_bf16 ? bf16(((const uint16_t*)p)[i]) : ((const float*)p)[i];
+    return is_bf16 ? bf16f(((const uint16_t*)p)[i]) : ((const float*)p)[i];
 }
+
+inline uint16_t to_bf16(float f) {  // rounded to nearest even, as torch rounds (a NaN stays a NaN); no branch, so
+    uint32_t u;                      // that the loops in Out::put vectorize
+    memcpy(&u, &f, 4);
+    const uint16_t r = (uint16_t)((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
+    return f != f ? (uint16_t)0x7FC0 : r;
+}
+
+// Where the kernels' sums go: y (M, N) in float32, or in bfloat16 rounded as torch rounds; bias (N,) in y's dtype or
+// null. In bfloat16 the product is rounded, then the sum with the bias (torch's y.to(bfloat16) + bias), so that a
+// model's outputs are those of the two torch ops this replaces, without their two passes over y.
+struct Out {
+    void* y;
+    int bf16, N;
+    const void* bias;
+
+    void put(const float* v, int n, int r, int n0) const {  // v[0..n) -> row r, channels n0 ..
+        const size_t at = (size_t)r * N + n0;
+        if (bf16 && bias) {
+            uint16_t* d = (uint16_t*)y + at;
+            const uint16_t* b = (const uint16_t*)bias + n0;
+            for (int c = 0; c < n; c++) d[c] = to_bf16(bf16f(to_bf16(v[c])) + bf16f(b[c]));
+        } else if (bf16) {
+            uint16_t* d = (uint16_t*)y + at;
+            for (int c = 0; c < n; c++) d[c] = to_bf16(v[c]);
+        } else if (bias) {
+            const float* b = (const float*)bias + n0;
+            for (int c = 0; c < n; c++) ((float*)y)[at + c] = v[c] + b[c];
+        } else {
+            memcpy((float*)y + at, v, sizeof(float) * n);
+        }
+    }
+};
 
 // n values of x (bfloat16 or float32) from `at` -> int8 with one symmetric scale, and the sum of the int8 values
 void quantize(const void* x, int is_bf16, size_t at, int n, int8_t* q, int32_t* sum, float* scale) {
@@ -86,7 +119,7 @@ void quantize(const void* x, int is_bf16, size_t at, int n, int8_t* q, int32_t* 
 #if BLIP2_ISA == 2
 // MR rows by one block of 16 channels: y[r][0..16)
 template <int MR>
-inline void tile(const uint8_t* w, const uint16_t* sz, int N, int group, const Rows& a, int r0, float* y) {
+inline void tile(const uint8_t* w, const uint16_t* sz, int group, const Rows& a, int r0, const Out& o, int n0) {
     const __m512i low = _mm512_set1_epi8(0x0F), high16 = _mm512_set1_epi32((int)0xFFFF0000);
     const int chunks = group / 8;
     __m512 acc[MR];
@@ -114,7 +147,11 @@ inline void tile(const uint8_t* w, const uint16_t* sz, int N, int group, const R
             acc[r] = _mm512_fmadd_ps(t, _mm512_set1_ps(a.scale[i]), acc[r]);
         }
     }
-    for (int r = 0; r < MR; r++) _mm512_storeu_ps(y + (size_t)r * N, acc[r]);
+    for (int r = 0; r < MR; r++) {
+        float v[16];
+        _mm512_storeu_ps(v, acc[r]);
+        o.put(v, 16, r0 + r, n0);
+    }
 }
 // int8: MR rows x NR channels (rows of w, K apart), full 64-byte chunks; the tail is summed in scalar code
 template <int MR, int NR>
@@ -156,7 +193,7 @@ inline __m256i dot4(__m256i acc, __m256i u, __m256i s) {  // 8 lanes += sum of 4
 }
 
 template <int MR>
-inline void tile(const uint8_t* w, const uint16_t* sz, int N, int group, const Rows& a, int r0, float* y) {
+inline void tile(const uint8_t* w, const uint16_t* sz, int group, const Rows& a, int r0, const Out& o, int n0) {
     const __m256i low = _mm256_set1_epi8(0x0F), high16 = _mm256_set1_epi32((int)0xFFFF0000);
     const int chunks = group / 8;
     __m256 acc[MR][2];
@@ -189,8 +226,11 @@ inline void tile(const uint8_t* w, const uint16_t* sz, int N, int group, const R
             }
         }
     }
-    for (int r = 0; r < MR; r++)
-        for (int h = 0; h < 2; h++) _mm256_storeu_ps(y + (size_t)r * N + 8 * h, acc[r][h]);
+    for (int r = 0; r < MR; r++) {
+        float v[16];
+        _mm256_storeu_ps(v, acc[r][0]), _mm256_storeu_ps(v + 8, acc[r][1]);
+        o.put(v, 16, r0 + r, n0);
+    }
 }
 inline int32_t hsum(__m256i v) {
     __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
@@ -230,8 +270,8 @@ constexpr int MAX_ROWS = 2;
 #if BLIP2_ISA > 0
 // rows r0 .. r0 + MR of y for channels n0 .. n0 + nc (nc <= 4)
 template <int MR>
-void channels8(const int8_t* w, const int8_t* xq, const float* xs, const void* ws, int ws_bf16, int K, int N, int r0,
-               int n0, int nc, float* y) {
+void channels8(const int8_t* w, const int8_t* xq, const float* xs, const void* ws, int ws_bf16, int K, int r0, int n0,
+               int nc, const Out& o) {
     int32_t d[MR * 4];
     if (nc == 4) {
         dot8<MR, 4>(w + (size_t)n0 * K, xq + (size_t)r0 * K, K, d);
@@ -242,9 +282,11 @@ void channels8(const int8_t* w, const int8_t* xq, const float* xs, const void* w
             for (int r = 0; r < MR; r++) d[r * 4 + c] = one[r];
         }
     }
-    for (int r = 0; r < MR; r++)
-        for (int c = 0; c < nc; c++)
-            y[(size_t)(r0 + r) * N + n0 + c] = (float)d[r * 4 + c] * xs[r0 + r] * load_float(ws, ws_bf16, n0 + c);
+    for (int r = 0; r < MR; r++) {
+        float v[4];
+        for (int c = 0; c < nc; c++) v[c] = (float)d[r * 4 + c] * xs[r0 + r] * load_float(ws, ws_bf16, n0 + c);
+        o.put(v, nc, r0 + r, n0);
+    }
 }
 #endif
 
@@ -255,13 +297,14 @@ extern "C" {
 // 2: AVX-512 VNNI, 1: AVX2, 0: neither (then blip2 keeps PyTorch's kernels)
 int blip2_isa(void) { return BLIP2_ISA; }
 
-// y (M, N) float32 = x (M, K) @ W^T; x bfloat16 (is_bf16) or float32; w packed (N/16, K/8, 64) bytes;
-// sz (N/16, K/group, 16, 2) bfloat16. N a multiple of 16, K of group, group a multiple of 8 up to 256.
-// Returns 0, or -1 (no vector unit, or out of memory).
+// y (M, N) = x (M, K) @ W^T + bias; x bfloat16 (is_bf16) or float32; w packed (N/16, K/8, 64) bytes;
+// sz (N/16, K/group, 16, 2) bfloat16; y and bias (N,) (or null) in bfloat16 (y_bf16) or float32 (Out). N a multiple
+// of 16, K of group, group a multiple of 8 up to 256. Returns 0, or -1 (no vector unit, or out of memory).
 int blip2_int4_mm(const void* x, int is_bf16, int M, int K, int N, const uint8_t* w, const uint16_t* sz,
-                  int group, float* y, int threads) {
+                  int group, const void* bias, void* y, int y_bf16, int threads) {
 #if BLIP2_ISA == 0
-    (void)x, (void)is_bf16, (void)M, (void)K, (void)N, (void)w, (void)sz, (void)group, (void)y, (void)threads;
+    (void)x, (void)is_bf16, (void)M, (void)K, (void)N, (void)w, (void)sz, (void)group, (void)bias, (void)y,
+        (void)y_bf16, (void)threads;
     return -1;
 #else
     const int G = K / group;
@@ -276,23 +319,23 @@ int blip2_int4_mm(const void* x, int is_bf16, int M, int K, int N, const uint8_t
     for (int i = 0; i < M * G; i++)
         quantize(x, is_bf16, (size_t)i * group, group, q + (size_t)i * group, sums + i, scales + i);
     const Rows a{q, sums, scales, K, G};
+    const Out o{y, y_bf16, N, bias};
     const int blocks = N / 16;
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int b = 0; b < blocks; b++) {
         const uint8_t* wb = w + (size_t)b * K * 8;  // 16 channels x K/2 bytes
         for (int r0 = 0; r0 < M; r0 += MAX_ROWS) {
-            float* yb = y + (size_t)r0 * N + 16 * b;
             switch (M - r0 < MAX_ROWS ? M - r0 : MAX_ROWS) {
 #if BLIP2_ISA == 2
-                case 8: tile<8>(wb, sz + (size_t)32 * G * b, N, group, a, r0, yb); break;
-                case 7: tile<7>(wb, sz + (size_t)32 * G * b, N, group, a, r0, yb); break;
-                case 6: tile<6>(wb, sz + (size_t)32 * G * b, N, group, a, r0, yb); break;
-                case 5: tile<5>(wb, sz + (size_t)32 * G * b, N, group, a, r0, yb); break;
-                case 4: tile<4>(wb, sz + (size_t)32 * G * b, N, group, a, r0, yb); break;
-                case 3: tile<3>(wb, sz + (size_t)32 * G * b, N, group, a, r0, yb); break;
+                case 8: tile<8>(wb, sz + (size_t)32 * G * b, group, a, r0, o, 16 * b); break;
+                case 7: tile<7>(wb, sz + (size_t)32 * G * b, group, a, r0, o, 16 * b); break;
+                case 6: tile<6>(wb, sz + (size_t)32 * G * b, group, a, r0, o, 16 * b); break;
+                case 5: tile<5>(wb, sz + (size_t)32 * G * b, group, a, r0, o, 16 * b); break;
+                case 4: tile<4>(wb, sz + (size_t)32 * G * b, group, a, r0, o, 16 * b); break;
+                case 3: tile<3>(wb, sz + (size_t)32 * G * b, group, a, r0, o, 16 * b); break;
 #endif
-                case 2: tile<2>(wb, sz + (size_t)32 * G * b, N, group, a, r0, yb); break;
-                default: tile<1>(wb, sz + (size_t)32 * G * b, N, group, a, r0, yb); break;
+                case 2: tile<2>(wb, sz + (size_t)32 * G * b, group, a, r0, o, 16 * b); break;
+                default: tile<1>(wb, sz + (size_t)32 * G * b, group, a, r0, o, 16 * b); break;
             }
         }
     }
@@ -301,12 +344,14 @@ int blip2_int4_mm(const void* x, int is_bf16, int M, int K, int N, const uint8_t
 #endif
 }
 
-// y (M, N) float32 = x (M, K) @ W^T * scales; x bfloat16 (x_bf16) or float32; w int8 (N, K) row-major; scales (N,)
-// bfloat16 (s_bf16) or float32. Returns 0, or -1 (no vector unit, or out of memory).
+// y (M, N) = x (M, K) @ W^T * scales + bias; x bfloat16 (x_bf16) or float32; w int8 (N, K) row-major; scales (N,)
+// bfloat16 (s_bf16) or float32; y and bias (N,) (or null) in bfloat16 (y_bf16) or float32 (Out). Returns 0, or -1
+// (no vector unit, or out of memory).
 int blip2_int8_mm(const void* x, int x_bf16, int M, int K, int N, const int8_t* w, const void* scales, int s_bf16,
-                  float* y, int threads) {
+                  const void* bias, void* y, int y_bf16, int threads) {
 #if BLIP2_ISA == 0
-    (void)x, (void)x_bf16, (void)M, (void)K, (void)N, (void)w, (void)scales, (void)s_bf16, (void)y, (void)threads;
+    (void)x, (void)x_bf16, (void)M, (void)K, (void)N, (void)w, (void)scales, (void)s_bf16, (void)bias, (void)y,
+        (void)y_bf16, (void)threads;
     return -1;
 #else
     int8_t* q = (int8_t*)malloc((size_t)M * K);
@@ -319,14 +364,15 @@ int blip2_int8_mm(const void* x, int x_bf16, int M, int K, int N, const int8_t* 
         int32_t unused;
         quantize(x, x_bf16, (size_t)m * K, K, q + (size_t)m * K, &unused, xs + m);
     }
+    const Out o{y, y_bf16, N, bias};
     const int quads = (N + 3) / 4;
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int i = 0; i < quads; i++) {
         const int n0 = 4 * i, nc = N - n0 < 4 ? N - n0 : 4;
         int r0 = 0;
-        for (; r0 + 3 <= M; r0 += 3) channels8<3>(w, q, xs, scales, s_bf16, K, N, r0, n0, nc, y);
-        if (M - r0 == 2) channels8<2>(w, q, xs, scales, s_bf16, K, N, r0, n0, nc, y);
-        if (M - r0 == 1) channels8<1>(w, q, xs, scales, s_bf16, K, N, r0, n0, nc, y);
+        for (; r0 + 3 <= M; r0 += 3) channels8<3>(w, q, xs, scales, s_bf16, K, r0, n0, nc, o);
+        if (M - r0 == 2) channels8<2>(w, q, xs, scales, s_bf16, K, r0, n0, nc, o);
+        if (M - r0 == 1) channels8<1>(w, q, xs, scales, s_bf16, K, r0, n0, nc, o);
     }
     free(q), free(xs);
     return 0;
