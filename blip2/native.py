@@ -26,6 +26,8 @@ import logging
 import os
 import platform
 import subprocess
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -187,65 +189,98 @@ def isa() -> str:
 OUT_DTYPES = (torch.bfloat16, torch.float32)  # what the kernels write (bfloat16 rounded as torch rounds)
 
 
-def int4_mm(x: torch.Tensor, weight: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int,
-            bias: torch.Tensor | None = None, dtype: torch.dtype = torch.float32,
-            lib: ctypes.CDLL | None = None) -> torch.Tensor:
-    """(M, K) bfloat16 / float32 x @ W^T + bias -> (M, N) in `dtype` (bfloat16: the product rounded, then the sum
-    with the bias, as y.to(bfloat16) + bias). weight: uint8 (N, K/2) in blip2's packed layout (weight_only.pack_int4
-    with layout 0); scales_and_zeros: bfloat16 (N/16, K/group, 16, 2); bias (N,) in `dtype`, or None."""
+@dataclass(frozen=True)
+class Call:
+    """A kernel bound to a weight that int4_call / int8_call checked: (M, K) bfloat16 / float32 x -> (M, N) in
+    `dtype`. A layer keeps its Call across decoding steps, so a step does not check again each of its ~200
+    weights."""
+
+    kernel: Callable[..., int]  # blip2_int4_mm or blip2_int8_mm: (x, x is bf16, M, K, N, *args, y, y is bf16, threads)
+    k: int
+    n: int
+    dtype: torch.dtype
+    args: tuple[int | None, ...]  # the weight's and its scales' memory, the group size or the scales' dtype, the bias
+    tensors: tuple[torch.Tensor, ...]  # the memory args points into, kept alive while this Call is
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype not in (torch.bfloat16, torch.float32) or not x.is_cpu or x.dim() != 2 or x.shape[1] != self.k:
+            raise TypeError(f"{self.kernel.__name__} takes (M, {self.k}) bfloat16 / float32 activations on the CPU, "
+                            f"got {tuple(x.shape)} {x.dtype} on {x.device}")
+        x = x.contiguous()
+        m = x.shape[0]
+        y = torch.empty(m, self.n, dtype=self.dtype)
+        if m and self.kernel(x.data_ptr(), x.dtype == torch.bfloat16, m, self.k, self.n, *self.args, y.data_ptr(),
+                             self.dtype == torch.bfloat16, torch.get_num_threads()):
+            raise MemoryError(f"{self.kernel.__name__}: no memory for the quantized activations ({m} x {self.k})")
+        return y
+
+
+def int4_call(weight: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int, k: int,
+              bias: torch.Tensor | None = None, dtype: torch.dtype = torch.float32,
+              lib: ctypes.CDLL | None = None) -> Call:
+    """x (M, k) -> x @ W^T + bias (M, N) in `dtype` (bfloat16: the product rounded, then the sum with the bias, as
+    y.to(bfloat16) + bias). weight: uint8 (N, k/2) in blip2's packed layout (weight_only.pack_int4 with layout 0);
+    scales_and_zeros: bfloat16 (N/16, k/group, 16, 2); bias (N,) in `dtype`, or None."""
     lib = lib or library()
-    k, n = x.shape[1], weight.shape[0]
-    if x.dtype not in (torch.bfloat16, torch.float32) or scales_and_zeros.dtype != torch.bfloat16:
-        raise TypeError(f"int4_mm takes bfloat16 / float32 activations and bfloat16 scales, got {x.dtype} and "
+    n = weight.shape[0]
+    if scales_and_zeros.dtype != torch.bfloat16 or weight.dtype != torch.uint8:
+        raise TypeError(f"int4_mm takes a uint8 packed weight and bfloat16 scales, got {weight.dtype} and "
                         f"{scales_and_zeros.dtype}")
     if not 8 <= group_size <= 256 or group_size % 8 or weight.shape != (n, k // 2) or n % 16 or k % group_size:
         raise ValueError(f"int4_mm: weight {tuple(weight.shape)} does not fit {k} inputs in groups of {group_size}")
     if scales_and_zeros.shape != (n // 16, k // group_size, 16, 2):
         raise ValueError(f"int4_mm: scales_and_zeros {tuple(scales_and_zeros.shape)}, expected "
                          f"{(n // 16, k // group_size, 16, 2)}")
-    check_memory("int4_mm", x, weight, scales_and_zeros, bias, n, dtype)
-    return launch(lib.blip2_int4_mm, x, n, dtype, weight.data_ptr(), scales_and_zeros.data_ptr(), group_size,
-                  bias=bias)
+    check_memory("int4_mm", weight, scales_and_zeros, bias, n, dtype)
+    return Call(lib.blip2_int4_mm, k, n, dtype, (weight.data_ptr(), scales_and_zeros.data_ptr(), group_size,
+                None if bias is None else bias.data_ptr()), kept(weight, scales_and_zeros, bias))
+
+
+def int8_call(weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None,
+              dtype: torch.dtype = torch.float32, lib: ctypes.CDLL | None = None) -> Call:
+    """x (M, K) -> x @ (weight * scales[:, None])^T + bias (M, N) in `dtype` (as int4_call); weight int8 (N, K) as
+    saved, scales (N,) bfloat16 / float32. For a few rows (decoding steps): every row reads the whole weight."""
+    lib = lib or library()
+    n, k = weight.shape
+    if scales.dtype not in (torch.bfloat16, torch.float32):
+        raise TypeError(f"int8_mm takes bfloat16 / float32 scales, got {scales.dtype}")
+    if weight.dtype != torch.int8 or scales.shape != (n,):
+        raise ValueError(f"int8_mm: weight {tuple(weight.shape)} {weight.dtype} and scales {tuple(scales.shape)} "
+                         f"do not fit {k} inputs")
+    check_memory("int8_mm", weight, scales, bias, n, dtype)
+    return Call(lib.blip2_int8_mm, k, n, dtype, (weight.data_ptr(), scales.data_ptr(), scales.dtype == torch.bfloat16,
+                None if bias is None else bias.data_ptr()), kept(weight, scales, bias))
+
+
+def int4_mm(x: torch.Tensor, weight: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int,
+            bias: torch.Tensor | None = None, dtype: torch.dtype = torch.float32,
+            lib: ctypes.CDLL | None = None) -> torch.Tensor:
+    """int4_call(...)(x): (M, K) bfloat16 / float32 x @ W^T + bias -> (M, N) in `dtype`."""
+    return int4_call(weight, scales_and_zeros, group_size, x.shape[-1], bias, dtype, lib)(x)
 
 
 def int8_mm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None,
             dtype: torch.dtype = torch.float32, lib: ctypes.CDLL | None = None) -> torch.Tensor:
-    """(M, K) bfloat16 / float32 x @ (weight * scales[:, None])^T + bias -> (M, N) in `dtype` (as int4_mm); weight
-    int8 (N, K) as saved, scales (N,) bfloat16 / float32. For a few rows (decoding steps): every row reads the whole
-    weight."""
-    lib = lib or library()
-    k, n = x.shape[1], weight.shape[0]
-    if x.dtype not in (torch.bfloat16, torch.float32) or scales.dtype not in (torch.bfloat16, torch.float32):
-        raise TypeError(f"int8_mm takes bfloat16 / float32 activations and scales, got {x.dtype} and {scales.dtype}")
-    if weight.dtype != torch.int8 or weight.shape != (n, k) or scales.shape != (n,):
+    """int8_call(...)(x), checking that x has the weight's K inputs."""
+    if x.shape[-1] != weight.shape[-1]:
         raise ValueError(f"int8_mm: weight {tuple(weight.shape)} {weight.dtype} and scales {tuple(scales.shape)} "
-                         f"do not fit {k} inputs")
-    check_memory("int8_mm", x, weight, scales, bias, n, dtype)
-    return launch(lib.blip2_int8_mm, x, n, dtype, weight.data_ptr(), scales.data_ptr(),
-                  int(scales.dtype == torch.bfloat16), bias=bias)
+                         f"do not fit {x.shape[-1]} inputs")
+    return int8_call(weight, scales, bias, dtype, lib)(x)
 
 
-def check_memory(name: str, x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
-                 n: int, dtype: torch.dtype) -> None:
+def check_memory(name: str, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, n: int,
+                 dtype: torch.dtype) -> None:
     """The kernels read raw memory: every tensor contiguous on the CPU (a tensor on the meta device has none), the
     bias (N,) in the output's dtype."""
     if dtype not in OUT_DTYPES or (bias is not None and (bias.dtype != dtype or bias.shape != (n,))):
         raise TypeError(f"{name} writes bfloat16 or float32 with a bias (N,) of that dtype, got {dtype} and "
                         f"{None if bias is None else (bias.dtype, tuple(bias.shape))}")
-    if not (x.is_cpu and weight.is_cpu and scales.is_cpu and weight.is_contiguous() and scales.is_contiguous() and
-            (bias is None or bias.is_cpu and bias.is_contiguous())):
+    if not all(t.is_cpu and t.is_contiguous() for t in (weight, scales) + (() if bias is None else (bias,))):
         raise ValueError(f"{name}: the weight, its scales and the bias must be contiguous, all on the CPU (a tensor on "
                          f"the meta device was never loaded)")
 
 
-def launch(kernel, x: torch.Tensor, n: int, dtype: torch.dtype, *args: int, bias: torch.Tensor | None) -> torch.Tensor:
-    """y (M, N) in `dtype` from `kernel`(x, x is bf16, M, K, N, *args, bias, y, y is bf16, threads), the kernels' one
-    calling convention."""
-    x = x.contiguous()
-    m, k = x.shape
-    y = torch.empty(m, n, dtype=dtype)
-    if m and kernel(x.data_ptr(), int(x.dtype == torch.bfloat16), m, k, n, *args,
-                    None if bias is None else bias.data_ptr(), y.data_ptr(), int(dtype == torch.bfloat16),
-                    torch.get_num_threads()):
-        raise MemoryError(f"{kernel.__name__}: no memory for the quantized activations ({m} x {k})")
-    return y
+def kept(*tensors: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+    """Aliases of the tensors' memory (a parameter's .data may be replaced; its old memory must live on while a Call
+    points into it)."""
+    return tuple(t.detach() for t in tensors if t is not None)

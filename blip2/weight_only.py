@@ -271,6 +271,7 @@ class WeightOnlyLinear(nn.Module):
             self.scales_and_zeros = frozen(torch.empty(shape, dtype=torch.bfloat16 if self.layout == 0 else dtype,
                                                        device=device))
         self.bias = frozen(torch.empty(out_features, dtype=dtype, device=device)) if bias else None
+        self.call: tuple[tuple, native.Call] | None = None  # (the parameters' memory, blip2's kernel bound to it)
 
     def kernel_dtype(self, attr: str) -> torch.dtype:
         """The dtype the kernels need for parameter `attr` (in the current layout)."""
@@ -315,26 +316,36 @@ class WeightOnlyLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])  # (M, K)
-        # blip2's kernels add the bias and round to the model's dtype themselves (the two ops below, without their
-        # passes over y: a decoding step of OPT-2.7B called them 384 times)
-        fused = native.available() and self.dtype in native.OUT_DTYPES
-        out = {"bias": self.bias, "dtype": self.dtype} if fused else {}
-        if self.bits == 4 and self.layout == 0:
-            y = native.int4_mm(kernel_input(x2), self.weight, self.scales_and_zeros, self.group_size, **out)
+        call = self.kernel(x2.shape[0])
+        if call is not None:
+            y = call(kernel_input(x2))
         elif self.bits == 4:
-            y, fused = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(self.dtype).contiguous(), self.weight,
-                                                                  self.group_size, self.scales_and_zeros), False
-        elif x2.shape[0] < INT8_MATMUL_ROWS and native.available():
-            y = native.int8_mm(kernel_input(x2), self.weight, self.scales, **out)
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(self.dtype).contiguous(), self.weight,
+                                                           self.group_size, self.scales_and_zeros)
         elif x2.shape[0] >= INT8_MATMUL_ROWS or self.in_features % 32:  # (PyTorch's packed int8 kernel below
-            y, fused = int8_matmul(x2.to(self.dtype).contiguous(), self.weight, self.scales), False  # reads past a
-        else:  # bf16 row of 32k+r)
-            y, fused = torch.ops.aten._weight_int8pack_mm(x2.to(self.dtype).contiguous(), self.weight,
-                                                          self.scales), False
+            y = int8_matmul(x2.to(self.dtype).contiguous(), self.weight, self.scales)  # reads past a bf16 row of
+        else:  # 32k+r)
+            y = torch.ops.aten._weight_int8pack_mm(x2.to(self.dtype).contiguous(), self.weight, self.scales)
         y = y.reshape(*x.shape[:-1], self.out_features)
-        if not fused:
+        if call is None or call.dtype != self.dtype:
             y = y.to(self.dtype) if self.bias is None else y.to(self.dtype) + self.bias
         return y.to(x.dtype)
+
+    def kernel(self, rows: int) -> native.Call | None:
+        """blip2's kernel for `rows` rows bound to this layer's weight, or None where PyTorch's kernels serve (int4
+        packed in their layout; int8 from INT8_MATMUL_ROWS rows; no kernel built). It adds the bias and rounds to
+        the model's dtype itself (in bfloat16 / float32: two torch ops less after each of the 193 linears of an
+        OPT-2.7B decoding step). Checked once, and again when a parameter's memory changes."""
+        if not (self.bits == 4 and self.layout == 0 or self.bits == 8 and rows < INT8_MATMUL_ROWS and
+                native.available()):
+            return None
+        scales = self.scales_and_zeros if self.bits == 4 else self.scales
+        memory = (self.weight.data_ptr(), scales.data_ptr(), None if self.bias is None else self.bias.data_ptr())
+        if self.call is None or self.call[0] != memory:
+            out = {"bias": self.bias, "dtype": self.dtype} if self.dtype in native.OUT_DTYPES else {}
+            self.call = memory, (native.int4_call(self.weight, scales, self.group_size, self.in_features, **out)
+                                 if self.bits == 4 else native.int8_call(self.weight, scales, **out))
+        return self.call[1]
 
 
 def kernel_input(x: torch.Tensor) -> torch.Tensor:

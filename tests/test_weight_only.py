@@ -488,6 +488,35 @@ def test_the_kernels_refuse_tensors_that_were_never_loaded():
                        torch.zeros(1, 1, 16, 2, dtype=torch.bfloat16), 64)
 
 
+@needs_native
+@pytest.mark.parametrize("bits", [4, 8])
+def test_a_layer_checks_its_weight_once_and_again_when_it_changes(bits, monkeypatch):
+    """A layer binds blip2's kernel to its weight at its first call (native.int4_call / int8_call check it) and keeps
+    the binding across decoding steps; a parameter whose memory is replaced (.data =) is checked and bound again:
+    the new weight's output, never the freed memory's, and a weight moved to the meta device is refused."""
+    torch.manual_seed(0)
+    layers = []
+    for _ in range(2):
+        lin = WeightOnlyLinear(128, 32, True, bits, 64, torch.bfloat16, device="cpu")
+        lin.load("weight", torch.randn(32, 128).bfloat16())
+        lin.load("bias", torch.randn(32).bfloat16())
+        layers.append(lin)
+    a, b = layers
+    x = torch.randn(1, 128).bfloat16()
+    binds = []
+    bind = native.int4_call if bits == 4 else native.int8_call
+    monkeypatch.setattr(native, bind.__name__, lambda *args, **kw: binds.append(1) or bind(*args, **kw))
+    first = a(x)
+    assert torch.equal(a(x), first) and len(binds) == 1  # bound once
+    scales = "scales_and_zeros" if bits == 4 else "scales"
+    for name in ("weight", scales, "bias"):
+        getattr(a, name).data = getattr(b, name).data.clone()
+    assert torch.equal(a(x), b(x)) and len(binds) == 3  # bound again (a, then b's first call)
+    a.weight = torch.nn.Parameter(torch.empty_like(a.weight, device="meta"), requires_grad=False)
+    with pytest.raises(ValueError, match="never loaded"):
+        a(x)
+
+
 def test_every_load_ends_with_every_parameter_in_place(opt64, monkeypatch):
     """io.load.check_loaded, the last step of every load: a parameter a layer's loader skipped (left on the meta
     device) or stored in another dtype than its kernel needs is named, never handed to a kernel."""
