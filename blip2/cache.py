@@ -37,9 +37,9 @@ class KVCache:
                 new_k[:, :, :start] = buf_k[:, :, :start]
                 new_v[:, :, :start] = self.v[layer][:, :, :start]
             self.k[layer], self.v[layer] = new_k, new_v
-        self.k[layer][:, :, start:end] = k
-        self.v[layer][:, :, start:end] = v
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+        self.k[layer].narrow(2, start, end - start).copy_(k)  # narrow: a decoding step's cheapest slice
+        self.v[layer].narrow(2, start, end - start).copy_(v)
+        return self.k[layer].narrow(2, 0, end), self.v[layer].narrow(2, 0, end)
 
     def advance(self, n: int) -> None:
         """Called by the model once every layer has appended n tokens."""
