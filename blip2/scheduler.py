@@ -106,13 +106,13 @@ class _Batch:
 
 class Scheduler:
     """The batching loop over one language model `lm`. `encode` (pixel values (B, 3, H, W) -> (B, ...) image
-    features) runs image encodes in the loop, `vision_batch` images a turn; `max_rows` bounds the rows that join (a
-    request's beams or samples may take it past). The loop has no thread of its own: each turn runs in the thread
-    of a request that waits for it. `stats` counts steps, rows stepped, prompt passes and image encodes."""
+    features) runs image encodes in the loop, one a turn (a burst of uploads does not hold up the batch's steps);
+    `max_rows` bounds the rows that join (a request's beams or samples may take it past). The loop has no thread of
+    its own: each turn runs in the thread of a request that waits for it. `stats` counts steps, rows stepped, prompt
+    passes and image encodes."""
 
-    def __init__(self, lm, encode: Callable[[torch.Tensor], torch.Tensor] | None = None, max_rows: int = 16,
-                 vision_batch: int = 1):
-        self.lm, self.encode_fn, self.max_rows, self.vision_batch = lm, encode, max_rows, vision_batch
+    def __init__(self, lm, encode: Callable[[torch.Tensor], torch.Tensor] | None = None, max_rows: int = 16):
+        self.lm, self.encode_fn, self.max_rows = lm, encode, max_rows
         self.encdec = bool(lm.config.is_encoder_decoder)
         self.lock = threading.Condition()
         self.running: list[_Request] = []  # in the batch's row order
@@ -203,14 +203,14 @@ class Scheduler:
             while self.arriving and (self.arriving[0].rows <= room or not (stepping or arriving)):
                 room -= self.arriving[0].rows
                 arriving.append(self.arriving.pop(0))
-            encodes, self.encodes = self.encodes[:self.vision_batch], self.encodes[self.vision_batch:]
+            encode = self.encodes.pop(0) if self.encodes else None
             self.lock.release()
             try:
                 with torch.inference_mode():  # whatever mode the leading thread is in: the batch's tensors alike
-                    results = self._run(stepping, arriving, encodes)
+                    results = self._run(stepping, arriving, encode)
                 lost = False
             except Exception as e:  # the batch is lost: every request in this turn gets the error
-                results, lost = [(target, e) for target in stepping + arriving + encodes], True
+                results, lost = [(target, e) for target in stepping + arriving + [encode] if target], True
             finally:
                 self.lock.acquire()
             if lost:
@@ -243,17 +243,17 @@ class Scheduler:
             self.batch.take(index.to(self.batch.mask.device))
         self.running = keep
 
-    def _run(self, stepping: list[_Request], arriving: list[_Request], encodes: list[list]) -> list:
-        """One turn: the image encodes, the batch's step, the arrivals' prompt passes (merged into the batch).
+    def _run(self, stepping: list[_Request], arriving: list[_Request], encode: list | None) -> list:
+        """One turn: an image encode, the batch's step, the arrivals' prompt passes (merged into the batch).
         Returns (request or encode job, logits / features / exception) pairs."""
         out = []
-        if encodes:
+        if encode is not None:
             try:
-                features = self.encode_fn(torch.cat([job[0] for job in encodes]))
-                out += list(zip(encodes, features.split([job[0].shape[0] for job in encodes])))
+                features = self.encode_fn(encode[0])
+                out.append((encode, features))
                 self.stats["image_encodes"] += len(features)
-            except Exception as e:  # every image of the pass gets the error
-                out += [(job, e) for job in encodes]
+            except Exception as e:  # the job's images get the error
+                out.append((encode, e))
         if stepping:
             logits = self._step(stepping)
             out += list(zip(stepping, logits.split([r.rows for r in stepping])))
