@@ -331,6 +331,10 @@ class WeightOnlyLinear(nn.Module):
             y = y.to(self.dtype) if self.bias is None else y.to(self.dtype) + self.bias
         return y.to(x.dtype)
 
+    def __getstate__(self) -> dict:
+        """A copy (deepcopy, pickling) binds blip2's kernel again: a binding points into this process's memory."""
+        return {**self.__dict__, "call": None}
+
     def kernel(self, rows: int) -> native.Call | None:
         """blip2's kernel for `rows` rows bound to this layer's weight, or None where PyTorch's kernels serve (int4
         packed in their layout; int8 from INT8_MATMUL_ROWS rows; no kernel built). It adds the bias and rounds to

@@ -4,7 +4,9 @@ group or a machine that cannot build the kernel, quantize -> save -> load, a che
 and the app serving int4."""
 
 import contextlib
+import copy
 import functools
+import io
 import json
 import os
 import subprocess
@@ -512,6 +514,11 @@ def test_a_layer_checks_its_weight_once_and_again_when_it_changes(bits, monkeypa
     for name in ("weight", scales, "bias"):
         getattr(a, name).data = getattr(b, name).data.clone()
     assert torch.equal(a(x), b(x)) and len(binds) == 3  # bound again (a, then b's first call)
+    copied = copy.deepcopy(a)  # a copy binds its own memory (a binding holds ctypes pointers: not copyable)
+    assert torch.equal(copied(x), b(x)) and copied.call[0] != a.call[0]
+    buffer = io.BytesIO()
+    torch.save(a, buffer)
+    assert torch.equal(torch.load(io.BytesIO(buffer.getvalue()), weights_only=False)(x), b(x))
     a.weight = torch.nn.Parameter(torch.empty_like(a.weight, device="meta"), requires_grad=False)
     with pytest.raises(ValueError, match="never loaded"):
         a(x)
