@@ -322,9 +322,9 @@ class WeightOnlyLinear(nn.Module):
         elif self.bits == 4:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(self.dtype).contiguous(), self.weight,
                                                            self.group_size, self.scales_and_zeros)
-        elif x2.shape[0] >= INT8_MATMUL_ROWS or self.in_features % 32:  # (PyTorch's packed int8 kernel below
-            y = int8_matmul(x2.to(self.dtype).contiguous(), self.weight, self.scales)  # reads past a bf16 row of
-        else:  # 32k+r)
+        elif x2.shape[0] >= INT8_MATMUL_ROWS or self.in_features % 32:  # (PyTorch's packed int8 kernel reads
+            y = int8_matmul(x2.to(self.dtype).contiguous(), self.weight, self.scales)  # past a bf16 row of 32k+r)
+        else:
             y = torch.ops.aten._weight_int8pack_mm(x2.to(self.dtype).contiguous(), self.weight, self.scales)
         y = y.reshape(*x.shape[:-1], self.out_features)
         if call is None or call.dtype != self.dtype:
