@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+import bench.machine
 from bench import load_test, realsize
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -40,13 +41,7 @@ TARGETS = {"captions": 1.25, "chat": 2.5}
 
 
 def machine() -> str:
-    import psutil
-
-    flags = open("/proc/cpuinfo").read().split("flags")[1].split("\n")[0].split()
-    wanted = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_tile", "amx_bf16") if f in flags]
-    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
-    return (f"load average {load}; {psutil.virtual_memory().available / 2**30:.1f} GiB available; "
-            f"{os.cpu_count()} CPUs, flags {' '.join(wanted)}; torch {torch.get_num_threads()} threads")
+    return f"{bench.machine.machine()}; torch {torch.get_num_threads()} threads"
 
 
 def word_tokenizer(directory: str, size: int, image_id: int) -> None:

@@ -31,6 +31,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from bench.machine import machine  # noqa: E402
 from blip2 import bulk  # noqa: E402
 from blip2.__main__ import main as blip2_main  # noqa: E402
 from blip2.index import ImageIndex  # noqa: E402
@@ -164,17 +165,6 @@ def leftovers(out: str) -> list[str]:
     """Temporary files or journals still there after the resumed run finished (none expected)."""
     folder = out if os.path.isdir(out) else os.path.dirname(out)
     return sorted(f for f in os.listdir(folder) if f.endswith((".tmp", ".parts")))
-
-
-def machine() -> str:
-    load = os.getloadavg()
-    with open("/proc/meminfo") as f:
-        free = next(line.split()[1] for line in f if line.startswith("MemAvailable"))
-    with open("/proc/cpuinfo") as f:
-        flags = next((line.split(":")[1].split() for line in f if line.startswith("flags")), [])
-    simd = [x for x in flags if x in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_tile")]
-    return (f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}, {int(free) / 2**20:.1f} GiB available, "
-            f"{os.cpu_count()} CPUs ({' '.join(simd)})")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,6 +27,8 @@ import threading
 import time
 import urllib.request
 
+from bench.machine import machine
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = os.path.join(ROOT, "assets", "examples")
 HOST = "127.0.0.1"  # loopback only, never any other address
@@ -263,7 +265,8 @@ def main(argv=None):
             call(warm, endpoint, i, args.max_new_tokens, max(1.0, deadline - time.monotonic()))
         warm.close()
         rss_start = rss(server.proc.pid)
-        print(f"server ready in {t_ready:.1f} s; warmed up; resident memory {rss_start / 2**20:.1f} MiB", flush=True)
+        print(f"server ready in {t_ready:.1f} s; warmed up; resident memory {rss_start / 2**20:.1f} MiB; {machine()}",
+              flush=True)
         print(f"{args.users} users x {args.requests} requests over {', '.join(ENDPOINTS)} "
               f"(max_new_tokens={args.max_new_tokens})", flush=True)
 

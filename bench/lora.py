@@ -13,12 +13,12 @@ reloaded adapter and the merged weights give the same logits, with the load aver
 
 import argparse
 import os
-import re
 import tempfile
 import time
 
 import torch
 
+import bench.machine
 import blip2
 from blip2.catalogue import EMBEDDED_MODELS, GENERATION
 
@@ -58,12 +58,7 @@ def peak_rss() -> int:
 
 
 def machine() -> str:
-    flags = open("/proc/cpuinfo").read()
-    shown = [f for f in ("avx2", "avx512f", "avx512_vnni", "amx_bf16") if re.search(rf"\b{f}\b", flags)]
-    with open("/proc/meminfo") as f:
-        free = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable"))
-    return (f"load average {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f}, available memory {free / 2**30:.1f} GiB, "
-            f"{os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}, flags {' '.join(shown)}")
+    return f"{bench.machine.machine()}, torch threads {torch.get_num_threads()}"
 
 
 def logits(model, b: dict) -> torch.Tensor:

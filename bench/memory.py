@@ -21,6 +21,8 @@ import subprocess
 import sys
 import time
 
+from bench.machine import machine
+
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out")
 CKPT = os.path.join(OUT, "blip2-mid")
 RUNS = {  # name -> (library, dtype, quantization)
@@ -158,7 +160,8 @@ def main():
         sys.exit(f"could not write the checkpoint: {made['error']}")
     path = made["path"]
     results = best(args.runs.split(","), path, args.repeat, args.threads)
-    print(f"\ncheckpoint {path} (fp32 safetensors), torch threads {args.threads}, repeats {args.repeat}; MiB")
+    print(f"\ncheckpoint {path} (fp32 safetensors), torch threads {args.threads}, repeats {args.repeat}; {machine()}; "
+          "MiB")
     print(f"{'run':<12}{'load s':>8}{'CPU s':>7}{'peak load':>10}{'weights':>9}{'peak/w':>8}{'LM layers':>10}{'LM':>9}"
           f"{'caption s':>10}{'+caption':>9}")
     for name, r in results.items():

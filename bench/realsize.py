@@ -39,6 +39,7 @@ import sys
 import time
 
 from bench.checkpoints import MODELS, hub_config, write_checkpoint
+from bench.machine import cpus, load_average, machine
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CACHE = os.environ.get("BLIP2_BENCH_CACHE") or os.path.expanduser("~/.cache/blip2-bench/realsize")
@@ -70,13 +71,6 @@ def status(field: str) -> int:
     """VmRSS / VmHWM of this process, bytes."""
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
-
-
-def machine() -> str:
-    """The load average (1, 5, 15 min) and the memory available now."""
-    with open("/proc/meminfo") as f:
-        avail = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
-    return f"load {load_average()}, {avail / 2**30:.1f} GiB free"
 
 
 def stream_bytes(lm) -> int:
@@ -300,11 +294,6 @@ def run(env: dict, wait: str, *args) -> dict:
     return result
 
 
-def load_average() -> str:
-    with open("/proc/loadavg") as f:
-        return " ".join(f.read().split()[:3])
-
-
 def bf16_bytes(path: str) -> int:
     with open(os.path.join(path, "model.safetensors.index.json")) as f:
         return json.load(f)["metadata"]["total_size"]
@@ -364,7 +353,7 @@ def bench_model(model: str, names: list[str], args) -> None:
     for i in range(args.repeat):
         for name in [n for n in names if n not in skipped] + ["floors"]:
             r = run(RUNS[name][2] if name in RUNS else {}, args.omp_wait, "--child", name, *common)
-            r["machine"] = machine()
+            r["machine"] = machine(cpu=False)
             results[name].append(r)
             print(f"round {i + 1} {name}: " + (r["error"] if "error" in r else ", ".join(
                 f"{k} {v:.3g}" for k, v in r.items() if isinstance(v, float))) + f"  ({r['machine']})", flush=True)
@@ -399,8 +388,8 @@ def report(model_name, results, names, args):
     ref = torch.load(ref_path) if os.path.exists(ref_path) else None
     gib = 2**30
     print(f"\n### {model_name}: {args.tokens}-token caption, {args.vqa_tokens}-token VQA answer, {args.threads} "
-          f"threads, best of {args.repeat} interleaved round(s) x {args.best_of} in each process; machine during the "
-          "runs: "
+          f"threads, {cpus()}, best of {args.repeat} interleaved round(s) x {args.best_of} in each process; machine "
+          "during the runs: "
           + "; ".join(dict.fromkeys(r["machine"] for rs in results.values() for r in rs if "machine" in r)))
     print(f"floors (same run): read bandwidth {bandwidth / 1e9:.1f} GB/s (median; best "
           f"{max(r['bandwidth_best'] for r in fl) / 1e9:.1f}), bf16 matmul {flops / 1e9:.0f} GFLOP/s; encode "

@@ -24,6 +24,8 @@ import time
 
 import torch
 
+from bench.machine import machine
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = os.path.join(ROOT, "bench", "out", "speed")
 VISION = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, image_size=224,
@@ -227,7 +229,7 @@ def main(argv=None):
             print(prof.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total", row_limit=20))
 
     print(f"\nblip2 vs transformers {transformers.__version__}, torch {torch.__version__}, {args.threads} threads, "
-          f"best of {args.repeat} interleaved runs (peak = extra resident memory of a call)")
+          f"best of {args.repeat} interleaved runs (peak = extra resident memory of a call); {machine()}")
     print(f"{'task':<15}{'transformers':>14}{'blip2':>10}{'ratio':>8}{'target':>8}{'peak MiB hf/ours':>20}"
           "  same output")
     same = dict(checks)
