@@ -1,0 +1,169 @@
+"""One int4 decoding step of a real-size checkpoint, taken apart: what `bench.realsize`'s "decode / token" is made of.
+
+    python -m bench.step --model flan-t5-xl            # the bare step (no generate loop) and its kernels' share
+    python -m bench.step --model flan-t5-xl --parts    # + the norms, attentions and KV-cache appends inside it
+    python -m bench.step --model opt-2.7b --compile    # + the step compiled (torch.compile of the decoder stack)
+    THP_MEM_ALLOC_ENABLE=1 python -m bench.step ...    # torch's huge-page allocations (env: GOMP_SPINCOUNT etc. too)
+
+It reads the int4 copy `python -m bench.realsize --model M` saved (its cache folder, or --cache). Reported, median of
+`--steps` steps after a prompt of 33 positions, in `--rounds` rounds: the step; the time inside blip2's kernels
+(timed around each call, inside the step); the same kernels called back to back over the step's weights, alone;
+with --parts, each kind of small op as the step runs it; with --compile, the compiled step (its compile time too).
+"""
+
+import argparse
+import collections
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+from bench.machine import machine
+from bench.realsize import CACHE
+
+
+def timed(owner, name: str, acc: collections.Counter, label: str) -> None:
+    """Wrap owner.name so that its calls add their seconds to acc[label] (and their count to acc[label, "n"])."""
+    f = getattr(owner, name)
+
+    def wrapper(*args, **kwargs):
+        t = time.perf_counter()
+        try:
+            return f(*args, **kwargs)
+        finally:
+            acc[label] += time.perf_counter() - t
+            acc[label, "n"] += 1
+
+    setattr(owner, name, wrapper)
+
+
+def stepper(lm, d: int):
+    """A fresh 33-position prompt, then -> one decoding step (a callable)."""
+    from blip2.cache import KVCache
+
+    ids = torch.zeros(1, 1, dtype=torch.long)
+    if hasattr(lm, "encoder"):
+        context, cache = torch.randn(1, 33, d).bfloat16(), KVCache(lm.num_layers)
+        lm.decode(ids, context, past_key_values=cache)
+        return lambda: lm.decode(ids, context, past_key_values=cache)
+    cache = lm(inputs_embeds=torch.randn(1, 33, d).bfloat16(), use_cache=True).past_key_values
+    return lambda: lm(input_ids=ids, past_key_values=cache, use_cache=True)
+
+
+def measure(lm, d: int, steps: int, rounds: int, acc: collections.Counter) -> float:
+    """Median seconds of a step over `rounds` fresh prompts of `steps` steps each; acc holds the last round's sums."""
+    medians = []
+    for _ in range(rounds):
+        step = stepper(lm, d)
+        step()
+        acc.clear()
+        times = []
+        for _ in range(steps):
+            t = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - t)
+        medians.append(statistics.median(times))
+    return statistics.median(medians)
+
+
+def kernels_alone(lm, repeat: int = 15) -> float:
+    """The step's kernels (the layers' bound native.Call) back to back, one input row each: seconds, median of
+    `repeat`."""
+    from blip2.weight_only import WeightOnlyLinear
+
+    t5 = hasattr(lm, "encoder")
+    calls = [m.kernel(1) for n, m in lm.named_modules() if isinstance(m, WeightOnlyLinear) and not (
+        t5 and (n.startswith("encoder.") or ".EncDecAttention.k" in n or ".EncDecAttention.v" in n))]
+    inputs = {c.k: torch.randn(1, c.k).bfloat16() for c in calls}
+    times = []
+    for _ in range(repeat + 1):
+        t = time.perf_counter()
+        for c in calls:
+            c(inputs[c.k])
+        times.append(time.perf_counter() - t)
+    return statistics.median(times[1:])
+
+
+def compiled(lm) -> float:
+    """Compile the decoder stack (the int4 kernel as a torch.library custom op, opaque to the compiler); the
+    seconds its first steps took (compiling)."""
+    from blip2 import native
+    from blip2.weight_only import WeightOnlyLinear
+
+    @torch.library.custom_op("blip2_bench::int4", mutates_args=())
+    def int4(x: torch.Tensor, w: torch.Tensor, sz: torch.Tensor, bias: torch.Tensor | None, group: int) -> torch.Tensor:
+        return native.int4_mm(x, w, sz, group, bias=bias, dtype=torch.bfloat16)
+
+    @int4.register_fake
+    def _(x, w, sz, bias, group):
+        return x.new_empty(x.shape[0], w.shape[0], dtype=torch.bfloat16)
+
+    def forward(self, x):
+        return int4(x.reshape(-1, x.shape[-1]), self.weight, self.scales_and_zeros, self.bias,
+                    self.group_size).reshape(*x.shape[:-1], self.out_features)
+
+    WeightOnlyLinear.forward = forward
+    torch._dynamo.config.cache_size_limit = 64  # the KV cache's capacity doubles: a few recompiles
+    stack = lm.decoder if hasattr(lm, "encoder") else lm.model.decoder
+    stack.forward = torch.compile(stack.forward, dynamic=True)
+    t = time.perf_counter()
+    step = stepper(lm, lm.config.d_model if hasattr(lm, "encoder") else lm.config.hidden_size)
+    for _ in range(40):  # past the cache's growth (16, 32, 64 positions)
+        step()
+    return time.perf_counter() - t
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.step")
+    ap.add_argument("--model", default="flan-t5-xl", help="a checkpoint bench.realsize saved in int4")
+    ap.add_argument("--cache", default=CACHE)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--parts", action="store_true", help="also time the small ops inside the step")
+    ap.add_argument("--compile", action="store_true", help="also time the step compiled")
+    args = ap.parse_args(argv)
+    path = os.path.join(args.cache, f"blip2-{args.model}-int4")
+    if not os.path.isdir(path):
+        ap.error(f"{path} is missing: `python -m bench.realsize --model {args.model} --runs blip2-int4` writes it")
+    torch.set_num_threads(args.threads)
+
+    import blip2
+    from blip2 import native, opt, t5
+    from blip2.cache import KVCache
+
+    lm = blip2.Blip2ForConditionalGeneration.from_pretrained(path, dtype=torch.bfloat16).language_model
+    d = lm.config.d_model if hasattr(lm, "encoder") else lm.config.hidden_size
+    acc = collections.Counter()
+    timed(native.Call, "__call__", acc, "blip2's kernels")
+    if args.parts:
+        for owner, name, label in ((t5.T5LayerNorm, "forward", "T5 RMSNorm"), (torch.nn.LayerNorm, "forward",
+                                   "LayerNorm"), (t5, "attention", "attention"), (opt, "attention", "attention"),
+                                   (KVCache, "update", "KV cache append")):
+            timed(owner, name, acc, label)
+    with torch.no_grad():
+        step = measure(lm, d, args.steps, args.rounds, acc)
+        inside = dict(acc)
+        alone = kernels_alone(lm)
+    print(f"{args.model} int4, {args.threads} threads, {machine()}; OMP_WAIT_POLICY="
+          f"{os.environ.get('OMP_WAIT_POLICY', 'unset')}, THP_MEM_ALLOC_ENABLE="
+          f"{os.environ.get('THP_MEM_ALLOC_ENABLE', 'unset')}")
+    print(f"decoding step: {step * 1e3:.2f} ms (median of {args.rounds} x {args.steps} steps; timing the parts adds "
+          "a little)")
+    for label in dict.fromkeys(k for k in inside if isinstance(k, str)):
+        n = inside[label, "n"] / args.steps
+        print(f"  {label}: {inside[label] / args.steps * 1e3:.2f} ms a step, {n:.0f} calls, "
+              f"{inside[label] / inside[label, 'n'] * 1e6:.1f} us each")
+    print(f"the step's kernels back to back, alone: {alone * 1e3:.2f} ms")
+    if args.compile:
+        with torch.no_grad():
+            compile_s = compiled(lm)
+            print(f"compiled step: {measure(lm, d, args.steps, args.rounds, acc) * 1e3:.2f} ms (first 40 steps, "
+                  f"compiling: {compile_s:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
