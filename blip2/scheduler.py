@@ -210,7 +210,7 @@ class Scheduler:
                     results = self._run(stepping, arriving, encode)
                 lost = False
             except Exception as e:  # the batch is lost: every request in this turn gets the error
-                results, lost = [(target, e) for target in stepping + arriving + [encode] if target], True
+                results, lost = [(target, e) for target in stepping + arriving + [encode] if target is not None], True
             finally:
                 self.lock.acquire()
             if lost:
