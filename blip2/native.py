@@ -203,9 +203,12 @@ class Call:
     tensors: tuple[torch.Tensor, ...]  # the memory args points into, kept alive while this Call is
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype not in (torch.bfloat16, torch.float32) or not x.is_cpu or x.dim() != 2 or x.shape[1] != self.k:
-            raise TypeError(f"{self.kernel.__name__} takes (M, {self.k}) bfloat16 / float32 activations on the CPU, "
-                            f"got {tuple(x.shape)} {x.dtype} on {x.device}")
+        if x.dtype not in (torch.bfloat16, torch.float32) or not x.is_cpu:
+            raise TypeError(f"{self.kernel.__name__} takes bfloat16 / float32 activations on the CPU, got {x.dtype} "
+                            f"on {x.device}")
+        if x.dim() != 2 or x.shape[1] != self.k:
+            raise ValueError(f"{self.kernel.__name__}: activations {tuple(x.shape)} do not fit the weight's {self.k} "
+                             f"inputs")
         x = x.contiguous()
         m = x.shape[0]
         y = torch.empty(m, self.n, dtype=self.dtype)
@@ -231,9 +234,7 @@ def int4_call(weight: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: 
     if scales_and_zeros.shape != (n // 16, k // group_size, 16, 2):
         raise ValueError(f"int4_mm: scales_and_zeros {tuple(scales_and_zeros.shape)}, expected "
                          f"{(n // 16, k // group_size, 16, 2)}")
-    check_memory("int4_mm", weight, scales_and_zeros, bias, n, dtype)
-    return Call(lib.blip2_int4_mm, k, n, dtype, (weight.data_ptr(), scales_and_zeros.data_ptr(), group_size,
-                None if bias is None else bias.data_ptr()), kept(weight, scales_and_zeros, bias))
+    return bind("int4_mm", lib.blip2_int4_mm, weight, scales_and_zeros, group_size, bias, k, dtype)
 
 
 def int8_call(weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None,
@@ -247,9 +248,7 @@ def int8_call(weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | N
     if weight.dtype != torch.int8 or scales.shape != (n,):
         raise ValueError(f"int8_mm: weight {tuple(weight.shape)} {weight.dtype} and scales {tuple(scales.shape)} "
                          f"do not fit {k} inputs")
-    check_memory("int8_mm", weight, scales, bias, n, dtype)
-    return Call(lib.blip2_int8_mm, k, n, dtype, (weight.data_ptr(), scales.data_ptr(), scales.dtype == torch.bfloat16,
-                None if bias is None else bias.data_ptr()), kept(weight, scales, bias))
+    return bind("int8_mm", lib.blip2_int8_mm, weight, scales, int(scales.dtype == torch.bfloat16), bias, k, dtype)
 
 
 def int4_mm(x: torch.Tensor, weight: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int,
@@ -261,26 +260,23 @@ def int4_mm(x: torch.Tensor, weight: torch.Tensor, scales_and_zeros: torch.Tenso
 
 def int8_mm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None,
             dtype: torch.dtype = torch.float32, lib: ctypes.CDLL | None = None) -> torch.Tensor:
-    """int8_call(...)(x), checking that x has the weight's K inputs."""
-    if x.shape[-1] != weight.shape[-1]:
-        raise ValueError(f"int8_mm: weight {tuple(weight.shape)} {weight.dtype} and scales {tuple(scales.shape)} "
-                         f"do not fit {x.shape[-1]} inputs")
+    """int8_call(...)(x): (M, K) bfloat16 / float32 x @ (weight * scales[:, None])^T + bias -> (M, N) in `dtype`."""
     return int8_call(weight, scales, bias, dtype, lib)(x)
 
 
-def check_memory(name: str, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, n: int,
-                 dtype: torch.dtype) -> None:
-    """The kernels read raw memory: every tensor contiguous on the CPU (a tensor on the meta device has none), the
-    bias (N,) in the output's dtype."""
+def bind(name: str, kernel: Callable[..., int], weight: torch.Tensor, scales: torch.Tensor, extra: int,
+         bias: torch.Tensor | None, k: int, dtype: torch.dtype) -> Call:
+    """`kernel` bound to a weight whose shapes and dtypes the caller checked: its memory is checked here (the kernels
+    read it raw: contiguous on the CPU, a tensor on the meta device has none), and the bias (N,) in the output's
+    dtype. `extra`: the kernel's argument after the scales (int4's group size, int8's scales-are-bf16)."""
+    n = weight.shape[0]
     if dtype not in OUT_DTYPES or (bias is not None and (bias.dtype != dtype or bias.shape != (n,))):
         raise TypeError(f"{name} writes bfloat16 or float32 with a bias (N,) of that dtype, got {dtype} and "
                         f"{None if bias is None else (bias.dtype, tuple(bias.shape))}")
-    if not all(t.is_cpu and t.is_contiguous() for t in (weight, scales) + (() if bias is None else (bias,))):
+    tensors = (weight, scales) + (() if bias is None else (bias,))
+    if not all(t.is_cpu and t.is_contiguous() for t in tensors):
         raise ValueError(f"{name}: the weight, its scales and the bias must be contiguous, all on the CPU (a tensor on "
                          f"the meta device was never loaded)")
-
-
-def kept(*tensors: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
-    """Aliases of the tensors' memory (a parameter's .data may be replaced; its old memory must live on while a Call
-    points into it)."""
-    return tuple(t.detach() for t in tensors if t is not None)
+    # detached aliases keep the memory alive (a parameter's .data may be replaced while the Call points into it)
+    return Call(kernel, k, n, dtype, (weight.data_ptr(), scales.data_ptr(), extra,
+                None if bias is None else bias.data_ptr()), tuple(t.detach() for t in tensors))
