@@ -73,10 +73,10 @@ def status(field: str) -> int:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
 
 
-def stream_bytes(lm) -> int:
-    """Weight bytes a decoding step reads: OPT: every parameter but the position table and (unless lm_head shares
-    it) the token table, of which one row is gathered; T5: the decoder's and lm_head's, less the cross-attention's
-    keys and values (computed once from the encoder's output, then cached)."""
+def read_each_step(lm):
+    """-> predicate on lm's parameter names: those a decoding step reads. OPT: every parameter but the position
+    table and (unless lm_head shares it) the token table, of which one row is gathered; T5: the decoder's and
+    lm_head's, less the cross-attention's keys and values (computed once from the encoder's output, then cached)."""
     tied = lm.lm_head.weight is lm.get_input_embeddings().weight
     t5 = hasattr(lm, "encoder")
 
@@ -86,6 +86,12 @@ def stream_bytes(lm) -> int:
                 ".EncDecAttention.v." not in n and "embed_tokens" not in n
         return "embed_positions" not in n and ("embed_tokens" not in n or tied)
 
+    return read
+
+
+def stream_bytes(lm) -> int:
+    """Weight bytes a decoding step reads (read_each_step)."""
+    read = read_each_step(lm)
     return sum(p.numel() * p.element_size() for n, p in lm.named_parameters() if read(n))
 
 

@@ -21,7 +21,7 @@ import time
 import torch
 
 from bench.machine import machine
-from bench.realsize import CACHE
+from bench.realsize import CACHE, read_each_step
 
 
 def timed(owner, name: str, acc: collections.Counter, label: str) -> None:
@@ -73,9 +73,8 @@ def kernels_alone(lm, repeat: int = 15) -> float:
     `repeat`."""
     from blip2.weight_only import WeightOnlyLinear
 
-    t5 = hasattr(lm, "encoder")
-    calls = [m.kernel(1) for n, m in lm.named_modules() if isinstance(m, WeightOnlyLinear) and not (
-        t5 and (n.startswith("encoder.") or ".EncDecAttention.k" in n or ".EncDecAttention.v" in n))]
+    read = read_each_step(lm)
+    calls = [m.kernel(1) for n, m in lm.named_modules() if isinstance(m, WeightOnlyLinear) and read(n + ".weight")]
     inputs = {c.k: torch.randn(1, c.k).bfloat16() for c in calls}
     times = []
     for _ in range(repeat + 1):
