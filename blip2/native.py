@@ -1,5 +1,7 @@
-"""blip2's own weight-only matmuls for the CPU (blip2/kernels/weight_only.cpp), compiled on first use and called
-through ctypes: int4 (every row count) and int8 (decoding steps; a prompt pass runs torch._int_mm).
+"""blip2's own CPU kernels (blip2/kernels/), compiled on first use and called through ctypes: weight-only matmuls
+(weight_only.cpp), int4 (every row count) and int8 (decoding steps; a prompt pass runs torch._int_mm); and, for
+decoding steps, where one call beats the torch ops it replaces: T5's RMSNorm (rms_norm.cpp, eight ops, the same
+bits) and one query's attention (attention.cpp, SDPA's dispatch and thread fork).
 
 Why not PyTorch's `_weight_int4pack_mm_for_cpu` / `_weight_int8pack_mm`: they keep activations in floating point
 and convert every weight to float, so on few cores they are compute-bound, below the memory's bandwidth, and int4
@@ -8,7 +10,7 @@ group; int8: per row) and sum int8 products with VNNI (AVX-512, else AVX2), as l
 do: `python -m bench.realsize --kernels` measures them (figures in the README). torchao's x86 kernels for the same
 scheme are not in its PyPI wheel, and Intel's extension is discontinued.
 
-Built once per source, compiler and CPU: `c++ -O3 -march=native -fopenmp` (no torch headers), into
+Built once per source, compiler and CPU: `c++ -O3 -march=native -fopenmp` (no torch headers), one library, into
 $BLIP2_KERNEL_CACHE (default ~/.cache/blip2/kernels), written to a temporary name (`.NAME.PID.tmp`, removed by the
 next build once that process is gone) and renamed, so concurrent processes never load half a file. The cache is
 trusted as pip and ccache trust theirs: the folder and the library must belong to this user and be writable by no
@@ -33,7 +35,9 @@ from pathlib import Path
 import torch
 
 log = logging.getLogger(__name__)
-SOURCE = Path(__file__).with_name("kernels") / "weight_only.cpp"
+KERNELS = Path(__file__).with_name("kernels")
+SOURCES = (KERNELS / "weight_only.cpp", KERNELS / "rms_norm.cpp", KERNELS / "attention.cpp")  # compiled
+HEADERS = (KERNELS / "bf16.h",)  # included (part of the build's key)
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
 ENV_KERNEL = "BLIP2_KERNELS"  # "blip2" (default) or "aten" (PyTorch's kernels)
 _lib: ctypes.CDLL | None = None
@@ -75,7 +79,8 @@ def build(compiler: str, flags: tuple[str, ...] = FLAGS, out_dir: Path | None = 
     built. A cached library is used only when its bytes still have the digest written beside it at its build (a
     damaged one can crash the process inside dlopen); else it is built again."""
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), version, " ".join(flags), cpu_signature()]).encode())
+    texts = [f.read_text() for f in SOURCES + HEADERS]
+    key = hashlib.sha256("\0".join([*texts, version, " ".join(flags), cpu_signature()]).encode())
     out_dir = out_dir or cache_dir()
     lib = out_dir / f"blip2_weight_only_{key.hexdigest()[:16]}.so"
     digest = lib.with_suffix(".sha256")
@@ -93,7 +98,8 @@ def build(compiler: str, flags: tuple[str, ...] = FLAGS, out_dir: Path | None = 
             stale.unlink(missing_ok=True)
     tmp, tmp_digest = (out_dir / f".{f.name}.{os.getpid()}.tmp" for f in (lib, digest))
     try:
-        subprocess.run([compiler, *flags, str(SOURCE), "-o", str(tmp)], capture_output=True, text=True, check=True)
+        subprocess.run([compiler, *flags, *map(str, SOURCES), "-o", str(tmp)], capture_output=True, text=True,
+                       check=True)
         tmp_digest.write_text(sha256(tmp))
         os.replace(tmp_digest, digest)
         os.replace(tmp, lib)
@@ -129,7 +135,7 @@ def load(path: Path) -> ctypes.CDLL:
     one of the kernels' symbols."""
     try:
         lib = ctypes.CDLL(str(path))
-        kernels = lib.blip2_isa, lib.blip2_int4_mm, lib.blip2_int8_mm
+        kernels = lib.blip2_isa, lib.blip2_int4_mm, lib.blip2_int8_mm, lib.blip2_rms_norm, lib.blip2_attend
     except (OSError, AttributeError) as e:
         raise OSError(f"{path} is not a loadable build of blip2's kernels ({e})") from None
     p, i = ctypes.c_void_p, ctypes.c_int
@@ -137,6 +143,8 @@ def load(path: Path) -> ctypes.CDLL:
         f.restype = i
     kernels[1].argtypes = [p, i, i, i, i, p, p, i, p, p, i, i]  # blip2_int4_mm
     kernels[2].argtypes = [p, i, i, i, i, p, p, i, p, p, i, i]  # blip2_int8_mm
+    kernels[3].argtypes = [p, i, i, i, p, i, ctypes.c_float, p, i, i]  # blip2_rms_norm
+    kernels[4].argtypes = [p, p, p, p, p, i, i, i, i, i, *[ctypes.c_int64] * 9, ctypes.c_float, i]  # blip2_attend
     return lib
 
 
@@ -191,7 +199,7 @@ OUT_DTYPES = (torch.bfloat16, torch.float32)  # what the kernels write (bfloat16
 
 @dataclass(frozen=True)
 class Call:
-    """A kernel bound to a weight that int4_call / int8_call checked: (M, K) bfloat16 / float32 x -> (M, N) in
+    """A kernel bound to a weight that int4_call / int8_call checked: (..., K) bfloat16 / float32 x -> (..., N) in
     `dtype`. A layer keeps its Call across decoding steps, so a step does not check again each of its ~200
     weights."""
 
@@ -203,15 +211,16 @@ class Call:
     tensors: tuple[torch.Tensor, ...]  # the memory args points into, kept alive while this Call is
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., K) -> (..., N)."""
         if x.dtype not in (torch.bfloat16, torch.float32) or not x.is_cpu:
             raise TypeError(f"{self.kernel.__name__} takes bfloat16 / float32 activations on the CPU, got {x.dtype} "
                             f"on {x.device}")
-        if x.dim() != 2 or x.shape[1] != self.k:
+        if x.dim() == 0 or x.shape[-1] != self.k:
             raise ValueError(f"{self.kernel.__name__}: activations {tuple(x.shape)} do not fit the weight's {self.k} "
                              f"inputs")
         x = x.contiguous()
-        m = x.shape[0]
-        y = torch.empty(m, self.n, dtype=self.dtype)
+        m = x.numel() // self.k
+        y = torch.empty(x.shape[:-1] + (self.n,), dtype=self.dtype)
         if m and self.kernel(x.data_ptr(), x.dtype == torch.bfloat16, m, self.k, self.n, *self.args, y.data_ptr(),
                              self.dtype == torch.bfloat16, torch.get_num_threads()):
             raise MemoryError(f"{self.kernel.__name__}: no memory for the quantized activations ({m} x {self.k})")
@@ -280,3 +289,72 @@ def bind(name: str, kernel: Callable[..., int], weight: torch.Tensor, scales: to
     # detached aliases keep the memory alive (a parameter's .data may be replaced while the Call points into it)
     return Call(kernel, k, n, dtype, (weight.data_ptr(), scales.data_ptr(), extra,
                 None if bias is None else bias.data_ptr()), tuple(t.detach() for t in tensors))
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, lanes: int, lib: ctypes.CDLL | None = None
+             ) -> torch.Tensor:
+    """T5's RMSNorm (transformers' T5LayerNorm) of x (..., d) in one call, rounded as its torch ops round where
+    `lanes` is the width (8 or 16 floats) torch's CPU sum adds a row at (t5.norm_lanes finds it). x bfloat16 /
+    float32, weight (d,) bfloat16 / float32, both on the CPU -> (..., d) in bfloat16 where the weight is, else
+    float32 (as the reference's dtypes)."""
+    lib = lib or library()
+    if lib is None:
+        raise RuntimeError("blip2's kernels are not built in this process (native.available() is False)")
+    if not (x.dtype in OUT_DTYPES and weight.dtype in OUT_DTYPES and x.is_cpu and weight.is_cpu):
+        raise TypeError(f"rms_norm takes bfloat16 / float32 x and weight on the CPU, got {x.dtype} on {x.device} and "
+                        f"{weight.dtype} on {weight.device}")
+    d = weight.shape[0]
+    if weight.shape != (d,) or x.dim() == 0 or x.shape[-1] != d or lanes not in (8, 16):
+        raise ValueError(f"rms_norm: x {tuple(x.shape)} and weight {tuple(weight.shape)} do not fit, or lanes "
+                         f"{lanes} is not 8 or 16")
+    x, weight = x.contiguous(), weight.contiguous()
+    y = torch.empty(x.shape, dtype=weight.dtype)
+    lib.blip2_rms_norm(x.data_ptr(), x.dtype == torch.bfloat16, x.numel() // d, d, weight.data_ptr(),
+                       weight.dtype == torch.bfloat16, eps, y.data_ptr(), lanes, torch.get_num_threads())
+    return y
+
+
+def serves(*tensors: torch.Tensor | None) -> bool:
+    """Whether blip2's decoding-step kernels (rms_norm, attend) may stand in for torch's ops on these tensors: they
+    are built here, the tensors are bfloat16 / float32 on the CPU, no gradient is wanted of them and torch.compile
+    is not tracing (it sees torch's ops). Else torch's ops run."""
+    grad = torch.is_grad_enabled()
+    return all(t is None or t.dtype in OUT_DTYPES and t.is_cpu and not (grad and t.requires_grad) for t in tensors) \
+        and not torch.compiler.is_compiling() and library() is not None
+
+
+def attends(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> bool:
+    """Whether attend serves this attention: one query, keys and values of its shape, one dtype (a bool mask: SDPA),
+    each row contiguous, and serves()."""
+    return q.dim() == 4 and q.shape[2] == 1 and k.shape == v.shape and k.shape[:2] == q.shape[:2] and \
+        k.shape[3] == q.shape[3] and k.stride(-1) == 1 and v.stride(-1) == 1 and k.dtype == v.dtype == q.dtype and \
+        (mask is None or mask.dtype == q.dtype) and serves(q, k, v, mask)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+           scale: float | None = None) -> torch.Tensor:
+    """One query's attention: q (B, H, 1, hd), k / v (B, H, T, hd) (their last dimension contiguous), mask
+    additive, broadcastable to (B, H, 1, T), or None; all of one dtype, bfloat16 or float32, on the CPU ->
+    (B, 1, H * hd) in that dtype: softmax(scale * q k^T + mask) v in float32, as scaled_dot_product_attention
+    (scale None: hd^-1/2)."""
+    lib = library()
+    if lib is None:
+        raise RuntimeError("blip2's kernels are not built in this process (native.available() is False)")
+    b, h, one, hd = q.shape
+    t = k.shape[2]
+    if one != 1 or k.shape != (b, h, t, hd) or v.shape != (b, h, t, hd) or k.stride(-1) != 1 or v.stride(-1) != 1:
+        raise ValueError(f"attend: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}: one query, keys and "
+                         f"values of q's batch, heads and width, each row contiguous")
+    if not all(x.dtype == q.dtype and x.dtype in OUT_DTYPES and x.is_cpu for x in (k, v) + (() if mask is None else
+                                                                                      (mask,))):
+        raise TypeError(f"attend takes q, k, v and the mask in one dtype, bfloat16 or float32, on the CPU; got "
+                        f"{[None if x is None else x.dtype for x in (q, k, v, mask)]}")
+    q = q.transpose(1, 2).contiguous()  # (B, 1, H, hd): a linear layer's output, as it is
+    out = torch.empty(b, 1, h * hd, dtype=q.dtype)
+    m = mask.expand(b, h, 1, t) if mask is not None else None  # broadcast dimensions: stride 0
+    ms = (m.stride(0), m.stride(1), m.stride(3)) if m is not None else (0, 0, 0)
+    if lib.blip2_attend(q.data_ptr(), k.data_ptr(), v.data_ptr(), None if m is None else m.data_ptr(),
+                        out.data_ptr(), q.dtype == torch.bfloat16, b, h, t, hd, *k.stride()[:3], *v.stride()[:3], *ms,
+                        hd ** -0.5 if scale is None else scale, torch.get_num_threads()):
+        raise MemoryError("attend: no memory for the attention scores")
+    return out

@@ -10,6 +10,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
+from . import native
+
 
 class Linear(nn.Linear):
     """nn.Linear for the language models. One row (a decoding step of one sequence) in float32 on a CPU runs as
@@ -137,7 +139,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     """q (B, H, Tq, hd), k/v (B, H, Tk, hd), additive float mask broadcastable to (B, H, Tq, Tk).
     Returns (B, Tq, H*hd) and the attention weights when asked. The eager path (matmul + softmax, as the
     reference's eager attention) serves attn_implementation="eager" and every call that wants the weights;
-    otherwise torch's scaled_dot_product_attention."""
+    otherwise torch's scaled_dot_product_attention, or for one query on the CPU, blip2's kernel (native.attend)."""
+    if not (need_weights or eager) and native.attends(q, k, v, mask):  # a decoding step's
+        return native.attend(q, k, v, mask, scale), None
     w = None
     if need_weights or eager:
         w = (q @ k.transpose(-1, -2)) * (scale if scale is not None else q.shape[-1] ** -0.5)

@@ -36,9 +36,10 @@ class OPTAttention(nn.Module):
     def forward(self, x: Tensor, mask: Tensor | None, cache: KVCache | None, layer: int,
                 need_weights: bool = False) -> tuple[Tensor, Tensor | None]:
         h = self.num_heads
-        q = (self.q_proj(x) * self.scaling).unflatten(-1, (h, -1)).transpose(1, 2)  # (B, H, T, hd), pre-scaled
-        k = self.k_proj(x).unflatten(-1, (h, -1)).transpose(1, 2)
-        v = self.v_proj(x).unflatten(-1, (h, -1)).transpose(1, 2)
+        heads = (*x.shape[:-1], h, -1)  # (reshape, not unflatten: a Python function, at 3 calls a layer a step)
+        q = (self.q_proj(x) * self.scaling).reshape(heads).transpose(1, 2)  # (B, H, T, hd), pre-scaled
+        k = self.k_proj(x).reshape(heads).transpose(1, 2)
+        v = self.v_proj(x).reshape(heads).transpose(1, 2)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, H, past + T, hd)
         out, w = attention(q, k, v, mask, scale=1.0, need_weights=need_weights, eager=self.eager)

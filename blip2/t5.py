@@ -1,5 +1,6 @@
 """T5 encoder-decoder language model (Flan-T5 in blip2-flan-t5-xl / -xxl): T5ForConditionalGeneration."""
 
+import logging
 import math
 from typing import Any
 
@@ -8,6 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import native
 from .cache import KVCache
 from .config import T5Config
 from .ops import (
@@ -22,9 +24,13 @@ from .ops import (
     resolve,
 )
 
+log = logging.getLogger(__name__)
+
 
 class T5LayerNorm(nn.Module):
-    """RMSNorm without bias; the variance is computed in fp32."""
+    """RMSNorm without bias; the variance is computed in fp32. Inference on the CPU in bfloat16 / float32 runs in one
+    call of blip2's kernel (native.rms_norm: the bits of rms_norm's torch ops, which serve everything else: training,
+    fp16, other devices, torch.compile)."""
 
     def __init__(self, d: int, eps: float):
         super().__init__()
@@ -32,10 +38,44 @@ class T5LayerNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:
-        x = x * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
-        if self.weight.dtype in (torch.float16, torch.bfloat16):
-            x = x.to(self.weight.dtype)
-        return self.weight * x
+        if x.shape[-1] < FUSED_NORM_MAX and native.serves(x, self.weight) and (lanes := norm_lanes()):
+            return native.rms_norm(x, self.weight, self.eps, lanes)
+        return rms_norm(x, self.weight, self.eps)
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """transformers' T5LayerNorm, op for op."""
+    x = x * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)
+    if weight.dtype in (torch.float16, torch.bfloat16):
+        x = x.to(weight.dtype)
+    return weight * x
+
+
+FUSED_NORM_MAX = 32768  # torch splits the sum of one longer row between its threads: not a row's order
+_lanes: dict[int, int] = {}  # id(native.library()) -> its norm_lanes()
+
+
+def norm_lanes() -> int:
+    """The width (8 or 16 floats) at which torch's CPU sum adds a row here, found once per process by comparing
+    blip2's RMSNorm kernel with rms_norm's torch ops on float32 rows (whose sums of squares change in the last bit
+    with the order); 0 where no width gives torch's bits or blip2's kernels are not built (native.disabled()
+    included): T5LayerNorm then runs torch's ops. Logged."""
+    lib = native.library()
+    if lib is None:
+        return 0
+    if id(lib) not in _lanes:
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(64, 4099, generator=g) * torch.logspace(-3, 3, 64)[:, None]  # the widths differ in 1/4 rows
+        weight = torch.randn(4099, generator=g)
+        probes = [(x[:, :d], w) for d in (4099, 2048, 13, 5) for w in (weight[:d], weight[:d].bfloat16())]
+        _lanes[id(lib)] = next((n for n in (8, 16) if all(
+            torch.equal(native.rms_norm(a, w, 1e-6, n, lib), rms_norm(a, w, 1e-6)) for a, w in probes)), 0)
+        if _lanes[id(lib)]:
+            log.info("T5 RMSNorm: blip2's kernel (torch's float sums run %d lanes wide here)", _lanes[id(lib)])
+        else:
+            log.warning("T5 RMSNorm: torch's float sums here add in an order blip2's kernel does not reproduce; "
+                        "torch's ops are used")
+    return _lanes[id(lib)]
 
 
 def relative_position_bucket(rel: Tensor, bidirectional: bool, num_buckets: int, max_distance: int) -> Tensor:
@@ -77,7 +117,7 @@ class T5Attention(nn.Module):
         return self.relative_attention_bias(buckets).permute(2, 0, 1)[None]
 
     def heads(self, x: Tensor) -> Tensor:
-        return x.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)  # (B, H, T, d_kv)
+        return x.reshape(*x.shape[:-1], self.num_heads, -1).transpose(1, 2)  # (B, H, T, d_kv); unflatten is Python
 
     def forward(self, x: Tensor, bias: Tensor | None, cache: KVCache | None = None, layer: int = 0,
                 context: Tensor | None = None, need_weights: bool = False) -> tuple[Tensor, Tensor | None]:

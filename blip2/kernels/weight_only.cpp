@@ -24,6 +24,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "bf16.h"
+
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 #define BLIP2_ISA 2
 #elif defined(__AVX2__) && defined(__FMA__)
@@ -47,24 +49,6 @@ inline int32_t load4(const int8_t* p) {
     int32_t v;
     memcpy(&v, p, 4);
     return v;
-}
-
-inline float bf16f(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-inline float load_float(const void* p, int is_bf16, size_t i) {
-    return is_bf16 ? bf16f(((const uint16_t*)p)[i]) : ((const float*)p)[i];
-}
-
-inline uint16_t to_bf16(float f) {  // rounded to nearest even, as torch rounds (a NaN stays a NaN); no branch, so
-    uint32_t u;                      // that the loops in Out::put vectorize
-    memcpy(&u, &f, 4);
-    const uint16_t r = (uint16_t)((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
-    return f != f ? (uint16_t)0x7FC0 : r;
 }
 
 // Where the kernels' sums go: y (M, N) in float32, or in bfloat16 rounded as torch rounds; bias (N,) in y's dtype or
