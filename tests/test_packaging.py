@@ -10,6 +10,8 @@ from pathlib import Path
 
 import app_support as S
 
+from blip2 import native
+
 ROOT = Path(S.ROOT)
 SOURCES = ["pyproject.toml", "README.md", "requirements.txt", "requirements-scale.txt", "blip2", "app"]
 
@@ -37,6 +39,7 @@ def test_a_wheel_installed_in_a_fresh_environment_runs_the_embedded_model(tmp_pa
     names = set(zipfile.ZipFile(wheel).namelist())
     for model in ("blip2-tiny", "blip2-tiny-itm"):
         assert {f"blip2/assets/{model}/{f}" for f in ("config.json", "model.safetensors", "tokenizer.json")} <= names
+    assert {f"blip2/kernels/{f.name}" for f in native.SOURCES + native.HEADERS} <= names  # built on first use
     run(python, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", wheel, cwd=tmp_path)
 
     elsewhere = tmp_path / "elsewhere"  # neither the checkout nor the source copy is on the path here
