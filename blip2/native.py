@@ -349,7 +349,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
                                                                                       (mask,))):
         raise TypeError(f"attend takes q, k, v and the mask in one dtype, bfloat16 or float32, on the CPU; got "
                         f"{[None if x is None else x.dtype for x in (q, k, v, mask)]}")
-    q = q.transpose(1, 2).contiguous()  # (B, 1, H, hd): a linear layer's output, as it is
+    if q.stride(3) != 1 or q.stride(1) != hd or b > 1 and q.stride(0) != h * hd:  # (B, H*hd) memory: a linear's output
+        q = q.transpose(1, 2).contiguous().transpose(1, 2)
     out = torch.empty(b, 1, h * hd, dtype=q.dtype)
     m = mask.expand(b, h, 1, t) if mask is not None else None  # broadcast dimensions: stride 0
     ms = (m.stride(0), m.stride(1), m.stride(3)) if m is not None else (0, 0, 0)
