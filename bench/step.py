@@ -4,11 +4,14 @@
     python -m bench.step --model flan-t5-xl --parts    # + the norms, attentions and KV-cache appends inside it
     python -m bench.step --model opt-2.7b --compile    # + the step compiled (torch.compile of the decoder stack)
     THP_MEM_ALLOC_ENABLE=1 python -m bench.step ...    # torch's huge-page allocations (env: GOMP_SPINCOUNT etc. too)
+    python -m bench.step --model flan-t5-xl --cold     # + small ops warm and right after 16 MB streamed through cache
 
 It reads the int4 copy `python -m bench.realsize --model M` saved (its cache folder, or --cache). Reported, median of
 `--steps` steps after a prompt of 33 positions, in `--rounds` rounds: the step; the time inside blip2's kernels
 (timed around each call, inside the step); the same kernels called back to back over the step's weights, alone;
-with --parts, each kind of small op as the step runs it; with --compile, the compiled step (its compile time too).
+with --parts, each kind of small op as the step runs it and how many torch ops a step dispatches; with --compile,
+the compiled step (its compile time too); with --cold, a few of the step's small ops at its shapes, warm and right
+after a kernel-sized read (16 MB) has gone through the caches, as each runs in the step.
 """
 
 import argparse
@@ -68,6 +71,24 @@ def measure(lm, d: int, steps: int, rounds: int, acc: collections.Counter) -> fl
     return statistics.median(medians)
 
 
+def dispatches(lm, d: int) -> int:
+    """torch ops one decoding step dispatches (views and allocations included; blip2's kernels are not torch ops)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.n += 1
+            return func(*args, **(kwargs or {}))
+
+    step = stepper(lm, d)
+    step()
+    with Count() as count:
+        step()
+    return count.n
+
+
 def kernels_alone(lm, repeat: int = 15) -> float:
     """The step's kernels (the layers' bound native.Call) back to back, one input row each: seconds, median of
     `repeat`."""
@@ -114,6 +135,38 @@ def compiled(lm) -> float:
     return time.perf_counter() - t
 
 
+def cold(lm, d: int) -> dict[str, tuple[float, float]]:
+    """Microseconds (median of 200) of small ops at a decoding step's shapes, warm and right after 16 MB of weights'
+    worth has been summed by both threads."""
+    import torch.nn.functional as F
+
+    from blip2 import native, t5
+
+    cfg = lm.config
+    heads = getattr(cfg, "num_heads", None) or cfg.num_attention_heads
+    big, x, w = torch.randn(8 << 20).bfloat16(), torch.randn(1, 1, d).bfloat16(), torch.ones(d).bfloat16()
+    q, k = torch.randn(1, heads, 1, d // heads).bfloat16(), torch.randn(1, heads, 35, d // heads).bfloat16()
+    ops = {f"add ({d} bf16)": lambda: x + x, "torch.empty": lambda: torch.empty(1, 1, d, dtype=torch.bfloat16),
+           "RMSNorm, torch's 8 ops": lambda: t5.rms_norm(x, w, 1e-6),
+           "RMSNorm, blip2's kernel": lambda: native.rms_norm(x, w, 1e-6, t5.norm_lanes() or 8),
+           "attention over 35 keys, SDPA": lambda: F.scaled_dot_product_attention(q, k, k),
+           "attention over 35 keys, blip2's kernel": lambda: native.attend(q, k, k, None)}
+    out = {}
+    for name, f in ops.items():
+        warm, after = [], []
+        for _ in range(200):
+            f()
+            t = time.perf_counter()
+            f()
+            warm.append(time.perf_counter() - t)
+            big.sum()
+            t = time.perf_counter()
+            f()
+            after.append(time.perf_counter() - t)
+        out[name] = statistics.median(warm) * 1e6, statistics.median(after) * 1e6
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.step")
     ap.add_argument("--model", default="flan-t5-xl", help="a checkpoint bench.realsize saved in int4")
@@ -123,6 +176,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--parts", action="store_true", help="also time the small ops inside the step")
     ap.add_argument("--compile", action="store_true", help="also time the step compiled")
+    ap.add_argument("--cold", action="store_true", help="also time small ops warm and after 16 MB streamed")
     args = ap.parse_args(argv)
     path = os.path.join(args.cache, f"blip2-{args.model}-int4")
     if not os.path.isdir(path):
@@ -156,6 +210,13 @@ def main(argv=None) -> int:
         print(f"  {label}: {inside[label] / args.steps * 1e3:.2f} ms a step, {n:.0f} calls, "
               f"{inside[label] / inside[label, 'n'] * 1e6:.1f} us each")
     print(f"the step's kernels back to back, alone: {alone * 1e3:.2f} ms")
+    if args.parts:
+        with torch.no_grad():
+            print(f"torch ops the step dispatches: {dispatches(lm, d)}")
+    if args.cold:
+        with torch.no_grad():
+            for name, (warm, after) in cold(lm, d).items():
+                print(f"  {name}: {warm:.1f} us warm, {after:.1f} us right after 16 MB streamed")
     if args.compile:
         with torch.no_grad():
             compile_s = compiled(lm)
