@@ -326,9 +326,9 @@ def serves(*tensors: torch.Tensor | None) -> bool:
 def attends(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> bool:
     """Whether attend serves this attention: one query, keys and values (at least one) of its shape, one dtype (a
     bool mask: SDPA), each row contiguous, and serves()."""
-    return q.dim() == 4 and q.shape[2] == 1 and k.shape == v.shape and k.shape[:2] == q.shape[:2] and k.shape[2] and \
-        k.shape[3] == q.shape[3] and k.stride(-1) == 1 and v.stride(-1) == 1 and k.dtype == v.dtype == q.dtype and \
-        (mask is None or mask.dtype == q.dtype) and serves(q, k, v, mask)
+    return q.dim() == 4 and q.shape[2] == 1 and k.shape == v.shape and k.shape[:2] == q.shape[:2] and \
+        k.shape[2] > 0 and k.shape[3] == q.shape[3] and k.stride(-1) == 1 and v.stride(-1) == 1 and \
+        k.dtype == v.dtype == q.dtype and (mask is None or mask.dtype == q.dtype) and serves(q, k, v, mask)
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
