@@ -5,6 +5,7 @@
     python -m bench.step --model opt-2.7b --compile    # + the step compiled (torch.compile of the decoder stack)
     THP_MEM_ALLOC_ENABLE=1 python -m bench.step ...    # torch's huge-page allocations (env: GOMP_SPINCOUNT etc. too)
     python -m bench.step --model flan-t5-xl --cold     # + small ops warm and right after 16 MB streamed through cache
+    python -m bench.step --model flan-t5-xl --ab       # + the step with blip2's decoding pool off and on, interleaved
 
 It reads the int4 copy `python -m bench.realsize --model M` saved (its cache folder, or --cache). Reported, median of
 `--steps` steps after a prompt of 33 positions, in `--rounds` rounds: the step; the time inside blip2's kernels
@@ -43,20 +44,31 @@ def timed(owner, name: str, acc: collections.Counter, label: str) -> None:
 
 
 def stepper(lm, d: int):
-    """A fresh 33-position prompt, then -> one decoding step (a callable)."""
+    """A fresh 33-position prompt, then -> one decoding step (a callable), run as the decoding loops run it
+    (inside native.decoding_step())."""
+    from blip2 import native
     from blip2.cache import KVCache
 
     ids = torch.zeros(1, 1, dtype=torch.long)
     if hasattr(lm, "encoder"):
         context, cache = torch.randn(1, 33, d).bfloat16(), KVCache(lm.num_layers)
         lm.decode(ids, context, past_key_values=cache)
-        return lambda: lm.decode(ids, context, past_key_values=cache)
-    cache = lm(inputs_embeds=torch.randn(1, 33, d).bfloat16(), use_cache=True).past_key_values
-    return lambda: lm(input_ids=ids, past_key_values=cache, use_cache=True)
+        run = lambda: lm.decode(ids, context, past_key_values=cache)  # noqa: E731
+    else:
+        cache = lm(inputs_embeds=torch.randn(1, 33, d).bfloat16(), use_cache=True).past_key_values
+        run = lambda: lm(input_ids=ids, past_key_values=cache, use_cache=True)  # noqa: E731
+
+    def step():
+        with native.decoding_step():
+            return run()
+    return step
 
 
-def measure(lm, d: int, steps: int, rounds: int, acc: collections.Counter) -> float:
-    """Median seconds of a step over `rounds` fresh prompts of `steps` steps each; acc holds the last round's sums."""
+def measure(lm, d: int, steps: int, rounds: int, acc: collections.Counter, pool: bool | None = None) -> float:
+    """Median seconds of a step over `rounds` fresh prompts of `steps` steps each; acc holds the last round's sums.
+    pool: blip2's decoding pool on (True) or off (False, BLIP2_POOL=0), or as the environment says (None)."""
+    if pool is not None:
+        os.environ["BLIP2_POOL"] = "1" if pool else "0"
     medians = []
     for _ in range(rounds):
         step = stepper(lm, d)
@@ -177,6 +189,8 @@ def main(argv=None) -> int:
     ap.add_argument("--parts", action="store_true", help="also time the small ops inside the step")
     ap.add_argument("--compile", action="store_true", help="also time the step compiled")
     ap.add_argument("--cold", action="store_true", help="also time small ops warm and after 16 MB streamed")
+    ap.add_argument("--ab", action="store_true", help="also the step with blip2's decoding pool off and on, "
+                    "rounds interleaved")
     args = ap.parse_args(argv)
     path = os.path.join(args.cache, f"blip2-{args.model}-int4")
     if not os.path.isdir(path):
@@ -213,6 +227,15 @@ def main(argv=None) -> int:
     if args.parts:
         with torch.no_grad():
             print(f"torch ops the step dispatches: {dispatches(lm, d)}")
+    if args.ab:
+        with torch.no_grad():
+            runs = {False: [], True: []}
+            for _ in range(args.rounds * 2):
+                for pool in runs:
+                    runs[pool].append(measure(lm, d, args.steps, 1, acc, pool))
+            for pool, times in runs.items():
+                print(f"  decoding pool {'on' if pool else 'off (OpenMP)'}: {statistics.median(times) * 1e3:.2f} ms "
+                      f"({' '.join(f'{t * 1e3:.1f}' for t in times)})")
     if args.cold:
         with torch.no_grad():
             for name, (warm, after) in cold(lm, d).items():

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, fields, make_dataclass
 import torch
 import torch.nn.functional as F
 
-from . import decoding
+from . import decoding, native
 from .beam import BeamState, beam_result, beam_step
 from .cache import KVCache
 from .logits import logits_processors
@@ -118,8 +118,9 @@ class DecoderStepper:
 
     def step(self, tokens):  # tokens (N,)
         self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], 1)], dim=1)
-        self.last = self.lm(input_ids=tokens[:, None], attention_mask=self.mask, past_key_values=self.cache,
-                            **self.want)
+        with native.decoding_step():
+            self.last = self.lm(input_ids=tokens[:, None], attention_mask=self.mask, past_key_values=self.cache,
+                                **self.want)
         return self.last.logits[:, -1]
 
     def reorder(self, index):
@@ -145,8 +146,9 @@ class EncoderDecoderStepper:
         return self.step(torch.full(self.encoded.shape[:1], self.start_id, device=self.encoded.device))
 
     def step(self, tokens):
-        logits, self.last = self.lm.decode(tokens[:, None], self.encoded, self.mask, past_key_values=self.cache,
-                                           **self.want)
+        with native.decoding_step():
+            logits, self.last = self.lm.decode(tokens[:, None], self.encoded, self.mask, past_key_values=self.cache,
+                                               **self.want)
         return logits[:, -1]
 
     def reorder(self, index):

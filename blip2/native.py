@@ -1,7 +1,9 @@
 """blip2's own CPU kernels (blip2/kernels/), compiled on first use and called through ctypes: weight-only matmuls
 (weight_only.cpp), int4 (every row count) and int8 (decoding steps; a prompt pass runs torch._int_mm); and, for
 decoding steps, where one call beats the torch ops it replaces: T5's RMSNorm (rms_norm.cpp, eight ops, the same
-bits) and one query's attention (attention.cpp, SDPA's dispatch and thread fork).
+bits) and one query's attention (attention.cpp, SDPA's dispatch and thread fork). A decoding step's kernels run on
+blip2's own worker threads (pool.cpp: between kernels, while Python runs, they read ahead the next one's weights),
+torch's ops on one thread meanwhile (decoding_step()).
 
 Why not PyTorch's `_weight_int4pack_mm_for_cpu` / `_weight_int8pack_mm`: they keep activations in floating point
 and convert every weight to float, so on few cores they are compute-bound, below the memory's bandwidth, and int4
@@ -28,6 +30,7 @@ import logging
 import os
 import platform
 import subprocess
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,8 +39,8 @@ import torch
 
 log = logging.getLogger(__name__)
 KERNELS = Path(__file__).with_name("kernels")
-SOURCES = (KERNELS / "weight_only.cpp", KERNELS / "rms_norm.cpp", KERNELS / "attention.cpp")  # compiled
-HEADERS = (KERNELS / "bf16.h",)  # included (part of the build's key)
+SOURCES = tuple(KERNELS / f for f in ("weight_only.cpp", "pool.cpp", "rms_norm.cpp", "attention.cpp"))  # compiled
+HEADERS = (KERNELS / "bf16.h", KERNELS / "pool.h")  # included (part of the build's key)
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
 ENV_KERNEL = "BLIP2_KERNELS"  # "blip2" (default) or "aten" (PyTorch's kernels)
 _lib: ctypes.CDLL | None = None
@@ -222,7 +225,7 @@ class Call:
         m = x.numel() // self.k
         y = torch.empty(x.shape[:-1] + (self.n,), dtype=self.dtype)
         if m and self.kernel(x.data_ptr(), x.dtype == torch.bfloat16, m, self.k, self.n, *self.args, y.data_ptr(),
-                             self.dtype == torch.bfloat16, torch.get_num_threads()):
+                             self.dtype == torch.bfloat16, threads()):
             raise MemoryError(f"{self.kernel.__name__}: no memory for the quantized activations ({m} x {self.k})")
         return y
 
@@ -310,7 +313,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, lanes: int, lib:
     x, weight = x.contiguous(), weight.contiguous()
     y = torch.empty(x.shape, dtype=weight.dtype)
     lib.blip2_rms_norm(x.data_ptr(), x.dtype == torch.bfloat16, x.numel() // d, d, weight.data_ptr(),
-                       weight.dtype == torch.bfloat16, eps, y.data_ptr(), lanes, torch.get_num_threads())
+                       weight.dtype == torch.bfloat16, eps, y.data_ptr(), lanes, threads())
     return y
 
 
@@ -356,6 +359,33 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     ms = (m.stride(0), m.stride(1), m.stride(3)) if m is not None else (0, 0, 0)
     if lib.blip2_attend(q.data_ptr(), k.data_ptr(), v.data_ptr(), None if m is None else m.data_ptr(),
                         out.data_ptr(), q.dtype == torch.bfloat16, b, h, t, hd, *k.stride()[:3], *v.stride()[:3], *ms,
-                        hd ** -0.5 if scale is None else scale, torch.get_num_threads()):
+                        hd ** -0.5 if scale is None else scale, threads()):
         raise MemoryError("attend: no memory for the attention scores")
     return out
+
+
+_step = threading.local()  # .threads: inside decoding_step(), the threads torch had
+
+
+def threads() -> int:
+    """The threads blip2's kernels run on: torch's count, or inside decoding_step() the count torch had before."""
+    return getattr(_step, "threads", 0) or torch.get_num_threads()
+
+
+@contextlib.contextmanager
+def decoding_step():
+    """Within: torch's own ops on one thread (a decoding step's are small; forking OpenMP's workers for one, as
+    F.gelu does at 5120 elements, leaves a worker spinning on the core blip2's pool works on: kernels/pool.cpp), and
+    blip2's kernels on the threads torch had. torch.set_num_threads is process-wide: another thread's torch ops run
+    on one thread meanwhile."""
+    n = torch.get_num_threads()
+    if n < 2 or getattr(_step, "threads", 0) or library() is None:
+        yield
+        return
+    _step.threads = n
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+        _step.threads = 0

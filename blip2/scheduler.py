@@ -29,6 +29,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from . import native
 from .cache import KVCache
 
 GATHER_S = 0.01  # an idle loop waits this long after a first arrival, so that a burst's prompts run in one pass
@@ -275,10 +276,11 @@ class Scheduler:
         tokens = torch.cat([r.tokens for r in stepping])
         b = self.batch
         b.mask = torch.cat([b.mask, b.mask.new_ones(b.mask.shape[0], 1)], 1)
-        if self.encdec:
-            logits = self.lm.decode(tokens[:, None], b.encoded, b.encoded_mask, b.mask, past_key_values=b.cache)[0]
-        else:
-            logits = self.lm(input_ids=tokens[:, None], attention_mask=b.mask, past_key_values=b.cache).logits
+        with native.decoding_step():
+            if self.encdec:
+                logits = self.lm.decode(tokens[:, None], b.encoded, b.encoded_mask, b.mask, past_key_values=b.cache)[0]
+            else:
+                logits = self.lm(input_ids=tokens[:, None], attention_mask=b.mask, past_key_values=b.cache).logits
         for r in stepping:
             r.tokens = None
         self.stats["steps"] += 1

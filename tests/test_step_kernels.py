@@ -147,3 +147,111 @@ def test_a_weight_only_layer_keeps_the_leading_dimensions(bits):
         assert y.shape == (2, 1, 96) and y.dtype == torch.bfloat16
         assert torch.equal(y, layer(x.reshape(2, 256)).reshape(2, 1, 96))
         assert torch.equal(layer.kernel(2)(x), y)
+
+
+@pytest.fixture
+def two_threads():
+    """The pool serves from two threads (CI's machine has two cores)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+def pool_and_openmp(f):
+    """f() with blip2's decoding pool (BLIP2_POOL, read at each call) on, then off: both results."""
+    before = os.environ.get("BLIP2_POOL")
+    try:
+        out = []
+        for flag in ("1", "0"):
+            os.environ["BLIP2_POOL"] = flag
+            out.append(f())
+        return out
+    finally:
+        os.environ.pop("BLIP2_POOL") if before is None else os.environ.update(BLIP2_POOL=before)
+
+
+def test_the_decoding_pool_gives_openmps_bits(two_threads):
+    """The pool changes who computes which block, not how: an int4 layer's output at 1-9 rows (9: OpenMP's path
+    anyway) and one query's attention (heads split between the threads) are bit for bit the same with it on and off,
+    called twice in a row (the second call's workers read ahead what followed last time)."""
+    torch.manual_seed(0)
+    layers = []
+    for n, k in ((96, 256), (4096, 2048), (2048, 5120)):
+        layer = WeightOnlyLinear(k, n, True, 4, 64, torch.bfloat16, device="cpu")
+        layer.load("weight", torch.randn(n, k).bfloat16())
+        layer.load("bias", torch.randn(n).bfloat16())
+        layers.append(layer)
+    q, kv = torch.randn(2, 32, 1, 64).bfloat16(), torch.randn(2, 32, 40, 64).bfloat16()
+    for m in (1, 2, 3, 8, 9):
+        xs = [torch.randn(m, layer.in_features).bfloat16() for layer in layers]
+
+        def run():
+            with torch.no_grad(), native.decoding_step():
+                return [layer(x) for _ in range(2) for layer, x in zip(layers, xs)] + [native.attend(q, kv, kv, None)]
+        pooled, openmp = pool_and_openmp(run)
+        assert all(torch.equal(a, b) for a, b in zip(pooled, openmp)), m
+
+
+def test_the_pool_takes_one_caller_at_a_time(two_threads):
+    """Callers in several threads at once: one runs on the pool, the others on OpenMP; every output is what one
+    caller alone gets."""
+    import threading
+
+    torch.manual_seed(0)
+    layer = WeightOnlyLinear(2048, 1024, False, 4, 64, torch.bfloat16, device="cpu")
+    layer.load("weight", torch.randn(1024, 2048).bfloat16())
+    xs = [torch.randn(1, 2048).bfloat16() for _ in range(4)]
+    with torch.no_grad():
+        want = [layer(x) for x in xs]
+    bad = []
+
+    def caller(i):
+        with torch.no_grad():
+            for _ in range(100):
+                if not torch.equal(layer(xs[i]), want[i]):
+                    bad.append(i)
+    threads = [threading.Thread(target=caller, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not any(t.is_alive() for t in threads) and not bad
+
+
+def fork_child(layer, x, queue):
+    with torch.no_grad():
+        queue.put(layer(x).float().tolist())  # plain floats (a tensor would go by a file descriptor)
+
+
+def test_a_forked_child_makes_its_own_pool(two_threads):
+    """The parent's workers are not in a forked child (Ray's and multiprocessing's fork): the child's first call
+    makes a pool of its own, and gets the parent's output."""
+    import multiprocessing
+
+    torch.manual_seed(0)
+    layer = WeightOnlyLinear(2048, 1024, False, 4, 64, torch.bfloat16, device="cpu")
+    layer.load("weight", torch.randn(1024, 2048).bfloat16())
+    x = torch.randn(1, 2048).bfloat16()
+    with torch.no_grad():
+        want = layer(x)  # the pool exists in this process now
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=fork_child, args=(layer, x, queue))
+    child.start()
+    got = queue.get(timeout=120)
+    child.join(timeout=120)
+    assert child.exitcode == 0 and got == want.float().tolist()
+
+
+def test_a_decoding_step_keeps_torch_on_one_thread_and_gives_the_threads_back(two_threads):
+    with native.decoding_step():
+        assert torch.get_num_threads() == 1 and native.threads() == 2
+        with native.decoding_step():  # nested: the outer one's setting stands
+            assert torch.get_num_threads() == 1 and native.threads() == 2
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == 2 and native.threads() == 2
+    with pytest.raises(RuntimeError, match="inside"):
+        with native.decoding_step():
+            raise RuntimeError("inside")
+    assert torch.get_num_threads() == 2 and native.threads() == 2

@@ -10,6 +10,7 @@
 #include <string.h>
 
 #include "bf16.h"
+#include "pool.h"
 
 namespace {
 
@@ -77,16 +78,31 @@ void attend_heads(const E* q, const E* k, const E* v, const E* mask, E* out, con
 }
 
 template <typename E>
-void attend(const E* q, const E* k, const E* v, const E* mask, E* out, const Shape& a, float scale, int chunks,
-            float* buf) {
-    const size_t per_b = (size_t)a.H * a.T + 2 * (size_t)a.H * a.hd;
-#pragma omp parallel for num_threads(chunks) schedule(static) if (chunks > 1)
-    for (int job = 0; job < a.B * chunks; job++) {
-        const int b = job / chunks, c = job % chunks;
-        float* s = buf + per_b * b;
-        attend_heads(q, k, v, mask, out, a, scale, b, a.H * c / chunks, a.H * (c + 1) / chunks, s,
-                     s + (size_t)a.H * a.T, s + (size_t)a.H * a.T + (size_t)a.H * a.hd);
-    }
+struct Job {
+    const E *q, *k, *v, *mask;
+    E* out;
+    Shape a;
+    float scale;
+    int chunks;
+    float* buf;
+};
+
+template <typename E>
+void attend_task(const void* ctx, long job) {  // batch row job / chunks, its chunk of the heads
+    const Job<E>& j = *(const Job<E>*)ctx;
+    const Shape& a = j.a;
+    const int b = (int)(job / j.chunks), c = (int)(job % j.chunks);
+    float* s = j.buf + ((size_t)a.H * a.T + 2 * (size_t)a.H * a.hd) * b;
+    attend_heads(j.q, j.k, j.v, j.mask, j.out, a, j.scale, b, a.H * c / j.chunks, a.H * (c + 1) / j.chunks, s,
+                 s + (size_t)a.H * a.T, s + (size_t)a.H * a.T + (size_t)a.H * a.hd);
+}
+
+template <typename E>
+void attend(const Job<E>& j, int threads) {  // on blip2's pool where it serves (a decoding step's), else OpenMP
+    const long jobs = (long)j.a.B * j.chunks;
+    if (j.chunks > 1 && blip2::pool_run(threads, jobs, attend_task<E>, &j, nullptr)) return;
+#pragma omp parallel for num_threads(j.chunks) schedule(static) if (j.chunks > 1)
+    for (long job = 0; job < jobs; job++) attend_task<E>(&j, job);
 }
 
 }  // namespace
@@ -106,11 +122,11 @@ int blip2_attend(const void* q, const void* k, const void* v, const void* mask, 
     const int64_t bytes = (int64_t)B * H * T * hd * (is_bf16 ? 4 : 8);
     const int chunks = bytes >= 65536 && threads > 1 ? (threads < H ? threads : H) : 1;
     if (is_bf16)
-        attend((const uint16_t*)q, (const uint16_t*)k, (const uint16_t*)v, (const uint16_t*)mask, (uint16_t*)out, a,
-               scale, chunks, buf);
+        attend(Job<uint16_t>{(const uint16_t*)q, (const uint16_t*)k, (const uint16_t*)v, (const uint16_t*)mask,
+                             (uint16_t*)out, a, scale, chunks, buf}, threads);
     else
-        attend((const float*)q, (const float*)k, (const float*)v, (const float*)mask, (float*)out, a, scale, chunks,
-               buf);
+        attend(Job<float>{(const float*)q, (const float*)k, (const float*)v, (const float*)mask, (float*)out, a,
+                          scale, chunks, buf}, threads);
     free(buf);
     return 0;
 }

@@ -24,7 +24,10 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <atomic>
+
 #include "bf16.h"
+#include "pool.h"
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 #define BLIP2_ISA 2
@@ -274,6 +277,60 @@ void channels8(const int8_t* w, const int8_t* xq, const float* xs, const void* w
 }
 #endif
 
+struct Int4Job {
+    const uint8_t* w;
+    const uint16_t* sz;
+    int group, G, K, M;
+    Rows a;
+    Out o;
+};
+
+void int4_block(const void* ctx, long b) {  // block b of 16 output channels, every row
+    const Int4Job& j = *(const Int4Job*)ctx;
+    const uint8_t* wb = j.w + (size_t)b * j.K * 8;  // 16 channels x K/2 bytes
+    const uint16_t* szb = j.sz + (size_t)32 * j.G * b;
+    for (int r0 = 0; r0 < j.M; r0 += MAX_ROWS) {
+        switch (j.M - r0 < MAX_ROWS ? j.M - r0 : MAX_ROWS) {
+#if BLIP2_ISA == 2
+            case 8: tile<8>(wb, szb, j.group, j.a, r0, j.o, 16 * (int)b); break;
+            case 7: tile<7>(wb, szb, j.group, j.a, r0, j.o, 16 * (int)b); break;
+            case 6: tile<6>(wb, szb, j.group, j.a, r0, j.o, 16 * (int)b); break;
+            case 5: tile<5>(wb, szb, j.group, j.a, r0, j.o, 16 * (int)b); break;
+            case 4: tile<4>(wb, szb, j.group, j.a, r0, j.o, 16 * (int)b); break;
+            case 3: tile<3>(wb, szb, j.group, j.a, r0, j.o, 16 * (int)b); break;
+#endif
+            case 2: tile<2>(wb, szb, j.group, j.a, r0, j.o, 16 * (int)b); break;
+            default: tile<1>(wb, szb, j.group, j.a, r0, j.o, 16 * (int)b); break;
+        }
+    }
+}
+
+// Up to POOL_ROWS rows (decoding steps) run on blip2's pool (pool.h), whose workers read ahead the matmul that came
+// after this one the last time: a decoding step runs the same matmuls in the same order. A wrong guess (another
+// model's turn, a freed weight) costs only the read: prefetches never fault.
+constexpr int POOL_ROWS = 8;
+constexpr int FOLLOWS = 4096;
+struct Followed {
+    const char* w;
+    blip2::Hint next;
+};
+Followed follows_table[FOLLOWS];
+const char* last_w = nullptr;
+std::atomic_flag follows_lock = ATOMIC_FLAG_INIT;
+
+const blip2::Hint* follows(const blip2::Hint& here) {  // records `here` as what followed the last matmul
+    static thread_local blip2::Hint found;
+    const auto slot = [](const char* w) { return ((uintptr_t)w >> 12 ^ (uintptr_t)w >> 24) % FOLLOWS; };
+    while (follows_lock.test_and_set(std::memory_order_acquire)) _mm_pause();
+    if (last_w) follows_table[slot(last_w)] = Followed{last_w, here};
+    last_w = here.base[0];
+    const Followed& f = follows_table[slot(here.base[0])];
+    const bool known = f.w == here.base[0];
+    if (known) found = f.next;
+    follows_lock.clear(std::memory_order_release);
+    return known ? &found : nullptr;
+}
+
 }  // namespace
 
 extern "C" {
@@ -302,26 +359,12 @@ int blip2_int4_mm(const void* x, int is_bf16, int M, int K, int N, const uint8_t
 #pragma omp parallel for num_threads(threads) schedule(static) if (M * K >= 65536)
     for (int i = 0; i < M * G; i++)
         quantize(x, is_bf16, (size_t)i * group, group, q + (size_t)i * group, sums + i, scales + i);
-    const Rows a{q, sums, scales, K, G};
-    const Out o{y, y_bf16, N, bias};
-    const int blocks = N / 16;
+    const Int4Job job{w, sz, group, G, K, M, Rows{q, sums, scales, K, G}, Out{y, y_bf16, N, bias}};
+    const long blocks = N / 16;
+    const blip2::Hint here{{(const char*)w, (const char*)sz}, {(size_t)K * 8, (size_t)G * 64}, blocks};
+    if (M > POOL_ROWS || !blip2::pool_run(threads, blocks, int4_block, &job, follows(here))) {
 #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int b = 0; b < blocks; b++) {
-        const uint8_t* wb = w + (size_t)b * K * 8;  // 16 channels x K/2 bytes
-        for (int r0 = 0; r0 < M; r0 += MAX_ROWS) {
-            switch (M - r0 < MAX_ROWS ? M - r0 : MAX_ROWS) {
-#if BLIP2_ISA == 2
-                case 8: tile<8>(wb, sz + (size_t)32 * G * b, group, a, r0, o, 16 * b); break;
-                case 7: tile<7>(wb, sz + (size_t)32 * G * b, group, a, r0, o, 16 * b); break;
-                case 6: tile<6>(wb, sz + (size_t)32 * G * b, group, a, r0, o, 16 * b); break;
-                case 5: tile<5>(wb, sz + (size_t)32 * G * b, group, a, r0, o, 16 * b); break;
-                case 4: tile<4>(wb, sz + (size_t)32 * G * b, group, a, r0, o, 16 * b); break;
-                case 3: tile<3>(wb, sz + (size_t)32 * G * b, group, a, r0, o, 16 * b); break;
-#endif
-                case 2: tile<2>(wb, sz + (size_t)32 * G * b, group, a, r0, o, 16 * b); break;
-                default: tile<1>(wb, sz + (size_t)32 * G * b, group, a, r0, o, 16 * b); break;
-            }
-        }
+        for (long b = 0; b < blocks; b++) int4_block(&job, b);
     }
     free(q), free(sums), free(scales);
     return 0;
