@@ -139,6 +139,7 @@ def load(path: Path) -> ctypes.CDLL:
     try:
         lib = ctypes.CDLL(str(path))
         kernels = lib.blip2_isa, lib.blip2_int4_mm, lib.blip2_int8_mm, lib.blip2_rms_norm, lib.blip2_attend
+        lib.blip2_pool_allow.argtypes, lib.blip2_pool_allow.restype = [ctypes.c_int], None
     except (OSError, AttributeError) as e:
         raise OSError(f"{path} is not a loadable build of blip2's kernels ({e})") from None
     p, i = ctypes.c_void_p, ctypes.c_int
@@ -376,16 +377,18 @@ def threads() -> int:
 def decoding_step():
     """Within: torch's own ops on one thread (a decoding step's are small; forking OpenMP's workers for one, as
     F.gelu does at 5120 elements, leaves a worker spinning on the core blip2's pool works on: kernels/pool.cpp), and
-    blip2's kernels on the threads torch had. torch.set_num_threads is process-wide: another thread's torch ops run
-    on one thread meanwhile."""
-    n = torch.get_num_threads()
-    if n < 2 or getattr(_step, "threads", 0) or library() is None:
+    blip2's kernels on the threads torch had, on its pool (which serves only inside this). torch.set_num_threads is
+    process-wide: another thread's torch ops run on one thread meanwhile."""
+    n, lib = torch.get_num_threads(), library()
+    if n < 2 or getattr(_step, "threads", 0) or lib is None:
         yield
         return
     _step.threads = n
     torch.set_num_threads(1)
+    lib.blip2_pool_allow(1)  # this thread's kernels on the pool (kernels/pool.cpp serves no one else)
     try:
         yield
     finally:
+        lib.blip2_pool_allow(0)
         torch.set_num_threads(n)
         _step.threads = 0

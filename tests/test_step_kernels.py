@@ -194,8 +194,8 @@ def test_the_decoding_pool_gives_openmps_bits(two_threads):
 
 
 def test_the_pool_takes_one_caller_at_a_time(two_threads):
-    """Callers in several threads at once: one runs on the pool, the others on OpenMP; every output is what one
-    caller alone gets."""
+    """Decoding steps in several threads at once: one at a time runs on the pool, the others on OpenMP; every output
+    is what one caller alone gets, and torch has its threads back at the end."""
     import threading
 
     torch.manual_seed(0)
@@ -209,18 +209,19 @@ def test_the_pool_takes_one_caller_at_a_time(two_threads):
     def caller(i):
         with torch.no_grad():
             for _ in range(100):
-                if not torch.equal(layer(xs[i]), want[i]):
-                    bad.append(i)
+                with native.decoding_step():
+                    if not torch.equal(layer(xs[i]), want[i]):
+                        bad.append(i)
     threads = [threading.Thread(target=caller, args=(i,)) for i in range(4)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(timeout=120)
-    assert not any(t.is_alive() for t in threads) and not bad
+    assert not any(t.is_alive() for t in threads) and not bad and torch.get_num_threads() == 2
 
 
 def fork_child(layer, x, queue):
-    with torch.no_grad():
+    with torch.no_grad(), native.decoding_step():
         queue.put(layer(x).float().tolist())  # plain floats (a tensor would go by a file descriptor)
 
 
@@ -233,7 +234,7 @@ def test_a_forked_child_makes_its_own_pool(two_threads):
     layer = WeightOnlyLinear(2048, 1024, False, 4, 64, torch.bfloat16, device="cpu")
     layer.load("weight", torch.randn(1024, 2048).bfloat16())
     x = torch.randn(1, 2048).bfloat16()
-    with torch.no_grad():
+    with torch.no_grad(), native.decoding_step():
         want = layer(x)  # the pool exists in this process now
     ctx = multiprocessing.get_context("fork")
     queue = ctx.Queue()

@@ -111,12 +111,13 @@ struct Pool {
 
 std::atomic<Pool*> the_pool{nullptr};
 std::mutex creating;
+thread_local bool allowed = false;  // blip2_pool_allow: inside native.decoding_step(), on this thread
 
 }  // namespace
 
 bool pool_run(int threads, long n, void (*task)(const void* ctx, long i), const void* ctx, const Hint* next) {
     const bool off = getenv("BLIP2_POOL") && getenv("BLIP2_POOL")[0] == '0';  // read each call: A/B in one process
-    if (off || threads < 2 || threads > MAX_THREADS) return false;
+    if (!allowed || off || threads < 2 || threads > MAX_THREADS) return false;
     Pool* p = the_pool.load(std::memory_order_acquire);
     if (!p || p->pid != getpid()) {  // none yet, or this process is a fork (its parent's workers are not here)
         std::lock_guard<std::mutex> lock(creating);
@@ -130,3 +131,7 @@ bool pool_run(int threads, long n, void (*task)(const void* ctx, long i), const 
 }
 
 }  // namespace blip2
+
+// Whether this thread's kernels may run on the pool: native.decoding_step() allows it while it keeps torch's ops off
+// OpenMP's workers (else a worker spinning after one of them can hold the core the pool's worker needs).
+extern "C" void blip2_pool_allow(int on) { blip2::allowed = on != 0; }
