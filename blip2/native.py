@@ -140,6 +140,7 @@ def load(path: Path) -> ctypes.CDLL:
         lib = ctypes.CDLL(str(path))
         kernels = lib.blip2_isa, lib.blip2_int4_mm, lib.blip2_int8_mm, lib.blip2_rms_norm, lib.blip2_attend
         lib.blip2_pool_allow.argtypes, lib.blip2_pool_allow.restype = [ctypes.c_int], None
+        lib.blip2_pool_runs.argtypes, lib.blip2_pool_runs.restype = [], ctypes.c_long
     except (OSError, AttributeError) as e:
         raise OSError(f"{path} is not a loadable build of blip2's kernels ({e})") from None
     p, i = ctypes.c_void_p, ctypes.c_int

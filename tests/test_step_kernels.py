@@ -189,8 +189,12 @@ def test_the_decoding_pool_gives_openmps_bits(two_threads):
         def run():
             with torch.no_grad(), native.decoding_step():
                 return [layer(x) for _ in range(2) for layer, x in zip(layers, xs)] + [native.attend(q, kv, kv, None)]
+        runs = native.library().blip2_pool_runs
+        before = runs()
         pooled, openmp = pool_and_openmp(run)
         assert all(torch.equal(a, b) for a, b in zip(pooled, openmp)), m
+        # on: every matmul of up to 8 rows and the attention ran on the pool; off: none
+        assert runs() - before == (2 * len(layers) if m <= 8 else 0) + 1, m
 
 
 def test_the_pool_takes_one_caller_at_a_time(two_threads):
@@ -212,12 +216,14 @@ def test_the_pool_takes_one_caller_at_a_time(two_threads):
                 with native.decoding_step():
                     if not torch.equal(layer(xs[i]), want[i]):
                         bad.append(i)
+    before = native.library().blip2_pool_runs()
     threads = [threading.Thread(target=caller, args=(i,)) for i in range(4)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(timeout=120)
     assert not any(t.is_alive() for t in threads) and not bad and torch.get_num_threads() == 2
+    assert native.library().blip2_pool_runs() > before  # the pool served (which caller, when, is up to the threads)
 
 
 def fork_child(layer, x, queue):

@@ -112,12 +112,13 @@ struct Pool {
 std::atomic<Pool*> the_pool{nullptr};
 std::mutex creating;
 thread_local bool allowed = false;  // blip2_pool_allow: inside native.decoding_step(), on this thread
+std::atomic<long> runs{0};  // jobs the pool ran (blip2_pool_runs)
 
 }  // namespace
 
 bool pool_run(int threads, long n, void (*task)(const void* ctx, long i), const void* ctx, const Hint* next) {
-    const bool off = getenv("BLIP2_POOL") && getenv("BLIP2_POOL")[0] == '0';  // read each call: A/B in one process
-    if (!allowed || off || threads < 2 || threads > MAX_THREADS) return false;
+    const char* flag = getenv("BLIP2_POOL");  // read at each call: bench.step --ab turns it on and off in one process
+    if (!allowed || (flag && flag[0] == '0') || threads < 2 || threads > MAX_THREADS) return false;
     Pool* p = the_pool.load(std::memory_order_acquire);
     if (!p || p->pid != getpid()) {  // none yet, or this process is a fork (its parent's workers are not here)
         std::lock_guard<std::mutex> lock(creating);
@@ -127,6 +128,7 @@ bool pool_run(int threads, long n, void (*task)(const void* ctx, long i), const 
     if (p->threads != threads || p->busy.test_and_set(std::memory_order_acquire)) return false;
     p->run(n, task, ctx, next);
     p->busy.clear(std::memory_order_release);
+    runs.fetch_add(1, std::memory_order_relaxed);
     return true;
 }
 
@@ -135,3 +137,6 @@ bool pool_run(int threads, long n, void (*task)(const void* ctx, long i), const 
 // Whether this thread's kernels may run on the pool: native.decoding_step() allows it while it keeps torch's ops off
 // OpenMP's workers (else a worker spinning after one of them can hold the core the pool's worker needs).
 extern "C" void blip2_pool_allow(int on) { blip2::allowed = on != 0; }
+
+// Jobs the pool has run in this process (the tests check that it serves where it should).
+extern "C" long blip2_pool_runs(void) { return blip2::runs.load(); }
