@@ -5,11 +5,13 @@
     python -m bench.step --model opt-2.7b --compile    # + the step compiled (torch.compile of the decoder stack)
     THP_MEM_ALLOC_ENABLE=1 python -m bench.step ...    # torch's huge-page allocations (env: GOMP_SPINCOUNT etc. too)
     python -m bench.step --model flan-t5-xl --cold     # + small ops warm and right after 16 MB streamed through cache
-    python -m bench.step --model flan-t5-xl --ab       # + the step with blip2's decoding pool off and on, interleaved
+    python -m bench.step --model flan-t5-xl --ab       # + the step with and without blip2's decoding pool and, for
+                                                       #   T5, its one-call step (t5_step), rounds interleaved
 
 It reads the int4 copy `python -m bench.realsize --model M` saved (its cache folder, or --cache). Reported, median of
 `--steps` steps after a prompt of 33 positions, in `--rounds` rounds: the step; the time inside blip2's kernels
-(timed around each call, inside the step); the same kernels called back to back over the step's weights, alone;
+called from Python (timed around each call, inside the step: T5's one-call step calls them itself, all but the
+lm_head's); the same kernels called back to back over the step's weights, alone, on the decoding pool;
 with --parts, each kind of small op as the step runs it and how many torch ops a step dispatches; with --compile,
 the compiled step (its compile time too); with --cold, a few of the step's small ops at its shapes, warm and right
 after a kernel-sized read (16 MB) has gone through the caches, as each runs in the step.
@@ -17,6 +19,7 @@ after a kernel-sized read (16 MB) has gone through the caches, as each runs in t
 
 import argparse
 import collections
+import contextlib
 import os
 import statistics
 import sys
@@ -64,11 +67,36 @@ def stepper(lm, d: int):
     return step
 
 
-def measure(lm, d: int, steps: int, rounds: int, acc: collections.Counter, pool: bool | None = None) -> float:
-    """Median seconds of a step over `rounds` fresh prompts of `steps` steps each; acc holds the last round's sums.
-    pool: blip2's decoding pool on (True) or off (False, BLIP2_POOL=0), or as the environment says (None)."""
-    if pool is not None:
-        os.environ["BLIP2_POOL"] = "1" if pool else "0"
+VARIANTS = {  # --ab: (blip2's decoding pool, T5's step in one call)
+    "layers' forward, OpenMP": (False, False),
+    "layers' forward, decoding pool": (True, False),
+    "T5 step in one call, decoding pool": (True, True),
+}
+
+
+@contextlib.contextmanager
+def variant(pool: bool, one_call: bool):
+    """Within: blip2's decoding pool on or off (BLIP2_POOL=0), T5's decoding step in one call (t5_step) or its
+    layers' forward."""
+    from blip2 import t5_step
+
+    before, run = os.environ.get("BLIP2_POOL"), t5_step.run
+    os.environ["BLIP2_POOL"] = "1" if pool else "0"
+    if not one_call:
+        t5_step.run = lambda *args: None
+    try:
+        yield
+    finally:
+        t5_step.run = run
+        if before is None:
+            del os.environ["BLIP2_POOL"]
+        else:
+            os.environ["BLIP2_POOL"] = before
+
+
+def measure(lm, d: int, steps: int, rounds: int, acc: collections.Counter) -> float:
+    """Median seconds of a step over `rounds` fresh prompts of `steps` steps each; acc holds the last round's
+    sums."""
     medians = []
     for _ in range(rounds):
         step = stepper(lm, d)
@@ -104,6 +132,7 @@ def dispatches(lm, d: int) -> int:
 def kernels_alone(lm, repeat: int = 15) -> float:
     """The step's kernels (the layers' bound native.Call) back to back, one input row each: seconds, median of
     `repeat`."""
+    from blip2 import native
     from blip2.weight_only import WeightOnlyLinear
 
     read = read_each_step(lm)
@@ -112,8 +141,9 @@ def kernels_alone(lm, repeat: int = 15) -> float:
     times = []
     for _ in range(repeat + 1):
         t = time.perf_counter()
-        for c in calls:
-            c(inputs[c.k])
+        with native.decoding_step():  # on the decoding pool, as in the step
+            for c in calls:
+                c(inputs[c.k])
         times.append(time.perf_counter() - t)
     return statistics.median(times[1:])
 
@@ -189,8 +219,8 @@ def main(argv=None) -> int:
     ap.add_argument("--parts", action="store_true", help="also time the small ops inside the step")
     ap.add_argument("--compile", action="store_true", help="also time the step compiled")
     ap.add_argument("--cold", action="store_true", help="also time small ops warm and after 16 MB streamed")
-    ap.add_argument("--ab", action="store_true", help="also the step with blip2's decoding pool off and on, "
-                    "rounds interleaved")
+    ap.add_argument("--ab", action="store_true", help="also the step with and without blip2's decoding pool and "
+                    "T5's one-call step, rounds interleaved")
     args = ap.parse_args(argv)
     path = os.path.join(args.cache, f"blip2-{args.model}-int4")
     if not os.path.isdir(path):
@@ -204,7 +234,7 @@ def main(argv=None) -> int:
     lm = blip2.Blip2ForConditionalGeneration.from_pretrained(path, dtype=torch.bfloat16).language_model
     d = lm.config.d_model if hasattr(lm, "encoder") else lm.config.hidden_size
     acc = collections.Counter()
-    timed(native.Call, "__call__", acc, "blip2's kernels")
+    timed(native.Call, "__call__", acc, "blip2's kernels called from Python")
     if args.parts:
         for owner, name, label in ((t5.T5LayerNorm, "forward", "T5 RMSNorm"), (torch.nn.LayerNorm, "forward",
                                    "LayerNorm"), (t5, "attention", "attention"), (opt, "attention", "attention"),
@@ -229,12 +259,13 @@ def main(argv=None) -> int:
             print(f"torch ops the step dispatches: {dispatches(lm, d)}")
     if args.ab:
         with torch.no_grad():
-            runs = {False: [], True: []}
+            runs = {name: [] for name, (_, one_call) in VARIANTS.items() if hasattr(lm, "encoder") or not one_call}
             for _ in range(args.rounds * 2):
-                for pool in runs:
-                    runs[pool].append(measure(lm, d, args.steps, 1, acc, pool))
-            for pool, times in runs.items():
-                print(f"  decoding pool {'on' if pool else 'off (OpenMP)'}: {statistics.median(times) * 1e3:.2f} ms "
+                for name in runs:
+                    with variant(*VARIANTS[name]):
+                        runs[name].append(measure(lm, d, args.steps, 1, acc))
+            for name, times in runs.items():
+                print(f"  {name}: {statistics.median(times) * 1e3:.2f} ms "
                       f"({' '.join(f'{t * 1e3:.1f}' for t in times)})")
     if args.cold:
         with torch.no_grad():

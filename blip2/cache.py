@@ -28,18 +28,23 @@ class KVCache:
         """Append k/v (B, H, t, hd) to `layer`; return all keys/values so far."""
         start = self.length
         end = start + k.shape[2]
-        buf_k = self.k[layer]
+        self.reserve(layer, end, k)
+        self.k[layer].narrow(2, start, end - start).copy_(k)  # narrow: a decoding step's cheapest slice
+        self.v[layer].narrow(2, start, end - start).copy_(v)
+        return self.k[layer].narrow(2, 0, end), self.v[layer].narrow(2, 0, end)
+
+    def reserve(self, layer: int, end: int, like: torch.Tensor) -> None:
+        """Room for `end` positions in `layer`'s buffers ((B, H, *, hd) in the dtype of `like`, (B, H, t, hd)),
+        the positions stored kept."""
+        buf_k, start = self.k[layer], self.length
         if buf_k is None or buf_k.shape[2] < end:
             cap = max(end, 2 * (0 if buf_k is None else buf_k.shape[2]), 16)
-            new_k = k.new_empty(k.shape[0], k.shape[1], cap, k.shape[3])
-            new_v = v.new_empty(v.shape[0], v.shape[1], cap, v.shape[3])
+            new_k = like.new_empty(like.shape[0], like.shape[1], cap, like.shape[3])
+            new_v = like.new_empty(like.shape[0], like.shape[1], cap, like.shape[3])
             if buf_k is not None:
                 new_k[:, :, :start] = buf_k[:, :, :start]
                 new_v[:, :, :start] = self.v[layer][:, :, :start]
             self.k[layer], self.v[layer] = new_k, new_v
-        self.k[layer].narrow(2, start, end - start).copy_(k)  # narrow: a decoding step's cheapest slice
-        self.v[layer].narrow(2, start, end - start).copy_(v)
-        return self.k[layer].narrow(2, 0, end), self.v[layer].narrow(2, 0, end)
 
     def advance(self, n: int) -> None:
         """Called by the model once every layer has appended n tokens."""

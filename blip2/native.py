@@ -1,7 +1,8 @@
 """blip2's own CPU kernels (blip2/kernels/), compiled on first use and called through ctypes: weight-only matmuls
 (weight_only.cpp), int4 (every row count) and int8 (decoding steps; a prompt pass runs torch._int_mm); and, for
 decoding steps, where one call beats the torch ops it replaces: T5's RMSNorm (rms_norm.cpp, eight ops, the same
-bits) and one query's attention (attention.cpp, SDPA's dispatch and thread fork). A decoding step's kernels run on
+bits) and one query's attention (attention.cpp, SDPA's dispatch and thread fork); and a T5 decoder's whole step,
+those kernels called from C (t5_decoder.cpp, driven by t5_step.py). A decoding step's kernels run on
 blip2's own worker threads (pool.cpp: between kernels, while Python runs, they read ahead the next one's weights),
 torch's ops on one thread meanwhile (decoding_step()).
 
@@ -39,7 +40,8 @@ import torch
 
 log = logging.getLogger(__name__)
 KERNELS = Path(__file__).with_name("kernels")
-SOURCES = tuple(KERNELS / f for f in ("weight_only.cpp", "pool.cpp", "rms_norm.cpp", "attention.cpp"))  # compiled
+SOURCES = tuple(KERNELS / f for f in ("weight_only.cpp", "pool.cpp", "rms_norm.cpp", "attention.cpp",
+                                      "t5_decoder.cpp"))  # compiled
 HEADERS = (KERNELS / "bf16.h", KERNELS / "pool.h")  # included (part of the build's key)
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
 ENV_KERNEL = "BLIP2_KERNELS"  # "blip2" (default) or "aten" (PyTorch's kernels)
@@ -138,7 +140,8 @@ def load(path: Path) -> ctypes.CDLL:
     one of the kernels' symbols."""
     try:
         lib = ctypes.CDLL(str(path))
-        kernels = lib.blip2_isa, lib.blip2_int4_mm, lib.blip2_int8_mm, lib.blip2_rms_norm, lib.blip2_attend
+        kernels = (lib.blip2_isa, lib.blip2_int4_mm, lib.blip2_int8_mm, lib.blip2_rms_norm, lib.blip2_attend,
+                   lib.blip2_t5_decoder_step)
         lib.blip2_pool_allow.argtypes, lib.blip2_pool_allow.restype = [ctypes.c_int], None
         lib.blip2_pool_runs.argtypes, lib.blip2_pool_runs.restype = [], ctypes.c_long
     except (OSError, AttributeError) as e:
@@ -150,6 +153,7 @@ def load(path: Path) -> ctypes.CDLL:
     kernels[2].argtypes = [p, i, i, i, i, p, p, i, p, p, i, i]  # blip2_int8_mm
     kernels[3].argtypes = [p, i, i, i, p, i, ctypes.c_float, p, i, i]  # blip2_rms_norm
     kernels[4].argtypes = [p, p, p, p, p, i, i, i, i, i, *[ctypes.c_int64] * 9, ctypes.c_float, i]  # blip2_attend
+    kernels[5].argtypes = [p, p, p, p]  # blip2_t5_decoder_step (t5_step.py)
     return lib
 
 

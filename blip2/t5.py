@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import native
+from . import native, t5_step
 from .cache import KVCache
 from .config import T5Config
 from .ops import (
@@ -230,6 +230,11 @@ class T5Stack(CheckpointedLayers, nn.Module):
         n = config.num_decoder_layers if is_decoder else config.num_layers
         self.block = nn.ModuleList(T5Block(config, i == 0, is_decoder) for i in range(n))
         self.final_layer_norm = T5LayerNorm(config.d_model, config.layer_norm_epsilon)
+        self.plans = {}  # a decoder's decoding steps in one kernel call (t5_step.run): rows -> t5_step.Plan
+
+    def __getstate__(self) -> dict:
+        """A copy (deepcopy, pickling) plans again: a plan points into this process's memory."""
+        return {**self.__dict__, "plans": {}}
 
     def forward(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
                 inputs_embeds: Tensor | None = None, encoder_hidden_states: Tensor | None = None,
@@ -254,7 +259,11 @@ class T5Stack(CheckpointedLayers, nn.Module):
         if self.is_decoder and encoder_attention_mask is not None:
             context_mask = padding_mask(encoder_attention_mask, x.dtype)
         hidden, attns, cross = [], [], []
-        for i, block in enumerate(self.block):
+        y = None
+        if cache is not None and t == 1 and self.is_decoder and not (output_attentions or output_hidden_states
+                                                                    or self.training):
+            y = t5_step.run(self.block, x, bias, context_mask, cache, norm_lanes(), self.plans)
+        for i, block in enumerate(self.block if y is None else ()):
             if output_hidden_states:
                 hidden.append(x)
             x, w, cw = block(x, bias, encoder_hidden_states, context_mask, cache, i, output_attentions) \
@@ -264,7 +273,7 @@ class T5Stack(CheckpointedLayers, nn.Module):
             cross.append(cw)
         if cache is not None:
             cache.advance(t)
-        x = self.final_layer_norm(x)
+        x = self.final_layer_norm(x if y is None else y)
         if output_hidden_states:
             hidden.append(x)
         out = BaseModelOutput(last_hidden_state=x, hidden_states=tuple(hidden) if output_hidden_states else None,

@@ -1,0 +1,156 @@
+"""A T5 decoder's decoding step in one kernel call (blip2/t5_step.py, kernels/t5_decoder.cpp): the bits of the layers'
+own forward, its KV cache the same, and the layers' forward wherever one piece of the step is not blip2's kernel."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+from blip2 import native, t5, t5_step
+from blip2.cache import KVCache
+from blip2.config import T5Config
+from blip2.weight_only import WeightOnlyLinear
+
+pytestmark = pytest.mark.skipif(not native.available(), reason="blip2's kernels cannot be built here (a C++ "
+                                "compiler with OpenMP and an x86 CPU with AVX2)")
+
+
+def t5_model(bits: int = 4, proj: str = "gated-gelu", act: str | None = "gelu", d_ff: int = 96, seed: int = 0,
+             dtype: torch.dtype = torch.bfloat16) -> t5.T5ForConditionalGeneration:
+    """A random T5 in `dtype` whose linear layers are weight-only (`bits`; 0: left in bfloat16), d_ff below d_model
+    included (the kernel's scratch must not assume d_ff >= d_model)."""
+    torch.manual_seed(seed)
+    extra = {} if act is None else {"dense_act_fn": act}
+    config = T5Config(vocab_size=200, d_model=128, d_kv=16, d_ff=d_ff, num_layers=2, num_decoder_layers=3,
+                      num_heads=6, feed_forward_proj=proj, tie_word_embeddings=False, **extra)
+    model = t5.T5ForConditionalGeneration(config)
+    for m in model.modules():
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            m.weight.data.normal_(0, 0.3)
+        elif isinstance(m, t5.T5LayerNorm):
+            m.weight.data.uniform_(0.5, 1.5)
+    model = model.to(dtype).eval()
+    for name, lin in list(model.named_modules()):
+        if bits and isinstance(lin, nn.Linear) and name != "lm_head":
+            q = WeightOnlyLinear(lin.in_features, lin.out_features, False, bits, 32, dtype, device="cpu")
+            q.load("weight", lin.weight.data)
+            model.set_submodule(name, q)
+    return model
+
+
+def decode(model, steps: int, rows: int = 2, mask: bool = False) -> tuple[torch.Tensor, KVCache, int]:
+    """Fixed tokens through the decoder, one a step: the logits (rows, steps, V), the cache after, and how many
+    steps ran in one call."""
+    g = torch.Generator().manual_seed(1)
+    enc = torch.randn(rows, 7, model.config.d_model, generator=g).bfloat16()
+    enc_mask = torch.ones(rows, 7, dtype=torch.long)
+    if mask:
+        enc_mask[0, 5:] = 0
+    tokens = torch.randint(0, 200, (rows, steps), generator=g)
+    cache, outs = KVCache(model.num_layers), []
+    runs, real = [0], t5_step.run
+
+    def counted(*args):
+        y = real(*args)
+        runs[0] += y is not None
+        return y
+
+    with torch.no_grad(), native.decoding_step(), pytest.MonkeyPatch.context() as m:
+        m.setattr(t5_step, "run", counted)
+        for i in range(steps):
+            logits, _ = model.decode(tokens[:, i:i + 1], enc, enc_mask, past_key_values=cache)
+            outs.append(logits)
+    return torch.cat(outs, 1), cache, runs[0]
+
+
+@pytest.mark.parametrize("bits,proj,act,d_ff,mask", [(4, "gated-gelu", "gelu", 96, False),
+                                                     (4, "gated-gelu", None, 320, True),
+                                                     (8, "relu", None, 160, True)])
+def test_the_one_call_step_gives_the_layers_bits(bits, proj, act, d_ff, mask, monkeypatch):
+    """Flan-T5's gated GELU (erf, and gelu_new), T5's ReLU, int4 and int8, a masked encoder row, 1-2 rows, over 20
+    steps (the cache's buffers grow past 16): logits and KV cache bit for bit the layers' own forward's."""
+    model = t5_model(bits, proj, act, d_ff)
+    for rows in (1, 2):
+        fast, fast_cache, runs = decode(model, 20, rows, mask)
+        assert runs == 19  # every step but the first, which computes the cross-attention's keys and values
+        with monkeypatch.context() as m:
+            m.setattr(t5_step, "run", lambda *a: None)
+            slow, slow_cache, runs = decode(model, 20, rows, mask)
+        assert runs == 0
+        assert torch.equal(fast, slow)
+        assert fast_cache.length == slow_cache.length == 20
+        for a, b in zip(fast_cache.k + fast_cache.v, slow_cache.k + slow_cache.v):
+            assert torch.equal(a[:, :, :20], b[:, :, :20])
+
+
+def step_once(model, rows: int = 1, **kwargs) -> tuple[torch.Tensor, int]:
+    """Two decoding steps (the first fills the cross-attention's cache); the second's logits and whether it ran
+    in one call."""
+    runs, real = [0], t5_step.run
+
+    def counted(*args):
+        y = real(*args)
+        runs[0] += y is not None
+        return y
+
+    g = torch.Generator().manual_seed(2)
+    enc = torch.randn(rows, 5, model.config.d_model, generator=g).to(model.shared.weight.dtype)
+    cache = KVCache(model.num_layers)
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(t5_step, "run", counted)
+        model.decode(torch.zeros(rows, 1, dtype=torch.long), enc, past_key_values=cache)
+        runs[0] = 0
+        logits, _ = model.decode(torch.ones(rows, 1, dtype=torch.long), enc, past_key_values=cache, **kwargs)
+    return logits, runs[0]
+
+
+def test_the_layers_run_where_one_piece_is_not_the_kernels():
+    """Unquantized, float32, attention weights or hidden states wanted, eager attention, a gradient wanted, a hook on
+    any module (it runs), blip2's kernels off: the layers' forward, every time; back to one call after."""
+    model = t5_model()
+    with torch.no_grad():
+        assert step_once(model)[1] == 1
+        assert step_once(t5_model(bits=0))[1] == 0
+        assert step_once(t5_model(dtype=torch.float32))[1] == 0
+        assert step_once(model, output_attentions=True)[1] == 0
+        assert step_once(model, output_hidden_states=True)[1] == 0
+        model.decoder.block[1].layer[1].EncDecAttention.eager = True
+        assert step_once(model)[1] == 0
+        model.decoder.block[1].layer[1].EncDecAttention.eager = False
+        seen = []
+        handle = model.decoder.block[2].layer[2].DenseReluDense.wo.register_forward_hook(lambda *a: seen.append(1))
+        assert step_once(model)[1] == 0 and seen
+        handle.remove()
+        handle = nn.modules.module.register_module_forward_pre_hook(lambda *a: seen.append(2))
+        assert step_once(model)[1] == 0 and 2 in seen
+        handle.remove()
+        with native.disabled():
+            assert step_once(model)[1] == 0
+        assert step_once(model)[1] == 1
+    model.decoder.block[0].layer[0].layer_norm.weight.requires_grad_(True)
+    assert step_once(model)[1] == 0  # grad enabled, a parameter wants it
+
+
+def test_a_changed_layer_is_planned_again():
+    """A weight loaded anew, a module swapped, a norm's weight replaced, the activation changed: the next step reads
+    the new ones (the same bits as the layers' forward), and a copy of the model plans its own."""
+    model, other = t5_model(), t5_model(seed=5)
+    with torch.no_grad():
+        step_once(model)
+        sa = model.decoder.block[1].layer[0].SelfAttention
+        sa.v.load("weight", other.decoder.block[1].layer[0].SelfAttention.v.dequantize().bfloat16())
+        model.decoder.block[2].layer[2].DenseReluDense.wo = other.decoder.block[2].layer[2].DenseReluDense.wo
+        model.decoder.block[0].layer[1].layer_norm.weight = nn.Parameter(torch.full((128,), 0.7).bfloat16())
+        model.decoder.block[0].layer[2].DenseReluDense.act = torch.nn.functional.silu
+        for ff in (b.layer[2].DenseReluDense for b in model.decoder.block):
+            ff.act = torch.nn.functional.silu
+        fast, runs = step_once(model)
+        assert runs == 1
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr(t5_step, "run", lambda *a: None)
+            slow, _ = step_once(model)
+        assert torch.equal(fast, slow)
+        twin = copy.deepcopy(model)
+        assert twin.decoder.plans == {}
+        assert torch.equal(step_once(twin)[0], fast)
