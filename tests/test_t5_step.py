@@ -2,6 +2,8 @@
 own forward, its KV cache the same, and the layers' forward wherever one piece of the step is not blip2's kernel."""
 
 import copy
+import gc
+import weakref
 
 import pytest
 import torch
@@ -154,3 +156,19 @@ def test_a_changed_layer_is_planned_again():
         twin = copy.deepcopy(model)
         assert twin.decoder.plans == {}
         assert torch.equal(step_once(twin)[0], fast)
+
+
+def test_a_planned_model_is_freed_without_the_garbage_collector():
+    """A plan points at the decoder's blocks, never back at what holds it: a model let go is freed at once (its GBs
+    of weights do not wait for a garbage collection)."""
+    model = t5_model()
+    with torch.no_grad():
+        assert step_once(model)[1] == 1
+    assert model.decoder.plans
+    gc.disable()
+    try:
+        ref = weakref.ref(model)
+        del model
+        assert ref() is None
+    finally:
+        gc.enable()
