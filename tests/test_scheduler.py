@@ -166,3 +166,29 @@ def test_caption_batch_is_requests_of_the_loop(lm):
     assert runner.captioner.scheduler.stats["image_encodes"] == 5
     with torch.no_grad():
         assert runner.caption_batch([]) == []
+
+
+def test_t5_int4_rows_share_one_call_steps(monkeypatch):
+    """A weight-only Flan-T5 in bfloat16: the batching loop's steps run in one call of blip2's kernel (t5_step), its
+    rows joining and leaving, and each request still gets what it gets alone."""
+    from blip2 import native, t5_step
+
+    if not native.available():
+        pytest.fail("blip2's kernels cannot be built here (a C++ compiler with OpenMP and an x86 CPU with AVX2)")
+    path = shared_checkpoint("t5")
+    model = blip2.Blip2ForConditionalGeneration.from_pretrained(path, dtype=torch.bfloat16,
+                                                                quantization="int4_weight_only")
+    proc = Blip2Processor.from_pretrained(path)
+    rows, real = [], t5_step.run
+
+    def counted(blocks, x, *args):
+        y = real(blocks, x, *args)
+        if y is not None:
+            rows.append(x.shape[0])
+        return y
+
+    monkeypatch.setattr(t5_step, "run", counted)
+    runner = Blip2Runner(model, proc)
+    got = staggered(runner, REQUESTS)
+    assert max(rows) > 1  # steps of several rows ran in one call
+    assert [g.text for g in got] == [alone(model, proc, r).text for r in REQUESTS]
