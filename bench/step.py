@@ -1,7 +1,8 @@
 """One int4 decoding step of a real-size checkpoint, taken apart: what `bench.realsize`'s "decode / token" is made of.
 
     python -m bench.step --model flan-t5-xl            # the bare step (no generate loop) and its kernels' share
-    python -m bench.step --model flan-t5-xl --parts    # + the norms, attentions and KV-cache appends inside it
+    python -m bench.step --model flan-t5-xl --parts    # + the norms, attentions and KV-cache appends inside it (T5:
+                                                       #   timed in its layers' forward, not the one-call step)
     python -m bench.step --model opt-2.7b --compile    # + the step compiled (torch.compile of the decoder stack)
     THP_MEM_ALLOC_ENABLE=1 python -m bench.step ...    # torch's huge-page allocations (env: GOMP_SPINCOUNT etc. too)
     python -m bench.step --model flan-t5-xl --cold     # + small ops warm and right after 16 MB streamed through cache
@@ -240,23 +241,29 @@ def main(argv=None) -> int:
                                    "LayerNorm"), (t5, "attention", "attention"), (opt, "attention", "attention"),
                                    (KVCache, "update", "KV cache append")):
             timed(owner, name, acc, label)
-    with torch.no_grad():
+    # T5's one-call step runs its norms and attentions in C, out of the timers' sight: --parts times the layers' forward
+    parts_in_layers, pool = args.parts and hasattr(lm, "encoder"), os.environ.get("BLIP2_POOL") != "0"
+    with torch.no_grad(), variant(pool, not parts_in_layers):
         step = measure(lm, d, args.steps, args.rounds, acc)
         inside = dict(acc)
         alone = kernels_alone(lm)
     print(f"{args.model} int4, {args.threads} threads, {machine()}; OMP_WAIT_POLICY="
           f"{os.environ.get('OMP_WAIT_POLICY', 'unset')}, THP_MEM_ALLOC_ENABLE="
           f"{os.environ.get('THP_MEM_ALLOC_ENABLE', 'unset')}")
-    print(f"decoding step: {step * 1e3:.2f} ms (median of {args.rounds} x {args.steps} steps; timing the parts adds "
-          "a little)")
+    print(f"decoding step{' (its layers forward, parts timed)' if parts_in_layers else ''}: {step * 1e3:.2f} ms "
+          f"(median of {args.rounds} x {args.steps} steps; timing the parts adds a little)")
     for label in dict.fromkeys(k for k in inside if isinstance(k, str)):
         n = inside[label, "n"] / args.steps
         print(f"  {label}: {inside[label] / args.steps * 1e3:.2f} ms a step, {n:.0f} calls, "
               f"{inside[label] / inside[label, 'n'] * 1e6:.1f} us each")
     print(f"the step's kernels back to back, alone: {alone * 1e3:.2f} ms")
     if args.parts:
-        with torch.no_grad():
-            print(f"torch ops the step dispatches: {dispatches(lm, d)}")
+        ways = {"in its layers' forward": False, "in one call": True} if hasattr(lm, "encoder") else {"": True}
+        counts = []
+        for label, one_call in ways.items():
+            with torch.no_grad(), variant(pool, one_call):
+                counts.append(f"{dispatches(lm, d)} {label}".strip())
+        print(f"torch ops the step dispatches: {', '.join(counts)}")
     if args.ab:
         with torch.no_grad():
             runs = {name: [] for name, (_, one_call) in VARIANTS.items() if hasattr(lm, "encoder") or not one_call}
