@@ -1,17 +1,17 @@
 """One int4 decoding step of a real-size checkpoint, taken apart: what `bench.realsize`'s "decode / token" is made of.
 
     python -m bench.step --model flan-t5-xl            # the bare step (no generate loop) and its kernels' share
-    python -m bench.step --model flan-t5-xl --parts    # + the norms, attentions and KV-cache appends inside it (T5:
-                                                       #   timed in its layers' forward, not the one-call step)
+    python -m bench.step --model flan-t5-xl --parts    # + the norms, attentions and KV-cache appends inside it (timed
+                                                       #   in its layers' forward, not the one-call step)
     python -m bench.step --model opt-2.7b --compile    # + the step compiled (torch.compile of the decoder stack)
     THP_MEM_ALLOC_ENABLE=1 python -m bench.step ...    # torch's huge-page allocations (env: GOMP_SPINCOUNT etc. too)
     python -m bench.step --model flan-t5-xl --cold     # + small ops warm and right after 16 MB streamed through cache
-    python -m bench.step --model flan-t5-xl --ab       # + the step with and without blip2's decoding pool and, for
-                                                       #   T5, its one-call step (t5_step), rounds interleaved
+    python -m bench.step --model flan-t5-xl --ab       # + the step with and without blip2's decoding pool and its
+                                                       #   one-call step (decoder_step), rounds interleaved
 
 It reads the int4 copy `python -m bench.realsize --model M` saved (its cache folder, or --cache). Reported, median of
 `--steps` steps after a prompt of 33 positions, in `--rounds` rounds: the step; the time inside blip2's kernels
-called from Python (timed around each call, inside the step: T5's one-call step calls them itself, all but the
+called from Python (timed around each call, inside the step: the one-call step calls them itself, all but the
 lm_head's); the same kernels called back to back over the step's weights, alone, on the decoding pool;
 with --parts, each kind of small op as the step runs it and how many torch ops a step dispatches; with --compile,
 the compiled step (its compile time too); with --cold, a few of the step's small ops at its shapes, warm and right
@@ -68,27 +68,27 @@ def stepper(lm, d: int):
     return step
 
 
-VARIANTS = {  # --ab: (blip2's decoding pool, T5's step in one call)
+VARIANTS = {  # --ab: (blip2's decoding pool, the step in one call)
     "layers' forward, OpenMP": (False, False),
     "layers' forward, decoding pool": (True, False),
-    "T5 step in one call, decoding pool": (True, True),
+    "step in one call, decoding pool": (True, True),
 }
 
 
 @contextlib.contextmanager
 def variant(pool: bool, one_call: bool):
-    """Within: blip2's decoding pool on or off (BLIP2_POOL=0), T5's decoding step in one call (t5_step) or its
+    """Within: blip2's decoding pool on or off (BLIP2_POOL=0), the decoding step in one call (decoder_step) or its
     layers' forward."""
-    from blip2 import t5_step
+    from blip2 import decoder_step
 
-    before, run = os.environ.get("BLIP2_POOL"), t5_step.run
+    before, run = os.environ.get("BLIP2_POOL"), decoder_step.run
     os.environ["BLIP2_POOL"] = "1" if pool else "0"
     if not one_call:
-        t5_step.run = lambda *args: None
+        decoder_step.run = lambda *args: None
     try:
         yield
     finally:
-        t5_step.run = run
+        decoder_step.run = run
         if before is None:
             del os.environ["BLIP2_POOL"]
         else:
@@ -221,7 +221,7 @@ def main(argv=None) -> int:
     ap.add_argument("--compile", action="store_true", help="also time the step compiled")
     ap.add_argument("--cold", action="store_true", help="also time small ops warm and after 16 MB streamed")
     ap.add_argument("--ab", action="store_true", help="also the step with and without blip2's decoding pool and "
-                    "T5's one-call step, rounds interleaved")
+                    "its one-call step, rounds interleaved")
     args = ap.parse_args(argv)
     path = os.path.join(args.cache, f"blip2-{args.model}-int4")
     if not os.path.isdir(path):
@@ -241,16 +241,16 @@ def main(argv=None) -> int:
                                    "LayerNorm"), (t5, "attention", "attention"), (opt, "attention", "attention"),
                                    (KVCache, "update", "KV cache append")):
             timed(owner, name, acc, label)
-    # T5's one-call step runs its norms and attentions in C, out of the timers' sight: --parts times the layers' forward
-    parts_in_layers, pool = args.parts and hasattr(lm, "encoder"), os.environ.get("BLIP2_POOL") != "0"
-    with torch.no_grad(), variant(pool, not parts_in_layers):
+    # the one-call step runs its norms and attentions in C, out of the timers' sight: --parts times the layers' forward
+    pool = os.environ.get("BLIP2_POOL") != "0"
+    with torch.no_grad(), variant(pool, not args.parts):
         step = measure(lm, d, args.steps, args.rounds, acc)
         inside = dict(acc)
         alone = kernels_alone(lm)
     print(f"{args.model} int4, {args.threads} threads, {machine()}; OMP_WAIT_POLICY="
           f"{os.environ.get('OMP_WAIT_POLICY', 'unset')}, THP_MEM_ALLOC_ENABLE="
           f"{os.environ.get('THP_MEM_ALLOC_ENABLE', 'unset')}")
-    print(f"decoding step{' (its layers forward, parts timed)' if parts_in_layers else ''}: {step * 1e3:.2f} ms "
+    print(f"decoding step{' (its layers forward, parts timed)' if args.parts else ''}: {step * 1e3:.2f} ms "
           f"(median of {args.rounds} x {args.steps} steps; timing the parts adds a little)")
     for label in dict.fromkeys(k for k in inside if isinstance(k, str)):
         n = inside[label, "n"] / args.steps
@@ -258,15 +258,14 @@ def main(argv=None) -> int:
               f"{inside[label] / inside[label, 'n'] * 1e6:.1f} us each")
     print(f"the step's kernels back to back, alone: {alone * 1e3:.2f} ms")
     if args.parts:
-        ways = {"in its layers' forward": False, "in one call": True} if hasattr(lm, "encoder") else {"": True}
         counts = []
-        for label, one_call in ways.items():
+        for label, one_call in (("in its layers' forward", False), ("in one call", True)):
             with torch.no_grad(), variant(pool, one_call):
-                counts.append(f"{dispatches(lm, d)} {label}".strip())
+                counts.append(f"{dispatches(lm, d)} {label}")
         print(f"torch ops the step dispatches: {', '.join(counts)}")
     if args.ab:
         with torch.no_grad():
-            runs = {name: [] for name, (_, one_call) in VARIANTS.items() if hasattr(lm, "encoder") or not one_call}
+            runs = {name: [] for name in VARIANTS}
             for _ in range(args.rounds * 2):
                 for name in runs:
                     with variant(*VARIANTS[name]):

@@ -1,8 +1,9 @@
 """blip2's own CPU kernels (blip2/kernels/), compiled on first use and called through ctypes: weight-only matmuls
 (weight_only.cpp), int4 (every row count) and int8 (decoding steps; a prompt pass runs torch._int_mm); and, for
 decoding steps, where one call beats the torch ops it replaces: T5's RMSNorm (rms_norm.cpp, eight ops, the same
-bits) and one query's attention (attention.cpp, SDPA's dispatch and thread fork); and a T5 decoder's whole step,
-those kernels called from C (t5_decoder.cpp, driven by t5_step.py). A decoding step's kernels run on
+bits) and one query's attention (attention.cpp, SDPA's dispatch and thread fork); and a decoder's whole step, those
+kernels and torch's LayerNorm with its bits (layer_norm.cpp) called from C (decoder_step.cpp, driven by
+decoder_step.py). A decoding step's kernels run on
 blip2's own worker threads (pool.cpp: between kernels, while Python runs, they read ahead the next one's weights),
 torch's ops on one thread meanwhile (decoding_step()).
 
@@ -41,7 +42,7 @@ import torch
 log = logging.getLogger(__name__)
 KERNELS = Path(__file__).with_name("kernels")
 SOURCES = tuple(KERNELS / f for f in ("weight_only.cpp", "pool.cpp", "rms_norm.cpp", "attention.cpp",
-                                      "t5_decoder.cpp"))  # compiled
+                                      "layer_norm.cpp", "decoder_step.cpp"))  # compiled
 HEADERS = (KERNELS / "bf16.h", KERNELS / "pool.h")  # included (part of the build's key)
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
 ENV_KERNEL = "BLIP2_KERNELS"  # "blip2" (default) or "aten" (PyTorch's kernels)
@@ -141,7 +142,7 @@ def load(path: Path) -> ctypes.CDLL:
     try:
         lib = ctypes.CDLL(str(path))
         kernels = (lib.blip2_isa, lib.blip2_int4_mm, lib.blip2_int8_mm, lib.blip2_rms_norm, lib.blip2_attend,
-                   lib.blip2_t5_decoder_step)
+                   lib.blip2_decoder_step, lib.blip2_layer_norm)
         lib.blip2_pool_allow.argtypes, lib.blip2_pool_allow.restype = [ctypes.c_int], None
         lib.blip2_pool_runs.argtypes, lib.blip2_pool_runs.restype = [], ctypes.c_long
     except (OSError, AttributeError) as e:
@@ -153,7 +154,8 @@ def load(path: Path) -> ctypes.CDLL:
     kernels[2].argtypes = [p, i, i, i, i, p, p, i, p, p, i, i]  # blip2_int8_mm
     kernels[3].argtypes = [p, i, i, i, p, i, ctypes.c_float, p, i, i]  # blip2_rms_norm
     kernels[4].argtypes = [p, p, p, p, p, i, i, i, i, i, *[ctypes.c_int64] * 9, ctypes.c_float, i]  # blip2_attend
-    kernels[5].argtypes = [p, p, p, p]  # blip2_t5_decoder_step (t5_step.py)
+    kernels[5].argtypes = [p, p, p, p]  # blip2_decoder_step (decoder_step.py)
+    kernels[6].argtypes = [p, i, i, p, p, ctypes.c_float, i, p]  # blip2_layer_norm
     return lib
 
 
@@ -320,6 +322,28 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, lanes: int, lib:
     y = torch.empty(x.shape, dtype=weight.dtype)
     lib.blip2_rms_norm(x.data_ptr(), x.dtype == torch.bfloat16, x.numel() // d, d, weight.data_ptr(),
                        weight.dtype == torch.bfloat16, eps, y.data_ptr(), lanes, threads())
+    return y
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, form: int,
+               lib: ctypes.CDLL | None = None) -> torch.Tensor:
+    """torch's layer_norm of bfloat16 x (..., d) with bfloat16 weight and bias (d,), in one call, with its bits where
+    `form` is the one torch computes in here (opt.layer_norm_form finds it: bit 0 the width, 8 or 16 floats; bit 1
+    the last line's form). d must be a multiple of 16 (32 at 16 floats)."""
+    lib = lib or library()
+    if lib is None:
+        raise RuntimeError("blip2's kernels are not built in this process (native.available() is False)")
+    d = weight.shape[0]
+    if not all(t.dtype == torch.bfloat16 and t.is_cpu for t in (x, weight, bias)):
+        raise TypeError(f"layer_norm takes bfloat16 x, weight and bias on the CPU, got {x.dtype}, {weight.dtype}, "
+                        f"{bias.dtype}")
+    if weight.shape != (d,) or bias.shape != (d,) or x.dim() == 0 or x.shape[-1] != d or form not in range(4) \
+            or d % (32 if form & 1 else 16):
+        raise ValueError(f"layer_norm: x {tuple(x.shape)}, weight {tuple(weight.shape)} and bias "
+                         f"{tuple(bias.shape)} do not fit, or form {form} (0-3) does not divide {d}")
+    x, weight, bias = x.contiguous(), weight.contiguous(), bias.contiguous()
+    y = torch.empty_like(x)
+    lib.blip2_layer_norm(x.data_ptr(), x.numel() // d, d, weight.data_ptr(), bias.data_ptr(), eps, form, y.data_ptr())
     return y
 
 

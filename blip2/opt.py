@@ -1,5 +1,6 @@
 """OPT decoder-only language model (blip2-opt-2.7b / 6.7b): OPTForCausalLM."""
 
+import logging
 from typing import Any
 
 import torch
@@ -7,6 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import decoder_step, native
 from .cache import KVCache
 from .config import OPTConfig
 from .ops import (
@@ -19,6 +21,36 @@ from .ops import (
     causal_mask,
     resolve,
 )
+
+log = logging.getLogger(__name__)
+_forms: dict[int, int | None] = {}  # id(native.library()) -> its layer_norm_form()
+
+
+def layer_norm_form() -> int | None:
+    """The form (native.layer_norm's) in which blip2's LayerNorm kernel gives the bits of torch's F.layer_norm on
+    bfloat16 rows here, found once per process against torch on rows of every scale; None where no form does or
+    blip2's kernels are not built (native.disabled() included): OPT's decoding steps then run its layers' forward.
+    Logged."""
+    lib = native.library()
+    if lib is None:
+        return None
+    if id(lib) not in _forms:
+        g = torch.Generator().manual_seed(0)
+        probes = []
+        for d in (4096, 2560, 512, 32):
+            x = torch.randn(64, d, generator=g) * torch.logspace(-3, 3, 64)[:, None] + torch.randn(64, 1, generator=g)
+            w, b = torch.randn(2, d, generator=g).bfloat16()
+            probes.append((x.bfloat16(), w, b))
+        _forms[id(lib)] = next((f for f in range(4) if all(torch.equal(
+            native.layer_norm(x, w, b, 1e-5, f, lib), F.layer_norm(x, (x.shape[-1],), w, b, 1e-5))
+            for x, w, b in probes)), None)
+        if _forms[id(lib)] is None:
+            log.warning("LayerNorm: torch computes it here in an order blip2's kernel does not reproduce; OPT's "
+                        "decoding steps run its layers' forward")
+        else:
+            log.info("LayerNorm: blip2's kernel (form %d: torch's moments %d floats wide)", _forms[id(lib)],
+                     16 if _forms[id(lib)] & 1 else 8)
+    return _forms[id(lib)]
 
 
 class OPTAttention(nn.Module):
@@ -83,6 +115,11 @@ class OPTDecoder(CheckpointedLayers, nn.Module):
         self.final_layer_norm = (nn.LayerNorm(d, elementwise_affine=config.layer_norm_elementwise_affine)
                                  if keep_final else None)
         self.layers = nn.ModuleList(OPTDecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.plans = {}  # decoding steps in one kernel call (decoder_step.run): rows -> its Plan
+
+    def __getstate__(self) -> dict:
+        """A copy (deepcopy, pickling) plans again: a plan points into this process's memory."""
+        return {**self.__dict__, "plans": {}}
 
     def forward(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
                 inputs_embeds: Tensor | None = None, past_key_values: KVCache | None = None, use_cache: bool = False,
@@ -113,7 +150,10 @@ class OPTDecoder(CheckpointedLayers, nn.Module):
         padded = not bool(attention_mask.all())
         mask = causal_mask(attention_mask, t, x.dtype) if (t > 1 or padded) else None
         hidden, attns = [], []
-        for i, layer in enumerate(self.layers):
+        y = None
+        if cache is not None and t == 1 and not (output_attentions or output_hidden_states or self.training):
+            y = decoder_step.run(self.layers, x, mask, None, cache, layer_norm_form(), self.plans)
+        for i, layer in enumerate(self.layers if y is None else ()):
             if output_hidden_states:
                 hidden.append(x)
             x, w = layer(x, mask, cache, i, output_attentions) if cache is not None else \
@@ -121,6 +161,7 @@ class OPTDecoder(CheckpointedLayers, nn.Module):
             attns.append(w)
         if cache is not None:
             cache.advance(t)
+        x = x if y is None else y
         if self.final_layer_norm is not None:
             x = self.final_layer_norm(x)
         if self.project_out is not None:

@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import native, t5_step
+from . import decoder_step, native
 from .cache import KVCache
 from .config import T5Config
 from .ops import (
@@ -230,7 +230,7 @@ class T5Stack(CheckpointedLayers, nn.Module):
         n = config.num_decoder_layers if is_decoder else config.num_layers
         self.block = nn.ModuleList(T5Block(config, i == 0, is_decoder) for i in range(n))
         self.final_layer_norm = T5LayerNorm(config.d_model, config.layer_norm_epsilon)
-        self.plans = {}  # a decoder's decoding steps in one kernel call (t5_step.run): rows -> t5_step.Plan
+        self.plans = {}  # a decoder's decoding steps in one kernel call (decoder_step.run): rows -> its Plan
 
     def __getstate__(self) -> dict:
         """A copy (deepcopy, pickling) plans again: a plan points into this process's memory."""
@@ -262,7 +262,7 @@ class T5Stack(CheckpointedLayers, nn.Module):
         y = None
         if cache is not None and t == 1 and self.is_decoder and not (output_attentions or output_hidden_states
                                                                     or self.training):
-            y = t5_step.run(self.block, x, bias, context_mask, cache, norm_lanes(), self.plans)
+            y = decoder_step.run(self.block, x, bias, context_mask, cache, norm_lanes() or None, self.plans)
         for i, block in enumerate(self.block if y is None else ()):
             if output_hidden_states:
                 hidden.append(x)

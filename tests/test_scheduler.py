@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 from threads import in_threads
-from tiny_checkpoints import shared_checkpoint
+from tiny_checkpoints import checkpoint, shared_checkpoint
 
 import blip2
 from blip2.catalogue import EMBEDDED_MODELS, GENERATION
@@ -168,26 +168,28 @@ def test_caption_batch_is_requests_of_the_loop(lm):
         assert runner.caption_batch([]) == []
 
 
-def test_t5_int4_rows_share_one_call_steps(monkeypatch):
-    """A weight-only Flan-T5 in bfloat16: the batching loop's steps run in one call of blip2's kernel (t5_step), its
-    rows joining and leaving, and each request still gets what it gets alone."""
-    from blip2 import native, t5_step
+@pytest.mark.parametrize("family", ["t5", "opt"])
+def test_int4_rows_share_one_call_steps(family, monkeypatch, tmp_path):
+    """A weight-only model in bfloat16: the batching loop's steps run in one call of blip2's kernel (decoder_step),
+    its rows joining and leaving, and each request still gets what it gets alone (OPT 32 wide: blip2's LayerNorm
+    takes whole vectors of 16)."""
+    from blip2 import decoder_step, native
 
     if not native.available():
         pytest.fail("blip2's kernels cannot be built here (a C++ compiler with OpenMP and an x86 CPU with AVX2)")
-    path = shared_checkpoint("t5")
+    path = checkpoint(tmp_path, family, text={"hidden_size": 32} if family == "opt" else None)
     model = blip2.Blip2ForConditionalGeneration.from_pretrained(path, dtype=torch.bfloat16,
                                                                 quantization="int4_weight_only")
     proc = Blip2Processor.from_pretrained(path)
-    rows, real = [], t5_step.run
+    rows, real = [], decoder_step.run
 
-    def counted(blocks, x, *args):
-        y = real(blocks, x, *args)
+    def counted(layers, x, *args):
+        y = real(layers, x, *args)
         if y is not None:
             rows.append(x.shape[0])
         return y
 
-    monkeypatch.setattr(t5_step, "run", counted)
+    monkeypatch.setattr(decoder_step, "run", counted)
     runner = Blip2Runner(model, proc)
     got = staggered(runner, REQUESTS)
     assert max(rows) > 1  # steps of several rows ran in one call

@@ -9,7 +9,7 @@ import pytest
 import tiny_models
 import torch
 
-from blip2 import Blip2ForConditionalGeneration, t5_step
+from blip2 import Blip2ForConditionalGeneration, decoder_step
 from blip2.weight_only import WeightOnlyLinear
 
 F16_MAX = torch.finfo(torch.float16).max
@@ -143,12 +143,12 @@ def test_a_t5_int4_copy_saved_before_wo_was_quantized_loads(t5_64, tmp_path):
 
 
 def test_t5_int4_decodes_in_one_call_with_the_layers_ids(t5_64, monkeypatch):
-    """generate's decoding steps after the first run in one call of blip2's kernel (blip2/t5_step.py), greedy, beam
+    """generate's decoding steps after the first run in one call of blip2's kernel (blip2/decoder_step.py), greedy, beam
     search (rows reordered) and sampling alike, with the ids of the layers' own forward."""
     model = Blip2ForConditionalGeneration.from_pretrained(t5_64, dtype=torch.bfloat16,
                                                           quantization="int4_weight_only")
     pixels, ids = inputs(model)
-    runs, real = [0], t5_step.run
+    runs, real = [0], decoder_step.run
 
     def counted(*args):
         y = real(*args)
@@ -159,7 +159,7 @@ def test_t5_int4_decodes_in_one_call_with_the_layers_ids(t5_64, monkeypatch):
         out = {}
         for one_call in (True, False):
             with monkeypatch.context() as m, torch.no_grad():
-                m.setattr(t5_step, "run", counted if one_call else lambda *args: None)
+                m.setattr(decoder_step, "run", counted if one_call else lambda *args: None)
                 torch.manual_seed(0)
                 out[one_call] = model.generate(pixel_values=pixels, input_ids=ids, max_new_tokens=8,
                                                min_new_tokens=8, **kwargs)

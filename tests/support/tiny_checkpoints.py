@@ -25,9 +25,10 @@ def vocabulary(directory):
     return len(p.tokenizer), p.tokenizer.convert_tokens_to_ids(p.image_token)
 
 
-def checkpoint(directory, family="opt", seed=0):
+def checkpoint(directory, family="opt", seed=0, text=None):
     """Write a tiny "opt", "t5" (Blip2ForConditionalGeneration) or "itm" (Blip2ForImageTextRetrieval) checkpoint
-    with its tokenizer into `directory`; returns it as a str."""
+    with its tokenizer into `directory`; returns it as a str. text: settings of the language model's config that
+    differ from the tiny ones."""
     directory = str(directory)
     TOKENIZERS[family](directory)
     size, image_id = vocabulary(directory)
@@ -40,9 +41,9 @@ def checkpoint(directory, family="opt", seed=0):
                           image_text_hidden_size=8)
         cls = "Blip2ForImageTextRetrieval"
     else:
-        text = (dict(OPT, vocab_size=size, eos_token_id=2, max_position_embeddings=128) if family == "opt"
-                else dict(T5, vocab_size=size))
-        cfg = config(text=text, vision=vision, image_token_index=image_id)
+        lm = (dict(OPT, vocab_size=size, eos_token_id=2, max_position_embeddings=128) if family == "opt"
+              else dict(T5, vocab_size=size))
+        cfg = config(text=lm | (text or {}), vision=vision, image_token_index=image_id)
         cls = "Blip2ForConditionalGeneration"
     reference_model(cls, cfg, seed).save_pretrained(directory)
     return directory
