@@ -53,6 +53,16 @@ class Step(ctypes.Structure):
                 ("cms", c_int64 * 3), ("act", c_void_p)]
 
 
+class Plans:
+    """Mixed into a decoder stack: its `plans` (rows -> Plan) for run(), left out of a copy (deepcopy, pickling),
+    which plans again: a plan points into this process's memory."""
+
+    plans: dict
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "plans": {}}
+
+
 @dataclass(frozen=True)
 class Pieces:
     """One decoder layer's modules in the kernel's order, and what else its forward depends on."""

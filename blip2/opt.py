@@ -103,7 +103,7 @@ class OPTDecoderLayer(nn.Module):
         return x, w
 
 
-class OPTDecoder(CheckpointedLayers, nn.Module):
+class OPTDecoder(CheckpointedLayers, decoder_step.Plans, nn.Module):
     def __init__(self, config: OPTConfig):
         super().__init__()
         d, p = config.hidden_size, config.word_embed_proj_dim
@@ -116,10 +116,6 @@ class OPTDecoder(CheckpointedLayers, nn.Module):
                                  if keep_final else None)
         self.layers = nn.ModuleList(OPTDecoderLayer(config) for _ in range(config.num_hidden_layers))
         self.plans = {}  # decoding steps in one kernel call (decoder_step.run): rows -> its Plan
-
-    def __getstate__(self) -> dict:
-        """A copy (deepcopy, pickling) plans again: a plan points into this process's memory."""
-        return {**self.__dict__, "plans": {}}
 
     def forward(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
                 inputs_embeds: Tensor | None = None, past_key_values: KVCache | None = None, use_cache: bool = False,

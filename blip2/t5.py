@@ -222,7 +222,7 @@ class T5Block(nn.Module):
         return clamp_fp16(self.layer[-1](x)), w, cw
 
 
-class T5Stack(CheckpointedLayers, nn.Module):
+class T5Stack(CheckpointedLayers, decoder_step.Plans, nn.Module):
     def __init__(self, config: T5Config, embed_tokens: nn.Embedding, is_decoder: bool):
         super().__init__()
         self.is_decoder = is_decoder
@@ -231,10 +231,6 @@ class T5Stack(CheckpointedLayers, nn.Module):
         self.block = nn.ModuleList(T5Block(config, i == 0, is_decoder) for i in range(n))
         self.final_layer_norm = T5LayerNorm(config.d_model, config.layer_norm_epsilon)
         self.plans = {}  # a decoder's decoding steps in one kernel call (decoder_step.run): rows -> its Plan
-
-    def __getstate__(self) -> dict:
-        """A copy (deepcopy, pickling) plans again: a plan points into this process's memory."""
-        return {**self.__dict__, "plans": {}}
 
     def forward(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
                 inputs_embeds: Tensor | None = None, encoder_hidden_states: Tensor | None = None,
