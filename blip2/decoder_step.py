@@ -208,10 +208,10 @@ def make_plan(layers: nn.ModuleList, rows: int) -> Plan | None:
 
 def norm_served(norm: nn.Module) -> bool:
     """A LayerNorm with a weight and a bias over one dimension, or T5's RMSNorm (a weight, no bias), in bfloat16."""
-    params = [norm.weight, norm.bias] if isinstance(norm, nn.LayerNorm) else [norm.weight]
-    if isinstance(norm, nn.LayerNorm) and len(norm.normalized_shape) != 1 or hasattr(norm, "bias") and \
-            not isinstance(norm, nn.LayerNorm):
-        return False
+    if isinstance(norm, nn.LayerNorm):
+        params = [norm.weight, norm.bias] if len(norm.normalized_shape) == 1 else [None]
+    else:
+        params = [None] if hasattr(norm, "bias") else [norm.weight]
     return all(t is not None and t.dtype == torch.bfloat16 and t.dim() == 1 and t.is_contiguous() for t in params)
 
 

@@ -261,3 +261,26 @@ def test_the_layer_norm_kernel_gives_torchs_bits():
         assert not torch.equal(native.layer_norm(x, w, b, 1e-5, other), F.layer_norm(x, (4096,), w, b, 1e-5))
     with pytest.raises(ValueError, match="does not divide"):
         native.layer_norm(x[:, :40], w[:40], b[:40], 1e-5, form)
+
+
+def test_opts_layers_run_where_a_norm_is_not_the_kernels():
+    """A LayerNorm without its bias, in float32, or an OPT 24 wide (not whole vectors of the LayerNorm kernel): the
+    layers' forward; the model as built: one call."""
+    assert opt_decode(opt_model(), 2, 1, False)[2] == 2
+    model = opt_model()
+    model.model.decoder.layers[1].final_layer_norm.bias = None
+    assert opt_decode(model, 2, 1, False)[2] == 0
+    model = opt_model()
+    model.model.decoder.layers[0].self_attn_layer_norm.float()
+    assert opt_decode(model, 2, 1, False)[2] == 0
+    torch.manual_seed(0)
+    narrow = opt.OPTForCausalLM(OPTConfig(vocab_size=200, hidden_size=24, num_hidden_layers=1, ffn_dim=64,
+                                          num_attention_heads=2, word_embed_proj_dim=24)).bfloat16().eval()
+    for name, lin in list(narrow.model.decoder.named_modules()):
+        if isinstance(lin, nn.Linear):
+            q = WeightOnlyLinear(lin.in_features, lin.out_features, True, 8, 32, torch.bfloat16, device="cpu")
+            q.load("weight", lin.weight.data)
+            q.load("bias", lin.bias.data)
+            narrow.model.decoder.set_submodule(name, q)
+    assert decoder_step.make_plan(narrow.model.decoder.layers, 1) is not None  # every piece is blip2's kernel's ...
+    assert opt_decode(narrow, 2, 1, False)[2] == 0  # ... but 24 is not whole vectors of 16
