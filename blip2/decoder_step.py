@@ -123,24 +123,27 @@ class Plan:
 
 
 def run(layers: nn.ModuleList, x: Tensor, mask: Tensor | None, cross_mask: Tensor | None, cache: KVCache,
-        norm_form: int | None, plans: dict) -> Tensor | None:
+        norm_form: Callable[[], int | None], plans: dict) -> Tensor | None:
     """x (B, 1, D) through the decoder layers `layers` (self.training off) at position cache.length, their keys and
     values appended to `cache` (not advanced) -> (B, 1, D); None where the kernel does not serve (see the module's
     doc): then nothing is done. mask: the self-attention's additive (B|1, H|1, 1, pos + 1) (T5: with the position
-    bias), or None; cross_mask: T5's cross-attention's (B|1, 1|H, 1, T_enc), or None; norm_form: T5's
-    t5.norm_lanes(), OPT's opt.layer_norm_form() (None: no kernel has torch's bits here); plans: the caller's, kept
-    between steps."""
+    bias), or None; cross_mask: T5's cross-attention's (B|1, 1|H, 1, T_enc), or None; norm_form: what finds the
+    norms' form (T5's t5.norm_lanes, OPT's opt.layer_norm_form: None where no kernel has torch's bits here), called
+    only for a step the kernel may serve; plans: the caller's, kept between steps."""
     b = x.shape[0]
-    if not (norm_form is not None and x.dtype == torch.bfloat16 and x.shape[1] == 1 and len(cache.k) == len(layers)
+    if not (x.dtype == torch.bfloat16 and x.shape[1] == 1 and len(cache.k) == len(layers)
             and all(t is None or t.dtype == x.dtype for t in (mask, cross_mask))
             and native.serves(x, mask, cross_mask)
             and not (torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks)):
+        return None
+    form = norm_form()
+    if form is None:
         return None
     plan = plans.get(b)
     if plan is None or not plan.current(layers):
         plan = plans[b] = make_plan(layers, b)
     if plan is None or any(m._forward_hooks or m._forward_pre_hooks for m in plan.modules) or \
-            plan.layer_norm and plan.d_model % (32 if norm_form & 1 else 16):  # (the kernel's rows: whole vectors)
+            plan.layer_norm and plan.d_model % (32 if form & 1 else 16):  # (the kernel's rows: whole vectors)
         return None
     pos, h, hd = cache.length, plan.heads, plan.d_kv
     ct = cache.cross[0][0].shape[2] if plan.cross and cache.cross[0] is not None else 0
@@ -162,7 +165,7 @@ def run(layers: nn.ModuleList, x: Tensor, mask: Tensor | None, cross_mask: Tenso
     mask = None if mask is None else mask.expand(b, h, 1, pos + 1)
     cross_mask = None if cross_mask is None else cross_mask.expand(b, h, 1, ct)
     y = x.reshape(b, -1).clone()  # (B, D): the kernel's input and output
-    step = Step(b, plan.d_model, h, hd, plan.d_ff, len(layers), pos, plan.eps, norm_form, native.threads(),
+    step = Step(b, plan.d_model, h, hd, plan.d_ff, len(layers), pos, plan.eps, form, native.threads(),
                 plan.q_scale, 1.0, *pointer_and_strides(mask), *pointer_and_strides(cross_mask),
                 plan.table.data_ptr())
     if native.library().blip2_decoder_step(y.data_ptr(), plan.layers, (Caches * len(caches))(*caches),

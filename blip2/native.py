@@ -347,6 +347,27 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
     return y
 
 
+_found: dict[tuple[int, str], object] = {}  # (id(library()), what) -> what probe() found
+
+
+def probe(what: str, candidates: dict, gives_torchs_bits: Callable[[object, ctypes.CDLL], bool]) -> object | None:
+    """The first of `candidates` (value -> how it computes) with which blip2's kernel for `what` gives the bits of
+    torch's ops here, tried once per process against torch itself (t5.norm_lanes, opt.layer_norm_form); None where
+    none does or blip2's kernels are not built (disabled() included): torch's ops are used then. Logged."""
+    lib = library()
+    if lib is None:
+        return None
+    if (id(lib), what) not in _found:
+        found = next((c for c in candidates if gives_torchs_bits(c, lib)), None)
+        _found[id(lib), what] = found
+        if found is None:
+            log.warning("%s: torch computes it here in an order blip2's kernel does not reproduce; torch's ops are "
+                        "used", what)
+        else:
+            log.info("%s: blip2's kernel, with torch's bits (%s)", what, candidates[found])
+    return _found[id(lib), what]
+
+
 def serves(*tensors: torch.Tensor | None) -> bool:
     """Whether blip2's decoding-step kernels (rms_norm, attend) may stand in for torch's ops on these tensors: they
     are built here, the tensors are bfloat16 / float32 on the CPU, no gradient is wanted of them and torch.compile

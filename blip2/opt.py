@@ -1,6 +1,5 @@
 """OPT decoder-only language model (blip2-opt-2.7b / 6.7b): OPTForCausalLM."""
 
-import logging
 from typing import Any
 
 import torch
@@ -22,35 +21,29 @@ from .ops import (
     resolve,
 )
 
-log = logging.getLogger(__name__)
-_forms: dict[int, int | None] = {}  # id(native.library()) -> its layer_norm_form()
-
 
 def layer_norm_form() -> int | None:
     """The form (native.layer_norm's) in which blip2's LayerNorm kernel gives the bits of torch's F.layer_norm on
-    bfloat16 rows here, found once per process against torch on rows of every scale; None where no form does or
-    blip2's kernels are not built (native.disabled() included): OPT's decoding steps then run its layers' forward.
-    Logged."""
-    lib = native.library()
-    if lib is None:
-        return None
-    if id(lib) not in _forms:
-        g = torch.Generator().manual_seed(0)
-        probes = []
-        for d in (4096, 2560, 512, 32):
-            x = torch.randn(64, d, generator=g) * torch.logspace(-3, 3, 64)[:, None] + torch.randn(64, 1, generator=g)
-            w, b = torch.randn(2, d, generator=g).bfloat16()
-            probes.append((x.bfloat16(), w, b))
-        _forms[id(lib)] = next((f for f in range(4) if all(torch.equal(
-            native.layer_norm(x, w, b, 1e-5, f, lib), F.layer_norm(x, (x.shape[-1],), w, b, 1e-5))
-            for x, w, b in probes)), None)
-        if _forms[id(lib)] is None:
-            log.warning("LayerNorm: torch computes it here in an order blip2's kernel does not reproduce; OPT's "
-                        "decoding steps run its layers' forward")
-        else:
-            log.info("LayerNorm: blip2's kernel (form %d: torch's moments %d floats wide)", _forms[id(lib)],
-                     16 if _forms[id(lib)] & 1 else 8)
-    return _forms[id(lib)]
+    bfloat16 rows here, found once per process (native.probe); None where no form does or blip2's kernels are not
+    built (native.disabled() included): OPT's decoding steps then run its layers' forward."""
+    return native.probe("LayerNorm", LAYER_NORM_FORMS, layer_norm_matches)
+
+
+LAYER_NORM_FORMS = {f: f"moments {16 if f & 1 else 8} floats wide, y = "
+                    f"{'(x - mean) * rstd' if f & 2 else '(x * rstd - mean * rstd)'} * w + b" for f in range(4)}
+
+
+def layer_norm_matches(form: int, lib) -> bool:
+    """Whether blip2's LayerNorm kernel in `form` gives the bits of F.layer_norm on bfloat16 rows of every scale and
+    offset, at OPT-6.7B's and OPT-2.7B's widths and two narrower ones."""
+    g = torch.Generator().manual_seed(0)
+    for d in (4096, 2560, 512, 32):
+        x = torch.randn(64, d, generator=g) * torch.logspace(-3, 3, 64)[:, None] + torch.randn(64, 1, generator=g)
+        w, b = torch.randn(2, d, generator=g).bfloat16()
+        x = x.bfloat16()
+        if not torch.equal(native.layer_norm(x, w, b, 1e-5, form, lib), F.layer_norm(x, (d,), w, b, 1e-5)):
+            return False
+    return True
 
 
 class OPTAttention(nn.Module):
@@ -148,7 +141,7 @@ class OPTDecoder(CheckpointedLayers, decoder_step.Plans, nn.Module):
         hidden, attns = [], []
         y = None
         if cache is not None and t == 1 and not (output_attentions or output_hidden_states or self.training):
-            y = decoder_step.run(self.layers, x, mask, None, cache, layer_norm_form(), self.plans)
+            y = decoder_step.run(self.layers, x, mask, None, cache, layer_norm_form, self.plans)
         for i, layer in enumerate(self.layers if y is None else ()):
             if output_hidden_states:
                 hidden.append(x)

@@ -1,6 +1,5 @@
 """T5 encoder-decoder language model (Flan-T5 in blip2-flan-t5-xl / -xxl): T5ForConditionalGeneration."""
 
-import logging
 import math
 from typing import Any
 
@@ -23,8 +22,6 @@ from .ops import (
     padding_mask,
     resolve,
 )
-
-log = logging.getLogger(__name__)
 
 
 class T5LayerNorm(nn.Module):
@@ -52,30 +49,27 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
 
 
 FUSED_NORM_MAX = 32768  # torch splits the sum of one longer row between its threads: not a row's order
-_lanes: dict[int, int] = {}  # id(native.library()) -> its norm_lanes()
 
 
-def norm_lanes() -> int:
-    """The width (8 or 16 floats) at which torch's CPU sum adds a row here, found once per process by comparing
-    blip2's RMSNorm kernel with rms_norm's torch ops on float32 rows (whose sums of squares change in the last bit
-    with the order); 0 where no width gives torch's bits or blip2's kernels are not built (native.disabled()
-    included): T5LayerNorm then runs torch's ops. Logged."""
-    lib = native.library()
-    if lib is None:
-        return 0
-    if id(lib) not in _lanes:
-        g = torch.Generator().manual_seed(0)
-        x = torch.randn(64, 4099, generator=g) * torch.logspace(-3, 3, 64)[:, None]  # the widths differ in 1/4 rows
-        weight = torch.randn(4099, generator=g)
-        probes = [(x[:, :d], w) for d in (4099, 2048, 13, 5) for w in (weight[:d], weight[:d].bfloat16())]
-        _lanes[id(lib)] = next((n for n in (8, 16) if all(
-            torch.equal(native.rms_norm(a, w, 1e-6, n, lib), rms_norm(a, w, 1e-6)) for a, w in probes)), 0)
-        if _lanes[id(lib)]:
-            log.info("T5 RMSNorm: blip2's kernel (torch's float sums run %d lanes wide here)", _lanes[id(lib)])
-        else:
-            log.warning("T5 RMSNorm: torch's float sums here add in an order blip2's kernel does not reproduce; "
-                        "torch's ops are used")
-    return _lanes[id(lib)]
+def norm_lanes() -> int | None:
+    """The width (8 or 16 floats) at which torch's CPU sum adds a row here, found once per process (native.probe);
+    None where no width gives torch's bits or blip2's kernels are not built (native.disabled() included):
+    T5LayerNorm then runs torch's ops."""
+    return native.probe("T5 RMSNorm", LANES, rms_norm_matches)
+
+
+LANES = {n: f"torch's float sums run {n} lanes wide here" for n in (8, 16)}
+
+
+def rms_norm_matches(lanes: int, lib) -> bool:
+    """Whether blip2's RMSNorm kernel, summing `lanes` floats wide, gives the bits of rms_norm's torch ops on float32
+    rows (whose sums of squares change in the last bit with the order) of every scale and several widths, with
+    float32 and bfloat16 weights."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 4099, generator=g) * torch.logspace(-3, 3, 64)[:, None]  # the widths differ in 1/4 rows
+    weight = torch.randn(4099, generator=g)
+    return all(torch.equal(native.rms_norm(x[:, :d], w, 1e-6, lanes, lib), rms_norm(x[:, :d], w, 1e-6))
+               for d in (4099, 2048, 13, 5) for w in (weight[:d], weight[:d].bfloat16()))
 
 
 def relative_position_bucket(rel: Tensor, bidirectional: bool, num_buckets: int, max_distance: int) -> Tensor:
@@ -258,7 +252,7 @@ class T5Stack(CheckpointedLayers, decoder_step.Plans, nn.Module):
         y = None
         if cache is not None and t == 1 and self.is_decoder and not (output_attentions or output_hidden_states
                                                                     or self.training):
-            y = decoder_step.run(self.block, x, bias, context_mask, cache, norm_lanes() or None, self.plans)
+            y = decoder_step.run(self.block, x, bias, context_mask, cache, norm_lanes, self.plans)
         for i, block in enumerate(self.block if y is None else ()):
             if output_hidden_states:
                 hidden.append(x)

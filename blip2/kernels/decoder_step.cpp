@@ -64,7 +64,7 @@ struct Caches {  // a layer's keys and values this step, strides in elements ove
 struct Step {
     int B, D, H, hd, F, layers, pos;  // rows, width, heads, head width, feed-forward width, layers, cached positions
     float eps;
-    int norm_form;  // RMSNorm: torch's sum width (t5.norm_lanes); LayerNorm: decoder_step.layer_norm_form
+    int norm_form;  // RMSNorm: torch's sum width (t5.norm_lanes); LayerNorm: opt.layer_norm_form
     int threads;  // blip2's kernels' threads
     float q_scale;  // the query's scaling, rounded to bfloat16 as torch rounds it (OPT), or 0: none (T5)
     float attn_scale;  // attention's own scale (1: T5 and OPT, whose queries are scaled)

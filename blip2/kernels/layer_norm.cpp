@@ -3,7 +3,7 @@
 // moments_utils.h: vectors of `lanes` floats, chunks of 16 vectors, a stack of partial moments merged as a binary
 // counter), then y = the normalised row times the weight plus the bias, in float32, rounded once. How ATen's build
 // forms the last line has changed between its versions, and the width its build runs at is not in its source, so
-// `form` picks one of four, and decoder_step.layer_norm_form() finds the one that gives torch's bits here, once per
+// `form` picks one of four, and opt.layer_norm_form() finds the one that gives torch's bits here, once per
 // process, or none (the compiler fuses products into sums as torch's does: GCC, by default; the probe checks it).
 //
 // x, y (rows, d) bfloat16; w, b (d,) bfloat16; d a multiple of 2 * lanes (ATen's scalar tail is not done).
